@@ -1,0 +1,713 @@
+"""Reading segmentation datasets in the nnU-Net v2 "raw" layout and the Medical Segmentation Decathlon layout.
+
+Two layouts are recognised from ``dataset.json``:
+
+``nnunet`` (nnU-Net v2 raw)
+    ``imagesTr/<case>_<channel:04d><file_ending>``, ``labelsTr/<case><file_ending>``, optional
+    ``imagesTs/`` + ``labelsTs/``. ``dataset.json`` has ``channel_names`` ({"0": "FLAIR", ...}),
+    ``labels`` (name -> integer value), ``numTraining`` and ``file_ending``. The optional nnU-Net
+    ``dataset`` key (explicit per-case file lists) is honoured too.
+
+``msd`` (Medical Segmentation Decathlon)
+    ``dataset.json`` has ``modality`` ({"0": "MRI", ...}), ``labels`` (value string -> name),
+    ``training`` (a list of ``{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}``)
+    and ``test`` (a list of image paths). A multi-channel image is ONE 4D file whose 4th dimension
+    holds the channels.
+
+Anything SimpleITK reads (NIfTI, NRRD, MHA, ...) works. Arrays use numpy axis order: a SimpleITK
+image of size (x, y, z) becomes an array of shape (D, H, W) = (z, y, x); a 4D image of size
+(x, y, z, c) becomes (C, D, H, W).
+
+Nothing here checks the data beyond what loading needs; :mod:`ReCoKDLib.data.validation` reports
+every problem of a dataset at once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import ReCoKDError
+
+__all__ = [
+    "CaseRecord",
+    "DatasetInfo",
+    "ImageHeader",
+    "LoadedCase",
+    "IMAGE_FILE_ENDINGS",
+    "open_dataset",
+    "load_case",
+    "read_image",
+    "read_header",
+    "split_file_ending",
+]
+
+#: File endings recognised as images, compound endings first so that ``.nii.gz`` wins over ``.gz``.
+IMAGE_FILE_ENDINGS: tuple[str, ...] = (
+    ".nii.gz",
+    ".nrrd.gz",
+    ".nii",
+    ".nrrd",
+    ".nhdr",
+    ".mha",
+    ".mhd",
+    ".tif",
+    ".tiff",
+)
+
+_CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+_READ_HINT = "check the file is a valid NIfTI/NRRD/MHA image"
+
+
+# --------------------------------------------------------------------------------------------------
+# records
+
+
+@dataclass(frozen=True)
+class CaseRecord:
+    """The files of one case, as the dataset layout says they should be (they may not exist).
+
+    Attributes:
+        case_id: the case identifier (file name without channel suffix and ending).
+        image_files: one file per channel (nnU-Net layout) or one file holding all channels (MSD).
+        label_file: the label map, or ``None`` for an unlabelled (test) case.
+        layout: ``"nnunet"`` or ``"msd"``.
+    """
+
+    case_id: str
+    image_files: tuple[Path, ...]
+    label_file: Path | None
+    layout: str
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What ``dataset.json`` and the folder listing say about a dataset.
+
+    Attributes:
+        root: the dataset folder (holds ``dataset.json``).
+        name: ``dataset.json``'s ``name``, else the folder name.
+        layout: ``"nnunet"`` or ``"msd"``.
+        channel_names: channel index -> name (nnU-Net ``channel_names`` / MSD ``modality``).
+        labels: label name -> integer value, background (0) included, for both layouts.
+        file_ending: image file ending, e.g. ``".nii.gz"``.
+        training: the training cases, sorted by case id (nnU-Net) or in ``dataset.json`` order (MSD).
+        test: the test cases (``imagesTs``, with ``labelsTs`` labels when that folder exists).
+        num_training_declared: ``numTraining`` from ``dataset.json``, when given.
+        unexpected_files: image files in the layout's folders that fit no case (wrong name or ending);
+            :func:`~ReCoKDLib.data.validation.validate_dataset` reports them.
+    """
+
+    root: Path
+    name: str
+    layout: str
+    channel_names: dict[int, str]
+    labels: dict[str, int]
+    file_ending: str
+    training: tuple[CaseRecord, ...]
+    test: tuple[CaseRecord, ...]
+    num_training_declared: int | None = None
+    unexpected_files: tuple[Path, ...] = ()
+
+    @property
+    def ignore_label(self) -> int | None:
+        """The value of nnU-Net's ``ignore`` label, or ``None`` when the dataset declares none."""
+        return self.labels.get("ignore")
+
+    @property
+    def num_classes(self) -> int:
+        """Number of output classes: the largest label value + 1 (an ``ignore`` label is not a class)."""
+        values = [v for k, v in self.labels.items() if k != "ignore"]
+        return max(values) + 1
+
+    @property
+    def num_channels(self) -> int:
+        """Number of input channels."""
+        return len(self.channel_names)
+
+    def label_names(self) -> list[str]:
+        """Class names indexed by label value; values without a name are called ``label_<v>``."""
+        by_value = {v: k for k, v in self.labels.items() if k != "ignore"}
+        return [by_value.get(v, f"label_{v}") for v in range(self.num_classes)]
+
+
+@dataclass
+class LoadedCase:
+    """One case in memory.
+
+    Attributes:
+        image: float32 array (C, D, H, W).
+        label: uint8 (or int16 when values exceed 255) array (D, H, W), or ``None``.
+        spacing: voxel size in numpy axis order (D, H, W), i.e. SimpleITK's spacing reversed.
+        origin: SimpleITK origin (x, y, z) in mm.
+        direction: SimpleITK direction cosines, row-major 3x3 (9 values).
+        case_id: the case identifier.
+    """
+
+    image: np.ndarray
+    label: np.ndarray | None
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+    case_id: str
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """Geometry of an image file, read without its voxels (see :func:`read_header`).
+
+    ``size`` is in SimpleITK order (x, y, z[, c]); ``spacing``, ``origin`` and ``direction`` keep
+    only the first three (spatial) dimensions, in SimpleITK convention.
+    """
+
+    path: Path
+    dimension: int
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+    components: int
+    pixel_type: str
+
+    @property
+    def spatial_size(self) -> tuple[int, ...]:
+        """Size of the (up to three) spatial dimensions, SimpleITK order (x, y, z)."""
+        return self.size[:3]
+
+    @property
+    def num_channels(self) -> int:
+        """Channels held by the file: the 4th dimension (if any) times the components per voxel."""
+        extent = self.size[3] if self.dimension == 4 else 1
+        return extent * self.components
+
+    @property
+    def is_2d(self) -> bool:
+        """True for an image with fewer than three spatial dimensions or a spatial size of 1."""
+        return self.dimension < 3 or any(s <= 1 for s in self.spatial_size)
+
+
+# --------------------------------------------------------------------------------------------------
+# reading single files
+
+
+def _sitk_reason(exc: BaseException) -> str:
+    """The informative part of a SimpleITK/ITK exception message, on one line."""
+    text = " ".join(str(exc).split())
+    for marker in ("sitk::ERROR:", "itk::ERROR:", "ERROR:"):
+        if marker in text:
+            text = text.rsplit(marker, 1)[1].strip()
+            break
+    if len(text) > 200:
+        text = text[:197] + "..."
+    return text or type(exc).__name__
+
+
+class _ReadFailure(Exception):
+    """Internal: a file could not be read; ``reason`` is one line without the path."""
+
+    def __init__(self, path: Path, reason: str):
+        reason = reason.replace(f'"{path}"', "this file").replace(str(path), "this file")
+        super().__init__(reason)
+        self.path = path
+        self.reason = reason
+
+    def to_error(self) -> ReCoKDError:
+        return ReCoKDError(f"cannot read {self.path}: {self.reason}; {_READ_HINT}")
+
+
+def _read_image(path: Path) -> sitk.Image:
+    if not path.is_file():
+        raise _ReadFailure(path, "file not found")
+    try:
+        return sitk.ReadImage(str(path))
+    except Exception as exc:  # SimpleITK raises RuntimeError; anything else is just as fatal
+        raise _ReadFailure(path, _sitk_reason(exc)) from exc
+
+
+def read_image(path: str | Path) -> sitk.Image:
+    """Read an image with SimpleITK, turning any failure into a one-line :class:`ReCoKDError`.
+
+    The message is ``cannot read <path>: <reason>; check the file is a valid NIfTI/NRRD/MHA image``.
+    """
+    try:
+        return _read_image(Path(path))
+    except _ReadFailure as failure:
+        raise failure.to_error() from failure.__cause__
+
+
+def _spatial_geometry(
+    dimension: int, spacing: Sequence[float], origin: Sequence[float], direction: Sequence[float]
+) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """Spacing, origin and direction of the first min(dimension, 3) dimensions."""
+    n = min(dimension, 3)
+    sub = tuple(float(direction[r * dimension + c]) for r in range(n) for c in range(n))
+    return tuple(float(s) for s in spacing[:n]), tuple(float(o) for o in origin[:n]), sub
+
+
+def _read_header(path: Path) -> ImageHeader:
+    if not path.is_file():
+        raise _ReadFailure(path, "file not found")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except Exception as exc:
+        raise _ReadFailure(path, _sitk_reason(exc)) from exc
+    dim = reader.GetDimension()
+    spacing, origin, direction = _spatial_geometry(
+        dim, reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
+    )
+    return ImageHeader(
+        path=path,
+        dimension=dim,
+        size=tuple(int(s) for s in reader.GetSize()),
+        spacing=spacing,
+        origin=origin,
+        direction=direction,
+        components=int(reader.GetNumberOfComponents()),
+        pixel_type=sitk.GetPixelIDValueAsString(reader.GetPixelID()),
+    )
+
+
+def read_header(path: str | Path) -> ImageHeader:
+    """Read an image file's header only (cheap: no voxel data), raising :class:`ReCoKDError` on failure."""
+    try:
+        return _read_header(Path(path))
+    except _ReadFailure as failure:
+        raise failure.to_error() from failure.__cause__
+
+
+def split_file_ending(name: str) -> tuple[str, str]:
+    """Split a file name into (stem, ending), knowing compound endings such as ``.nii.gz``."""
+    lower = name.lower()
+    for ending in IMAGE_FILE_ENDINGS:
+        if lower.endswith(ending) and len(name) > len(ending):
+            return name[: -len(ending)], name[-len(ending):]
+    suffix = Path(name).suffix
+    return (name[: -len(suffix)], suffix) if suffix else (name, "")
+
+
+# --------------------------------------------------------------------------------------------------
+# dataset.json parsing
+
+
+def _load_json(root: Path) -> dict[str, Any]:
+    if not root.is_dir():
+        raise ReCoKDError(
+            f"dataset folder {root} does not exist or is not a folder; pass the folder that holds dataset.json"
+        )
+    path = root / "dataset.json"
+    if not path.is_file():
+        raise ReCoKDError(
+            f"{root} has no dataset.json; a dataset folder needs one in the nnU-Net v2 "
+            "(channel_names, labels, file_ending) or Medical Segmentation Decathlon (modality, labels, training) layout"
+        )
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ReCoKDError(
+            f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); fix the file"
+        ) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReCoKDError(f"cannot read {path}: {exc}; check the file's permissions and encoding") from exc
+    if not isinstance(meta, dict):
+        raise ReCoKDError(f"{path} must hold a JSON object, not {type(meta).__name__}; fix the file")
+    return meta
+
+
+def _parse_channels(raw: Any, key: str, json_path: Path) -> dict[int, str]:
+    if not isinstance(raw, dict) or not raw:
+        raise ReCoKDError(
+            f'{json_path}: "{key}" must be a non-empty object such as {{"0": "MRI"}}; fix dataset.json'
+        )
+    channels: dict[int, str] = {}
+    for k, v in raw.items():
+        try:
+            index = int(k)
+        except (TypeError, ValueError):
+            raise ReCoKDError(
+                f'{json_path}: "{key}" key {k!r} is not a channel index; use "0", "1", ... as keys'
+            ) from None
+        channels[index] = str(v)
+    if sorted(channels) != list(range(len(channels))):
+        raise ReCoKDError(
+            f'{json_path}: "{key}" indices {sorted(channels)} are not 0..{len(channels) - 1}; number the channels from 0 without gaps'
+        )
+    return dict(sorted(channels.items()))
+
+
+def _as_label_value(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        return int(value)
+    return None
+
+
+def _parse_labels(raw: Any, json_path: Path) -> dict[str, int]:
+    """Normalise ``labels`` to name -> value from either name -> value (nnU-Net) or value -> name (MSD)."""
+    if not isinstance(raw, dict) or not raw:
+        raise ReCoKDError(
+            f'{json_path}: "labels" must be a non-empty object, e.g. {{"background": 0, "tumour": 1}}; fix dataset.json'
+        )
+    if any(isinstance(v, (list, tuple)) for v in raw.values()):
+        raise ReCoKDError(
+            f"{json_path}: region-based labels (lists of values) are not supported; give each label one integer value"
+        )
+    keys_are_values = all(_as_label_value(k) is not None for k in raw) and all(
+        isinstance(v, str) and _as_label_value(v) is None for v in raw.values()
+    )
+    labels: dict[str, int] = {}
+    for k, v in raw.items():
+        name, value = (str(v), _as_label_value(k)) if keys_are_values else (str(k), _as_label_value(v))
+        if value is None:
+            raise ReCoKDError(
+                f'{json_path}: label {k!r}: {v!r} has no integer value; write labels as "name": value (nnU-Net) or "value": "name" (MSD)'
+            )
+        if value < 0:
+            raise ReCoKDError(f"{json_path}: label {name!r} has negative value {value}; label values start at 0")
+        if name in labels:
+            raise ReCoKDError(f"{json_path}: label name {name!r} appears twice; give every label its own name")
+        labels[name] = value
+    values = list(labels.values())
+    if len(set(values)) != len(values):
+        dupes = sorted({v for v in values if values.count(v) > 1})
+        raise ReCoKDError(f"{json_path}: label values {dupes} are used by more than one name; give each value one name")
+    if 0 not in values:
+        raise ReCoKDError(f'{json_path}: "labels" lacks the background value 0; add "background": 0')
+    return dict(sorted(labels.items(), key=lambda kv: kv[1]))
+
+
+def _optional_int(meta: dict[str, Any], key: str) -> int | None:
+    value = meta.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _resolve(root: Path, rel: Any, json_path: Path, what: str) -> Path:
+    if not isinstance(rel, str) or not rel.strip():
+        raise ReCoKDError(f"{json_path}: {what} must be a file path string, got {rel!r}; fix dataset.json")
+    p = Path(rel)
+    return p if p.is_absolute() else (root / p)
+
+
+# --------------------------------------------------------------------------------------------------
+# layouts
+
+
+def _scan_nnunet_folder(
+    folder: Path, ending: str, num_channels: int
+) -> tuple[set[str], list[Path]]:
+    """Case ids found in an nnU-Net images folder, and the image files that fit no case."""
+    cases: set[str] = set()
+    unexpected: list[Path] = []
+    if not folder.is_dir():
+        return cases, unexpected
+    for f in sorted(folder.iterdir()):
+        if f.name.startswith(".") or not f.is_file():
+            continue
+        if not f.name.endswith(ending):
+            if split_file_ending(f.name)[1].lower() in IMAGE_FILE_ENDINGS:
+                unexpected.append(f)
+            continue
+        m = _CHANNEL_SUFFIX.match(f.name[: -len(ending)])
+        if m is None:
+            unexpected.append(f)
+            continue
+        cases.add(m.group("case"))
+        if int(m.group("channel")) >= num_channels:
+            unexpected.append(f)
+    return cases, unexpected
+
+
+def _scan_label_folder(folder: Path, ending: str) -> tuple[set[str], list[Path]]:
+    cases: set[str] = set()
+    unexpected: list[Path] = []
+    if not folder.is_dir():
+        return cases, unexpected
+    for f in sorted(folder.iterdir()):
+        if f.name.startswith(".") or not f.is_file():
+            continue
+        if f.name.endswith(ending):
+            cases.add(f.name[: -len(ending)])
+        elif split_file_ending(f.name)[1].lower() in IMAGE_FILE_ENDINGS:
+            unexpected.append(f)
+    return cases, unexpected
+
+
+def _nnunet_split(
+    root: Path, images: str, labels: str, ending: str, num_channels: int, labels_required: bool
+) -> tuple[tuple[CaseRecord, ...], list[Path]]:
+    image_dir, label_dir = root / images, root / labels
+    image_cases, unexpected = _scan_nnunet_folder(image_dir, ending, num_channels)
+    has_labels = labels_required or label_dir.is_dir()
+    label_cases: set[str] = set()
+    if has_labels:
+        label_cases, stray = _scan_label_folder(label_dir, ending)
+        unexpected += stray
+    records = tuple(
+        CaseRecord(
+            case_id=case,
+            image_files=tuple(image_dir / f"{case}_{c:04d}{ending}" for c in range(num_channels)),
+            label_file=(label_dir / f"{case}{ending}") if has_labels else None,
+            layout="nnunet",
+        )
+        for case in sorted(image_cases | label_cases)
+    )
+    return records, unexpected
+
+
+def _infer_file_ending(root: Path, json_path: Path) -> str:
+    endings = set()
+    folder = root / "imagesTr"
+    if folder.is_dir():
+        for f in folder.iterdir():
+            stem, ending = split_file_ending(f.name)
+            if ending.lower() in IMAGE_FILE_ENDINGS and _CHANNEL_SUFFIX.match(stem):
+                endings.add(ending)
+    if len(endings) == 1:
+        return endings.pop()
+    raise ReCoKDError(
+        f'{json_path} has no "file_ending" and it cannot be inferred from imagesTr; add e.g. "file_ending": ".nii.gz"'
+    )
+
+
+def _open_nnunet(root: Path, meta: dict[str, Any], json_path: Path) -> DatasetInfo:
+    channels = _parse_channels(meta.get("channel_names"), "channel_names", json_path)
+    labels = _parse_labels(meta.get("labels"), json_path)
+    ending = meta.get("file_ending")
+    if ending is None:
+        ending = _infer_file_ending(root, json_path)
+    if not isinstance(ending, str) or not ending.startswith("."):
+        raise ReCoKDError(f'{json_path}: "file_ending" must look like ".nii.gz", got {ending!r}; fix dataset.json')
+
+    unexpected: list[Path] = []
+    explicit = meta.get("dataset")
+    if explicit is not None:
+        # nnU-Net v2's optional explicit file list: {case: {"images": [...], "label": "..."}}
+        if not isinstance(explicit, dict):
+            raise ReCoKDError(f'{json_path}: "dataset" must map case ids to {{"images": [...], "label": ...}}')
+        training_list = []
+        for case, entry in explicit.items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("images"), list):
+                raise ReCoKDError(f'{json_path}: "dataset" entry {case!r} needs an "images" list; fix dataset.json')
+            images = tuple(_resolve(root, p, json_path, f"image of case {case!r}") for p in entry["images"])
+            label = entry.get("label")
+            training_list.append(
+                CaseRecord(
+                    case_id=str(case),
+                    image_files=images,
+                    label_file=_resolve(root, label, json_path, f"label of case {case!r}") if label else None,
+                    layout="nnunet",
+                )
+            )
+        training = tuple(training_list)
+    else:
+        if not (root / "imagesTr").is_dir():
+            raise ReCoKDError(
+                f"{root} has no imagesTr folder; the nnU-Net layout keeps training images in imagesTr/<case>_0000{ending}"
+            )
+        training, unexpected = _nnunet_split(root, "imagesTr", "labelsTr", ending, len(channels), True)
+    test, stray = _nnunet_split(root, "imagesTs", "labelsTs", ending, len(channels), False)
+    unexpected += stray
+    return DatasetInfo(
+        root=root,
+        name=str(meta.get("name") or root.name),
+        layout="nnunet",
+        channel_names=channels,
+        labels=labels,
+        file_ending=ending,
+        training=training,
+        test=test,
+        num_training_declared=_optional_int(meta, "numTraining"),
+        unexpected_files=tuple(unexpected),
+    )
+
+
+def _open_msd(root: Path, meta: dict[str, Any], json_path: Path) -> DatasetInfo:
+    channels = _parse_channels(meta.get("modality"), "modality", json_path)
+    labels = _parse_labels(meta.get("labels"), json_path)
+    entries = meta.get("training")
+    if not isinstance(entries, list):
+        raise ReCoKDError(
+            f'{json_path}: "training" must be a list of {{"image": ..., "label": ...}} entries; fix dataset.json'
+        )
+    training: list[CaseRecord] = []
+    endings: list[str] = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "image" not in entry:
+            raise ReCoKDError(f'{json_path}: training entry {i} has no "image"; fix dataset.json')
+        image = _resolve(root, entry["image"], json_path, f"training entry {i} image")
+        label = entry.get("label")
+        stem, ending = split_file_ending(image.name)
+        endings.append(ending)
+        training.append(
+            CaseRecord(
+                case_id=stem,
+                image_files=(image,),
+                label_file=_resolve(root, label, json_path, f"training entry {i} label") if label else None,
+                layout="msd",
+            )
+        )
+    raw_test = meta.get("test", [])
+    if not isinstance(raw_test, list):
+        raise ReCoKDError(f'{json_path}: "test" must be a list of image paths; fix dataset.json')
+    labels_ts = root / "labelsTs"
+    test: list[CaseRecord] = []
+    for i, entry in enumerate(raw_test):
+        rel = entry.get("image") if isinstance(entry, dict) else entry
+        image = _resolve(root, rel, json_path, f"test entry {i}")
+        stem, ending = split_file_ending(image.name)
+        label: Path | None = None
+        if isinstance(entry, dict) and entry.get("label"):
+            label = _resolve(root, entry["label"], json_path, f"test entry {i} label")
+        elif (labels_ts / image.name).is_file():
+            label = labels_ts / image.name
+        test.append(CaseRecord(case_id=stem, image_files=(image,), label_file=label, layout="msd"))
+    file_ending = meta.get("file_ending") if isinstance(meta.get("file_ending"), str) else None
+    if file_ending is None:
+        file_ending = max(set(endings), key=endings.count) if endings else ".nii.gz"
+    return DatasetInfo(
+        root=root,
+        name=str(meta.get("name") or root.name),
+        layout="msd",
+        channel_names=channels,
+        labels=labels,
+        file_ending=file_ending,
+        training=tuple(training),
+        test=tuple(test),
+        num_training_declared=_optional_int(meta, "numTraining"),
+    )
+
+
+def open_dataset(root: str | Path) -> DatasetInfo:
+    """Read ``dataset.json`` and list the cases of a dataset folder, detecting its layout.
+
+    ``channel_names`` selects the nnU-Net v2 layout, ``modality`` the MSD layout. Files are listed
+    but not opened; use :func:`~ReCoKDLib.data.validation.validate_dataset` to check them.
+
+    Raises:
+        ReCoKDError: the folder or its ``dataset.json`` is missing, or ``dataset.json`` is malformed.
+    """
+    root = Path(root).expanduser().resolve()
+    meta = _load_json(root)
+    json_path = root / "dataset.json"
+    if "channel_names" in meta:
+        return _open_nnunet(root, meta, json_path)
+    if "modality" in meta:
+        return _open_msd(root, meta, json_path)
+    raise ReCoKDError(
+        f'{json_path} has neither "channel_names" (nnU-Net v2) nor "modality" (Medical Segmentation Decathlon); '
+        "add the one that matches the folder layout"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+
+
+def _channels_of(image: sitk.Image, path: Path) -> np.ndarray:
+    """Array (n_channels, D, H, W) of a 3D (one channel) or 4D (channels last in SimpleITK) image."""
+    dim = image.GetDimension()
+    view = sitk.GetArrayViewFromImage(image)
+    if dim < 3:
+        raise ReCoKDError(
+            f"{path} is a {dim}D image of size {image.GetSize()}; ReCoKD segments 3D volumes, supply a 3D image"
+        )
+    if dim > 4:
+        raise ReCoKDError(f"{path} has {dim} dimensions; supply a 3D image (or 4D with channels last)")
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        # vector voxels: view is (..., D, H, W, k); components become channels
+        view = np.moveaxis(view, -1, 0)
+        view = view.reshape((-1,) + view.shape[-3:])
+    elif dim == 3:
+        view = view[np.newaxis]
+    return view.astype(np.float32, copy=True)
+
+
+def _label_array(image: sitk.Image, path: Path) -> np.ndarray:
+    dim = image.GetDimension()
+    view = sitk.GetArrayViewFromImage(image)
+    if image.GetNumberOfComponentsPerPixel() > 1 or dim not in (3, 4) or (dim == 4 and view.shape[0] != 1):
+        raise ReCoKDError(
+            f"{path} is not a 3D label map (size {image.GetSize()}, "
+            f"{image.GetNumberOfComponentsPerPixel()} components); supply one integer value per voxel in 3D"
+        )
+    if dim == 4:
+        view = view[0]
+    if view.size == 0:
+        raise ReCoKDError(f"{path} is empty; supply a non-empty label map")
+    if np.issubdtype(view.dtype, np.floating):
+        if not np.isfinite(view).all() or not np.array_equal(view, np.round(view)):
+            raise ReCoKDError(f"{path} holds non-integer label values; save the label map with integer values")
+    lo, hi = float(view.min()), float(view.max())
+    if lo >= 0 and hi <= np.iinfo(np.uint8).max:
+        return view.astype(np.uint8, copy=True)
+    if lo >= np.iinfo(np.int16).min and hi <= np.iinfo(np.int16).max:
+        return view.astype(np.int16, copy=True)
+    raise ReCoKDError(f"{path} holds label values from {lo:g} to {hi:g}; label values must fit in int16")
+
+
+def load_case(record: CaseRecord, dataset: DatasetInfo) -> LoadedCase:
+    """Read one case into numpy arrays: image (C, D, H, W) float32 and label (D, H, W).
+
+    Channels come from one file per channel (nnU-Net) or the 4th dimension of one file (MSD). The
+    geometry (spacing, origin, direction) is the first image file's. Label values are not checked
+    against ``dataset.json`` here; :func:`~ReCoKDLib.data.validation.validate_dataset` does that
+    (note that SimpleITK reads NaN/Inf voxels of a NIfTI file as 0; validation reports them).
+
+    Raises:
+        ReCoKDError: naming the file, when a file is missing or unreadable, the channel count differs
+            from ``dataset.json``, or the channels and the label do not share one voxel grid.
+    """
+    if not record.image_files:
+        raise ReCoKDError(f"case {record.case_id!r} of {dataset.root} lists no image files; fix dataset.json")
+    arrays: list[np.ndarray] = []
+    geometry = None
+    for path in record.image_files:
+        image = read_image(path)
+        arr = _channels_of(image, path)
+        if geometry is None:
+            geometry = _spatial_geometry(
+                image.GetDimension(), image.GetSpacing(), image.GetOrigin(), image.GetDirection()
+            )
+        elif arr.shape[1:] != arrays[0].shape[1:]:
+            raise ReCoKDError(
+                f"{path} has shape {arr.shape[1:]} (D, H, W) but {record.image_files[0].name} has "
+                f"{arrays[0].shape[1:]}; all channels of a case must share one voxel grid"
+            )
+        arrays.append(arr)
+    image_array = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+    if image_array.shape[0] != dataset.num_channels:
+        raise ReCoKDError(
+            f"case {record.case_id!r} ({record.image_files[0]}) has {image_array.shape[0]} channels but "
+            f"dataset.json declares {dataset.num_channels} ({', '.join(dataset.channel_names.values())}); "
+            "fix the image or dataset.json"
+        )
+    label = None
+    if record.label_file is not None:
+        label = _label_array(read_image(record.label_file), record.label_file)
+        if label.shape != image_array.shape[1:]:
+            raise ReCoKDError(
+                f"{record.label_file} has shape {label.shape} (D, H, W) but its image has "
+                f"{image_array.shape[1:]}; the label must share the image's voxel grid"
+            )
+    assert geometry is not None
+    spacing, origin, direction = geometry
+    return LoadedCase(
+        image=image_array,
+        label=label,
+        spacing=tuple(reversed(spacing)),  # type: ignore[arg-type]
+        origin=origin,  # type: ignore[arg-type]
+        direction=direction,
+        case_id=record.case_id,
+    )

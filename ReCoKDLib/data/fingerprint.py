@@ -1,0 +1,406 @@
+"""Dataset fingerprint: the statistics that planning (:mod:`ReCoKDLib.data.planning`) is based on.
+
+:func:`compute_fingerprint` reads every training case once and records
+
+- per case: the voxel spacing, the shape, and the shape after cropping to the non-zero region
+  (see :func:`crop_bbox`); all in numpy axis order (D, H, W);
+- per channel: statistics of the *foreground* intensities (voxels with a label > 0), pooled over
+  the cases from at most ``max_foreground_samples`` randomly drawn foreground voxels per case
+  (mean, std, median, min, max, 0.5th and 99.5th percentiles);
+- derived summaries: median / min / max shape after cropping and spacing per axis.
+
+Sampling is seeded per case (from the seed and the case id), so the fingerprint is deterministic
+and independent of the order in which cases are visited. A :class:`Fingerprint` round-trips through
+JSON (:meth:`Fingerprint.save` / :meth:`Fingerprint.load`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from ..errors import ReCoKDError
+from .datasets import DatasetInfo, load_case
+
+__all__ = [
+    "FINGERPRINT_VERSION",
+    "CaseFingerprint",
+    "IntensityStats",
+    "Fingerprint",
+    "compute_fingerprint",
+    "crop_bbox",
+]
+
+#: Bumped whenever the meaning of a fingerprint field changes; older files are refused.
+FINGERPRINT_VERSION = 1
+
+Triple = tuple[int, int, int]
+BBox = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+# --------------------------------------------------------------------------------------------------
+# small shared helpers (also used by planning and preprocessing)
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], binary: bool = False) -> None:
+    """Write a file so that readers see either the old file or the complete new one, never a part.
+
+    ``write(f)`` fills a temporary file in the same folder (same file system, so the final
+    ``os.replace`` is atomic); on any exception the temporary file is removed and nothing is renamed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    """Read a JSON object from ``path``, turning any failure into a one-line :class:`ReCoKDError`."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ReCoKDError(f"{what} file {path} does not exist; create it first") from None
+    except json.JSONDecodeError as exc:
+        raise ReCoKDError(
+            f"{what} file {path} is not valid JSON ({exc.msg} at line {exc.lineno}); fix or recreate it"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReCoKDError(f"cannot read {what} file {path}: {exc}; check its permissions") from None
+    if not isinstance(data, dict):
+        raise ReCoKDError(f"{what} file {path} must hold a JSON object; recreate it")
+    return data
+
+
+def crop_bbox(image: np.ndarray, label: np.ndarray | None = None) -> BBox:
+    """Bounding box of the voxels that are non-zero in any channel (and, if given, of label > 0).
+
+    The label's foreground is included so that cropping never discards annotated voxels (nnU-Net
+    uses the image alone; the two agree whenever the foreground lies inside the non-zero region).
+    An all-zero image gives the full volume.
+
+    Args:
+        image: (C, D, H, W) array.
+        label: optional (D, H, W) array.
+
+    Returns:
+        ``((d0, d1), (h0, h1), (w0, w1))``, half-open index ranges.
+    """
+    mask = np.any(image != 0, axis=0)
+    if label is not None:
+        mask |= label > 0
+    box = []
+    for axis in range(3):
+        others = tuple(a for a in range(3) if a != axis)
+        hit = np.flatnonzero(mask.any(axis=others))
+        box.append((int(hit[0]), int(hit[-1]) + 1) if hit.size else (0, int(mask.shape[axis])))
+    return tuple(box)  # type: ignore[return-value]
+
+
+def _case_seed(seed: int, case_id: str) -> np.random.Generator:
+    # seeded by case id, not position, so adding or reordering cases leaves the others' samples alone
+    return np.random.default_rng([int(seed), zlib.crc32(case_id.encode("utf-8"))])
+
+
+def _floats(values: Sequence[Any]) -> tuple[float, ...]:
+    return tuple(float(v) for v in values)
+
+
+def _ints(values: Sequence[Any]) -> tuple[int, ...]:
+    return tuple(int(v) for v in values)
+
+
+# --------------------------------------------------------------------------------------------------
+# records
+
+
+@dataclass(frozen=True)
+class CaseFingerprint:
+    """Geometry of one case, numpy axis order (D, H, W).
+
+    Attributes:
+        case_id: the case identifier.
+        spacing: voxel size in mm.
+        shape: the full volume's shape.
+        shape_after_crop: the shape after cropping to the non-zero region.
+    """
+
+    case_id: str
+    spacing: tuple[float, float, float]
+    shape: Triple
+    shape_after_crop: Triple
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "case_id": self.case_id,
+            "spacing": list(self.spacing),
+            "shape": list(self.shape),
+            "shape_after_crop": list(self.shape_after_crop),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CaseFingerprint":
+        return cls(
+            case_id=str(d["case_id"]),
+            spacing=_floats(d["spacing"]),  # type: ignore[arg-type]
+            shape=_ints(d["shape"]),  # type: ignore[arg-type]
+            shape_after_crop=_ints(d["shape_after_crop"]),  # type: ignore[arg-type]
+        )
+
+
+@dataclass(frozen=True)
+class IntensityStats:
+    """Statistics of one channel's sampled foreground intensities, pooled over the cases.
+
+    All values are ``None`` when the dataset has no foreground voxel (no labels at all).
+    """
+
+    num_samples: int
+    mean: float | None = None
+    std: float | None = None
+    median: float | None = None
+    min: float | None = None
+    max: float | None = None
+    percentile_00_5: float | None = None
+    percentile_99_5: float | None = None
+
+    @classmethod
+    def of(cls, samples: np.ndarray) -> "IntensityStats":
+        """Statistics of a 1D array of samples (float64 accumulation for a stable mean/std)."""
+        if samples.size == 0:
+            return cls(num_samples=0)
+        s = samples.astype(np.float64, copy=False)
+        p005, p50, p995 = np.percentile(s, [0.5, 50.0, 99.5])
+        return cls(
+            num_samples=int(s.size),
+            mean=float(s.mean()),
+            std=float(s.std()),
+            median=float(p50),
+            min=float(s.min()),
+            max=float(s.max()),
+            percentile_00_5=float(p005),
+            percentile_99_5=float(p995),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "IntensityStats":
+        def opt(key: str) -> float | None:
+            v = d.get(key)
+            return None if v is None else float(v)
+
+        return cls(
+            num_samples=int(d["num_samples"]),
+            **{k: opt(k) for k in ("mean", "std", "median", "min", "max", "percentile_00_5", "percentile_99_5")},
+        )
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What planning needs to know about a dataset.
+
+    Attributes:
+        dataset_name: ``dataset.json``'s name.
+        channel_names: channel index -> name.
+        labels: label name -> value, background included.
+        cases: per-case geometry, in the dataset's case order.
+        foreground_intensity: per channel, statistics of the foreground intensities.
+        max_foreground_samples: the per-case sample cap used.
+        seed: the sampling seed used.
+        version: :data:`FINGERPRINT_VERSION` of the code that wrote it.
+    """
+
+    dataset_name: str
+    channel_names: dict[int, str]
+    labels: dict[str, int]
+    cases: tuple[CaseFingerprint, ...]
+    foreground_intensity: tuple[IntensityStats, ...]
+    max_foreground_samples: int = 10000
+    seed: int = 0
+    version: int = field(default=FINGERPRINT_VERSION)
+
+    def __post_init__(self) -> None:
+        if not self.cases:
+            raise ReCoKDError(f"fingerprint of '{self.dataset_name}' has no cases; the dataset needs training cases")
+
+    # -- summaries ----------------------------------------------------------------------------
+    @property
+    def spacings(self) -> np.ndarray:
+        """(N, 3) float64 array of per-case spacings (D, H, W)."""
+        return np.array([c.spacing for c in self.cases], dtype=np.float64)
+
+    @property
+    def shapes_after_crop(self) -> np.ndarray:
+        """(N, 3) int64 array of per-case shapes after cropping (D, H, W)."""
+        return np.array([c.shape_after_crop for c in self.cases], dtype=np.int64)
+
+    @property
+    def median_spacing(self) -> tuple[float, float, float]:
+        return _floats(np.median(self.spacings, axis=0))  # type: ignore[return-value]
+
+    @property
+    def min_spacing(self) -> tuple[float, float, float]:
+        return _floats(self.spacings.min(axis=0))  # type: ignore[return-value]
+
+    @property
+    def max_spacing(self) -> tuple[float, float, float]:
+        return _floats(self.spacings.max(axis=0))  # type: ignore[return-value]
+
+    @property
+    def median_shape(self) -> tuple[float, float, float]:
+        """Median shape after cropping; may be fractional (the median of an even count)."""
+        return _floats(np.median(self.shapes_after_crop, axis=0))  # type: ignore[return-value]
+
+    @property
+    def min_shape(self) -> Triple:
+        return _ints(self.shapes_after_crop.min(axis=0))  # type: ignore[return-value]
+
+    @property
+    def max_shape(self) -> Triple:
+        return _ints(self.shapes_after_crop.max(axis=0))  # type: ignore[return-value]
+
+    def summary(self) -> dict[str, Any]:
+        """The derived summaries as a JSON-ready dict (written with the fingerprint for reading)."""
+        return {
+            "num_cases": len(self.cases),
+            "median_spacing": list(self.median_spacing),
+            "min_spacing": list(self.min_spacing),
+            "max_spacing": list(self.max_spacing),
+            "median_shape_after_crop": list(self.median_shape),
+            "min_shape_after_crop": list(self.min_shape),
+            "max_shape_after_crop": list(self.max_shape),
+        }
+
+    # -- serialisation ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "dataset_name": self.dataset_name,
+            "channel_names": {str(k): v for k, v in self.channel_names.items()},
+            "labels": dict(self.labels),
+            "max_foreground_samples": self.max_foreground_samples,
+            "seed": self.seed,
+            "summary": self.summary(),  # derived; ignored when reading
+            "foreground_intensity": [s.to_dict() for s in self.foreground_intensity],
+            "cases": [c.to_dict() for c in self.cases],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Fingerprint":
+        version = d.get("version")
+        if version != FINGERPRINT_VERSION:
+            raise ReCoKDError(
+                f"fingerprint version {version!r} is not the supported version {FINGERPRINT_VERSION}; "
+                "compute the fingerprint again"
+            )
+        try:
+            return cls(
+                dataset_name=str(d["dataset_name"]),
+                channel_names={int(k): str(v) for k, v in d["channel_names"].items()},
+                labels={str(k): int(v) for k, v in d["labels"].items()},
+                cases=tuple(CaseFingerprint.from_dict(c) for c in d["cases"]),
+                foreground_intensity=tuple(IntensityStats.from_dict(s) for s in d["foreground_intensity"]),
+                max_foreground_samples=int(d.get("max_foreground_samples", 10000)),
+                seed=int(d.get("seed", 0)),
+                version=int(version),
+            )
+        except KeyError as exc:
+            raise ReCoKDError(f"fingerprint lacks the key {exc.args[0]!r}; compute the fingerprint again") from None
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ReCoKDError(f"malformed fingerprint ({exc}); compute the fingerprint again") from None
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def save(self, path: str | Path) -> None:
+        """Write the fingerprint as indented JSON (atomically)."""
+        text = self.to_json()
+        _atomic_write(Path(path), lambda f: f.write(text + "\n"))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Fingerprint":
+        """Read a fingerprint written by :meth:`save`; raises :class:`ReCoKDError` on any problem."""
+        return cls.from_dict(_read_json(Path(path), "fingerprint"))
+
+
+# --------------------------------------------------------------------------------------------------
+# computation
+
+
+def compute_fingerprint(
+    dataset: DatasetInfo,
+    progress: bool = True,
+    max_foreground_samples: int = 10000,
+    seed: int = 0,
+) -> Fingerprint:
+    """Read every training case of ``dataset`` and collect its :class:`Fingerprint`.
+
+    Args:
+        dataset: an opened dataset (:func:`~ReCoKDLib.data.datasets.open_dataset`).
+        progress: show a tqdm progress bar on stderr.
+        max_foreground_samples: at most this many foreground voxels per case enter the intensity
+            statistics (drawn without replacement; all of them when a case has fewer).
+        seed: sampling seed; the same seed gives the same fingerprint.
+
+    Raises:
+        ReCoKDError: the dataset has no training cases, or a case cannot be read.
+    """
+    if not dataset.training:
+        raise ReCoKDError(f"dataset '{dataset.name}' ({dataset.root}) has no training cases to fingerprint")
+    if max_foreground_samples < 1:
+        raise ReCoKDError(f"max_foreground_samples must be >= 1, got {max_foreground_samples}")
+    ignore = dataset.ignore_label
+    cases: list[CaseFingerprint] = []
+    samples: list[np.ndarray] = []  # per case, (C, n) sampled foreground intensities
+    for record in tqdm(dataset.training, desc=f"fingerprint {dataset.name}", disable=not progress, leave=False):
+        case = load_case(record, dataset)
+        box = crop_bbox(case.image, case.label)
+        cases.append(
+            CaseFingerprint(
+                case_id=case.case_id,
+                spacing=_floats(case.spacing),  # type: ignore[arg-type]
+                shape=_ints(case.image.shape[1:]),  # type: ignore[arg-type]
+                shape_after_crop=tuple(hi - lo for lo, hi in box),  # type: ignore[arg-type]
+            )
+        )
+        if case.label is None:
+            continue
+        foreground = case.label > 0
+        if ignore is not None:
+            foreground &= case.label != ignore
+        flat = np.flatnonzero(foreground)
+        if flat.size > max_foreground_samples:
+            flat = np.sort(_case_seed(seed, case.case_id).choice(flat, size=max_foreground_samples, replace=False))
+        samples.append(case.image.reshape(case.image.shape[0], -1)[:, flat])
+    num_channels = dataset.num_channels
+    pooled = np.concatenate(samples, axis=1) if samples else np.zeros((num_channels, 0), np.float32)
+    return Fingerprint(
+        dataset_name=dataset.name,
+        channel_names=dict(dataset.channel_names),
+        labels=dict(dataset.labels),
+        cases=tuple(cases),
+        foreground_intensity=tuple(IntensityStats.of(pooled[c]) for c in range(num_channels)),
+        max_foreground_samples=int(max_foreground_samples),
+        seed=int(seed),
+    )

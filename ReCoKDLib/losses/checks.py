@@ -1,0 +1,64 @@
+"""Input checks shared by the losses: one-line errors instead of tracebacks from inside torch."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..errors import ReCoKDError
+
+
+def require_5d(tensor: torch.Tensor, what: str) -> None:
+    if not isinstance(tensor, torch.Tensor) or tensor.ndim != 5:
+        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise ReCoKDError(f"{what} must be a 5D tensor (B, C, D, H, W), got {shape}")
+
+
+def require_same_shape(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    if a.shape != b.shape:
+        raise ReCoKDError(
+            f"{what}: student {tuple(a.shape)} and teacher {tuple(b.shape)} differ; "
+            "tap levels of equal resolution and adapt the student's channels"
+        )
+
+
+def require_same_grid(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    if a.shape[0] != b.shape[0] or a.shape[2:] != b.shape[2:]:
+        raise ReCoKDError(
+            f"{what}: student grid {tuple(a.shape[2:])} and teacher grid {tuple(b.shape[2:])} differ "
+            "(batch {a.shape[0]} vs {b.shape[0]}); tap levels of equal resolution"
+        )
+
+
+def require_labels(labels: torch.Tensor, num_classes: int, what: str = "labels") -> None:
+    """Labels are integer class indices (B, 1, D, H, W) in [0, num_classes)."""
+    require_5d(labels, what)
+    if labels.shape[1] != 1:
+        raise ReCoKDError(f"{what} must have one channel of class indices, got shape {tuple(labels.shape)}")
+    if labels.is_floating_point() and not torch.equal(labels, labels.round()):
+        raise ReCoKDError(f"{what} must hold integer class indices, found fractional values")
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= num_classes:
+        bad = hi if hi >= num_classes else lo
+        raise ReCoKDError(
+            f"{what} contain the value {bad}, outside 0..{num_classes - 1}; "
+            f"declare {max(hi + 1, num_classes)} classes or fix the label map"
+        )
+
+
+def level_weights(num_levels: int, alpha: float = 0.4) -> list[float]:
+    """ReCo-KD's level weights ``w_k ∝ r^k`` with ``r = 2^(-3α)``, normalised to sum 1 (level 0 = full res)."""
+    if num_levels < 1:
+        raise ReCoKDError("need at least one feature level")
+    r = 2.0 ** (-3.0 * alpha)
+    raw = [r**k for k in range(num_levels)]
+    total = sum(raw)
+    return [w / total for w in raw]
+
+
+def check_levels(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], weights: Sequence[float]) -> None:
+    if len(student) != len(teacher):
+        raise ReCoKDError(f"{len(student)} student feature levels but {len(teacher)} teacher levels; tap as many")
+    if len(weights) != len(student):
+        raise ReCoKDError(f"{len(weights)} level weights for {len(student)} feature levels")

@@ -1,0 +1,26 @@
+"""Networks and feature taps."""
+
+from .taps import FeatureTaps, TapInfo
+from .unet import (
+    SegUNet,
+    UNetSpec,
+    build_pair,
+    build_unet,
+    count_parameters,
+    dynunet_tap_names,
+    isotropic_spec,
+    nnunet_filters,
+)
+
+__all__ = [
+    "FeatureTaps",
+    "TapInfo",
+    "SegUNet",
+    "UNetSpec",
+    "build_pair",
+    "build_unet",
+    "count_parameters",
+    "dynunet_tap_names",
+    "isotropic_spec",
+    "nnunet_filters",
+]

@@ -1,0 +1,21 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared real-data folder (``../shared/data`` from the repository root, or ``$RECOKD_SHARED_DATA``).
+
+    Tests that use it are skipped when the folder is absent.
+    """
+    override = os.environ.get("RECOKD_SHARED_DATA")
+    path = Path(override) if override else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    if not path.is_dir():
+        pytest.skip(f"shared real data not found at {path}; set RECOKD_SHARED_DATA to the folder to run this test")
+    return path

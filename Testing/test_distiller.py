@@ -1,0 +1,119 @@
+"""The Distiller: parameters it trains, the frozen teacher, hooks, warm-up and bad input."""
+
+import gc
+
+import pytest
+import torch
+
+from ReCoKDLib import ReCoKDError
+from ReCoKDLib.distill import Distiller, linear_warmup
+from ReCoKDLib.models import build_pair, dynunet_tap_names, isotropic_spec
+
+SPEC = isotropic_spec(1, 3, num_levels=4, filters=[16, 32, 64, 64])
+
+
+def _batch(seed=0, size=16):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(2, 1, size, size, size, generator=g)
+    labels = torch.randint(0, 3, (2, 1, size, size, size), generator=g)
+    return images, labels
+
+
+def _distiller(method="recokd", **kw):
+    torch.manual_seed(0)
+    teacher, student = build_pair(SPEC, 4)
+    taps = dynunet_tap_names(SPEC)
+    return Distiller(teacher, student, taps, taps, num_classes=3, method=method, warmup_fraction=0, **kw)
+
+
+@pytest.mark.parametrize("method", ["recokd", "recokd-gc", "fitnet", "cwd", "logit"])
+def test_every_trainable_parameter_changes_and_teacher_never_does(method):
+    d = _distiller(method).train()
+    params = d.trainable_parameters()
+    names = {id(p): n for n, p in d.named_parameters()}
+    assert any("adapters" in names[id(p)] for p in params) == (method not in ("logit",))
+    teacher_before = [p.detach().clone() for p in d.teacher.parameters()]
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.0, weight_decay=0.0)
+    # The global-context block's last conv starts at zero, so its earlier layers get gradient from step 2.
+    for step in range(2 if method == "recokd-gc" else 1):
+        out = d(*_batch(step))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    unchanged = [names[id(p)] for p, b in zip(params, before) if torch.equal(p.detach(), b)]
+    assert not unchanged, unchanged
+    assert all(torch.equal(p, b) for p, b in zip(d.teacher.parameters(), teacher_before))
+    assert all(p.grad is None for p in d.teacher.parameters())
+    assert not d.teacher.training and d.student.training
+    assert set(out.breakdown()) >= {"seg", "lambda", "total"}
+
+
+def _live_tensor_bytes() -> int:
+    gc.collect()
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+                storage = obj.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
+        except Exception:
+            pass
+    return total
+
+
+def test_hooks_leave_no_residue_and_memory_stays_flat():
+    d = _distiller().train()
+    opt = torch.optim.SGD(d.trainable_parameters(), lr=0.01, momentum=0.9)
+    usage = []
+    for step in range(8):
+        out = d(*_batch(step))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        del out
+        assert not d.teacher_taps._store and not d.student_taps._store
+        usage.append(_live_tensor_bytes())
+    # After the optimizer state exists (step 1), live tensor memory must not grow.
+    assert max(usage[2:]) <= usage[2] * 1.01, usage
+    d.close()
+    for net in (d.teacher, d.student):
+        assert all(not m._forward_hooks for m in net.modules())
+
+
+def test_warmup_schedule():
+    assert linear_warmup(0.0, 2.0, 0.6) == 0.0
+    assert linear_warmup(0.3, 2.0, 0.6) == pytest.approx(1.0)
+    assert linear_warmup(0.9, 2.0, 0.6) == 2.0
+    d = _distiller(lambda_max=0.5)
+    d.warmup_fraction = 0.5
+    assert d(*_batch()).kd_weight == 0.5 and d(*_batch(), progress=0.25).kd_weight == pytest.approx(0.25)
+
+
+def test_method_none_trains_student_without_teacher_terms():
+    d = _distiller("none")
+    out = d(*_batch())
+    assert set(out.terms) == {"seg"} and len(d.adapters) == 0
+
+
+def test_bad_input_gives_one_line_errors():
+    teacher, student = build_pair(SPEC, 4)
+    enc = dynunet_tap_names(SPEC)
+    with pytest.raises(ReCoKDError, match="different resolutions"):
+        Distiller(teacher, student, enc, list(reversed(enc)), num_classes=3)
+    with pytest.raises(ReCoKDError, match="'downsamples.7' is not a module"):
+        Distiller(teacher, student, enc, enc[:-1] + ["downsamples.7"], num_classes=3)
+    with pytest.raises(ReCoKDError, match="teacher taps but"):
+        Distiller(teacher, student, enc, enc[:-1], num_classes=3)
+    with pytest.raises(ReCoKDError, match="unknown KD method"):
+        Distiller(teacher, student, enc, enc, num_classes=3, method="magic")
+    d = Distiller(teacher, student, enc, enc, num_classes=3)
+    images, labels = _batch()
+    with pytest.raises(ReCoKDError, match="value 5, outside 0..2"):
+        d(images, labels.clamp(max=0) + 5)
+    with pytest.raises(ReCoKDError, match="5D"):
+        d(images[0], labels)
+    with pytest.raises(ReCoKDError, match="5D"):
+        d(images, labels[:, 0])
