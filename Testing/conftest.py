@@ -6,6 +6,17 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _single_thread():
+    """One intra-op thread: the tests' tensors are small, and on a busy machine several OpenMP threads
+    spin-waiting against other processes make CPU convolutions an order of magnitude slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

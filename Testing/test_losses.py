@@ -16,6 +16,8 @@ from ReCoKDLib.losses import (
     KDContext,
     LogitKDLoss,
     MSSARDLoss,
+    affinity,
+    affinity_mse,
     PairwiseAffinityLoss,
     build_kd_terms,
     level_weights,
@@ -154,10 +156,20 @@ def test_msca_memory_is_bounded_at_128_cubed():
     with _LargestOutput() as probe:
         loss(student, teacher)
     assert probe.largest <= b * budget * budget
+    # Gram-matrix evaluation: nothing P x P is built at all; the largest tensor is the pooled features.
+    assert probe.largest <= b * 256 * budget
     for s in shapes:
         assert math.prod(pooled_grid(s[2:], budget)) <= budget
     assert pooled_grid((100, 70, 44), budget) == pooled_grid((100, 70, 44), budget)  # deterministic
     assert pooled_grid((8, 8, 8), budget) == (8, 8, 8)  # within budget: no pooling
+
+
+def test_affinity_mse_equals_explicit_affinity_difference():
+    student, teacher = torch.randn(2, 5, 12, 10, 9), torch.randn(2, 7, 12, 10, 9)
+    for budget in (64, 10_000):
+        explicit = (affinity(student, budget) - affinity(teacher, budget)).pow(2).mean()
+        assert torch.allclose(affinity_mse(student, teacher, budget), explicit, rtol=1e-4, atol=1e-7)
+    assert float(affinity_mse(teacher, teacher.clone(), 64)) == 0.0
 
 
 def test_msca_is_invariant_to_channel_count():

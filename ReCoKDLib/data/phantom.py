@@ -194,8 +194,9 @@ def _vessel_path(
     x = np.full_like(t, center_yx[1])
     # sum of sines: a few low frequencies with bounded total amplitude, so it stays clear of the kidneys
     for _ in range(3):
-        y += rng.uniform(0.0, 0.025) * dims[1] * np.sin(2 * np.pi * rng.uniform(0.4, 1.8) * t + rng.uniform(0, 2 * np.pi))
-        x += rng.uniform(0.0, 0.045) * dims[2] * np.sin(2 * np.pi * rng.uniform(0.4, 1.8) * t + rng.uniform(0, 2 * np.pi))
+        for coord, max_amplitude in ((y, 0.025 * dims[1]), (x, 0.045 * dims[2])):
+            amplitude = rng.uniform(0.0, max_amplitude)
+            coord += amplitude * np.sin(2 * np.pi * rng.uniform(0.4, 1.8) * t + rng.uniform(0, 2 * np.pi))
     base_radius = rng.uniform(1.7, 2.3)
     radius = base_radius + 0.3 * np.sin(2 * np.pi * rng.uniform(0.5, 2.0) * t + rng.uniform(0, 2 * np.pi))
     radius = np.clip(radius, 1.5, 2.5) * small
@@ -249,7 +250,8 @@ def generate_case(seed: int, shape: Tuple[int, int, int] = (64, 64, 64)) -> Phan
     body_radii = np.array([0.40, 0.46]) * dims[1:] * rng.uniform(0.95, 1.05, size=2)
     breathing = 1.0 + 0.04 * np.sin(2 * np.pi * rng.uniform(0.3, 1.0) * z / shape[0] + rng.uniform(0, 2 * np.pi))
     body_r = np.sqrt(
-        ((y - body_center[1]) / (body_radii[0] * breathing)) ** 2 + ((x - body_center[2]) / (body_radii[1] * breathing)) ** 2
+        ((y - body_center[1]) / (body_radii[0] * breathing)) ** 2
+        + ((x - body_center[2]) / (body_radii[1] * breathing)) ** 2
     )
     body = body_r < 1.0
     fat_rim = body & (body_r > 0.88)
@@ -267,7 +269,8 @@ def generate_case(seed: int, shape: Tuple[int, int, int] = (64, 64, 64)) -> Phan
     for _ in range(4):
         freq = rng.normal(size=3)
         freq *= rng.uniform(1.5, 3.0) / np.linalg.norm(freq)
-        surface += rng.uniform(0.04, 0.08) * np.cos(freq[0] * q[0] + freq[1] * q[1] + freq[2] * q[2] + rng.uniform(0, 2 * np.pi))
+        amplitude = rng.uniform(0.04, 0.08)
+        surface += amplitude * np.cos(freq[0] * q[0] + freq[1] * q[1] + freq[2] * q[2] + rng.uniform(0, 2 * np.pi))
     organ_depth = organ_r / surface  # < 1 inside; small values are deep inside
     organ = (organ_depth < 1.0) & (body_r < 0.86)
 

@@ -3,7 +3,7 @@
 from .baselines import ChannelWiseDistillationLoss, FitNetLoss, LogitKDLoss, PairwiseAffinityLoss
 from .checks import level_weights
 from .msard import MSSARDLoss, channel_attention, region_masks, region_terms, resize_labels, spatial_attention
-from .msca import AffinityContextLoss, GlobalContextBlock, GlobalContextLoss, affinity, pooled_grid
+from .msca import AffinityContextLoss, GlobalContextBlock, GlobalContextLoss, affinity, affinity_mse, pooled_grid
 from .registry import KD_METHODS, KD_TERMS, KDContext, build_kd_terms, register_kd_term, resolve_method
 from .segmentation import DeepSupervisedDiceCELoss, deep_supervision_weights
 
@@ -21,6 +21,7 @@ __all__ = [
     "MSSARDLoss",
     "PairwiseAffinityLoss",
     "affinity",
+    "affinity_mse",
     "build_kd_terms",
     "channel_attention",
     "deep_supervision_weights",

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checks import check_levels, require_5d, require_same_shape
-from .msca import DEFAULT_MAX_POSITIONS, affinity
+from .msca import DEFAULT_MAX_POSITIONS, affinity_mse
 
 
 class LogitKDLoss(nn.Module):
@@ -94,7 +94,8 @@ class ChannelWiseDistillationLoss(nn.Module):
 class PairwiseAffinityLoss(nn.Module):
     """SKD's pairwise (structured) distillation: pooled cosine affinity at one level.
 
-    ``L = mean (G_s − G_t)²`` with ``G`` from :func:`~ReCoKDLib.losses.msca.affinity` at level ``level``
+    ``L = mean (G_s − G_t)²`` with ``G`` from :func:`~ReCoKDLib.losses.msca.affinity` (via
+    :func:`~ReCoKDLib.losses.msca.affinity_mse`) at level ``level``
     (default 0, the highest tapped resolution, like SKD's final feature map).
     """
 
@@ -108,7 +109,4 @@ class PairwiseAffinityLoss(nn.Module):
 
     def forward(self, student_features, teacher_features, labels=None) -> dict[str, torch.Tensor]:
         fs, ft = student_features[self.level], teacher_features[self.level]
-        g_s = affinity(fs, self.max_positions)
-        with torch.no_grad():
-            g_t = affinity(ft.detach(), self.max_positions)
-        return {"skd": self.weight * (g_s - g_t).pow(2).mean()}
+        return {"skd": self.weight * affinity_mse(fs, ft, self.max_positions)}

@@ -69,15 +69,11 @@ def region_masks(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, 
     return m_fg, m_bg
 
 
-def _weighted_region_mse(
-    diff2: torch.Tensor, mask: torch.Tensor, s_t: torch.Tensor, a_t: torch.Tensor, tau: float
-) -> torch.Tensor:
-    """``Σ_{b,c,v} M^τ · S_t · A_t · diff² / (C · Σ_{b,v} M^τ)``; zero when the mask is empty."""
+def _masked_mean(weighted_error: torch.Tensor, mask: torch.Tensor, tau: float, channels: int) -> torch.Tensor:
+    """``Σ_{b,v} M^τ · E / (C · Σ_{b,v} M^τ)``; zero (not NaN) when the mask is empty."""
     m = mask.pow(tau) if tau != 1.0 else mask
-    denom = m.sum() * diff2.shape[1]
-    # Σ_c A_t[b,c] · diff²[b,c,v] first: keeps the intermediate at (B, N).
-    per_voxel = torch.einsum("bc,bcn->bn", a_t, diff2)
-    num = (m * s_t * per_voxel).sum()
+    denom = m.sum() * channels
+    num = (m * weighted_error).sum()
     return torch.where(denom > 0, num / denom.clamp_min(1e-12), num * 0.0)
 
 
@@ -126,10 +122,12 @@ def _region_terms(
     s_s = spatial_attention(student, temperature)
     a_s = channel_attention(student, temperature)
     m_fg, m_bg = region_masks(labels, num_classes)
-    diff2 = (student - teacher).pow(2).reshape(b, c, -1)
+    diff = (student - teacher).reshape(b, c, -1)
+    # E[b, v] = S_t[b, v] · Σ_c A_t[b, c] · (F_s' − F_t)²[b, c, v], shared by both regions; (B, N) only.
+    error = torch.einsum("bc,bcn->bn", a_t, diff * diff) * s_t
     return {
-        "foreground": _weighted_region_mse(diff2, m_fg, s_t, a_t, tau),
-        "background": _weighted_region_mse(diff2, m_bg, s_t, a_t, tau),
+        "foreground": _masked_mean(error, m_fg, tau, c),
+        "background": _masked_mean(error, m_bg, tau, c),
         "attention": (a_s - a_t).abs().mean() + (s_s - s_t).abs().mean(),
     }
 

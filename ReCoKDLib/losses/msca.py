@@ -38,6 +38,15 @@ def pooled_grid(size: Sequence[int], max_positions: int) -> tuple[int, ...]:
             return tuple(grid)
 
 
+def _pooled_unit_features(features: torch.Tensor, max_positions: int) -> torch.Tensor:
+    """Adaptive-average-pool (B, C, D, H, W) to at most ``max_positions`` positions and L2-normalise
+    each position's channel vector; returns F̂ of shape (B, C, P)."""
+    grid = pooled_grid(features.shape[2:], max_positions)
+    if tuple(grid) != tuple(features.shape[2:]):
+        features = F.adaptive_avg_pool3d(features, grid)
+    return F.normalize(features.flatten(2), dim=1, eps=1e-8)
+
+
 def affinity(features: torch.Tensor, max_positions: int = DEFAULT_MAX_POSITIONS) -> torch.Tensor:
     """Cosine-similarity affinity between spatial positions after pooling to a bounded grid.
 
@@ -49,18 +58,43 @@ def affinity(features: torch.Tensor, max_positions: int = DEFAULT_MAX_POSITIONS)
         Independent of C, so teacher and student need no adapter.
     """
     require_5d(features, "features for the affinity")
-    grid = pooled_grid(features.shape[2:], max_positions)
-    if tuple(grid) != tuple(features.shape[2:]):
-        features = F.adaptive_avg_pool3d(features, grid)
-    flat = F.normalize(features.flatten(2), dim=1, eps=1e-8)  # (B, C, P)
+    flat = _pooled_unit_features(features, max_positions)
     return torch.bmm(flat.transpose(1, 2), flat)
+
+
+def affinity_mse(student: torch.Tensor, teacher: torch.Tensor, max_positions: int = DEFAULT_MAX_POSITIONS) -> torch.Tensor:
+    """``mean_{b,i,j} (G_s − G_t)²`` for the affinities of :func:`affinity`, without building them.
+
+    With ``A = F̂_s`` (C_s × P) and ``B = F̂_t`` (C_t × P), ``G_s = AᵀA`` and ``G_t = BᵀB``, and
+    ``‖AᵀA − BᵀB‖²_F = ‖AAᵀ‖²_F − 2‖ABᵀ‖²_F + ‖BBᵀ‖²_F``: the same value from C×C Gram matrices, in
+    O(P·C²) time and O(C²) memory instead of O(P²). The three norms are summed in float64 so the
+    cancellation costs no precision.
+
+    Args:
+        student: (B, C_s, D, H, W); teacher: (B, C_t, D, H, W) on the same grid (channels may differ).
+    Returns:
+        a scalar tensor.
+    """
+    require_5d(student, "student features")
+    require_5d(teacher, "teacher features")
+    require_same_grid(student, teacher, "affinity")
+    a = _pooled_unit_features(student, max_positions)
+    with torch.no_grad():
+        b = _pooled_unit_features(teacher.detach(), max_positions)
+        bb = torch.bmm(b, b.transpose(1, 2)).double().pow(2).sum()
+    aa = torch.bmm(a, a.transpose(1, 2)).double().pow(2).sum()
+    ab = torch.bmm(a, b.transpose(1, 2)).double().pow(2).sum()
+    positions = a.shape[2]
+    total = (aa - 2 * ab + bb).clamp_min(0.0)
+    return (total / (a.shape[0] * positions * positions)).to(student.dtype)
 
 
 class AffinityContextLoss(nn.Module):
     """Multi-scale context alignment by pairwise affinity.
 
-    ``L_ctx = Σ_k w_k · mean_{b,i,j} (G_s,k − G_t,k)²`` with ``G`` from :func:`affinity`. Memory is
-    O(B · P_max²) per level whatever the patch size.
+    ``L_ctx = Σ_k w_k · mean_{b,i,j} (G_s,k − G_t,k)²`` with ``G`` from :func:`affinity`, evaluated by
+    :func:`affinity_mse` without materialising any P×P matrix: memory is O(B · C²) per level after
+    pooling to at most P_max positions, whatever the patch size.
 
     Args:
         level_weights: one weight per level.
@@ -87,10 +121,7 @@ class AffinityContextLoss(nn.Module):
         total = 0.0
         for w, fs, ft in zip(self.level_weights, student_features, teacher_features):
             require_same_grid(fs, ft, "MS-CA")
-            g_s = affinity(fs, self.max_positions)
-            with torch.no_grad():
-                g_t = affinity(ft.detach(), self.max_positions)
-            total = total + w * (g_s - g_t).pow(2).mean()
+            total = total + w * affinity_mse(fs, ft, self.max_positions)
         return {self.key: self.weight * total}
 
 

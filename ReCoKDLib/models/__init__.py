@@ -1,5 +1,6 @@
 """Networks and feature taps."""
 
+from .weights import load_weights, save_weights
 from .taps import FeatureTaps, TapInfo
 from .unet import (
     SegUNet,
@@ -23,4 +24,6 @@ __all__ = [
     "dynunet_tap_names",
     "isotropic_spec",
     "nnunet_filters",
+    "load_weights",
+    "save_weights",
 ]

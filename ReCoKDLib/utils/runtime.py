@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 
 import numpy as np
@@ -32,10 +31,11 @@ def seed_everything(seed: int) -> None:
 
 
 def configure_cpu(num_threads: int | None = None) -> None:
-    """Thread count (default: all cores) and flush-to-zero of denormals, which otherwise slow CPU
-    convolution backward passes several-fold once gradients become tiny."""
+    """Intra-op thread count (``None`` keeps torch's, which defaults to the physical cores) and
+    flush-to-zero of denormals, which otherwise can slow CPU convolution backward passes once
+    gradients become tiny."""
     torch.set_flush_denormal(True)
     if num_threads:
+        if num_threads < 1:
+            raise ReCoKDError(f"thread count must be >= 1, got {num_threads}")
         torch.set_num_threads(int(num_threads))
-    elif "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, os.cpu_count() or 1))

@@ -1,0 +1,91 @@
+"""Figures: prediction contours on a slice and training curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+def _smooth(values: Sequence[float], window: int) -> np.ndarray:
+    values = np.asarray(values, dtype=float)
+    if len(values) < window or window < 2:
+        return values
+    kernel = np.ones(window) / window
+    return np.convolve(values, kernel, mode="valid")
+
+
+def _informative_slice(label: np.ndarray) -> int:
+    """The axial slice showing the most foreground classes, then the most foreground voxels."""
+    classes = [(len(np.unique(label[z])), int((label[z] > 0).sum()), z) for z in range(label.shape[0])]
+    return max(classes)[2]
+
+
+def demo_figure(path: Path, cases, predictions: dict, results, label_names: list[str], colors) -> None:
+    """A slice of the first test case with ground truth and each model's contours, plus training curves.
+
+    Args:
+        cases: test cases (``.image`` (C, D, H, W), ``.label`` (D, H, W)).
+        predictions: model name → list of predicted label maps (D, H, W), one per case.
+        results: :class:`~ReCoKDLib.demo.ModelResult` list with ``history`` and ``dice``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    case = cases[0]
+    label = case.label.numpy()
+    z = _informative_slice(label)
+    image = case.image[0, z].numpy()
+    panels = [("ground truth", label)] + [(name, preds[0].numpy()) for name, preds in predictions.items()]
+
+    fig = plt.figure(figsize=(4 * len(panels), 8.5), constrained_layout=True)
+    grid = fig.add_gridspec(2, len(panels))
+    for i, (title, lab) in enumerate(panels):
+        ax = fig.add_subplot(grid[0, i])
+        ax.imshow(image, cmap="gray", interpolation="nearest")
+        for value, color in enumerate(colors, start=1):
+            mask = (lab[z] == value).astype(float)
+            if mask.any():
+                ax.contour(mask, levels=[0.5], colors=[color], linewidths=1.4)
+        mean = next((r.dice_mean for r in results if r.name == title), None)
+        ax.set_title(title if mean is None else f"{title}\nmean Dice {mean:.3f}", fontsize=10)
+        ax.axis("off")
+        if i == 0:
+            handles = [Line2D([0], [0], color=c, lw=2) for c in colors]
+            ax.legend(handles, label_names, loc="lower left", fontsize=7, framealpha=0.6)
+
+    ax = fig.add_subplot(grid[1, : max(1, len(panels) // 2)])
+    for r in results:
+        seg = [h["seg"] for h in r.history]
+        window = max(1, len(seg) // 20)
+        ax.plot(np.arange(len(_smooth(seg, window))) + window - 1, _smooth(seg, window), label=r.name)
+    kd = results[-1].history
+    kd_keys = [k for k in (kd[0] if kd else {}) if k.startswith(("msard", "msca", "logit", "fitnet", "cwd", "skd"))]
+    if kd_keys:
+        total = [sum(h[k] for k in kd_keys) for h in kd]
+        window = max(1, len(total) // 20)
+        ax.plot(np.arange(len(_smooth(total, window))) + window - 1, _smooth(total, window), "--",
+                label=f"{results[-1].name}: KD terms (before λ)")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("loss (moving average)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title("training curves", fontsize=10)
+
+    ax = fig.add_subplot(grid[1, max(1, len(panels) // 2) :])
+    width = 0.8 / len(results)
+    x = np.arange(len(label_names) + 1)
+    for i, r in enumerate(results):
+        values = [r.dice[n] for n in label_names] + [r.dice_mean]
+        ax.bar(x + (i - (len(results) - 1) / 2) * width, values, width, label=r.name)
+    ax.set_xticks(x, [*label_names, "mean"])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("Dice (test cases)")
+    ax.legend(fontsize=8)
+    ax.set_title("per-class Dice", fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
