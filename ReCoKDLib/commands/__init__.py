@@ -1,0 +1,5 @@
+"""Sub-commands of ``recokd``: each module here exposes ``register(subparsers)``, which adds its
+parser(s) and sets ``func`` to a handler ``(args) -> exit status``. :mod:`ReCoKDLib.cli` registers the
+modules listed in :data:`COMMAND_MODULES`, in order."""
+
+COMMAND_MODULES = ("demo",)
