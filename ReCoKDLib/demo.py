@@ -8,9 +8,7 @@ phantom cases and writes a table (markdown + JSON), the weights (safetensors) an
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ from .inference import predict_labels
 from .models import build_pair, save_weights, count_parameters, dynunet_tap_names, isotropic_spec
 from .training import Case, DistillationTrainer, TrainConfig, Trainer, dice_per_class
 from .utils import configure_cpu, resolve_device
+from .utils.io import atomic_write_text
 
 
 @dataclass
@@ -38,7 +37,7 @@ class DemoConfig:
     filters: tuple[int, ...] = (16, 32, 64, 128)
     width_factor: float = 4
     teacher_steps: int = 300
-    student_steps: int = 200
+    student_steps: int = 400
     patch_size: int = 48
     batch_size: int = 2
     optimizer: str = "adamw"
@@ -130,13 +129,6 @@ def format_table(results: list[ModelResult], label_names: list[str], recovered: 
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the whole demo; returns the results dictionary that is also written to ``results.json``."""
     _check(cfg)
@@ -216,8 +208,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     machine = f"{device}, {torch.get_num_threads()} threads"
     md = (f"# ReCoKD demo on the built-in phantom\n\n{table}\n\nMeasured on {machine}; "
           f"{cfg.test_cases} test volumes of {cfg.size}³; total wall time {summary['wall_seconds']:.0f} s.\n")
-    _atomic_write(out / "results.md", md)
-    _atomic_write(out / "results.json", json.dumps(summary, indent=2))
+    atomic_write_text(out / "results.md", md)
+    atomic_write_text(out / "results.json", json.dumps(summary, indent=2))
     summary["table"] = table
     summary["output"] = str(out)
     return summary

@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     demo.add_argument("-o", "--output", help="output folder (default: ./recokd_demo_output)")
     demo.add_argument("--teacher-steps", dest="teacher_steps", type=int, help="teacher training steps (default 300)")
-    demo.add_argument("--student-steps", dest="student_steps", type=int, help="steps per student (default 200)")
+    demo.add_argument("--student-steps", dest="student_steps", type=int, help="steps per student (default 400)")
     demo.add_argument("--train-cases", dest="train_cases", type=int, help="phantom training cases (default 16)")
     demo.add_argument("--test-cases", dest="test_cases", type=int, help="phantom test cases (default 6)")
     demo.add_argument("--method", help="KD method for the distilled student (default recokd)")

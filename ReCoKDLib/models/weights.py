@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -10,6 +9,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from ..errors import ReCoKDError
+from ..utils.io import atomic_write
 
 
 def save_weights(network: nn.Module, path: str | Path) -> Path:
@@ -18,14 +18,7 @@ def save_weights(network: nn.Module, path: str | Path) -> Path:
     MONAI's ``DynUNet`` registers each block twice (``skip_layers`` aliases the named blocks);
     ``save_model`` stores every shared tensor once.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        save_model(network, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: save_model(network, str(tmp)))
 
 
 def load_weights(network: nn.Module, path: str | Path) -> nn.Module:

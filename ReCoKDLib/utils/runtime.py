@@ -10,18 +10,22 @@ import torch
 from ..errors import ReCoKDError
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
-    if isinstance(device, torch.device):
-        return device
-    name = str(device).lower()
-    if name == "auto":
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"``/``None`` → CUDA when available, else CPU; ``"cpu"`` or ``"cuda[:i]"`` as given.
+
+    Asking for CUDA without a GPU, or for any other device type, is a one-line error.
+    """
+    if device is None or str(device).lower() == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ReCoKDError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
-    if name not in {"cpu"} and not name.startswith("cuda"):
+    try:
+        dev = torch.device(str(device).lower()) if not isinstance(device, torch.device) else device
+    except (RuntimeError, TypeError):
+        raise ReCoKDError(f"unknown device {device!r}; use auto, cpu or cuda[:N]") from None
+    if dev.type not in ("cpu", "cuda"):
         raise ReCoKDError(f"unknown device {device!r}; use auto, cpu or cuda[:N]")
-    return torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ReCoKDError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
+    return dev
 
 
 def seed_everything(seed: int) -> None:

@@ -1,0 +1,95 @@
+"""Volume nodes (Slicer, RAS) <-> SimpleITK images (LPS), and label arrays back onto a volume's grid.
+
+Slicer stores a volume as a (K, J, I) voxel array plus an IJK-to-RAS matrix; ITK files use LPS.
+RAS -> LPS negates the first two physical coordinates, so the SimpleITK direction is the IJK-to-RAS
+rotation with its first two rows negated, the origin the translation with its first two values
+negated, and the spacing the column norms. Axis order: numpy (K, J, I) = SimpleITK (z, y, x).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["ijkToRasArray", "volumeNodeToImage", "imageOnVolumeGrid", "orientedImageFromArray"]
+
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def ijkToRasArray(volumeNode) -> np.ndarray:
+    """The node's IJK-to-RAS matrix as a 4x4 numpy array."""
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(m)
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=np.float64)
+
+
+def _lpsGeometry(ijkToRas: np.ndarray):
+    rot = ijkToRas[:3, :3]
+    spacing = np.linalg.norm(rot, axis=0)
+    if np.any(spacing <= 0):
+        raise ValueError("the volume has a zero voxel size; fix its geometry (Volumes module) first")
+    direction = _RAS_TO_LPS @ (rot / spacing)
+    origin = _RAS_TO_LPS @ ijkToRas[:3, 3]
+    return tuple(float(s) for s in spacing), tuple(float(o) for o in origin), tuple(float(d) for d in direction.ravel())
+
+
+def volumeNodeToImage(volumeNode):
+    """A SimpleITK image (float32 unless integer) with the node's voxels and LPS geometry."""
+    import SimpleITK as sitk
+    import slicer.util
+
+    name = volumeNode.GetName()
+    image_data = volumeNode.GetImageData()
+    if image_data is None:
+        raise ValueError(f"volume '{name}' has no voxels; load the image again")
+    if image_data.GetNumberOfScalarComponents() != 1:
+        raise ValueError(f"volume '{name}' has {image_data.GetNumberOfScalarComponents()} components per voxel "
+                         "(a colour or vector image); select a scalar volume, one per channel")
+    array = np.array(slicer.util.arrayFromVolume(volumeNode), copy=True)
+    if array.ndim != 3 or min(array.shape) < 2:
+        raise ValueError(f"volume '{name}' has shape {array.shape}; the models segment 3D volumes")
+    if not np.issubdtype(array.dtype, np.integer):
+        array = array.astype(np.float32)
+    image = sitk.GetImageFromArray(array)
+    spacing, origin, direction = _lpsGeometry(ijkToRasArray(volumeNode))
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(direction)
+    return image
+
+
+def _sameGrid(a, b, tol: float = 1e-4) -> bool:
+    return (a.GetSize() == b.GetSize()
+            and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol * 10)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol))
+
+
+def imageOnVolumeGrid(image, reference, interpolator: str = "linear"):
+    """``image`` resampled onto ``reference``'s grid (returned unchanged when it is already on it)."""
+    import SimpleITK as sitk
+
+    if _sameGrid(image, reference):
+        return image
+    interp = sitk.sitkNearestNeighbor if interpolator == "nearest" else sitk.sitkLinear
+    return sitk.Resample(image, reference, sitk.Transform(), interp, 0.0, image.GetPixelID())
+
+
+def orientedImageFromArray(array: np.ndarray, ijkToRas: np.ndarray):
+    """A ``vtkOrientedImageData`` (uint8) holding ``array`` (K, J, I) with the given IJK-to-RAS matrix."""
+    import slicer
+    import vtk
+    from vtk.util import numpy_support
+
+    k, j, i = array.shape
+    image = slicer.vtkOrientedImageData()
+    image.SetDimensions(i, j, k)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(k, j, i)[:] = array
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(ijkToRas[r, c]))
+    image.SetImageToWorldMatrix(m)
+    return image

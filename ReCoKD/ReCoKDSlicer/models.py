@@ -1,0 +1,198 @@
+"""The Segment panel's model list: registry entries, the models folder, and files the user picks.
+
+Robustness rules (what users of other segmentation extensions complain about):
+
+- a registry whose file is unreadable, or one entry that is malformed, never breaks the module: the
+  entry (or file) is skipped with a warning and the rest is listed;
+- registry models are fetched once into the per-user cache (outside Slicer's version folders, see
+  :func:`ReCoKDLib.model_registry.default_cache_dir`) and verified by sha256; the cache is listed too;
+- reading a bundle's labels and channels needs no torch (the manifest is plain JSON), so the model
+  list works before the heavy dependencies are installed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["ModelSource", "BundleInfo", "readRegistry", "scanModelsFolder", "readBundleInfo", "defaultModelsFolder"]
+
+log = logging.getLogger("ReCoKD")
+
+
+@dataclass
+class ModelSource:
+    """One entry of the model list.
+
+    ``kind`` is ``"file"`` (a bundle file / folder / run folder on disk) or ``"registry"`` (fetched
+    by the background process on first use; ``entry`` is the registry item, ``base`` the registry's
+    folder for relative URLs).
+    """
+
+    name: str
+    kind: str
+    path: str = ""
+    entry: dict = field(default_factory=dict)
+    base: str = ""
+    description: str = ""
+
+    @property
+    def label(self) -> str:
+        where = "registry" if self.kind == "registry" else Path(self.path).parent.name or self.path
+        return f"{self.name} ({where})"
+
+
+@dataclass
+class BundleInfo:
+    """What the module needs to know about a bundle without loading the network."""
+
+    name: str
+    labels: dict[str, int]
+    colors: dict[str, tuple[float, float, float]]
+    channelNames: list[str]
+
+    @property
+    def numChannels(self) -> int:
+        return len(self.channelNames)
+
+
+def defaultModelsFolder() -> Path:
+    """The per-user model folder (``$RECOKD_HOME/models`` or the platform cache, see ReCoKDLib)."""
+    try:
+        from ReCoKDLib.model_registry import default_cache_dir
+
+        return default_cache_dir()
+    except ImportError:  # pragma: no cover - ReCoKDLib ships with the module
+        return Path.home() / ".cache" / "recokd" / "models"
+
+
+def _entrySchema() -> dict | None:
+    try:
+        from ReCoKDLib.resources import load_schema
+
+        return load_schema("registry")["properties"]["models"]["items"]
+    except Exception:  # noqa: BLE001 - schema unavailable: fall back to the minimal checks below
+        return None
+
+
+def _entryProblem(item: Any, schema: dict | None) -> str | None:
+    if not isinstance(item, dict):
+        return "is not an object"
+    if schema is not None:
+        try:
+            import jsonschema
+
+            errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(item), key=lambda e: list(e.absolute_path))
+            if errors:
+                return " ".join(errors[0].message.split())[:160]
+            return None
+        except ImportError:
+            pass
+    for key in ("name", "url", "sha256"):
+        if not isinstance(item.get(key), str) or not item.get(key):
+            return f"lacks '{key}'"
+    if len(item["sha256"]) != 64:
+        return "has a malformed sha256"
+    return None
+
+
+def readRegistry(path: str | Path, warn: Callable[[str], None] | None = None) -> list[ModelSource]:
+    """The valid entries of a registry file; bad entries (or an unreadable file) are skipped with a warning."""
+    warn = warn or log.warning
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        warn(f"model registry {path} skipped: cannot read it ({exc})")
+        return []
+    if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+        warn(f"model registry {path} skipped: it has no 'models' list")
+        return []
+    if data.get("version") != 1:
+        warn(f"model registry {path}: version {data.get('version')!r} is not 1; reading the entries that are valid")
+    schema = _entrySchema()
+    sources: list[ModelSource] = []
+    seen: set[str] = set()
+    for i, item in enumerate(data["models"]):
+        problem = _entryProblem(item, schema)
+        if problem is None and item["name"] in seen:
+            problem = "repeats an earlier name"
+        if problem:
+            name = item.get("name") if isinstance(item, dict) else None
+            warn(f"model registry {path}: entry {i} ({name or 'unnamed'}) skipped: {problem}")
+            continue
+        seen.add(item["name"])
+        sources.append(ModelSource(name=item["name"], kind="registry", entry=dict(item), base=str(path.parent),
+                                   description=str(item.get("description", ""))))
+    return sources
+
+
+def _isBundle(path: Path) -> bool:
+    if path.is_file():
+        return path.suffix.lower() in (".recokd", ".zip")
+    return path.is_dir() and ((path / "bundle.json").is_file() or (path / "run.json").is_file())
+
+
+def scanModelsFolder(folder: str | Path) -> list[ModelSource]:
+    """Bundles (``*.recokd`` files, bundle folders) in ``folder``, sorted by name; unreadable ones skipped."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    sources = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not _isBundle(path):
+            continue
+        sources.append(ModelSource(name=path.stem if path.is_file() else path.name, kind="file", path=str(path)))
+    return sources
+
+
+def _readManifest(path: Path) -> dict:
+    if path.is_dir():
+        if (path / "bundle.json").is_file():
+            return json.loads((path / "bundle.json").read_text(encoding="utf-8"))
+        if (path / "run.json").is_file():  # a training run folder: labels and channels from the run
+            run = json.loads((path / "run.json").read_text(encoding="utf-8"))
+            plans = json.loads((path / "plans.json").read_text(encoding="utf-8")) if (path / "plans.json").is_file() else {}
+            labels = run.get("labels") or plans.get("labels") or {}
+            return {"name": path.name, "labels": labels, "colors": run.get("colors") or {},
+                    "channel_names": run.get("channel_names") or plans.get("channel_names") or {"0": "image"}}
+        raise ValueError(f"{path} is neither a bundle folder nor a training run folder")
+    with zipfile.ZipFile(path) as zf:
+        return json.loads(zf.read("bundle.json").decode("utf-8"))
+
+
+def readBundleInfo(path: str | Path) -> BundleInfo:
+    """Name, labels, colours and channel names of a bundle (or run folder), read from its JSON only.
+
+    Raises:
+        ValueError: one line when the file is missing or is not a ReCoKD bundle. (The full checks --
+            checksums, schema, weights -- run in the background process that loads the network.)
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"model {path} does not exist; check the path")
+    try:
+        manifest = _readManifest(path)
+    except (OSError, KeyError, zipfile.BadZipFile, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not a ReCoKD model bundle ({exc}); export one with recokd export") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("labels"), dict) or not manifest["labels"]:
+        raise ValueError(f"{path} has no labels in its manifest; re-export it with recokd export")
+    labels = {str(k): int(v) for k, v in manifest["labels"].items()}
+    colors_in = manifest.get("colors") or {}
+    defaults: dict = {}
+    if any(k not in colors_in for k in labels):  # only run folders lack colours; bundles always have them
+        try:
+            from ReCoKDLib.bundle import default_colors  # imports torch: avoided for bundles
+
+            defaults = default_colors(labels)
+        except Exception:  # noqa: BLE001 - torch missing: grey
+            defaults = {}
+    colors = {k: tuple(float(c) for c in (colors_in.get(k) or defaults.get(k) or (0.5, 0.5, 0.5)))[:3] for k in labels}
+    channels = manifest.get("channel_names") or {"0": "image"}
+    channelNames = [str(channels[k]) for k in sorted(channels, key=lambda s: int(s))]
+    return BundleInfo(name=str(manifest.get("name") or path.stem), labels=labels, colors=colors,  # type: ignore[arg-type]
+                      channelNames=channelNames)

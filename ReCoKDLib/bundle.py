@@ -1,0 +1,571 @@
+"""Model bundles: one ``.recokd`` file (a zip) or folder holding everything needed to run a network.
+
+Members (a flat layout; nothing else is allowed):
+
+``bundle.json``
+    the manifest (validated against ``resources/bundle.schema.json``): format and version, name,
+    role (teacher / student), labels ``{name: value}``, colours ``{name: [r, g, b]}`` (0..1),
+    channel names, the training data's direction (optional, used to reorient inputs), the sha256 of
+    every other member, and the training provenance (dataset, KD method, teacher, width factor,
+    seed, validation metrics, configuration).
+``network.json``
+    the :class:`~ReCoKDLib.models.UNetSpec` of the network.
+``plans.json``
+    the :class:`~ReCoKDLib.data.planning.Plans` that say how to preprocess an image (target
+    spacing, normalisation per channel, patch size, channel names, labels).
+``weights.safetensors``
+    the weights (safetensors: tensors only, never pickled code).
+
+Loading is defensive because bundles are downloaded: member names must be plain top-level names
+(no absolute paths, no ``..``, no symlinks), only ``.json`` and ``.safetensors`` members are read
+(a ``.pt``/``.pkl`` member is refused, so nothing is ever unpickled), the total uncompressed size is
+bounded (zip bombs), every member's sha256 must match the manifest, and the manifest's schema and
+version are checked. Every refusal is a one-line :class:`~ReCoKDLib.errors.ReCoKDError`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import stat
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Mapping
+
+from . import __version__
+from .data.planning import Plans
+from .errors import ReCoKDError
+from .models import SegUNet, UNetSpec, build_unet, load_weights, save_weights
+
+__all__ = [
+    "BUNDLE_FORMAT",
+    "BUNDLE_VERSION",
+    "MAX_BUNDLE_BYTES",
+    "Bundle",
+    "load_bundle",
+    "bundle_from_run",
+    "export_run",
+    "default_colors",
+    "validate_manifest",
+]
+
+BUNDLE_FORMAT = "recokd-bundle"
+#: Bumped when the bundle layout or manifest changes meaning; loaders refuse other versions.
+BUNDLE_VERSION = 1
+#: Default bound on the total uncompressed size of a bundle's members (zip-bomb guard).
+MAX_BUNDLE_BYTES = 2 * 1024**3
+MANIFEST = "bundle.json"
+MEMBERS = ("network.json", "plans.json", "weights.safetensors")
+ALLOWED_SUFFIXES = (".json", ".safetensors")
+
+#: Colours for labels without one (RGB in 0..1), cycled; background is always black.
+DEFAULT_PALETTE: tuple[tuple[float, float, float], ...] = (
+    (0.89, 0.10, 0.11),
+    (0.22, 0.49, 0.72),
+    (0.30, 0.69, 0.29),
+    (0.60, 0.31, 0.64),
+    (1.00, 0.50, 0.00),
+    (1.00, 1.00, 0.20),
+    (0.65, 0.34, 0.16),
+    (0.97, 0.51, 0.75),
+    (0.40, 0.76, 0.65),
+    (0.55, 0.63, 0.80),
+)
+# a fixed timestamp makes identical bundles byte-identical (reproducible builds, stable sha256)
+_ZIP_DATE = (2020, 1, 1, 0, 0, 0)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def default_colors(labels: Mapping[str, int]) -> dict[str, list[float]]:
+    """Colours for ``labels``: the phantom's palette when the names are the phantom's, else a fixed
+    palette in label-value order (background black)."""
+    from .data.phantom import PHANTOM_COLORS
+
+    if set(labels) <= set(PHANTOM_COLORS):
+        return {name: [float(c) for c in PHANTOM_COLORS[name]] for name in labels}
+    colors: dict[str, list[float]] = {}
+    i = 0
+    for name, value in sorted(labels.items(), key=lambda kv: kv[1]):
+        if value == 0:
+            colors[name] = [0.0, 0.0, 0.0]
+        else:
+            colors[name] = list(DEFAULT_PALETTE[i % len(DEFAULT_PALETTE)])
+            i += 1
+    return colors
+
+
+def validate_manifest(manifest: Any, source: str = "bundle") -> None:
+    """Check a manifest's format, version and schema; raise a one-line :class:`ReCoKDError`."""
+    import jsonschema
+
+    from .resources import load_schema
+
+    if not isinstance(manifest, dict):
+        raise ReCoKDError(f"{source}: {MANIFEST} is not a JSON object; re-export the model with recokd export")
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise ReCoKDError(f"{source} is not a ReCoKD bundle ({MANIFEST} format is {manifest.get('format')!r}); "
+                          "pass a file made by recokd export")
+    if manifest.get("version") != BUNDLE_VERSION:
+        raise ReCoKDError(
+            f"{source} has bundle version {manifest.get('version')!r} but this ReCoKD ({__version__}) reads version "
+            f"{BUNDLE_VERSION}; re-export the model or install the matching ReCoKD"
+        )
+    validator = jsonschema.Draft202012Validator(load_schema("bundle"))
+    errors = sorted(validator.iter_errors(manifest), key=lambda e: list(e.absolute_path))
+    if errors:
+        err = errors[0]
+        where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
+        message = " ".join(err.message.split())
+        if len(message) > 160:
+            message = message[:157] + "..."
+        raise ReCoKDError(f"{source}: {MANIFEST} is invalid at {where}: {message}; re-export the model with recokd export")
+
+
+@dataclass
+class Bundle:
+    """A loaded (or freshly assembled) model bundle.
+
+    Attributes:
+        manifest: the ``bundle.json`` content.
+        spec: the network architecture.
+        plans: the preprocessing plan.
+        weights: the raw safetensors bytes.
+        source: where it was loaded from (``None`` when built in memory).
+    """
+
+    manifest: dict[str, Any]
+    spec: UNetSpec
+    plans: Plans
+    weights: bytes
+    source: Path | None = field(default=None, compare=False)
+
+    # -- convenient views ---------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return str(self.manifest["name"])
+
+    @property
+    def role(self) -> str:
+        return str(self.manifest["role"])
+
+    @property
+    def labels(self) -> dict[str, int]:
+        """Label name -> value, background included."""
+        return {str(k): int(v) for k, v in self.manifest["labels"].items()}
+
+    @property
+    def colors(self) -> dict[str, tuple[float, float, float]]:
+        return {k: tuple(float(c) for c in v) for k, v in self.manifest["colors"].items()}  # type: ignore[misc]
+
+    @property
+    def channel_names(self) -> dict[int, str]:
+        return {int(k): str(v) for k, v in self.manifest["channel_names"].items()}
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return dict(self.manifest.get("provenance", {}))
+
+    @property
+    def reference_direction(self) -> tuple[float, ...] | None:
+        """The training images' direction cosines (SimpleITK, row-major 3x3), when recorded."""
+        d = self.manifest.get("reference_direction")
+        return None if d is None else tuple(float(v) for v in d)
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.out_channels
+
+    @property
+    def label_names(self) -> list[str]:
+        """Class names indexed by value (``label_<v>`` for values without a name)."""
+        by_value = {v: k for k, v in self.labels.items() if k != "ignore"}
+        return [by_value.get(v, f"label_{v}") for v in range(self.num_classes)]
+
+    def describe(self) -> str:
+        p = self.provenance
+        bits = [f"{self.name} ({self.role}", f"{self.num_classes} classes", f"{self.plans.num_channels} channel(s)"]
+        if p.get("method"):
+            bits.append(f"method {p['method']}")
+        return ", ".join(bits) + ")"
+
+    # -- network ------------------------------------------------------------------------------
+    def build_network(self, device: str | None = None) -> SegUNet:
+        """The network with the bundle's weights, in eval mode (on ``device`` if given)."""
+        network = build_unet(self.spec)
+        # load_weights wants a file (safetensors re-links DynUNet's aliased blocks); a temp file is cheap
+        with tempfile.TemporaryDirectory(prefix="recokd-") as tmp:
+            path = Path(tmp) / "weights.safetensors"
+            path.write_bytes(self.weights)
+            try:
+                load_weights(network, path)
+            except ReCoKDError as exc:
+                where = self.source or self.name
+                raise ReCoKDError(f"bundle {where}: {str(exc).replace(str(path), 'its weights')}") from None
+        network.eval()
+        return network.to(device) if device is not None else network
+
+    # -- writing ------------------------------------------------------------------------------
+    def _member_bytes(self) -> dict[str, bytes]:
+        members = {
+            "network.json": (self.spec.to_json() + "\n").encode("utf-8"),
+            "plans.json": (self.plans.to_json() + "\n").encode("utf-8"),
+            "weights.safetensors": self.weights,
+        }
+        manifest = dict(self.manifest)
+        manifest["files"] = {name: _sha256(data) for name, data in members.items()}
+        validate_manifest(manifest, "the bundle being written")
+        self.manifest = manifest
+        members[MANIFEST] = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
+        return members
+
+    def save(self, path: str | Path) -> Path:
+        """Write the bundle: a zip when ``path`` ends in ``.recokd`` or ``.zip``, else a folder.
+
+        The zip is written to a temporary file next to ``path`` and renamed, so an interrupted export
+        never leaves a partial bundle; a folder is filled member by member the same way.
+        """
+        path = Path(path)
+        members = self._member_bytes()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix.lower() in (".recokd", ".zip"):
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+            os.close(fd)
+            tmp = Path(tmp_name)
+            try:
+                with zipfile.ZipFile(tmp, "w") as zf:
+                    for name in (MANIFEST, *MEMBERS):
+                        info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
+                        # weights are dense floats: deflating them costs time and saves little
+                        info.compress_type = zipfile.ZIP_STORED if name.endswith(".safetensors") else zipfile.ZIP_DEFLATED
+                        info.external_attr = (stat.S_IFREG | 0o644) << 16
+                        zf.writestr(info, members[name])
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+        else:
+            if path.exists() and not path.is_dir():
+                raise ReCoKDError(f"{path} exists and is not a folder; choose a path ending in .recokd for a single file")
+            path.mkdir(parents=True, exist_ok=True)
+            # the manifest last: a folder without it is recognisably incomplete
+            for name in (*MEMBERS, MANIFEST):
+                tmp = path / f".{name}.partial"
+                tmp.write_bytes(members[name])
+                os.replace(tmp, path / name)
+        self.source = path
+        return path
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+
+
+def _check_member_name(name: str, source: Path) -> None:
+    """Refuse names that could escape the bundle or hold code (see the module docstring)."""
+    if "\x00" in name or "\\" in name or name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        raise ReCoKDError(f"bundle {source} has a member with an absolute or non-portable path {name!r}; refusing to load it")
+    parts = PurePosixPath(name).parts
+    if ".." in parts:
+        raise ReCoKDError(f"bundle {source} has a member {name!r} that escapes the bundle ('..'); refusing to load it")
+    if len(parts) != 1 or name.endswith("/"):
+        raise ReCoKDError(f"bundle {source} has a nested member {name!r}; bundles are flat, re-export with recokd export")
+    if not name.endswith(ALLOWED_SUFFIXES):
+        raise ReCoKDError(
+            f"bundle {source} has a member {name!r} that is neither .json nor .safetensors; bundles never hold "
+            "pickled code (.pt/.pkl), refusing to load it — re-export with recokd export"
+        )
+
+
+def _read_zip(path: Path, max_bytes: int) -> dict[str, bytes]:
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ReCoKDError(f"cannot open bundle {path}: {exc}; pass a .recokd file made by recokd export") from None
+    with zf:
+        infos = zf.infolist()
+        names = [i.filename for i in infos]
+        if len(set(names)) != len(names):
+            raise ReCoKDError(f"bundle {path} has duplicate member names; refusing to load it")
+        for info in infos:
+            _check_member_name(info.filename, path)
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise ReCoKDError(f"bundle {path} member {info.filename!r} is a symbolic link; refusing to load it")
+        declared = sum(i.file_size for i in infos)
+        if declared > max_bytes:
+            raise ReCoKDError(
+                f"bundle {path} would unpack to {declared} bytes, above the limit of {max_bytes}; "
+                "refusing a possible zip bomb (raise max_bytes if the model really is that large)"
+            )
+        out: dict[str, bytes] = {}
+        total = 0
+        for info in infos:
+            if info.filename not in (MANIFEST, *MEMBERS):
+                continue  # unknown .json/.safetensors members (future additions) are not read
+            # the declared size can lie: read at most what is left of the budget, plus one byte
+            with zf.open(info) as f:
+                data = f.read(max_bytes - total + 1)
+            total += len(data)
+            if total > max_bytes or len(data) != info.file_size:
+                raise ReCoKDError(
+                    f"bundle {path} member {info.filename!r} unpacks to more than declared or beyond {max_bytes} bytes; "
+                    "refusing a possible zip bomb"
+                )
+            out[info.filename] = data
+        return out
+
+
+def _read_folder(path: Path, max_bytes: int) -> dict[str, bytes]:
+    root = path.resolve()
+    out: dict[str, bytes] = {}
+    total = 0
+    for entry in sorted(path.iterdir()):
+        if entry.name.startswith(".") and entry.name.endswith(".partial"):
+            continue
+        if entry.is_symlink():
+            raise ReCoKDError(f"bundle {path} member {entry.name!r} is a symbolic link; refusing to load it")
+        if entry.is_dir():
+            raise ReCoKDError(f"bundle {path} has a nested folder {entry.name!r}; bundles are flat, re-export with recokd export")
+        _check_member_name(entry.name, path)
+        if entry.resolve().parent != root:
+            raise ReCoKDError(f"bundle {path} member {entry.name!r} resolves outside the bundle; refusing to load it")
+        if entry.name not in (MANIFEST, *MEMBERS):
+            continue
+        total += entry.stat().st_size
+        if total > max_bytes:
+            raise ReCoKDError(f"bundle {path} holds more than {max_bytes} bytes; raise max_bytes if the model really is that large")
+        out[entry.name] = entry.read_bytes()
+    return out
+
+
+def _json_member(members: dict[str, bytes], name: str, source: Path) -> Any:
+    try:
+        return json.loads(members[name].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ReCoKDError(f"bundle {source}: {name} is not valid JSON ({exc}); re-export the model") from None
+
+
+def load_bundle(path: str | Path, max_bytes: int = MAX_BUNDLE_BYTES) -> Bundle:
+    """Load and check a bundle (``.recokd`` zip or folder).
+
+    Args:
+        path: the bundle.
+        max_bytes: bound on the total uncompressed size of the members read.
+
+    Returns:
+        the :class:`Bundle`; its weights are checked against the network when it is built
+        (:meth:`Bundle.build_network`).
+
+    Raises:
+        ReCoKDError: one line naming the bundle and the problem (missing, not a bundle, unsafe member,
+            wrong version, schema violation, checksum mismatch, inconsistent plan and network).
+    """
+    path = Path(path)
+    if path.is_dir():
+        members = _read_folder(path, max_bytes)
+    elif path.is_file():
+        members = _read_zip(path, max_bytes)
+    else:
+        raise ReCoKDError(f"model bundle {path} does not exist; check the path or export one with recokd export RUN -o {path.name or 'model.recokd'}")
+    if MANIFEST not in members:
+        raise ReCoKDError(f"{path} has no {MANIFEST}, so it is not a ReCoKD bundle; export one with recokd export")
+    manifest = _json_member(members, MANIFEST, path)
+    validate_manifest(manifest, f"bundle {path}")
+    for name in MEMBERS:
+        if name not in members:
+            raise ReCoKDError(f"bundle {path} lacks {name}; re-export the model with recokd export")
+        if _sha256(members[name]) != manifest["files"][name]:
+            raise ReCoKDError(f"bundle {path}: {name} does not match its sha256 in {MANIFEST} (corrupt or tampered); re-download or re-export it")
+    spec = UNetSpec.from_dict(_json_member(members, "network.json", path))
+    plans = Plans.from_dict(_json_member(members, "plans.json", path), source=f"bundle {path} plans.json")
+    bundle = Bundle(manifest=manifest, spec=spec, plans=plans, weights=members["weights.safetensors"], source=path)
+    _check_consistency(bundle, str(path))
+    return bundle
+
+
+def _check_consistency(bundle: Bundle, where: str) -> None:
+    spec, plans = bundle.spec, bundle.plans
+    if spec.in_channels != plans.num_channels:
+        raise ReCoKDError(f"bundle {where}: the network takes {spec.in_channels} channel(s) but the plan has {plans.num_channels}; re-export the model")
+    if spec.out_channels != plans.num_classes:
+        raise ReCoKDError(f"bundle {where}: the network has {spec.out_channels} outputs but the plan {plans.num_classes} classes; re-export the model")
+    if bundle.labels != dict(plans.labels):
+        raise ReCoKDError(f"bundle {where}: labels {bundle.labels} differ from the plan's {dict(plans.labels)}; re-export the model")
+    bad = [p for p, d in zip(plans.patch_size, spec.divisor) if p % d]
+    if bad:
+        raise ReCoKDError(f"bundle {where}: patch size {list(plans.patch_size)} is not divisible by the network's stride {list(spec.divisor)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# from a training run
+
+
+def _read_run_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise ReCoKDError(f"{path} does not exist; pass a training run folder (with run.json, plans.json, network.json and weights)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ReCoKDError(f"cannot read {what} {path}: {exc}; the run folder is damaged") from None
+    if not isinstance(data, dict):
+        raise ReCoKDError(f"{what} {path} is not a JSON object; the run folder is damaged")
+    return data
+
+
+def _reference_direction_of_run(run: dict[str, Any]) -> list[float] | None:
+    """The direction of the run's first training image, when the dataset is still reachable."""
+    dataset = run.get("dataset")
+    if not dataset:
+        return None
+    try:
+        from .data.datasets import open_dataset, read_header
+
+        info = open_dataset(dataset)
+        if not info.training:
+            return None
+        return [float(v) for v in read_header(info.training[0].image_files[0]).direction]
+    except Exception:  # best effort: a missing dataset only loses the reorientation hint
+        return None
+
+
+def bundle_from_run(
+    run_dir: str | Path,
+    name: str | None = None,
+    weights: str = "best",
+    reference_direction: Any = None,
+    description: str | None = None,
+) -> Bundle:
+    """Assemble a bundle from a training run folder (``run.json``, ``plans.json``, ``network.json``,
+    ``model_best.safetensors`` / ``model_final.safetensors``).
+
+    Args:
+        run_dir: the run folder.
+        name: bundle name; default the folder name.
+        weights: ``"best"`` (EMA weights at the best validation epoch) or ``"final"``.
+        reference_direction: the training images' direction (9 values); default read from the run's
+            dataset when reachable, else not recorded (inputs are then used in their stored axis order,
+            exactly as in training).
+
+    Raises:
+        ReCoKDError: a file is missing or malformed, or the weights do not fit the network.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ReCoKDError(f"run folder {run_dir} does not exist; pass the folder a training command wrote")
+    if weights not in ("best", "final"):
+        raise ReCoKDError(f"weights must be 'best' or 'final', got {weights!r}")
+    run = _read_run_json(run_dir / "run.json", "run description")
+    if run.get("version") != 1:
+        raise ReCoKDError(f"{run_dir / 'run.json'} has version {run.get('version')!r}; this ReCoKD reads run version 1")
+    role = run.get("role")
+    if role not in ("teacher", "student"):
+        raise ReCoKDError(f"{run_dir / 'run.json'} has role {role!r}; expected 'teacher' or 'student'")
+    plans = Plans.load(run_dir / "plans.json")
+    spec = UNetSpec.from_dict(_read_run_json(run_dir / "network.json", "network description"))
+    weights_path = run_dir / f"model_{weights}.safetensors"
+    if not weights_path.is_file():
+        raise ReCoKDError(f"{weights_path} does not exist; the run has not finished (or pass --weights final)")
+    # fail at export, not on the user's machine, when the weights do not fit
+    load_weights(build_unet(spec), weights_path)
+    labels = {str(k): int(v) for k, v in (run.get("labels") or plans.labels).items()}
+    channel_names = {str(k): str(v) for k, v in (run.get("channel_names") or plans.channel_names).items()}
+    colors = run.get("colors") or default_colors(labels)
+    if reference_direction is None:
+        reference_direction = _reference_direction_of_run(run)
+    provenance = {
+        "dataset_name": run.get("dataset_name", plans.dataset_name),
+        "method": run.get("method"),
+        # the teacher run's folder name only: a shipped bundle should not carry the trainer's local paths
+        "teacher": Path(run["teacher_run"]).name if run.get("teacher_run") else None,
+        "width_factor": run.get("width_factor"),
+        "fold": run.get("fold"),
+        "seed": run.get("seed"),
+        "lambda_max": run.get("lambda_max"),
+        "taps": run.get("taps"),
+        "metrics": dict(run.get("metrics") or {}),
+        "config": dict(run.get("config") or {}),
+        "weights": weights,
+    }
+    manifest: dict[str, Any] = {
+        "format": BUNDLE_FORMAT,
+        "version": BUNDLE_VERSION,
+        "name": name or run_dir.resolve().name,
+        "description": description or f"{role} trained on {provenance['dataset_name']}"
+        + (f" with {provenance['method']}" if provenance["method"] else ""),
+        "recokd_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "role": role,
+        "labels": labels,
+        "colors": {k: [float(c) for c in v] for k, v in colors.items()},
+        "channel_names": channel_names,
+        "reference_direction": None if reference_direction is None else [float(v) for v in reference_direction],
+        "files": {m: "0" * 64 for m in MEMBERS},  # filled in when written
+        "provenance": provenance,
+    }
+    bundle = Bundle(manifest=manifest, spec=spec, plans=plans, weights=weights_path.read_bytes(), source=None)
+    validate_manifest(manifest, f"the bundle of run {run_dir}")
+    _check_consistency(bundle, str(run_dir))
+    return bundle
+
+
+def bundle_from_network(
+    network: SegUNet,
+    plans: Plans,
+    name: str,
+    role: str = "student",
+    provenance: Mapping[str, Any] | None = None,
+    colors: Mapping[str, Any] | None = None,
+    reference_direction: Any = None,
+) -> Bundle:
+    """Assemble a bundle from a network in memory (used by tests and notebooks)."""
+    with tempfile.TemporaryDirectory(prefix="recokd-") as tmp:
+        weights = save_weights(network, Path(tmp) / "w.safetensors").read_bytes()
+    labels = dict(plans.labels)
+    manifest = {
+        "format": BUNDLE_FORMAT,
+        "version": BUNDLE_VERSION,
+        "name": name,
+        "recokd_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "role": role,
+        "labels": labels,
+        "colors": {k: [float(c) for c in v] for k, v in (colors or default_colors(labels)).items()},
+        "channel_names": {str(k): v for k, v in plans.channel_names.items()},
+        "reference_direction": None if reference_direction is None else [float(v) for v in reference_direction],
+        "files": {m: "0" * 64 for m in MEMBERS},
+        "provenance": dict(provenance or {}),
+    }
+    bundle = Bundle(manifest=manifest, spec=network.spec, plans=plans, weights=weights)
+    validate_manifest(manifest, f"bundle {name}")
+    _check_consistency(bundle, name)
+    return bundle
+
+
+def export_run(run_dir: str | Path, output: str | Path, **kwargs: Any) -> Path:
+    """``recokd export RUN -o OUTPUT``: :func:`bundle_from_run` then :meth:`Bundle.save`."""
+    return bundle_from_run(run_dir, **kwargs).save(output)
+
+
+def open_model(path: str | Path, max_bytes: int = MAX_BUNDLE_BYTES) -> Bundle:
+    """A bundle from a ``.recokd`` file / bundle folder, or assembled from a training run folder."""
+    path = Path(path)
+    if path.is_dir() and (path / "run.json").is_file() and not (path / MANIFEST).is_file():
+        return bundle_from_run(path)
+    return load_bundle(path, max_bytes=max_bytes)
+
+
+def bundle_bytes(bundle: Bundle) -> bytes:
+    """The bundle as ``.recokd`` zip bytes (for checksums in registries)."""
+    source = bundle.source
+    with tempfile.TemporaryDirectory(prefix="recokd-") as tmp:
+        data = bundle.save(Path(tmp) / "b.recokd").read_bytes()
+    bundle.source = source
+    return data
+
+
+__all__ += ["bundle_from_network", "open_model", "bundle_bytes"]

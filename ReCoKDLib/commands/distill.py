@@ -1,0 +1,41 @@
+"""``recokd distill DATASET --teacher RUN -o RUN2``: train a student with ReCo-KD or a baseline."""
+
+from __future__ import annotations
+
+import argparse
+
+from .train import add_run_arguments
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..training.runs import run_training
+    from ..training.splits import parse_fold
+
+    if not args.resume and not args.teacher:
+        from ..errors import ReCoKDError
+
+        raise ReCoKDError("distill needs --teacher RUN (a folder written by `recokd train`)")
+    args.fold = parse_fold(args.fold)
+    return run_training(args, "student")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..losses.registry import KD_METHODS
+
+    p = sub.add_parser(
+        "distill", help="distil a trained teacher into a compact student",
+        description="Trains a student (the teacher's topology, channels / R) with labels plus a distillation "
+        "method; the teacher comes from a `recokd train` run folder and stays frozen.",
+    )
+    add_run_arguments(p)
+    p.add_argument("--teacher", help="teacher run folder (from `recokd train`)")
+    p.add_argument("--method", default="recokd", choices=list(KD_METHODS),
+                   help="distillation method (default recokd; none = labels only)")
+    p.add_argument("--lambda-max", dest="lambda_max", type=float, help="final KD weight λ (default: the method's)")
+    p.add_argument("--temperature", type=float, help="temperature of the attention / softmax terms (default: the term's)")
+    p.add_argument("--warmup-fraction", dest="warmup_fraction", type=float, default=0.6,
+                   help="share of training over which λ rises from 0 (default 0.6)")
+    p.add_argument("--taps", choices=["encoder", "decoder"], default="encoder", help="feature levels (default encoder)")
+    p.add_argument("--width-factor", dest="width_factor", type=float, default=4.0,
+                   help="student channels = teacher's / R, at least 8 (default 4)")
+    p.set_defaults(func=run)

@@ -1,0 +1,79 @@
+"""``recokd export`` (run folder -> bundle) and ``recokd export-model`` (bundle -> ONNX / TorchScript)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import ReCoKDError
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from ..bundle import bundle_from_run
+    from ..inference.export import export_bundle, sidecar_path
+
+    reference = None
+    if args.reference_image:
+        from ..data.datasets import read_header
+
+        reference = read_header(args.reference_image).direction
+    bundle = bundle_from_run(args.run, name=args.name, weights=args.weights, reference_direction=reference)
+    path = bundle.save(args.output)
+    print(f"bundle: {path} ({bundle.describe()})")
+    for fmt, wanted in (("onnx", args.onnx), ("torchscript", args.torchscript)):
+        if wanted:
+            print(f"{fmt}: {export_bundle(bundle, fmt, sidecar_path(path, fmt))}")
+    return 0
+
+
+def run_export_model(args: argparse.Namespace) -> int:
+    from ..bundle import load_bundle
+    from ..inference.export import export_bundle
+
+    bundle = load_bundle(args.bundle)
+    print(export_bundle(bundle, args.format, args.output))
+    return 0
+
+
+def run_fetch(args: argparse.Namespace) -> int:
+    from ..model_registry import fetch_model, load_registry
+
+    reg = load_registry(args.registry)
+    if args.list:
+        for name in reg.names():
+            e = reg[name]
+            print(f"{name}\t{e.url}\t{e.description}")
+        return 0
+    if not args.name:
+        raise ReCoKDError("give a model NAME to fetch (or --list)")
+    print(fetch_model(reg[args.name], cache_dir=args.cache, base=reg.base))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="package a training run as a model bundle (.recokd)",
+                       description="Package a training run folder (run.json, plans.json, network.json, weights) as a "
+                       "model bundle; optionally also as ONNX / TorchScript files next to it.")
+    p.add_argument("run", help="training run folder")
+    p.add_argument("-o", "--output", required=True, help="bundle path: NAME.recokd (one file) or a folder")
+    p.add_argument("--name", help="model name (default: the run folder's name)")
+    p.add_argument("--weights", choices=["best", "final"], default="best", help="which weights (default best)")
+    p.add_argument("--reference-image", dest="reference_image",
+                   help="a training image whose direction inputs are reoriented to (default: read from the run's dataset)")
+    p.add_argument("--onnx", action="store_true", help="also write NAME.onnx")
+    p.add_argument("--torchscript", action="store_true", help="also write NAME.torchscript.pt")
+    p.set_defaults(func=run_export)
+
+    q = sub.add_parser("export-model", help="export a bundle's network to ONNX or TorchScript")
+    q.add_argument("bundle", help="model bundle (.recokd or folder)")
+    q.add_argument("--format", choices=["onnx", "torchscript"], required=True)
+    q.add_argument("-o", "--output", help="output file (default: next to the bundle)")
+    q.set_defaults(func=run_export_model)
+
+    f = sub.add_parser("fetch-model", help="download (or find in the cache) a model listed in a registry",
+                       description="Fetch a bundle by name from a registry JSON, verifying its sha256; cached per user "
+                       "($RECOKD_HOME/models or the platform's cache folder).")
+    f.add_argument("name", nargs="?", help="model name in the registry")
+    f.add_argument("--registry", required=True, help="registry JSON file")
+    f.add_argument("--cache", help="cache folder (default: the per-user model cache)")
+    f.add_argument("--list", action="store_true", help="list the registry's models")
+    f.set_defaults(func=run_fetch)

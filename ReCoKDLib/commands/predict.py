@@ -1,0 +1,68 @@
+"""``recokd predict``: segment a file, a case (one file per channel) or a folder of files."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import ReCoKDError
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data.datasets import split_file_ending
+    from ..inference.predictor import TWO_FILE_ENDINGS, Predictor, group_cases
+    from ..model_registry import resolve_model
+
+    model = resolve_model(args.model, registry=args.registry)
+    predictor = Predictor(model, device=args.device, overlap=args.overlap, sw_batch_size=args.sw_batch,
+                          mirror_tta=args.tta, threads=args.threads, progress=not args.no_progress)
+    inputs = [Path(p) for p in args.input]
+    output = Path(args.output)
+    if len(inputs) == 1 and inputs[0].is_dir():
+        cases = group_cases(inputs[0])
+        if not cases:
+            raise ReCoKDError(f"{inputs[0]} holds no image files (.nii.gz, .nrrd, .mha, ...); check the folder")
+        if output.exists() and not output.is_dir():
+            raise ReCoKDError(f"{output} is a file; give a folder as -o when -i is a folder")
+        failed = 0
+        for case, files in cases.items():
+            ending = split_file_ending(files[0].name)[1] or ".nii.gz"
+            ending = TWO_FILE_ENDINGS.get(ending.lower(), ending)
+            try:
+                written = predictor.predict_files(files, output / f"{case}{ending}")
+            except ReCoKDError as exc:  # one bad case should not cost the others; each failure is one line
+                failed += 1
+                print(f"error: {exc}", file=sys.stderr)
+                continue
+            print(f"{case}: {written}")
+        if failed:
+            raise ReCoKDError(f"{failed} of {len(cases)} case(s) failed (see above); the others were written to {output}")
+        return 0
+    for p in inputs:
+        if p.is_dir():
+            raise ReCoKDError(f"{p} is a folder; give one folder alone, or the channel files of one case")
+    if output.is_dir() or not split_file_ending(output.name)[1]:
+        stem, ending = split_file_ending(inputs[0].name)
+        case = stem[:-5] if len(inputs) > 1 or (len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit()) else stem
+        ending = TWO_FILE_ENDINGS.get(ending.lower(), ending) if ending else ".nii.gz"
+        output = output / f"{case}{ending}"
+    print(predictor.predict_files(inputs, output))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="segment images with a model bundle",
+                       description="Segment a 3D image (any SimpleITK format), the channel files of one case, or a "
+                       "folder of images (channels by the _0000 suffix); labels are written on the input's grid.")
+    p.add_argument("-m", "--model", required=True, help="bundle (.recokd or folder), run folder, or registry name")
+    p.add_argument("-i", "--input", required=True, nargs="+", help="image file(s) of one case, or a folder")
+    p.add_argument("-o", "--output", required=True, help="output file, or folder")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
+    p.add_argument("--sw-batch", dest="sw_batch", type=int, default=2, help="windows per forward pass (default 2)")
+    p.add_argument("--tta", action="store_true", help="mirror test-time augmentation (8x slower)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    p.add_argument("--registry", help="model registry JSON (for a model given by name; default $RECOKD_REGISTRY)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)

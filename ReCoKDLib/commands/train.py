@@ -1,0 +1,66 @@
+"""``recokd train DATASET -o RUN``: train a teacher (also the options shared with ``distill``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .plan import add_cache_argument, add_planner_arguments
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``train`` and ``distill``."""
+    p.add_argument("dataset", help="dataset folder (holds dataset.json)")
+    p.add_argument("-o", "--output", required=True, help="run folder to write (or to continue with --resume)")
+    add_cache_argument(p)
+    p.add_argument("--fold", default="0", help="cross-validation fold 0-4, or 'all' (default 0)")
+    p.add_argument("--val-cases", dest="val_cases", help="file of validation case ids, one per line (instead of folds)")
+    p.add_argument("--epochs", type=int, default=50, help="epochs (default 50)")
+    p.add_argument("--iters-per-epoch", dest="iters_per_epoch", type=int, default=50,
+                   help="iterations per epoch (default 50; nnU-Net uses 250)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="patches per iteration and process (default: plan's)")
+    p.add_argument("--patch-size", dest="patch_size", type=int, nargs=3, metavar=("D", "H", "W"),
+                   help="training patch (default: plan's)")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
+                   help="sgd (Nesterov, momentum 0.99; default) or adamw")
+    p.add_argument("--lr", type=float, help="initial learning rate, poly decay (default 0.01 for sgd, 1e-3 for adamw)")
+    p.add_argument("--weight-decay", dest="weight_decay", type=float, default=3e-5, help="weight decay (default 3e-5)")
+    p.add_argument("--grad-clip", dest="grad_clip", type=float, default=12.0, help="gradient-norm clip (default 12; 0: off)")
+    p.add_argument("--ema-decay", dest="ema_decay", type=float, default=0.999,
+                   help="EMA decay of the weights validated and exported (default 0.999)")
+    p.add_argument("--no-augment", dest="no_augment", action="store_true", help="no data augmentation")
+    p.add_argument("--elastic", action="store_true", help="add elastic deformation (slow on CPU)")
+    p.add_argument("--workers", type=int, help="background data-loading processes (default 2)")
+    p.add_argument("--val-every", dest="val_every", type=int, default=1, help="validate every N epochs (default 1)")
+    p.add_argument("--val-max-cases", dest="val_max_cases", type=int, default=0,
+                   help="validate on at most N cases (default 0: all)")
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=0,
+                   help="also checkpoint every K iterations (default 0: at epoch ends only)")
+    p.add_argument("--resume", action="store_true", help="continue the run in -o from its latest checkpoint")
+    p.add_argument("--stop-after-epochs", dest="stop_after_epochs", type=int,
+                   help="stop (checkpointed) after N epochs of this invocation; continue later with --resume")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit-exact resume)")
+    p.add_argument("--no-amp", dest="no_amp", action="store_true", help="no mixed precision on CUDA")
+    p.add_argument("--threads", type=int, help="CPU threads per process (default: torch's)")
+    p.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..training.runs import run_training
+    from ..training.splits import parse_fold
+
+    args.fold = parse_fold(args.fold)
+    return run_training(args, "teacher")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train a teacher network on a dataset",
+        description="Plans and preprocesses the dataset when needed, then trains the planned teacher U-Net on "
+        "patches (foreground oversampling, augmentation), validating its EMA each epoch. Runs under torchrun too.",
+    )
+    add_run_arguments(p)
+    p.add_argument("--plans", help="use this plans.json instead of planning")
+    add_planner_arguments(p)
+    p.set_defaults(func=run)

@@ -1,0 +1,311 @@
+"""Side-by-side benchmark of several models (teacher, student without KD, ReCo-KD and baseline
+students) on the same cases, in one run.
+
+Per model: mean and per-class Dice and HD95, parameters, FLOPs of one forward pass on one patch
+(``torch.utils.flop_counter.FlopCounterMode``), peak memory while predicting one volume (CUDA:
+``max_memory_allocated``; CPU: peak bytes of live torch tensors, tracked per op), median CPU/GPU time per volume over
+repeats, and the share of the teacher–student gap each student recovers:
+``(Dice_m − Dice_noKD) / (Dice_teacher − Dice_noKD)``.
+
+Speed checks: our whole predictor (preprocessing, resampling back included) versus one plain MONAI
+``sliding_window_inference`` call with the same network, window and overlap on the same volume
+(overhead %, target ≤ 10 %), and the teacher's latency over each student's (target ≥ 5× at R = 4).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import weakref
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ..bundle import Bundle, open_model
+from ..errors import ReCoKDError
+from ..inference.predictor import Predictor, group_cases
+from ..models import count_parameters
+from .metrics import score_case, summarise
+
+__all__ = ["ModelResult", "count_flops", "run_benchmark", "benchmark_table", "benchmark_chart", "parse_models"]
+
+OVERHEAD_TARGET = 0.10
+SPEEDUP_TARGET = 5.0
+
+
+def count_flops(network: torch.nn.Module, in_channels: int, patch: Sequence[int]) -> int:
+    """FLOPs of one eval-mode forward pass on one patch (1, C, *patch)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    network.eval()
+    x = torch.zeros(1, in_channels, *patch)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        network(x)
+    return int(counter.get_total_flops())
+
+
+class _PeakTensorMemory(TorchDispatchMode):
+    """Peak bytes of the torch tensors allocated while active (device-independent, exact, deterministic).
+
+    Every op's output storage is counted once, with a reference count over the tensors (views
+    included) that use it, and released when the last of them is garbage-collected. Tensors that
+    existed before (the weights) and numpy buffers never wrapped in a tensor are not counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, list[int]] = {}  # storage data_ptr -> [bytes, tensors alive]
+        self.current = 0
+        self.peak = 0
+
+    def _release(self, key: int) -> None:
+        entry = self.live.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.current -= entry[0]
+            del self.live[key]
+
+    def _track(self, t: Any) -> None:
+        if not isinstance(t, torch.Tensor):
+            return
+        storage = t.untyped_storage()
+        key, size = storage.data_ptr(), storage.nbytes()
+        if size == 0:
+            return
+        entry = self.live.get(key)
+        if entry is None:
+            self.live[key] = [size, 1]
+            self.current += size
+            self.peak = max(self.peak, self.current)
+        else:
+            entry[1] += 1
+        weakref.finalize(t, self._release, key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            self._track(t)
+        return out
+
+    @property
+    def megabytes(self) -> float:
+        return self.peak / 2**20
+
+
+@dataclass
+class ModelResult:
+    name: str
+    role: str
+    method: str | None
+    parameters: int
+    flops: int
+    seconds_per_volume: float
+    plain_monai_seconds: float
+    peak_memory_mb: float
+    summary: dict[str, dict[str, float]]
+    per_case: list[dict[str, Any]] = field(default_factory=list)
+    gap_recovered: float | None = None
+
+    @property
+    def overhead(self) -> float:
+        return self.seconds_per_volume / self.plain_monai_seconds - 1 if self.plain_monai_seconds > 0 else math.nan
+
+
+def parse_models(items: Sequence[str]) -> dict[str, str]:
+    """``["teacher=runs/t", "recokd=s.recokd"]`` -> ordered dict name -> path."""
+    out: dict[str, str] = {}
+    for item in items:
+        if "=" not in item:
+            raise ReCoKDError(f"--models entry {item!r} is not NAME=PATH; e.g. teacher=runs/teacher")
+        name, path = item.split("=", 1)
+        if not name or name in out:
+            raise ReCoKDError(f"--models entry {item!r} has an empty or repeated name")
+        out[name] = path
+    return out
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up: first-call allocations and kernel selection are not what a user waits for per volume
+    times = []
+    for _ in range(max(repeats, 1)):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def run_benchmark(
+    models: dict[str, str | Path | Bundle],
+    images: str | Path,
+    labels: str | Path,
+    device: str = "cpu",
+    repeats: int = 3,
+    overlap: float = 0.5,
+    max_cases: int | None = None,
+    teacher: str | None = None,
+    no_kd: str | None = None,
+    tolerance_mm: float = 2.0,
+    threads: int | None = None,
+    log=print,
+) -> list[ModelResult]:
+    """Evaluate and time each model on the same cases; see the module docstring.
+
+    Args:
+        models: name -> bundle / bundle path / run folder.
+        images: folder of images (``case_0000.nii.gz`` …); labels: folder of ``case.nii.gz``.
+        repeats: timing repeats per volume (after one warm-up run); the median per volume, then the
+            median over volumes, is reported.
+        threads: CPU threads for torch during the benchmark (default: torch's).
+        teacher, no_kd: names of the teacher and the student trained without KD (default: by the
+            bundles' role and method).
+    """
+    import SimpleITK as sitk
+
+    from ..data.datasets import read_image
+
+    cases = group_cases(images)
+    label_files = {k: v[0] for k, v in group_cases(labels).items()}
+    ids = [c for c in cases if c in label_files][: max_cases or None]
+    if not ids:
+        raise ReCoKDError(f"no image in {images} has a same-named label in {labels}; name them case_0000.nii.gz / case.nii.gz")
+    loaded = []
+    for case in ids:
+        imgs = [read_image(p) for p in cases[case]]
+        ref = read_image(label_files[case])
+        loaded.append((case, imgs, sitk.GetArrayFromImage(ref).astype(np.int64), tuple(reversed(ref.GetSpacing()))))
+    results: list[ModelResult] = []
+    for name, source in models.items():
+        bundle = source if isinstance(source, Bundle) else open_model(source)
+        predictor = Predictor(bundle, device=device, overlap=overlap, progress=False, threads=threads)
+        network = predictor.network
+        names = bundle.label_names
+        per_case, scores = [], []
+        for case, imgs, ref, spacing in loaded:
+            pred = sitk.GetArrayFromImage(predictor.predict_image(imgs, name=case))
+            s = score_case(pred, ref, spacing, names, tolerance_mm, case)
+            scores.append(s)
+            per_case.append({"case": case, **{m: s.scores[m] for m in ("dice", "hd95", "nsd")}})
+        # timing, per volume: our full pipeline vs a plain MONAI call; the plain call gets the already
+        # preprocessed volume, so both visit the same windows and the difference is what our pipeline
+        # adds (checks, reorientation, resampling in and out, the window wrapper)
+        dev = predictor.device
+        ours, plains = [], []
+        for _, imgs, _, _ in loaded:
+            ours.append(_time(lambda: predictor.predict_image(imgs, name="timing"), repeats))
+            ref_img = imgs[0]
+            array = np.stack([sitk.GetArrayFromImage(i).astype(np.float32) for i in imgs])
+            _, pre = predictor.preprocess(array, ref_img.GetSpacing(), ref_img.GetOrigin(), ref_img.GetDirection())
+            raw = torch.from_numpy(pre.image)[None]
+
+            def plain() -> None:
+                with torch.inference_mode():
+                    sliding_window_inference(raw.to(dev), predictor.roi_size, predictor.sw_batch_size, network,
+                                             overlap=overlap, mode="gaussian").argmax(1)
+
+            plains.append(_time(plain, repeats))
+        seconds, plain_seconds = statistics.median(ours), statistics.median(plains)
+        imgs = loaded[0][1]
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+            predictor.predict_image(imgs, name="memory")
+            peak = torch.cuda.max_memory_allocated(dev) / 2**20
+        else:
+            with _PeakTensorMemory() as tracker:
+                predictor.predict_image(imgs, name="memory")
+            peak = tracker.megabytes
+        net_cpu = bundle.build_network("cpu")
+        p = bundle.provenance
+        results.append(ModelResult(
+            name=name, role=bundle.role, method=p.get("method"), parameters=count_parameters(net_cpu),
+            flops=count_flops(net_cpu, bundle.spec.in_channels, bundle.plans.patch_size),
+            seconds_per_volume=seconds, plain_monai_seconds=plain_seconds, peak_memory_mb=peak,
+            summary=summarise(scores), per_case=per_case))
+        log(f"{name}: mean Dice {results[-1].summary['dice']['mean']:.4f}, {seconds:.2f} s/volume")
+    _gap(results, teacher, no_kd)
+    return results
+
+
+def _gap(results: list[ModelResult], teacher: str | None, no_kd: str | None) -> None:
+    by_name = {r.name: r for r in results}
+    t = by_name.get(teacher) if teacher else next((r for r in results if r.role == "teacher"), None)
+    s = by_name.get(no_kd) if no_kd else next(
+        (r for r in results if r.role == "student" and (r.method in (None, "none"))), None)
+    if t is None or s is None:
+        return
+    gap = t.summary["dice"]["mean"] - s.summary["dice"]["mean"]
+    for r in results:
+        if r.role == "student" and abs(gap) > 1e-9:
+            r.gap_recovered = (r.summary["dice"]["mean"] - s.summary["dice"]["mean"]) / gap
+
+
+def benchmark_table(results: Sequence[ModelResult]) -> str:
+    """Markdown: per model Dice (mean and per class), HD95, parameters, FLOPs, memory, time, gap."""
+    if not results:
+        return ""
+    classes = [c for c in results[0].summary["dice"] if c != "mean"]
+    head = ["model", "role", "method", "mean Dice", *[f"Dice {c}" for c in classes], "mean HD95 (mm)",
+            "params", "GFLOPs/patch", "peak MB", "s/volume", "MONAI s", "overhead", "gap recovered"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        gap = "" if r.gap_recovered is None else f"{100 * r.gap_recovered:.0f} %"
+        row = [r.name, r.role, r.method or "", f"{r.summary['dice']['mean']:.4f}",
+               *[f"{r.summary['dice'][c]:.4f}" for c in classes], f"{r.summary['hd95']['mean']:.2f}",
+               f"{r.parameters:,}", f"{r.flops / 1e9:.2f}", f"{r.peak_memory_mb:.0f}", f"{r.seconds_per_volume:.3f}",
+               f"{r.plain_monai_seconds:.3f}", f"{100 * r.overhead:+.1f} %", gap]
+        lines.append("| " + " | ".join(row) + " |")
+    teacher = next((r for r in results if r.role == "teacher"), None)
+    notes = []
+    for r in results:
+        ok = "ok" if r.overhead <= OVERHEAD_TARGET else "above target"
+        notes.append(f"- {r.name}: predictor overhead vs plain MONAI {100 * r.overhead:+.1f} % (target ≤ {100 * OVERHEAD_TARGET:.0f} %, {ok})")
+        if teacher is not None and r.role == "student" and r.seconds_per_volume > 0:
+            speedup = teacher.seconds_per_volume / r.seconds_per_volume
+            ok = "ok" if speedup >= SPEEDUP_TARGET else "below target"
+            notes.append(f"- {r.name}: {speedup:.1f}× faster than the teacher (target ≥ {SPEEDUP_TARGET:g}× at R = 4, {ok})")
+    return "\n".join(lines) + "\n\n" + "\n".join(notes)
+
+
+def benchmark_chart(results: Sequence[ModelResult], path: str | Path) -> Path:
+    """A PNG: mean Dice per model (bars) and seconds per volume."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r.name for r in results]
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * len(names), 3.5))
+    axes[0].bar(names, [r.summary["dice"]["mean"] for r in results], color="tab:blue")
+    axes[0].set_ylabel("mean Dice")
+    axes[0].set_ylim(0, 1)
+    axes[1].bar(names, [r.seconds_per_volume for r in results], color="tab:orange")
+    axes[1].set_ylabel("seconds / volume")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def results_json(results: Sequence[ModelResult]) -> str:
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps([clean({**r.__dict__, "overhead": r.overhead}) for r in results], indent=2)

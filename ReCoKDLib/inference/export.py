@@ -1,0 +1,125 @@
+"""Export a bundle's network to TorchScript or ONNX, and run an ONNX model with ONNX Runtime.
+
+The exported files are *sidecars* next to the bundle, never bundle members: TorchScript files are
+zip archives of pickles, and bundles hold only JSON and safetensors. Both exports take the network in
+eval mode (no deep-supervision heads), input ``image`` (B, C, D, H, W) float32 -> ``logits``
+(B, K, D, H, W); batch and spatial sizes are dynamic in ONNX (spatial sizes must stay multiples of the
+network's total stride).
+
+:class:`OnnxNetwork` wraps an ONNX Runtime CPU session as a callable taking and returning torch
+tensors, so it plugs into :class:`~ReCoKDLib.inference.predictor.Predictor` (``network=``) and the
+whole pipeline (preprocessing, sliding window, resampling back) is identical to PyTorch's.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..bundle import Bundle
+from ..errors import ReCoKDError
+from ..utils.io import atomic_write
+
+__all__ = ["EXPORT_FORMATS", "export_torchscript", "export_onnx", "export_bundle", "OnnxNetwork", "sidecar_path"]
+
+EXPORT_FORMATS = ("onnx", "torchscript")
+_SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+ONNX_OPSET = 18
+
+
+def sidecar_path(bundle_path: str | Path, fmt: str) -> Path:
+    """``model.recokd`` -> ``model.onnx`` / ``model.torchscript.pt`` (next to the bundle)."""
+    p = Path(bundle_path)
+    stem = p.name[: -len(p.suffix)] if p.suffix else p.name
+    return p.with_name(stem + _SUFFIX[fmt])
+
+
+def _example(bundle: Bundle, batch: int = 1) -> torch.Tensor:
+    return torch.randn(batch, bundle.spec.in_channels, *bundle.plans.patch_size)
+
+
+def export_torchscript(bundle: Bundle, path: str | Path) -> Path:
+    """Trace the network (eval mode) on one patch and save it as TorchScript."""
+    network = bundle.build_network("cpu")
+
+    def write(tmp: Path) -> None:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer / deprecation chatter
+            traced = torch.jit.trace(network, _example(bundle), check_trace=False)
+            torch.jit.save(traced, str(tmp))
+
+    return atomic_write(Path(path), write)
+
+
+def export_onnx(bundle: Bundle, path: str | Path, opset: int = ONNX_OPSET) -> Path:
+    """Export the network (eval mode) to ONNX with dynamic batch and spatial sizes; one self-contained file."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise ReCoKDError("ONNX export needs the onnx package; install it with: pip install 'recokd[export]'") from None
+    network = bundle.build_network("cpu")
+    example = _example(bundle)
+
+    def write(tmp: Path) -> None:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # the TorchScript-based exporter: no onnxscript needed, and it writes one file (no external data)
+            torch.onnx.export(
+                network,
+                (example,),
+                str(tmp),
+                input_names=["image"],
+                output_names=["logits"],
+                opset_version=opset,
+                dynamo=False,
+                dynamic_axes={"image": {0: "batch", 2: "depth", 3: "height", 4: "width"},
+                              "logits": {0: "batch", 2: "depth", 3: "height", 4: "width"}},
+            )
+
+    return atomic_write(Path(path), write)
+
+
+def export_bundle(bundle: Bundle, fmt: str, path: str | Path | None = None) -> Path:
+    """Export to ``fmt`` (``"onnx"`` or ``"torchscript"``); default path: next to the bundle's file."""
+    if fmt not in EXPORT_FORMATS:
+        raise ReCoKDError(f"unknown export format {fmt!r}; choose onnx or torchscript")
+    if path is None:
+        if bundle.source is None:
+            raise ReCoKDError("give an output path for the export (the bundle has no file to put it next to)")
+        path = sidecar_path(bundle.source, fmt)
+    return export_onnx(bundle, path) if fmt == "onnx" else export_torchscript(bundle, path)
+
+
+class OnnxNetwork(nn.Module):
+    """An ONNX model run by ONNX Runtime, called like the PyTorch network: (B, C, D, H, W) -> (B, K, D, H, W).
+
+    Args:
+        path: the ``.onnx`` file.
+        threads: intra-op threads of the session (default: ONNX Runtime's).
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        super().__init__()
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ReCoKDError("running an ONNX model needs onnxruntime; install it with: pip install 'recokd[export]'") from None
+        path = Path(path)
+        if not path.is_file():
+            raise ReCoKDError(f"ONNX model {path} does not exist; export one with recokd export-model BUNDLE --format onnx")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ReCoKDError(f"cannot load ONNX model {path}: {' '.join(str(exc).split())[:160]}") from None
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out: Any = self.session.run(None, {self.input_name: x.detach().cpu().float().numpy()})[0]
+        return torch.from_numpy(out).to(x.device)

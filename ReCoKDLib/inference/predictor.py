@@ -1,0 +1,534 @@
+"""Predict label maps with a model bundle, for arrays (what 3D Slicer hands over), SimpleITK images and files.
+
+Pipeline (:meth:`Predictor.predict_array`), mirroring training's preprocessing exactly:
+
+1. **Orientation.** When the bundle records the training images' direction, the input's axes are
+   permuted and flipped (no interpolation) so that they run as the training images' did; without it
+   the array is used in its stored axis order, as training did. Either way, no voxel is moved in
+   physical space and the result is mapped back by the exact inverse.
+2. **Preprocessing** with :func:`~ReCoKDLib.data.preprocessing.preprocess_case` (crop to the
+   non-zero region, per-channel normalisation, resampling to the plan's spacing over the same field
+   of view -- i.e. onto a grid with the input's direction and the bundle's spacing).
+3. **Sliding-window inference** (MONAI, Gaussian blending, the training patch as window), optionally
+   with mirror test-time augmentation (logits averaged over flips), then arg-max.
+4. **Back to the input grid** with :func:`~ReCoKDLib.data.preprocessing.restore_label` and the
+   inverse reorientation: the label array has the input's shape, and files are written with the
+   input's exact spacing, origin and direction.
+
+Geometry conventions: arrays are numpy order (D, H, W) = SimpleITK (z, y, x); ``spacing``,
+``origin`` and ``direction`` are in SimpleITK's (x, y, z) order and LPS convention, as
+``image.GetSpacing()``, ``GetOrigin()`` and ``GetDirection()`` return them. (3D Slicer works in
+RAS; :func:`geometry_from_ijk_to_ras` converts a volume's IJK-to-RAS matrix.)
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.inferers import sliding_window_inference
+from torch import nn
+
+from ..bundle import Bundle, open_model
+from ..data.datasets import LoadedCase, read_image, split_file_ending
+from ..data.preprocessing import preprocess_case, restore_label
+from ..errors import ReCoKDError
+from ..utils.runtime import resolve_device
+
+__all__ = [
+    "Predictor",
+    "Orientation",
+    "orientation_to",
+    "resolve_device",
+    "group_cases",
+    "write_label",
+    "count_windows",
+    "geometry_from_ijk_to_ras",
+]
+
+ProgressFn = Callable[[float], None]
+#: Two-file (header + data) formats and the single-file format outputs use instead.
+TWO_FILE_ENDINGS = {".mhd": ".mha", ".nhdr": ".nrrd"}
+_IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def geometry_from_ijk_to_ras(ijk_to_ras: Sequence[Sequence[float]] | np.ndarray):
+    """SimpleITK-convention ``(spacing, origin, direction)`` from 3D Slicer's 4x4 IJK-to-RAS matrix.
+
+    Slicer's ``arrayFromVolume`` array is (K, J, I) = (D, H, W), as here; its physical frame is RAS
+    while SimpleITK's is LPS, so the first two rows change sign.
+    """
+    m = np.asarray(ijk_to_ras, dtype=np.float64)
+    if m.shape != (4, 4):
+        raise ReCoKDError(f"IJK-to-RAS must be a 4x4 matrix, got shape {m.shape}")
+    ras_to_lps = np.diag([-1.0, -1.0, 1.0])
+    linear = ras_to_lps @ m[:3, :3]
+    spacing = np.linalg.norm(linear, axis=0)
+    if np.any(spacing <= 0):
+        raise ReCoKDError("IJK-to-RAS matrix has a zero column; the volume's geometry is broken")
+    direction = linear / spacing
+    origin = ras_to_lps @ m[:3, 3]
+    return tuple(spacing.tolist()), tuple(origin.tolist()), tuple(direction.ravel().tolist())
+
+
+# --------------------------------------------------------------------------------------------------
+# orientation: exact axis permutation / flips
+
+
+@dataclass(frozen=True)
+class Orientation:
+    """An exact reorientation of a (…, D, H, W) array: ``transpose`` the three spatial axes, then
+    flip ``flips`` (axes of the transposed array). :meth:`apply` / :meth:`invert` are inverses."""
+
+    transpose: tuple[int, int, int] = (0, 1, 2)
+    flips: tuple[int, ...] = ()
+
+    @property
+    def is_identity(self) -> bool:
+        return self.transpose == (0, 1, 2) and not self.flips
+
+    def apply(self, array: np.ndarray) -> np.ndarray:
+        lead = array.ndim - 3
+        out = np.transpose(array, tuple(range(lead)) + tuple(lead + a for a in self.transpose))
+        if self.flips:
+            out = np.flip(out, axis=tuple(lead + a for a in self.flips))
+        return np.ascontiguousarray(out)
+
+    def invert(self, array: np.ndarray) -> np.ndarray:
+        lead = array.ndim - 3
+        out = np.flip(array, axis=tuple(lead + a for a in self.flips)) if self.flips else array
+        inverse = tuple(int(i) for i in np.argsort(self.transpose))
+        return np.ascontiguousarray(np.transpose(out, tuple(range(lead)) + tuple(lead + a for a in inverse)))
+
+    def spacing(self, spacing_dhw: Sequence[float]) -> tuple[float, float, float]:
+        """Spacing (D, H, W) of the reoriented array."""
+        return tuple(float(spacing_dhw[a]) for a in self.transpose)  # type: ignore[return-value]
+
+
+def _direction_matrix(direction: Sequence[float], what: str) -> np.ndarray:
+    d = np.asarray(direction, dtype=np.float64)
+    if d.size != 9 or not np.all(np.isfinite(d)):
+        raise ReCoKDError(f"{what} must be 9 finite direction cosines (row-major 3x3), got {list(d.ravel())[:9]}")
+    m = d.reshape(3, 3)
+    if not np.allclose(m.T @ m, np.eye(3), atol=1e-3):
+        raise ReCoKDError(f"{what} {list(d.round(4))} is not orthonormal; fix the image header")
+    return m
+
+
+def orientation_to(direction: Sequence[float], reference: Sequence[float] | None) -> Orientation:
+    """The axis permutation and flips that make an image with ``direction`` run like ``reference``.
+
+    Both are SimpleITK direction cosines (row-major 3x3; column ``i`` is the physical direction of
+    image axis ``i``, x first). Each input axis is matched to the reference axis it is most parallel
+    to (the best of the 6 permutations, so oblique images map to their nearest orientation), and
+    flipped when it points the other way. ``None`` as reference means "keep the stored order".
+    """
+    if reference is None:
+        return Orientation()
+    m = _direction_matrix(direction, "image direction")
+    r = _direction_matrix(reference, "the bundle's reference direction")
+    dots = r.T @ m  # dots[j, i]: reference axis j · input axis i
+    best = max(itertools.permutations(range(3)), key=lambda p: sum(abs(dots[j, p[j]]) for j in range(3)))
+    # best[j] = the input (x, y, z) axis that becomes output axis j; numpy axes are reversed (z, y, x)
+    transpose = tuple(2 - best[2 - k] for k in range(3))
+    flips = tuple(k for k in range(3) if dots[2 - k, best[2 - k]] < 0)
+    return Orientation(transpose=transpose, flips=flips)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------------
+# sliding window with progress, mirroring and out-of-memory fallback
+
+
+def count_windows(image_shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
+    """How many windows MONAI's sliding window visits over ``image_shape`` (after its padding)."""
+    total = 1
+    for n, r in zip(image_shape, roi_size):
+        n = max(int(n), int(r))
+        if n == r:
+            continue
+        step = max(int(r * (1 - overlap)), 1)
+        total *= int(math.ceil((n - r) / step)) + 1
+    return total
+
+
+class _WindowPredictor(nn.Module):
+    """Wraps the network for MONAI: mirror TTA (logits averaged over flips) and window counting."""
+
+    def __init__(self, network: Any, mirror_axes: Sequence[int], on_windows: Callable[[int], None] | None):
+        super().__init__()
+        self.network = network
+        flips = [()]
+        for k in range(1, len(mirror_axes) + 1):
+            flips += [tuple(2 + a for a in combo) for combo in itertools.combinations(mirror_axes, k)]
+        self.flips = flips
+        self.on_windows = on_windows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = None
+        for dims in self.flips:
+            xi = torch.flip(x, dims) if dims else x
+            yi = self.network(xi)
+            yi = torch.flip(yi, dims) if dims else yi
+            out = yi if out is None else out + yi
+        if self.on_windows is not None:
+            self.on_windows(int(x.shape[0]))
+        return out / len(self.flips)  # type: ignore[operator]
+
+
+def _sliding_window(
+    network: Any,
+    image: torch.Tensor,
+    roi_size: Sequence[int],
+    overlap: float,
+    sw_batch_size: int,
+    device: torch.device,
+    mirror_axes: Sequence[int],
+    on_windows: Callable[[int], None] | None,
+) -> torch.Tensor:
+    """One sliding-window pass on ``device``: (1, C, D, H, W) → (1, K, D, H, W) logits on the CPU.
+
+    Module-level so that tests can make it raise out-of-memory errors."""
+    if isinstance(network, nn.Module):
+        network.to(device)
+    wrapped = _WindowPredictor(network, mirror_axes, on_windows)
+    with torch.inference_mode():
+        return sliding_window_inference(
+            image.to(device),
+            roi_size=tuple(int(r) for r in roi_size),
+            sw_batch_size=sw_batch_size,
+            predictor=wrapped,
+            overlap=overlap,
+            mode="gaussian",
+            sw_device=device,
+            device=torch.device("cpu"),  # blend on the CPU: a large volume's logits need not fit the GPU
+        ).float()
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+# --------------------------------------------------------------------------------------------------
+# the predictor
+
+
+class Predictor:
+    """Segment images with a model bundle.
+
+    Args:
+        model: a :class:`~ReCoKDLib.bundle.Bundle`, a ``.recokd`` file / bundle folder, or a run folder.
+        device: ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``.
+        overlap: sliding-window overlap (0..1).
+        sw_batch_size: windows per forward pass.
+        mirror_tta: average the logits over the mirror images along ``mirror_axes`` (2^n × slower).
+        mirror_axes: spatial axes (0 = D, 1 = H, 2 = W) to mirror when ``mirror_tta``.
+        threads: CPU threads for torch (process-wide); ``None`` keeps torch's setting.
+        progress: ``True`` for a tqdm bar over windows on stderr, or a callable ``progress(fraction)``
+            (fraction in 0..1, e.g. for a 3D Slicer progress dialog), or ``False``.
+        network: run this module instead of the bundle's network (same inputs and outputs; e.g. an
+            ONNX Runtime session wrapper, see :mod:`ReCoKDLib.inference.export`).
+        log: where messages go (default: print to stderr).
+
+    Example::
+
+        predictor = Predictor("model.recokd", device="cpu")
+        labels = predictor.predict_array(array, spacing=img.GetSpacing(), origin=img.GetOrigin(),
+                                         direction=img.GetDirection())   # array (D, H, W) → labels (D, H, W)
+    """
+
+    def __init__(
+        self,
+        model: Bundle | str | Path,
+        device: str | torch.device | None = "auto",
+        overlap: float = 0.5,
+        sw_batch_size: int = 2,
+        mirror_tta: bool = False,
+        mirror_axes: Sequence[int] = (0, 1, 2),
+        threads: int | None = None,
+        progress: bool | ProgressFn = False,
+        network: Any = None,
+        log: Callable[[str], None] | None = None,
+    ):
+        self.bundle = model if isinstance(model, Bundle) else open_model(model)
+        if not 0 <= overlap < 1:
+            raise ReCoKDError(f"overlap must be in [0, 1), got {overlap}")
+        if sw_batch_size < 1:
+            raise ReCoKDError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+        if threads is not None:
+            if threads < 1:
+                raise ReCoKDError(f"threads must be >= 1, got {threads}")
+            torch.set_num_threads(int(threads))
+        if any(a not in (0, 1, 2) for a in mirror_axes):
+            raise ReCoKDError(f"mirror axes must be among 0, 1, 2 (D, H, W), got {list(mirror_axes)}")
+        self.device = resolve_device(device)
+        self.overlap = float(overlap)
+        self.sw_batch_size = int(sw_batch_size)
+        self.mirror_axes = tuple(mirror_axes) if mirror_tta else ()
+        self.progress = progress
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.network = network if network is not None else self.bundle.build_network()
+        if isinstance(self.network, nn.Module):
+            self.network.eval()
+        self.plans = self.bundle.plans
+        self.roi_size = tuple(int(p) for p in self.plans.patch_size)
+
+    # -- inference with fallbacks ---------------------------------------------------------------
+    def _attempts(self) -> list[tuple[torch.device, int]]:
+        attempts = [(self.device, self.sw_batch_size)]
+        if self.device.type == "cuda":
+            if self.sw_batch_size > 1:
+                attempts.append((self.device, 1))
+            attempts.append((torch.device("cpu"), self.sw_batch_size))
+        return attempts
+
+    def logits(self, image: torch.Tensor, progress: bool | ProgressFn | None = None, desc: str = "windows") -> torch.Tensor:
+        """Blended logits of a preprocessed image.
+
+        Args:
+            image: (C, D, H, W) float, in plan space.
+        Returns:
+            (K, D, H, W) float32 on the CPU.
+
+        On CUDA out-of-memory the pass is retried with one window per batch, then on the CPU, and
+        the fallback is logged.
+        """
+        progress = self.progress if progress is None else progress
+        total = count_windows(image.shape[1:], self.roi_size, self.overlap)
+        bar, callback = None, None
+        done = [0]
+        if callable(progress):
+
+            def callback(n: int) -> None:
+                done[0] += n
+                progress(min(done[0] / total, 1.0))  # type: ignore[operator]
+        elif progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc=desc, unit="window", leave=False, file=sys.stderr)
+            callback = bar.update
+        x = image[None].float()
+        attempts = self._attempts()
+        try:
+            for i, (device, sw) in enumerate(attempts):
+                try:
+                    if i > 0:  # a retry starts the windows again
+                        done[0] = 0
+                        if bar is not None:
+                            bar.reset(total=total)
+                    out = _sliding_window(self.network, x, self.roi_size, self.overlap, sw, device,
+                                          self.mirror_axes, callback)
+                    if device != self.device or sw != self.sw_batch_size:
+                        self.device, self.sw_batch_size = device, sw  # keep what worked for the next cases
+                    return out[0]
+                except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
+                    if not _is_oom(exc) or i == len(attempts) - 1:
+                        if _is_oom(exc):
+                            raise ReCoKDError("out of memory even on the CPU; use a smaller model or a machine with more memory") from None
+                        raise
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    nxt_dev, nxt_sw = attempts[i + 1]
+                    self.log(
+                        f"out of GPU memory with {sw} window(s) per batch on {device}; "
+                        f"retrying with {nxt_sw} on {nxt_dev}"
+                    )
+        finally:
+            if bar is not None:
+                bar.close()
+        raise AssertionError("unreachable")
+
+    # -- arrays -----------------------------------------------------------------------------------
+    def _check_array(self, image: np.ndarray, what: str) -> np.ndarray:
+        image = np.asarray(image)
+        n = self.plans.num_channels
+        names = ", ".join(self.plans.channel_names.values())
+        if image.ndim == 2:
+            raise ReCoKDError(f"{what} is a 2D image {image.shape}; the model segments 3D volumes, supply a 3D image")
+        if image.ndim == 3:
+            if n != 1:
+                raise ReCoKDError(f"{what} has 1 channel but model '{self.bundle.name}' expects {n} ({names}); "
+                                  "supply one file per channel (case_0000, case_0001, ...)")
+            image = image[None]
+        if image.ndim != 4:
+            raise ReCoKDError(f"{what} has shape {image.shape}; supply (D, H, W) or (C, D, H, W)")
+        if image.shape[0] != n:
+            raise ReCoKDError(f"{what} has {image.shape[0]} channel(s) but model '{self.bundle.name}' expects {n} ({names}); "
+                              "supply one file per channel (case_0000, case_0001, ...)")
+        if min(image.shape[1:]) < 2:
+            raise ReCoKDError(f"{what} has a single slice {image.shape[1:]}; the model segments 3D volumes, supply a 3D image")
+        if not np.issubdtype(image.dtype, np.number) or np.iscomplexobj(image):
+            raise ReCoKDError(f"{what} has voxel type {image.dtype}; supply a real-valued image")
+        if not np.all(np.isfinite(image)):
+            raise ReCoKDError(f"{what} contains NaN or infinite voxels; replace them (e.g. by the background value) and retry")
+        for c in range(image.shape[0]):
+            lo, hi = float(image[c].min()), float(image[c].max())
+            if lo == hi:
+                raise ReCoKDError(f"{what} channel {c} is constant ({lo:g} everywhere); there is nothing to segment, check the input")
+        return image.astype(np.float32, copy=False)
+
+    def predict_array(
+        self,
+        image: np.ndarray,
+        spacing: Sequence[float],
+        origin: Sequence[float] | None = None,
+        direction: Sequence[float] | None = None,
+        progress: bool | ProgressFn | None = None,
+        name: str = "image",
+    ) -> np.ndarray:
+        """Labels of one image, on the input's voxel grid.
+
+        Args:
+            image: (D, H, W) or (C, D, H, W) voxels, numpy order (= SimpleITK (z, y, x)).
+            spacing: voxel size (x, y, z) in mm, SimpleITK order (``image.GetSpacing()``).
+            origin: (x, y, z) in mm (LPS); not needed for the voxel-to-voxel mapping, kept for the record.
+            direction: 9 direction cosines, row-major (``image.GetDirection()``); default identity.
+            progress: overrides the predictor's ``progress`` for this call.
+            name: how errors refer to the image (e.g. its file name).
+
+        Returns:
+            (D, H, W) uint8 labels (int16 beyond 255 classes) with the input's shape: voxel (k, j, i)
+            of the output labels voxel (k, j, i) of the input.
+
+        Raises:
+            ReCoKDError: one line naming ``name`` and the fix (2D, wrong channels, constant, NaN, …).
+        """
+        orient, pre = self.preprocess(image, spacing, origin, direction, name=name)
+        logits = self.logits(torch.from_numpy(pre.image), progress, desc=Path(name).name)
+        dtype = np.uint8 if self.bundle.num_classes <= 256 else np.int16
+        labels = logits.argmax(0).numpy().astype(dtype)
+        restored = restore_label(labels, pre.properties, mode=self.plans.resampling.get("label", "linear"))
+        return orient.invert(restored)
+
+    def preprocess(
+        self,
+        image: np.ndarray,
+        spacing: Sequence[float],
+        origin: Sequence[float] | None = None,
+        direction: Sequence[float] | None = None,
+        name: str = "image",
+    ):
+        """Check, reorient and preprocess an image as :meth:`predict_array` does (same arguments).
+
+        Returns:
+            ``(orientation, case)``: the :class:`Orientation` applied and the
+            :class:`~ReCoKDLib.data.preprocessing.PreprocessedCase` (image (C, D', H', W') in plan space).
+        """
+        array = self._check_array(image, name)
+        sp = np.asarray(spacing, dtype=np.float64).ravel()
+        if sp.size != 3 or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
+            raise ReCoKDError(f"{name} spacing must be 3 positive numbers (x, y, z), got {list(sp)}")
+        direction = tuple(direction) if direction is not None else _IDENTITY
+        _direction_matrix(direction, f"{name} direction")
+        orient = orientation_to(direction, self.bundle.reference_direction)
+        array = orient.apply(array)
+        case = LoadedCase(
+            image=array,
+            label=None,
+            spacing=orient.spacing(tuple(float(s) for s in sp[::-1])),
+            origin=tuple(float(o) for o in (origin if origin is not None else (0.0, 0.0, 0.0))),
+            direction=direction,
+            case_id=name,
+        )
+        return orient, preprocess_case(case, self.plans)
+
+    def predict_image(self, image: sitk.Image | Sequence[sitk.Image], name: str = "image",
+                      progress: bool | ProgressFn | None = None) -> sitk.Image:
+        """Labels of a SimpleITK image (or one image per channel), with the first image's exact geometry."""
+        images = [image] if isinstance(image, sitk.Image) else list(image)
+        arrays = []
+        for i, img in enumerate(images):
+            dim = img.GetDimension()
+            if dim < 3:
+                raise ReCoKDError(f"{name} is a {dim}D image of size {img.GetSize()}; the model segments 3D volumes, supply a 3D image")
+            if dim > 3 or img.GetNumberOfComponentsPerPixel() > 1:
+                from ..data.datasets import _channels_of
+
+                arrays.append(_channels_of(img, Path(name)))
+            else:
+                arrays.append(sitk.GetArrayFromImage(img)[None].astype(np.float32, copy=False))
+            if arrays[-1].shape[1:] != arrays[0].shape[1:]:
+                raise ReCoKDError(f"{name}: channel {i} has shape {arrays[-1].shape[1:]} but channel 0 has {arrays[0].shape[1:]}; "
+                                  "all channels must share one voxel grid")
+        array = np.concatenate(arrays, axis=0)
+        ref = images[0]
+        spacing, origin, direction = ref.GetSpacing()[:3], ref.GetOrigin()[:3], ref.GetDirection()
+        if ref.GetDimension() == 4:
+            direction = tuple(direction[r * 4 + c] for r in range(3) for c in range(3))
+        labels = self.predict_array(array, spacing, origin, direction, progress=progress, name=name)
+        out = sitk.GetImageFromArray(labels)
+        out.SetSpacing(tuple(float(s) for s in spacing))
+        out.SetOrigin(tuple(float(o) for o in origin))
+        out.SetDirection(tuple(float(d) for d in direction))
+        return out
+
+    def predict_files(self, inputs: Sequence[str | Path], output: str | Path,
+                      progress: bool | ProgressFn | None = None) -> Path:
+        """Segment one case (one file per channel, or one 4D file) and write the labels to ``output``
+        atomically, with the input's exact spacing, origin and direction."""
+        inputs = [Path(p) for p in inputs]
+        images = [read_image(p) for p in inputs]
+        try:
+            labels = self.predict_image(images, name=str(inputs[0]), progress=progress)
+        except ReCoKDError as exc:
+            text = str(exc)
+            raise (exc if str(inputs[0]) in text else ReCoKDError(f"{inputs[0]}: {text}")) from None
+        return write_label(labels, output)
+
+
+def write_label(image: sitk.Image, output: str | Path) -> Path:
+    """Write a label image via a temporary file in the same folder and a rename (no partial output)."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    stem, ending = split_file_ending(output.name)
+    if not ending:
+        raise ReCoKDError(f"output {output} has no file ending; use e.g. .nii.gz, .nrrd or .mha")
+    if ending.lower() in TWO_FILE_ENDINGS:
+        # header + data files cannot be renamed into place atomically (the header names the data file)
+        raise ReCoKDError(f"output {output} is a two-file format; use {TWO_FILE_ENDINGS[ending.lower()]} (one file) instead")
+    tmp = output.with_name(f".{stem}.partial-{os.getpid()}{ending}")
+    try:
+        sitk.WriteImage(image, str(tmp), useCompression=True)
+        os.replace(tmp, output)
+    except RuntimeError as exc:
+        raise ReCoKDError(f"cannot write {output}: {' '.join(str(exc).split())[-160:]}; check the folder and the file ending") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return output
+
+
+def group_cases(folder: str | Path) -> dict[str, list[Path]]:
+    """Image files of a folder grouped by case: ``case_0000.nii.gz``, ``case_0001.nii.gz`` are the
+    channels of ``case``; a file without the suffix is a one-channel case. Sorted by case id."""
+    from ..data.datasets import IMAGE_FILE_ENDINGS
+
+    cases: dict[str, dict[int, Path]] = {}
+    for path in sorted(Path(folder).iterdir()):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        stem, ending = split_file_ending(path.name)
+        if ending.lower() not in IMAGE_FILE_ENDINGS:
+            continue
+        m = _CHANNEL.match(stem)
+        case, channel = (m["case"], int(m["channel"])) if m else (stem, 0)
+        if channel in cases.setdefault(case, {}):
+            raise ReCoKDError(f"{folder} has two files for case {case!r} channel {channel}; keep one")
+        cases[case][channel] = path
+    out: dict[str, list[Path]] = {}
+    for case, channels in sorted(cases.items()):
+        if sorted(channels) != list(range(len(channels))):
+            raise ReCoKDError(f"case {case!r} in {folder} has channels {sorted(channels)}; number them _0000, _0001, ... without gaps")
+        out[case] = [channels[c] for c in sorted(channels)]
+    return out

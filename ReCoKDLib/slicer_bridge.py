@@ -1,0 +1,129 @@
+"""The process 3D Slicer's ReCoKD module launches: machine-readable progress on stdout.
+
+The Slicer module never runs the network in Slicer's own process (that would freeze the GUI and
+could not be cancelled). It starts ``<Slicer's python> -m ReCoKDLib.slicer_bridge ...`` in a new
+process group and reads its standard output, one message per line::
+
+    DEVICE cpu                     the device actually used
+    PROGRESS 0.250                 fraction done (0..1)
+    LOG <text>                     something for the log pane
+    DONE <output path> <seconds>   success; the label file is complete (written atomically)
+    ERROR <one line>               failure; the process then exits with status 2
+
+Sub-commands:
+
+``segment --model BUNDLE --inputs CH0.nrrd [CH1.nrrd ...] --output LABELS.nrrd [--device auto|cpu|cuda] [--tta]``
+    Segment one case with :class:`~ReCoKDLib.inference.predictor.Predictor`. Instead of ``--model``
+    a registry entry can be given (``--registry-entry JSON --registry-base DIR``): it is fetched into
+    the model cache first (verified by sha256, never downloaded twice).
+``cli ARGS...``
+    Run the ``recokd`` command line (``train``, ``distill``, ``export``, ...) with ``ARGS``; Slicer
+    has no ``recokd`` script on its PATH, so this is how the module launches training.
+
+It is also usable by hand: ``python -m ReCoKDLib.slicer_bridge segment --model m.recokd --inputs ct.nrrd --output seg.nrrd``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from .errors import ReCoKDError
+
+__all__ = ["main", "emit"]
+
+
+def emit(kind: str, text: object = "") -> None:
+    """Print one protocol line (flushed at once, so the reader sees it immediately)."""
+    line = " ".join(str(text).split())
+    print(f"{kind} {line}".rstrip(), flush=True)
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from .inference.predictor import Predictor
+    from .model_registry import RegistryEntry, fetch_model
+
+    start = time.perf_counter()
+    if args.registry_entry:
+        entry_data = json.loads(args.registry_entry)
+        entry = RegistryEntry(entry_data["name"], entry_data["url"], entry_data["sha256"],
+                              entry_data.get("description", ""), entry_data.get("size"))
+        emit("LOG", f"fetching model {entry.name} (cached after the first time)")
+        model = fetch_model(entry, base=Path(args.registry_base) if args.registry_base else None)
+    elif args.model:
+        model = Path(args.model)
+    else:
+        raise ReCoKDError("give --model BUNDLE or --registry-entry JSON")
+
+    delay = max(float(args.debug_delay or 0.0), 0.0)
+
+    def progress(fraction: float) -> None:
+        emit("PROGRESS", f"{fraction:.4f}")
+        if delay:
+            time.sleep(delay)  # test hook only: makes the job deterministically slow enough to cancel
+
+    predictor = Predictor(model, device=args.device, mirror_tta=args.tta, threads=args.threads,
+                          progress=progress, log=lambda msg: emit("LOG", msg))
+    emit("DEVICE", predictor.device)
+    emit("LOG", f"model {predictor.bundle.describe()}")
+    emit("PROGRESS", "0.0")
+    written = predictor.predict_files([Path(p) for p in args.inputs], Path(args.output))
+    emit("DEVICE", predictor.device)  # may have fallen back to the CPU on out-of-memory
+    emit("DONE", f"{written} {time.perf_counter() - start:.2f}")
+    return 0
+
+
+def _cli(args: argparse.Namespace) -> int:
+    from .cli import main as cli_main
+
+    argv = list(args.args)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    return int(cli_main(argv) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ReCoKDLib.slicer_bridge",
+                                     description="Background worker of the 3D Slicer ReCoKD module.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("segment", help="segment one case, printing PROGRESS lines")
+    s.add_argument("--model", help="model bundle (.recokd or folder) or training run folder")
+    s.add_argument("--registry-entry", dest="registry_entry", help="a registry entry as JSON (fetched into the cache)")
+    s.add_argument("--registry-base", dest="registry_base", help="folder relative registry URLs are relative to")
+    s.add_argument("--inputs", nargs="+", required=True, help="one image file per channel")
+    s.add_argument("--output", required=True, help="label file to write (e.g. .nrrd)")
+    s.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    s.add_argument("--tta", action="store_true", help="mirror test-time augmentation (slower)")
+    s.add_argument("--threads", type=int, help="CPU threads")
+    s.add_argument("--debug-delay", dest="debug_delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    s.set_defaults(func=_segment)
+    c = sub.add_parser("cli", help="run the recokd command line with the remaining arguments")
+    c.add_argument("args", nargs=argparse.REMAINDER)
+    c.set_defaults(func=_cli)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ReCoKDError as exc:
+        emit("ERROR", exc)
+        return 2
+    except KeyboardInterrupt:
+        emit("ERROR", "interrupted")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the module shows one line; the traceback goes to stderr
+        import traceback
+
+        traceback.print_exc()
+        emit("ERROR", f"{type(exc).__name__}: {exc}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,526 @@
+"""The epoch-based training loop behind ``recokd train`` and ``recokd distill``.
+
+One loop serves teachers and students: it trains a :class:`TrainModule` (a network and its loss, or a
+Distiller's trainable parts) on a stream of patch batches, keeps an EMA of the network's weights,
+validates the EMA network each epoch (sliding-window Dice per class), and writes the run folder:
+checkpoints (``latest`` every epoch and optionally every K iterations, ``best`` by validation mean
+Dice), ``model_best``/``model_final`` safetensors of the EMA weights, ``log.csv``, TensorBoard events
+and ``curves.png``.
+
+Under ``torchrun`` the module is wrapped in :class:`~torch.nn.parallel.DistributedDataParallel`; every
+rank draws its own batches; rank 0 alone validates and writes, the others wait at a barrier.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data.loader import PatchBatches, batch_loader
+from ..distill.distiller import Distiller
+from ..errors import ReCoKDError
+from ..inference.sliding_window import predict_labels
+from ..losses.segmentation import DeepSupervisedDiceCELoss
+from ..models.weights import save_weights
+from .checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
+from .metrics import dice_per_class
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class RunConfig:
+    """Schedule, optimisation and bookkeeping of a training run (stored in ``run.json``).
+
+    nnU-Net's schedule is ``epochs × iters_per_epoch`` iterations (1000 × 250); the defaults here are
+    CPU-sized. Optimiser defaults follow method.md: SGD Nesterov, momentum 0.99, lr 0.01 with poly
+    decay, weight decay 3e-5, gradient-norm clip 12, EMA 0.999.
+    """
+
+    epochs: int = 50
+    iters_per_epoch: int = 50
+    batch_size: int = 2
+    patch_size: tuple[int, int, int] = (96, 96, 96)
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.99
+    weight_decay: float = 3e-5
+    grad_clip: float = 12.0
+    ema_decay: float = 0.999
+    foreground_fraction: float = 1 / 3
+    augment: bool = True
+    elastic: bool = False
+    num_workers: int = 2
+    val_every: int = 1
+    val_max_cases: int = 0
+    checkpoint_every: int = 0
+    seed: int = 0
+    device: str = "auto"
+    deterministic: bool = False
+    amp: bool = True
+    num_threads: int | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["patch_size"] = list(self.patch_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        if "patch_size" in kw:
+            kw["patch_size"] = tuple(int(p) for p in kw["patch_size"])
+        return cls(**kw)
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.iters_per_epoch
+
+
+# --------------------------------------------------------------------------------------------------
+# what is trained
+
+
+class SegTrainModule(nn.Module):
+    """A segmentation network and its Dice + CE loss (deep supervision)."""
+
+    def __init__(self, network: nn.Module, seg_loss: nn.Module | None = None):
+        super().__init__()
+        self.network = network
+        self.seg_loss = seg_loss if seg_loss is not None else DeepSupervisedDiceCELoss()
+
+    def forward(self, images, labels, progress: float):
+        loss = self.seg_loss(self.network(images), labels)
+        return loss, {"seg": loss}
+
+    def place(self, device: torch.device) -> None:
+        self.to(device)
+
+    def trainable_state(self) -> dict:
+        return {"network": self.network.state_dict()}
+
+    def load_trainable_state(self, state: dict) -> None:
+        self.network.load_state_dict(state["network"])
+
+
+class DistillTrainModule(nn.Module):
+    """The trainable parts of a :class:`Distiller` (student, adapters, KD terms) as one module, so that
+    DistributedDataParallel wraps them and not the frozen teacher, which is held outside the module
+    tree."""
+
+    def __init__(self, distiller: Distiller):
+        super().__init__()
+        self.student = distiller.student
+        self.adapters = distiller.adapters
+        self.kd_terms = distiller.kd_terms
+        object.__setattr__(self, "_distiller", distiller)  # not a submodule: DDP must not see the teacher
+
+    @property
+    def distiller(self) -> Distiller:
+        return self._distiller
+
+    def forward(self, images, labels, progress: float):
+        out = self._distiller(images, labels, progress)
+        return out.loss, dict(out.terms)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._distiller.teacher.eval()
+        return self
+
+    def place(self, device: torch.device) -> None:
+        self._distiller.to(device)
+
+    def trainable_state(self) -> dict:
+        return self._distiller.trainable_state_dict()
+
+    def load_trainable_state(self, state: dict) -> None:
+        self._distiller.load_trainable_state_dict(state)
+
+
+@dataclass
+class ValCase:
+    """A validation case in plan space: image (C, D, H, W) float32 tensor, label (D, H, W) int tensor."""
+
+    name: str
+    image: torch.Tensor
+    label: torch.Tensor
+
+
+def _dist_info() -> tuple[int, int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    return 0, 1, 0
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# the loop
+
+
+class EpochTrainer:
+    """Train ``module`` on ``data`` for ``config.epochs × config.iters_per_epoch`` iterations.
+
+    Args:
+        module: a :class:`SegTrainModule` or :class:`DistillTrainModule`.
+        network: the network that is validated and exported (the teacher or the student).
+        make_network: builds a fresh network of the same architecture (holds the EMA weights).
+        data: the batch stream (its ``rank`` must be this process's rank).
+        val_cases: validation cases (rank 0 validates).
+        num_classes, label_names: K (background included) and the foreground classes' names.
+        config: :class:`RunConfig`.
+        run_dir: the run folder (written by rank 0).
+        run_info: the ``run.json`` content; ``metrics`` is filled in here.
+        name: shown on the progress bar.
+        progress: show the progress bar.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        network: nn.Module,
+        make_network: Callable[[], nn.Module],
+        data: PatchBatches,
+        val_cases: Sequence[ValCase],
+        num_classes: int,
+        label_names: Sequence[str],
+        config: RunConfig,
+        run_dir: str | Path,
+        run_info: dict,
+        name: str = "train",
+        progress: bool = True,
+        device: torch.device | None = None,
+    ):
+        self.config = config
+        self.module = module
+        self.network = network
+        self.data = data
+        self.val_cases = list(val_cases)
+        self.num_classes = int(num_classes)
+        self.label_names = list(label_names)
+        self.run_dir = Path(run_dir)
+        self.run_info = run_info
+        self.name = name
+        self.rank, self.world, local_rank = _dist_info()
+        self.is_main = self.rank == 0
+        self.progress = progress and self.is_main
+        self.device = device or torch.device("cpu")
+        module.place(self.device)
+        self.ema_net = make_network().to(self.device)
+        self.ema_net.load_state_dict(network.state_dict())
+        self.ema_net.eval()
+        for p in self.ema_net.parameters():
+            p.requires_grad_(False)
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = self._build_optimizer()
+        self.use_amp = bool(config.amp and self.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        if self.world > 1:
+            ids = [self.device.index if self.device.index is not None else local_rank] if self.device.type == "cuda" else None
+            self.forward_module: nn.Module = nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        else:
+            self.forward_module = module
+        self.step = 0
+        self.history: list[dict] = []
+        self.best: dict = {}
+        self.epoch_sums: dict[str, float] = {}
+        self.epoch_count = 0
+        self.epoch_seconds = 0.0
+        self._tb = None
+
+    # -- pieces -------------------------------------------------------------------------------
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(self.params, lr=c.lr, momentum=c.momentum, nesterov=True, weight_decay=c.weight_decay)
+        if c.optimizer == "adamw":
+            return torch.optim.AdamW(self.params, lr=c.lr, weight_decay=c.weight_decay)
+        raise ReCoKDError(f"unknown optimizer {c.optimizer!r}; choose sgd or adamw")
+
+    def learning_rate(self, step: int) -> float:
+        """Poly decay ``lr · (1 − step / total)^0.9``."""
+        return self.config.lr * (1 - step / self.config.total_steps) ** 0.9
+
+    def ema_decay(self, step: int) -> float:
+        """The configured decay, warmed up as ``(1 + n) / (10 + n)`` so short runs are not dominated by
+        the initial weights."""
+        return min(self.config.ema_decay, (1 + step) / (10 + step))
+
+    @torch.no_grad()
+    def _update_ema(self, step: int) -> None:
+        d = self.ema_decay(step)
+        ema_p = list(self.ema_net.parameters())
+        net_p = list(self.network.parameters())
+        torch._foreach_lerp_(ema_p, [p.detach() for p in net_p], 1.0 - d)
+        for b_ema, b in zip(self.ema_net.buffers(), self.network.buffers()):
+            b_ema.copy_(b)
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        step = self.step
+        lr = self.learning_rate(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp):
+            loss, terms = self.forward_module(images, labels, step / self.config.total_steps)
+        if not torch.isfinite(loss):
+            raise ReCoKDError(f"{self.name}: the loss became {float(loss)} at iteration {step}; lower the learning rate")
+        self.scaler.scale(loss).backward()
+        if self.config.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self._update_ema(step)
+        out = {k: float(v.detach()) for k, v in terms.items()}
+        out["total"] = float(loss.detach())
+        return out
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Dice per class of the EMA network on the validation cases (mean over cases, NaN-aware)."""
+        cases = self.val_cases
+        if self.config.val_max_cases:
+            cases = cases[: self.config.val_max_cases]
+        scores = np.stack([
+            dice_per_class(predict_labels(self.ema_net, c.image, self.config.patch_size, device=self.device),
+                           c.label, self.num_classes)
+            for c in cases
+        ])
+        with np.errstate(all="ignore"):
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                per_class = np.nanmean(scores, axis=0)
+                mean = float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan")
+        return {"dice_per_class": {n: float(d) for n, d in zip(self.label_names, per_class)}, "dice_mean": mean}
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "epoch": self.step // self.config.iters_per_epoch,
+            "total_steps": self.config.total_steps,
+            "model": self.network.state_dict(),
+            "trainable": self.module.trainable_state(),
+            "ema": self.ema_net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "grad_scaler": self.scaler.state_dict(),
+            "scheduler": {"kind": "poly", "exponent": 0.9, "base_lr": self.config.lr, "step": self.step,
+                          "total_steps": self.config.total_steps},
+            "rng": rng_state(),
+            "sampler": {"seed": self.data.seed, "next_batch": self.step, "world_size": self.world},
+            "epoch_sums": dict(self.epoch_sums),
+            "epoch_count": self.epoch_count,
+            "epoch_seconds": self.epoch_seconds,
+            "history": self.history,
+            "best": self.best,
+            "config": self.config.to_dict(),
+        }
+
+    def save_checkpoint(self, which: str = "latest") -> None:
+        if self.is_main:
+            atomic_torch_save(self.state(), self.run_dir / f"checkpoint_{which}.pt")
+
+    def resume(self, path: str | Path | None = None) -> None:
+        ckpt = load_checkpoint(path or self.run_dir / "checkpoint_latest.pt")
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise ReCoKDError(f"checkpoint format {ckpt.get('format')!r} is not {CHECKPOINT_FORMAT}; start a new run")
+        if ckpt["total_steps"] != self.config.total_steps:
+            raise ReCoKDError(
+                f"the checkpoint is for {ckpt['total_steps']} iterations but this run has {self.config.total_steps}; "
+                "resume with the same --epochs and --iters-per-epoch"
+            )
+        if ckpt["sampler"]["world_size"] != self.world:
+            raise ReCoKDError(
+                f"the checkpoint was written by {ckpt['sampler']['world_size']} process(es) but {self.world} are running; "
+                "resume with the same number of processes"
+            )
+        self.module.load_trainable_state(ckpt["trainable"])
+        self.ema_net.load_state_dict(ckpt["ema"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["grad_scaler"]:
+            self.scaler.load_state_dict(ckpt["grad_scaler"])
+        set_rng_state(ckpt["rng"])
+        self.step = int(ckpt["step"])
+        self.history = list(ckpt["history"])
+        self.best = dict(ckpt["best"])
+        self.epoch_sums = dict(ckpt["epoch_sums"])
+        self.epoch_count = int(ckpt["epoch_count"])
+        self.epoch_seconds = float(ckpt["epoch_seconds"])
+
+    # -- logs -----------------------------------------------------------------------------------
+    def _write_logs(self) -> None:
+        keys: list[str] = []
+        for row in self.history:
+            keys += [k for k in row if k not in keys]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=keys, restval="")
+        writer.writeheader()
+        for row in self.history:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        _atomic_text(self.run_dir / "log.csv", buf.getvalue())
+        row = self.history[-1]
+        tb = self._tensorboard()
+        if tb is not None:
+            for k, v in row.items():
+                if k != "epoch" and isinstance(v, (int, float)) and math.isfinite(v):
+                    tb.add_scalar(k.replace("loss_", "loss/").replace("dice_", "dice/"), v, row["epoch"])
+            tb.flush()
+
+    def _tensorboard(self):
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard not installed: CSV only
+                self._tb = False
+                return None
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=int(self.history[-1]["epoch"]))
+        return self._tb or None
+
+    def write_run_json(self) -> None:
+        if self.is_main:
+            info = dict(self.run_info)
+            info["metrics"] = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                               for k, v in self.best.items() if not k.startswith("_")}
+            if "dice_per_class" in info["metrics"]:
+                info["metrics"]["dice_per_class"] = {
+                    k: (v if math.isfinite(v) else None) for k, v in info["metrics"]["dice_per_class"].items()}
+            _atomic_text(self.run_dir / "run.json", json.dumps(info, indent=2) + "\n")
+
+    def plot_curves(self) -> Path | None:
+        if not self.history:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        epochs = [r["epoch"] for r in self.history]
+        fig, (ax_l, ax_d) = plt.subplots(1, 2, figsize=(11, 4))
+        for k in self.history[0]:
+            if k.startswith("loss_"):
+                ax_l.plot(epochs, [r.get(k, float("nan")) for r in self.history], label=k[5:])
+            if k.startswith("dice_"):
+                ax_d.plot(epochs, [r.get(k, float("nan")) for r in self.history], label=k[5:],
+                          linewidth=2.5 if k == "dice_mean" else 1.2)
+        ax_l.set(xlabel="epoch", ylabel="training loss (epoch mean)", title=f"{self.name}: losses")
+        ax_d.set(xlabel="epoch", ylabel="validation Dice (EMA)", title=f"{self.name}: validation", ylim=(0, 1))
+        for ax in (ax_l, ax_d):
+            if ax.lines:
+                ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = self.run_dir / "curves.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _end_epoch(self, epoch: int, lr: float) -> None:
+        c = self.config
+        if self.world > 1 and self.epoch_sums:  # the epoch's loss means over every rank's batches
+            keys = sorted(self.epoch_sums)
+            sums = torch.tensor([self.epoch_sums[k] for k in keys], dtype=torch.float64, device=self.device)
+            dist.all_reduce(sums)
+            self.epoch_sums = {k: float(v) / self.world for k, v in zip(keys, sums.tolist())}
+        row: dict = {"epoch": epoch + 1, "lr": lr}
+        row.update({f"loss_{k}": v / max(self.epoch_count, 1) for k, v in self.epoch_sums.items()})
+        if self.is_main:
+            validate = bool(self.val_cases) and c.val_every > 0 and ((epoch + 1) % c.val_every == 0 or epoch + 1 == c.epochs)
+            if validate:
+                val = self.validate()
+                row.update({f"dice_{n}": d for n, d in val["dice_per_class"].items()})
+                row["dice_mean"] = val["dice_mean"]
+                score = val["dice_mean"] if math.isfinite(val["dice_mean"]) else -1.0
+                if not self.best or score > self.best.get("_score", -math.inf):
+                    self.best = {"best_epoch": epoch + 1, "best_dice_mean": val["dice_mean"],
+                                 "dice_per_class": val["dice_per_class"], "_score": score}
+                    save_weights(self.ema_net, self.run_dir / "model_best.safetensors")
+                    self._pending_best = True
+            row["seconds"] = self.epoch_seconds
+        self.history.append(row)
+        self.epoch_sums, self.epoch_count, self.epoch_seconds = {}, 0, 0.0
+        if self.is_main:
+            self._write_logs()
+            self.save_checkpoint("latest")
+            if getattr(self, "_pending_best", False):
+                self.save_checkpoint("best")
+                self._pending_best = False
+            self.write_run_json()
+            if "dice_mean" in row:
+                tqdm.write(f"{self.name} epoch {epoch + 1}/{c.epochs}: loss {row.get('loss_total', float('nan')):.4f}, "
+                           f"EMA val mean Dice {row['dice_mean']:.3f} (best {self.best.get('best_dice_mean', float('nan')):.3f} "
+                           f"at epoch {self.best.get('best_epoch')})")
+        if self.world > 1:
+            dist.barrier()
+
+    def fit(self, stop_after_epochs: int | None = None) -> list[dict]:
+        """Train to the end (or for ``stop_after_epochs`` more epochs, checkpointed); returns the
+        per-epoch log rows."""
+        c = self.config
+        total, ipe = c.total_steps, c.iters_per_epoch
+        stop = total
+        if stop_after_epochs:
+            stop = min(total, (self.step // ipe + stop_after_epochs) * ipe)
+        self.module.train()
+        loader = batch_loader(self.data, self.step, stop, c.num_workers)
+        bar = tqdm(total=total, initial=self.step, desc=self.name, disable=not self.progress, dynamic_ncols=True,
+                   unit="it")
+        tick = time.perf_counter()
+        for images, labels in loader:
+            epoch = self.step // ipe
+            lr = self.learning_rate(self.step)
+            terms = self.train_step(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
+            for k, v in terms.items():
+                self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v
+            self.epoch_count += 1
+            self.step += 1
+            now = time.perf_counter()
+            self.epoch_seconds += now - tick
+            bar.update(1)
+            bar.set_postfix_str(f"ep {epoch + 1}/{c.epochs} " + " ".join(f"{k} {v:.3g}" for k, v in terms.items()),
+                                refresh=False)
+            if self.step % ipe == 0:
+                self._end_epoch(epoch, lr)
+            elif c.checkpoint_every and self.step % c.checkpoint_every == 0:
+                self.save_checkpoint("latest")
+            tick = time.perf_counter()
+        bar.close()
+        if self.step >= total:
+            self.finish()
+        return self.history
+
+    def finish(self) -> None:
+        if self.is_main:
+            save_weights(self.ema_net, self.run_dir / "model_final.safetensors")
+            if not (self.run_dir / "model_best.safetensors").is_file():  # nothing validated: best = final
+                save_weights(self.ema_net, self.run_dir / "model_best.safetensors")
+                self.save_checkpoint("best")
+            self.write_run_json()
+            self.plot_curves()
+        if self._tb:
+            self._tb.close()
+        if self.world > 1:
+            dist.barrier()

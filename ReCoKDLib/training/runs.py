@@ -1,0 +1,348 @@
+"""Runs on real datasets: plan and preprocess, then train a teacher or distil a student into a run
+folder (see README, "Training on your data"). Used by ``recokd plan``, ``recokd train`` and
+``recokd distill``; works alone or under ``torchrun``.
+
+A run folder holds ``run.json``, ``plans.json``, ``network.json``, ``checkpoint_latest.pt``,
+``checkpoint_best.pt``, ``model_best.safetensors`` / ``model_final.safetensors`` (EMA weights),
+``log.csv``, ``tensorboard/`` and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..data.datasets import DatasetInfo, open_dataset
+from ..data.fingerprint import compute_fingerprint
+from ..data.loader import AugmentConfig, PatchBatches
+from ..data.planning import Plans, plan_experiment
+from ..data.preprocessing import load_preprocessed, preprocess_dataset
+from ..data.validation import require_valid
+from ..distill.distiller import Distiller
+from ..errors import ReCoKDError
+from ..losses.registry import KD_METHODS, resolve_method
+from ..models.unet import UNetSpec, build_unet, dynunet_tap_names
+from ..models.weights import load_weights
+from ..utils.runtime import configure_cpu, resolve_device
+from .loop import DistillTrainModule, EpochTrainer, RunConfig, SegTrainModule, ValCase
+from .splits import fixed_split, kfold_split
+
+RUN_VERSION = 1
+TEMPERATURE_TERMS = ("msard", "logit_kd", "cwd")
+
+
+def results_root(dataset_name: str, cache: str | Path | None = None) -> Path:
+    """Where plans and preprocessed data of a dataset go: ``cache``, else ``$RECOKD_RESULTS/<name>``,
+    else ``./recokd_runs/<name>`` (never inside the dataset folder)."""
+    if cache:
+        return Path(cache)
+    base = os.environ.get("RECOKD_RESULTS")
+    return Path(base) / dataset_name if base else Path("recokd_runs") / dataset_name
+
+
+# --------------------------------------------------------------------------------------------------
+# distributed
+
+
+def _is_main() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def init_distributed(device: str) -> tuple[torch.device, int, int]:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) join the process group (env://;
+    NCCL on GPUs, gloo on CPUs) and pick this rank's device; otherwise resolve ``device``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    resolved = resolve_device(device)
+    if world <= 1:
+        return resolved, 0, 1
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if resolved.type == "cuda":
+        resolved = torch.device("cuda", local_rank)
+        torch.cuda.set_device(resolved)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo", timeout=timedelta(hours=2))
+    return resolved, dist.get_rank(), dist.get_world_size()
+
+
+# --------------------------------------------------------------------------------------------------
+# planning
+
+
+@dataclass
+class PlannerOptions:
+    patch_budget: int | None = None
+    max_levels: int | None = None
+    base_filters: int | None = None
+    max_filters: int | None = None
+
+    def kwargs(self) -> dict[str, int]:
+        names = {"patch_budget": "patch_budget_voxels", "max_levels": "max_levels", "base_filters": "base_filters",
+                 "max_filters": "max_filters"}
+        return {names[k]: v for k, v in self.__dict__.items() if v is not None}
+
+
+def prepare_plans(
+    dataset: DatasetInfo,
+    cache: str | Path | None = None,
+    planner: PlannerOptions | None = None,
+    replan: bool = False,
+    progress: bool = True,
+    num_workers: int = 0,
+    preprocess: bool = True,
+) -> tuple[Plans, Path, Path]:
+    """Validate, fingerprint, plan and preprocess ``dataset`` (rank 0; the others wait and read).
+
+    ``<root>/plans.json`` is reused when present unless ``replan`` or planner options are given;
+    ``preprocess=False`` only plans.
+    Returns (plans, results root, folder of the preprocessed cases).
+    """
+    root = results_root(dataset.name, cache)
+    plans_path = root / "plans.json"
+    planner = planner or PlannerOptions()
+    if _is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        if replan or planner.kwargs() or not plans_path.is_file():
+            require_valid(dataset, check_test=False, progress=progress)
+            fingerprint = compute_fingerprint(dataset, progress=progress)
+            fingerprint.save(root / "fingerprint.json")
+            plans = plan_experiment(fingerprint, **planner.kwargs())
+            plans.save(plans_path)
+        if preprocess:
+            preprocess_dataset(dataset, Plans.load(plans_path), root, num_workers=num_workers, progress=progress)
+    _barrier()
+    plans = Plans.load(plans_path)
+    return plans, root, root / plans.plans_hash()
+
+
+def plan_summary(dataset: DatasetInfo, plans: Plans, folder: Path) -> str:
+    spec = plans.unet_spec
+    lines = [
+        f"dataset      {dataset.name} ({len(dataset.training)} training cases, {dataset.num_channels} channel(s), "
+        f"{plans.num_classes - 1} foreground class(es): {', '.join(dataset.label_names()[1:])})",
+        f"spacing      {[round(s, 3) for s in plans.target_spacing]} mm (target)",
+        f"median shape {list(plans.median_shape)} voxels after resampling",
+        f"patch        {list(plans.patch_size)}, batch {plans.batch_size}",
+        f"network      {spec.num_levels} levels, filters {list(spec.filters)}, strides {[list(s) for s in spec.strides]}",
+        f"normalise    {', '.join(n.scheme for n in plans.normalisation)}",
+        f"cache        {folder}",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# training
+
+
+def _label_names(plans: Plans) -> list[str]:
+    by_value = {v: k for k, v in plans.labels.items() if k != "ignore"}
+    return [by_value.get(v, f"label_{v}") for v in range(1, plans.num_classes)]
+
+
+def _check_patch(patch: tuple[int, ...], spec: UNetSpec) -> None:
+    bad = [p for p, d in zip(patch, spec.divisor) if p % d]
+    if len(patch) != 3 or bad:
+        raise ReCoKDError(f"patch size {list(patch)} must be 3 multiples of the network's total stride {list(spec.divisor)}")
+
+
+def config_from_args(args: Any, plans: Plans) -> RunConfig:
+    patch = tuple(args.patch_size) if args.patch_size else tuple(plans.patch_size)
+    return RunConfig(
+        epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
+        batch_size=args.batch_size or plans.batch_size, patch_size=patch,  # type: ignore[arg-type]
+        optimizer=args.optimizer, lr=args.lr if args.lr is not None else (0.01 if args.optimizer == "sgd" else 1e-3),
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay,
+        augment=not args.no_augment, elastic=args.elastic, num_workers=args.workers if args.workers is not None else 2,
+        val_every=args.val_every, val_max_cases=args.val_max_cases, checkpoint_every=args.checkpoint_every,
+        seed=args.seed, device=args.device, deterministic=args.deterministic, amp=not args.no_amp,
+        num_threads=args.threads,
+    )
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise ReCoKDError(f"{what} {path} does not exist; is this a finished run folder?")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ReCoKDError(f"{what} {path} is unreadable ({e})") from None
+
+
+def run_training(args: Any, role: str) -> int:
+    """``recokd train`` (role ``teacher``) and ``recokd distill`` (role ``student``)."""
+    device, rank, world = init_distributed(args.device)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        return _run(args, role, device, rank, world)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(args: Any, role: str, device: torch.device, rank: int, world: int) -> int:
+    out = Path(args.output)
+    progress = not args.no_progress
+    saved = _read_json(out / "run.json", "run file") if args.resume and (out / "run.json").is_file() else None
+    if not args.resume and (out / "checkpoint_latest.pt").is_file():
+        raise ReCoKDError(f"{out} already holds a run; add --resume to continue it or choose another -o folder")
+    if saved is not None and saved.get("role") != role:
+        raise ReCoKDError(f"{out} holds a {saved.get('role')} run; resume it with the matching command")
+
+    dataset = open_dataset(args.dataset)
+    teacher_run = None
+    if role == "student":
+        teacher_run = Path(saved["teacher_run"] if saved else args.teacher)
+        teacher_info = _read_json(teacher_run / "run.json", "teacher run file")
+        if teacher_info.get("role") != "teacher":
+            raise ReCoKDError(f"{teacher_run} is not a teacher run (role {teacher_info.get('role')!r}); pass a `recokd train` run")
+        plans = Plans.load(teacher_run / "plans.json")
+        teacher_spec = UNetSpec.from_json((teacher_run / "network.json").read_text())
+        root = results_root(dataset.name, args.cache)
+        if _is_main():
+            preprocess_dataset(dataset, plans, root, progress=progress)
+        _barrier()
+    else:
+        planner = PlannerOptions(args.patch_budget, args.max_levels, args.base_filters, args.max_filters)
+        if args.plans:
+            plans = Plans.load(args.plans)
+            root = results_root(dataset.name, args.cache)
+            if _is_main():
+                preprocess_dataset(dataset, plans, root, progress=progress)
+            _barrier()
+        else:
+            plans, root, _ = prepare_plans(dataset, args.cache, planner, progress=progress)
+        teacher_spec = plans.unet_spec
+    if dataset.num_channels != plans.num_channels or dataset.labels != plans.labels:
+        raise ReCoKDError(f"the plan (labels {plans.labels}) does not fit dataset '{dataset.name}' (labels {dataset.labels})")
+
+    if saved is not None:
+        config = RunConfig.from_dict(saved["config"])
+        config.device = args.device
+        if args.workers is not None:
+            config.num_workers = args.workers
+        config.num_threads = args.threads if args.threads is not None else config.num_threads
+        fold, seed = saved["fold"], config.seed
+    else:
+        config = config_from_args(args, plans)
+        fold, seed = args.fold, args.seed
+    configure_cpu(config.num_threads)
+    if config.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    _check_patch(config.patch_size, teacher_spec)
+
+    ids = [r.case_id for r in dataset.training]
+    val_file = (saved or {}).get("val_cases_file") if saved else args.val_cases
+    train_ids, val_ids = fixed_split(ids, val_file) if val_file else kfold_split(ids, fold, seed)
+
+    cases = {i: load_preprocessed(root, plans, i) for i in train_ids}
+    missing = [i for i, c in cases.items() if c.label is None]
+    if missing:
+        raise ReCoKDError(f"training case {missing[0]!r} has no label; every training case needs one")
+    val_cases = []
+    if rank == 0:
+        for i in val_ids:
+            c = cases.get(i) or load_preprocessed(root, plans, i)
+            val_cases.append(ValCase(i, torch.from_numpy(c.image), torch.from_numpy(c.label.astype(np.int64))))
+
+    torch.manual_seed(config.seed)
+    num_classes = plans.num_classes
+    width_factor = lambda_max = None
+    method, taps = "none", "encoder"
+    if role == "teacher":
+        spec = teacher_spec
+        network = build_unet(spec)
+        module = SegTrainModule(network)
+    else:
+        method = saved["method"] if saved else args.method
+        taps = saved["taps"] if saved else args.taps
+        width_factor = float(saved["width_factor"] if saved else args.width_factor)
+        opts = saved.get("kd_options", {}) if saved else {}
+        temperature = opts.get("temperature") if saved else args.temperature
+        warmup = opts.get("warmup_fraction", 0.6) if saved else args.warmup_fraction
+        lam_arg = saved.get("lambda_max") if saved else args.lambda_max
+        if method not in KD_METHODS:
+            raise ReCoKDError(f"unknown KD method {method!r}; choose one of {', '.join(KD_METHODS)}")
+        terms, _ = resolve_method(method)
+        term_options = {t: {"temperature": temperature} for t in terms if t in TEMPERATURE_TERMS} if temperature else None
+        teacher = build_unet(teacher_spec)
+        load_weights(teacher, teacher_run / "model_best.safetensors")
+        spec = teacher_spec.student(width_factor)
+        network = build_unet(spec)
+        tap_names_t = dynunet_tap_names(teacher_spec, taps)
+        distiller = Distiller(teacher, network, tap_names_t, dynunet_tap_names(spec, taps), num_classes, method,
+                              lambda_max=lam_arg, warmup_fraction=warmup, term_options=term_options)
+        lambda_max = distiller.lambda_max
+        module = DistillTrainModule(distiller)
+
+    data = PatchBatches(
+        [cases[i].image for i in train_ids], [cases[i].label for i in train_ids], config.patch_size,
+        batch_size=config.batch_size, foreground_fraction=config.foreground_fraction, seed=config.seed, rank=rank,
+        augment=AugmentConfig(enabled=config.augment, elastic=config.elastic), length=config.total_steps,
+    )
+    run_info = {
+        "version": RUN_VERSION,
+        "role": role,
+        "dataset": str(dataset.root),
+        "dataset_name": dataset.name,
+        "labels": dict(plans.labels),
+        "channel_names": {str(k): v for k, v in plans.channel_names.items()},
+        "method": method,
+        "teacher_run": str(teacher_run.resolve()) if teacher_run else None,
+        "width_factor": width_factor,
+        "fold": fold if not val_file else "fixed",
+        "seed": config.seed,
+        "config": config.to_dict(),
+        "taps": taps,
+        "lambda_max": lambda_max,
+        "kd_options": {"temperature": temperature, "warmup_fraction": warmup} if role == "student" else None,
+        "val_cases_file": str(val_file) if val_file else None,
+        "train_cases": train_ids,
+        "val_cases": val_ids,
+        "world_size": world,
+        "metrics": {},
+    }
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        plans.save(out / "plans.json")
+        (out / "network.json").write_text(spec.to_json() + "\n")
+    _barrier()
+    trainer = EpochTrainer(
+        module, network, lambda: build_unet(spec), data, val_cases, num_classes, _label_names(plans), config, out,
+        run_info, name=f"{role} {method}" if role == "student" else "teacher", progress=progress, device=device,
+    )
+    if args.resume and (out / "checkpoint_latest.pt").is_file():
+        trainer.resume()
+        if rank == 0:
+            print(f"resuming {out} at iteration {trainer.step}/{config.total_steps} "
+                  f"(epoch {trainer.step // config.iters_per_epoch + 1})", flush=True)
+    elif args.resume and rank == 0:
+        print(f"no checkpoint in {out}; starting from the beginning", flush=True)
+    trainer.write_run_json()
+    if trainer.step >= config.total_steps:
+        if rank == 0:
+            print(f"{out} has finished already ({config.total_steps} iterations)")
+        return 0
+    trainer.fit(stop_after_epochs=args.stop_after_epochs)
+    if rank == 0:
+        best = trainer.best
+        if trainer.step >= config.total_steps:
+            print(f"{role} finished: best EMA validation mean Dice {best.get('best_dice_mean', float('nan')):.3f} "
+                  f"at epoch {best.get('best_epoch')}; run folder {out}")
+        else:
+            print(f"stopped after epoch {trainer.step // config.iters_per_epoch} as asked; continue with --resume")
+    return 0

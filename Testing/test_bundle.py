@@ -1,0 +1,140 @@
+"""Model bundles: export from a run, load, round trip, and refusal of unsafe or malformed bundles."""
+
+from __future__ import annotations
+
+import json
+import stat
+import zipfile
+
+import jsonschema
+import numpy as np
+import pytest
+
+from bundle_helpers import make_run, phantom_volume, rewrite_zip
+from ReCoKDLib.bundle import bundle_from_run, export_run, load_bundle
+from ReCoKDLib.cli import main
+from ReCoKDLib.data.phantom import PHANTOM_COLORS
+from ReCoKDLib.errors import ReCoKDError
+from ReCoKDLib.inference.predictor import Predictor
+from ReCoKDLib.resources import load_schema
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundle")
+    run = make_run(root / "run")
+    return run, export_run(run, root / "model.recokd")
+
+
+def test_export_contents_and_schema(exported):
+    run, path = exported
+    with zipfile.ZipFile(path) as zf:
+        assert sorted(zf.namelist()) == ["bundle.json", "network.json", "plans.json", "weights.safetensors"]
+        manifest = json.loads(zf.read("bundle.json"))
+    jsonschema.validate(manifest, load_schema("bundle"))
+    b = load_bundle(path)
+    assert b.name == "run" and b.role == "student" and b.num_classes == 3
+    assert b.labels == {"background": 0, "organ": 1, "kidney": 2}
+    assert b.colors["organ"] == pytest.approx(PHANTOM_COLORS["organ"])  # phantom labels get the phantom palette
+    assert b.provenance["method"] == "recokd" and b.provenance["teacher"] == "teacher"
+    assert b.provenance["metrics"]["best_dice_mean"] == 0.5
+    assert b.plans.patch_size == (16, 16, 16) and b.channel_names == {0: "MRI0"}
+
+
+def test_round_trip_predictions_identical(exported, tmp_path):
+    run, path = exported
+    image = phantom_volume((24, 24, 24))
+    spacing = (1.0, 1.0, 1.0)
+    from_run = Predictor(bundle_from_run(run), device="cpu").predict_array(image, spacing)
+    from_zip = Predictor(load_bundle(path), device="cpu").predict_array(image, spacing)
+    folder = load_bundle(path).save(tmp_path / "as_folder")
+    from_folder = Predictor(folder, device="cpu").predict_array(image, spacing)
+    assert from_run.shape == image.shape
+    np.testing.assert_array_equal(from_run, from_zip)
+    np.testing.assert_array_equal(from_run, from_folder)
+
+
+def test_export_is_reproducible(exported, tmp_path):
+    run, path = exported
+    a = load_bundle(path).save(tmp_path / "a.recokd").read_bytes()
+    b = load_bundle(path).save(tmp_path / "b.recokd").read_bytes()
+    assert a == b
+
+
+def _manifest_edit(fn):
+    def edit(members):
+        m = json.loads(members["bundle.json"])
+        fn(m)
+        members["bundle.json"] = json.dumps(m).encode()
+        return members
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: {**m, "../evil.json": b"{}"}, "escapes the bundle"),
+        (lambda m: {**m, "/etc/evil.json": b"{}"}, "absolute"),
+        (lambda m: {**m, "weights.pkl": b"\x80\x04K\x01."}, "pickled code"),
+        (lambda m: {**m, "model.pt": b"PK"}, "pickled code"),
+        (lambda m: {**m, "sub/x.json": b"{}"}, "nested"),
+        (_manifest_edit(lambda m: m.update(version=2)), "bundle version 2"),
+        (_manifest_edit(lambda m: m.pop("labels")), "'labels' is a required property"),
+        (_manifest_edit(lambda m: m.update(format="other")), "not a ReCoKD bundle"),
+        (lambda m: {**m, "plans.json": m["plans.json"].replace(b'"Tiny"', b'"Evil"')}, "sha256"),
+        (lambda m: {k: v for k, v in m.items() if k != "weights.safetensors"}, "lacks weights.safetensors"),
+    ],
+)
+def test_tampered_bundles_are_refused(exported, tmp_path, edit, message):
+    _, path = exported
+    bad = rewrite_zip(path, tmp_path / "bad.recokd", edit)
+    with pytest.raises(ReCoKDError, match=message) as info:
+        load_bundle(bad)
+    assert "\n" not in str(info.value)
+
+
+def test_symlink_member_and_zip_bomb_refused(exported, tmp_path):
+    _, path = exported
+    bad = tmp_path / "link.recokd"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(bad, "w") as dst:
+        for n in src.namelist():
+            dst.writestr(n, src.read(n))
+        info = zipfile.ZipInfo("network2.json")
+        info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        dst.writestr(info, "/etc/passwd")
+    with pytest.raises(ReCoKDError, match="symbolic link"):
+        load_bundle(bad)
+    with pytest.raises(ReCoKDError, match="zip bomb"):
+        load_bundle(path, max_bytes=10_000)
+    with pytest.raises(ReCoKDError, match="no bundle.json"):
+        load_bundle(rewrite_zip(path, tmp_path / "x.zip", lambda m: {"a.json": b"{}"}))
+
+
+def test_folder_bundle_refuses_symlink_and_pickle(exported, tmp_path):
+    _, path = exported
+    folder = load_bundle(path).save(tmp_path / "folder_bundle")
+    (folder / "extra.pkl").write_bytes(b"\x80\x04.")
+    with pytest.raises(ReCoKDError, match="pickled code"):
+        load_bundle(folder)
+    (folder / "extra.pkl").unlink()
+    (folder / "link.json").symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(ReCoKDError, match="symbolic link"):
+        load_bundle(folder)
+
+
+def test_missing_bundle_and_bad_run(tmp_path, capsys):
+    with pytest.raises(ReCoKDError, match="does not exist"):
+        load_bundle(tmp_path / "nope.recokd")
+    run = make_run(tmp_path / "run")
+    (run / "model_best.safetensors").unlink()
+    assert main(["export", str(run), "-o", str(tmp_path / "m.recokd")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "model_best.safetensors" in err and err.count("\n") == 1
+    assert not (tmp_path / "m.recokd").exists()
+
+
+def test_export_cli(tmp_path, capsys):
+    run = make_run(tmp_path / "run", role="teacher", method="none")
+    assert main(["export", str(run), "-o", str(tmp_path / "t.recokd"), "--name", "teacher-x"]) == 0
+    b = load_bundle(tmp_path / "t.recokd")
+    assert b.name == "teacher-x" and b.role == "teacher"

@@ -1,0 +1,222 @@
+"""Prediction: geometry (direction, anisotropic spacing, origin), files and folders, bad input, fallbacks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+import ReCoKDLib.inference.predictor as predictor_module
+from bundle_helpers import ThresholdNet, make_run, phantom_volume, threshold_bundle, tiny_network, tiny_plans, write_image
+from ReCoKDLib.models import build_unet, isotropic_spec
+from ReCoKDLib.bundle import export_run
+from ReCoKDLib.cli import main
+from ReCoKDLib.errors import ReCoKDError
+from ReCoKDLib.inference.predictor import Predictor, group_cases, orientation_to
+
+# axes permuted and flipped: image x runs along physical -y, y along +z, z along -x
+DIRECTION = (0.0, 0.0, -1.0,
+             -1.0, 0.0, 0.0,
+             0.0, 1.0, 0.0)
+SPACING = (0.9, 1.3, 2.6)  # anisotropic (x, y, z)
+ORIGIN = (12.5, -40.0, 7.25)
+
+
+def _sphere_in_geometry(shape, spacing, origin, direction, centre, radius):
+    """Label (D, H, W) of a physical sphere, drawn voxel by voxel in the given geometry."""
+    k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    idx = np.stack([i, j, k], -1).reshape(-1, 3) * np.asarray(spacing)
+    points = np.asarray(origin) + idx @ np.asarray(direction).reshape(3, 3).T
+    return (np.linalg.norm(points - np.asarray(centre), axis=1) < radius).reshape(shape).astype(np.uint8)
+
+
+def _dice(a, b):
+    return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+@pytest.mark.parametrize("reference", [None, (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)])
+def test_geometry_labels_come_back_aligned(tmp_path, reference):
+    shape = (14, 26, 30)  # (D, H, W)
+    centre = np.asarray(ORIGIN) + np.asarray(DIRECTION).reshape(3, 3) @ (np.asarray(SPACING) * np.array([14, 13, 7]))
+    truth = _sphere_in_geometry(shape, SPACING, ORIGIN, DIRECTION, centre, radius=13.0)
+    assert 0.05 < truth.mean() < 0.5
+    rng = np.random.default_rng(1)
+    image = (truth + 0.2 + 0.02 * rng.standard_normal(shape)).astype(np.float32)
+    bundle = threshold_bundle(target_spacing=(1.5, 1.1, 1.7), reference_direction=reference)
+    predictor = Predictor(bundle, device="cpu", network=ThresholdNet())
+    labels = predictor.predict_array(image, SPACING, ORIGIN, DIRECTION)
+    assert labels.shape == shape
+    assert _dice(labels == 1, truth == 1) >= 0.95
+    # the same through a file: output written with the input's exact geometry
+    src = write_image(image, tmp_path / "case_0000.nrrd", SPACING, ORIGIN, DIRECTION)
+    out = predictor.predict_files([src], tmp_path / "out" / "case.nrrd")
+    written = sitk.ReadImage(str(out))
+    assert written.GetSpacing() == pytest.approx(SPACING) and written.GetOrigin() == pytest.approx(ORIGIN)
+    assert written.GetDirection() == pytest.approx(DIRECTION)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(written), labels)
+
+
+def test_orientation_keeps_physical_points():
+    o = orientation_to(DIRECTION, (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+    arr = np.arange(3 * 4 * 5, dtype=np.float32).reshape(3, 4, 5)
+    img = sitk.GetImageFromArray(arr)
+    img.SetDirection(DIRECTION)
+    img.SetSpacing(SPACING)
+    ref = sitk.DICOMOrient(img, "LPS")  # SimpleITK's own exact reorientation to the identity direction
+    np.testing.assert_array_equal(o.apply(arr), sitk.GetArrayFromImage(ref))
+    np.testing.assert_array_equal(o.invert(o.apply(arr)), arr)
+    assert o.spacing(SPACING[::-1]) == pytest.approx(ref.GetSpacing()[::-1])
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    return export_run(make_run(root / "run", plans=tiny_plans(num_classes=3)), root / "m.recokd")
+
+
+def test_cli_folder_and_file(tmp_path, model_path):
+    inp = tmp_path / "in"
+    for name in ("a", "b"):
+        write_image(phantom_volume((20, 20, 20), seed=len(name)), inp / f"{name}_0000.nii.gz", (1.2, 1.0, 0.8))
+    assert group_cases(inp) == {"a": [inp / "a_0000.nii.gz"], "b": [inp / "b_0000.nii.gz"]}
+    assert main(["predict", "-m", str(model_path), "-i", str(inp), "-o", str(tmp_path / "out"), "--device", "cpu",
+                 "--no-progress", "--threads", "1"]) == 0
+    for name in ("a", "b"):
+        img = sitk.ReadImage(str(tmp_path / "out" / f"{name}.nii.gz"))
+        assert img.GetSize() == (20, 20, 20) and img.GetSpacing() == pytest.approx((1.2, 1.0, 0.8))
+    assert main(["predict", "-m", str(model_path), "-i", str(inp / "a_0000.nii.gz"), "-o", str(tmp_path / "single"),
+                 "--device", "cpu", "--no-progress", "--tta"]) == 0
+    assert (tmp_path / "single" / "a.nii.gz").is_file()
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (np.ones((20, 20), np.float32), "2D image"),
+        (np.ones((2, 16, 16, 16), np.float32), "2 channel"),
+        (np.full((16, 16, 16), 3.0, np.float32), "constant"),
+        (np.where(np.eye(16)[None] > 0, np.nan, 1.0).repeat(16, 0).astype(np.float32), "NaN"),
+        (np.random.default_rng(0).random((1, 16, 16)).astype(np.float32), "single slice"),
+    ],
+)
+def test_bad_arrays_give_one_line(model_path, array, message):
+    predictor = Predictor(model_path, device="cpu")
+    with pytest.raises(ReCoKDError, match=message) as info:
+        predictor.predict_array(array, (1.0, 1.0, 1.0), name="scan.nii.gz")
+    assert "scan.nii.gz" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bad_files_leave_no_output(tmp_path, model_path, capsys):
+    garbage = tmp_path / "broken.nii.gz"
+    garbage.write_bytes(b"not an image")
+    const = write_image(np.zeros((16, 16, 16), np.float32), tmp_path / "const.nii.gz")
+    out = tmp_path / "out"
+    for src in (garbage, const):
+        assert main(["predict", "-m", str(model_path), "-i", str(src), "-o", str(out / "x.nii.gz"),
+                     "--device", "cpu", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and str(src) in err and err.count("\n") == 1
+    assert not out.exists() or not any(out.iterdir())
+    assert main(["predict", "-m", str(tmp_path / "missing.recokd"), "-i", str(const), "-o", str(out)]) == 2
+    assert "missing.recokd" in capsys.readouterr().err
+
+
+def test_oom_falls_back_to_smaller_batch_then_cpu(model_path, monkeypatch):
+    real = predictor_module._sliding_window
+    calls = []
+
+    def fake(network, image, roi, overlap, sw, device, mirror_axes, on_windows):
+        calls.append((device.type, sw))
+        if device.type == "cuda":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return real(network, image, roi, overlap, sw, device, mirror_axes, on_windows)
+
+    monkeypatch.setattr(predictor_module, "_sliding_window", fake)
+    messages = []
+    predictor = Predictor(model_path, device="cpu", sw_batch_size=4, log=messages.append)
+    predictor.device = torch.device("cuda")  # pretend: the fake never touches a GPU
+    labels = predictor.predict_array(phantom_volume((16, 16, 16)), (1.0, 1.0, 1.0))
+    assert labels.shape == (16, 16, 16)
+    assert calls == [("cuda", 4), ("cuda", 1), ("cpu", 4)]
+    assert len(messages) == 2 and all("out of GPU memory" in m for m in messages) and "cpu" in messages[-1]
+    assert predictor.device.type == "cpu"  # later cases go straight to what worked
+
+
+def test_progress_callback_reaches_one(model_path):
+    fractions = []
+    predictor = Predictor(model_path, device="cpu", progress=fractions.append, overlap=0.5)
+    predictor.predict_array(phantom_volume((24, 24, 24)), (1.0, 1.0, 1.0))
+    assert fractions and fractions[-1] == pytest.approx(1.0)
+    assert fractions == sorted(fractions)
+
+
+def test_multichannel_case_by_suffix(tmp_path):
+    path = export_run(make_run(tmp_path / "run2", plans=tiny_plans(channels=2)), tmp_path / "two.recokd")
+    inp = tmp_path / "in"
+    write_image(phantom_volume((18, 18, 18), seed=1), inp / "p_0000.nii.gz")
+    write_image(phantom_volume((18, 18, 18), seed=2) ** 2, inp / "p_0001.nii.gz")
+    write_image(phantom_volume((18, 18, 18), seed=3), inp / "q_0000.nii.gz")  # lacks its second channel
+    assert [len(v) for v in group_cases(inp).values()] == [2, 1]
+    predictor = Predictor(path, device="cpu")
+    out = predictor.predict_files(group_cases(inp)["p"], tmp_path / "out" / "p.nii.gz")
+    assert sitk.ReadImage(str(out)).GetSize() == (18, 18, 18)
+    with pytest.raises(ReCoKDError, match=r"q_0000.nii.gz has 1 channel\(s\) but model 'run2' expects 2.*_0001"):
+        predictor.predict_files(group_cases(inp)["q"], tmp_path / "out" / "q.nii.gz")
+    assert not (tmp_path / "out" / "q.nii.gz").exists()
+
+
+def test_slicer_geometry_conversion():
+    from ReCoKDLib.inference.predictor import geometry_from_ijk_to_ras
+
+    m = np.asarray(DIRECTION).reshape(3, 3) * np.asarray(SPACING)  # LPS, columns scaled by spacing
+    ijk_to_ras = np.eye(4)
+    ijk_to_ras[:3, :3] = np.diag([-1, -1, 1]) @ m
+    ijk_to_ras[:3, 3] = np.diag([-1, -1, 1]) @ np.asarray(ORIGIN)
+    spacing, origin, direction = geometry_from_ijk_to_ras(ijk_to_ras)
+    assert spacing == pytest.approx(SPACING) and origin == pytest.approx(ORIGIN) and direction == pytest.approx(DIRECTION)
+
+
+def test_mirror_tta_runs_every_flip():
+    calls = []
+
+    class Counting(ThresholdNet):
+        def forward(self, x):
+            calls.append(x.shape[0])
+            return super().forward(x)
+
+    bundle = threshold_bundle(target_spacing=(1.0, 1.0, 1.0))
+    image = phantom_volume((16, 16, 16))
+    plain = Predictor(bundle, device="cpu", network=Counting()).predict_array(image, (1.0, 1.0, 1.0))
+    n_plain = len(calls)
+    tta = Predictor(bundle, device="cpu", network=Counting(), mirror_tta=True).predict_array(image, (1.0, 1.0, 1.0))
+    assert len(calls) - n_plain == 8 * n_plain  # all 8 mirror images of each window batch
+    np.testing.assert_array_equal(plain, tta)  # a threshold is flip-equivariant
+
+
+def test_weights_that_do_not_fit_are_refused(tmp_path):
+    from ReCoKDLib.bundle import bundle_from_network, load_bundle
+
+    plans = tiny_plans()
+    good = bundle_from_network(tiny_network(plans), plans, "good")
+    wide = tiny_plans()
+    other = build_unet(isotropic_spec(1, 3, num_levels=3, filters=[16, 32, 64]))
+    bad = bundle_from_network(other, wide, "bad")
+    good.weights = bad.weights  # a bundle whose weights belong to another network (checksums re-made on save)
+    path = good.save(tmp_path / "mismatch.recokd")
+    with pytest.raises(ReCoKDError, match="do not fit this network") as info:
+        Predictor(load_bundle(path), device="cpu")
+    assert "mismatch.recokd" in str(info.value)
+
+
+def test_folder_with_a_bad_case_writes_the_others(tmp_path, model_path, capsys):
+    inp = tmp_path / "in"
+    write_image(phantom_volume((16, 16, 16)), inp / "good_0000.mha")
+    write_image(np.zeros((16, 16, 16), np.float32), inp / "blank_0000.mhd")  # constant, and a two-file format
+    code = main(["predict", "-m", str(model_path), "-i", str(inp), "-o", str(tmp_path / "out"), "--device", "cpu",
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "blank_0000.mhd" in err and "constant" in err and "1 of 2 case(s) failed" in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.mha"]
+    with pytest.raises(ReCoKDError, match="two-file format; use .mha"):
+        Predictor(model_path, device="cpu").predict_files([inp / "good_0000.mha"], tmp_path / "x.mhd")

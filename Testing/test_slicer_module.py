@@ -1,0 +1,356 @@
+"""The 3D Slicer module's logic under plain Python, with the real MRML data model from ``slicer-core``.
+
+No Qt here: the Widget is covered by static checks (the .ui file has every widget the code uses, the
+parameter-node bindings name real fields, the file compiles); the Slicer-application self-test
+(``ReCoKDTest``) must at least compile. The segment path runs for real: volume node -> temporary
+NRRD -> ``python -m ReCoKDLib.slicer_bridge`` in a background process -> segmentation node.
+"""
+
+from __future__ import annotations
+
+import json
+import py_compile
+import re
+import sys
+import time
+import xml.etree.ElementTree as ET
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core, or .[test])")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("the 'slicer' module found is not slicer-core (no vtkMRMLScene)", allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE_DIR = ROOT / "ReCoKD"
+sys.path.insert(0, str(MODULE_DIR))
+
+import ReCoKD as module  # noqa: E402
+from bundle_helpers import tiny_network, tiny_plans  # noqa: E402
+from ReCoKDLib.bundle import bundle_from_network  # noqa: E402
+from ReCoKDLib.inference.predictor import Predictor  # noqa: E402
+from ReCoKDSlicer import jobs  # noqa: E402
+
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def _oblique_ijk_to_ras() -> np.ndarray:
+    """Oblique rotation (30° about one axis, 20° about another), anisotropic spacing, offset origin."""
+    a, b = np.deg2rad(30), np.deg2rad(20)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    m = np.eye(4)
+    m[:3, :3] = (rz @ rx) @ np.diag([0.8, 1.2, 2.5])
+    m[:3, 3] = (-31.0, 14.5, 120.25)
+    return m
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("slicer")
+    scene = slicer.vtkMRMLScene()
+    slicer.mrmlScene = scene  # slicer.util's helpers use the global scene
+    plans = tiny_plans(num_classes=3, spacing=(1.0, 1.0, 1.0))
+    colors = {"background": [0, 0, 0], "organ": [0.9, 0.1, 0.2], "kidney": [0.1, 0.7, 0.3]}
+    # a reference direction makes the predictor reorient the input: a wrong RAS->LPS conversion would show
+    bundle = bundle_from_network(tiny_network(plans, seed=3), plans, "tiny", colors=colors, reference_direction=IDENTITY)
+    bundle_path = bundle.save(folder / "tiny.recokd")
+    plans2 = tiny_plans(num_classes=3, channels=2)
+    bundle2_path = bundle_from_network(tiny_network(plans2), plans2, "twochannel").save(folder / "twochannel.recokd")
+    rng = np.random.default_rng(0)
+    array = (rng.random((18, 22, 26)) + np.linspace(0, 1, 26)[None, None, :]).astype(np.float32)  # (K, J, I), no symmetry
+    volume = slicer.util.addVolumeFromArray(array, ijkToRAS=_oblique_ijk_to_ras(), name="CT")
+    logic = module.ReCoKDLogic(scene=scene, modelsFolder=folder / "models", registries=[])
+    yield {"scene": scene, "folder": folder, "bundle": bundle, "bundle_path": bundle_path, "bundle2_path": bundle2_path,
+           "array": array, "volume": volume, "logic": logic}
+    if getattr(slicer, "mrmlScene", None) is scene:
+        del slicer.mrmlScene
+
+
+def _expected_labels(bundle, array: np.ndarray) -> np.ndarray:
+    """The predictor's labels for the same voxels, the LPS geometry derived here independently."""
+    m = _oblique_ijk_to_ras()
+    spacing = np.linalg.norm(m[:3, :3], axis=0)
+    direction_lps = np.diag([-1, -1, 1]) @ (m[:3, :3] / spacing)
+    origin_lps = np.array([-m[0, 3], -m[1, 3], m[2, 3]])
+    predictor = Predictor(bundle, device="cpu")
+    return predictor.predict_array(array, spacing, origin_lps, direction_lps.ravel())
+
+
+def _segment_on_volume_grid(scene, node, segment_id, volume) -> np.ndarray:
+    """A segment exported onto the volume's voxel grid (K, J, I), as Slicer's Segmentations module does."""
+    import vtk
+
+    segmentations_logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    segmentations_logic.SetMRMLScene(scene)
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(segment_id)
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__export__")
+    try:
+        assert segmentations_logic.ExportSegmentsToLabelmapNode(node, ids, labelmap, volume)
+        return np.array(slicer.util.arrayFromVolume(labelmap), copy=True)
+    finally:
+        scene.RemoveNode(labelmap)
+
+
+def _dice(a, b):
+    s = a.sum() + b.sum()
+    return 1.0 if s == 0 else 2 * np.logical_and(a, b).sum() / s
+
+
+def test_segment_matches_predictor_in_volume_geometry(env):
+    scene, volume, logic = env["scene"], env["volume"], env["logic"]
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    study = sh.CreateStudyItem(sh.CreateSubjectItem(sh.GetSceneItemID(), "patient"), "study")
+    item = sh.GetItemByDataNode(volume)
+    if item:  # in the Slicer application every node has an item; slicer-core creates none by itself
+        sh.SetItemParent(item, study)
+    else:
+        sh.CreateItem(study, volume)
+    expected = _expected_labels(env["bundle"], env["array"])
+    # the check is only meaningful when the labels are varied and not symmetric under an axis flip
+    assert 0.05 < (expected == 1).mean() < 0.95 or 0.05 < (expected == 2).mean() < 0.95
+    assert all((expected != np.flip(expected, axis=a)).mean() > 0.02 for a in range(3))
+
+    before = scene.GetNumberOfNodes()
+    fractions = []
+    node = logic.segment([volume], env["bundle_path"], device="cpu", fast=True, progress=fractions.append)
+    assert node is not None and node.GetName() == "CT – tiny"
+    assert fractions and fractions[-1] == 1.0
+    assert node.GetAttribute("ReCoKD.device") == "cpu" and float(node.GetAttribute("ReCoKD.seconds")) > 0
+    assert "on cpu" in logic.lastMessage and "CT – tiny" in logic.lastMessage
+    assert scene.GetNumberOfNodes() > before
+    segmentation = node.GetSegmentation()
+    names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+    assert names == ["organ", "kidney"]
+    for name, value in (("organ", 1), ("kidney", 2)):
+        segment = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(name))
+        assert np.allclose(segment.GetColor(), env["bundle"].colors[name], atol=1e-6)
+        got = _segment_on_volume_grid(env["scene"], node, segmentation.GetSegmentIdBySegmentName(name), volume)
+        assert got.shape == expected.shape
+        want = expected == value
+        assert _dice(got > 0, want) >= 0.99, name
+        assert (got > 0).sum() == want.sum()
+    ref = node.GetNodeReference(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole())
+    assert ref is volume
+    assert sh.GetItemParent(sh.GetItemByDataNode(node)) == study
+    assert logic.segmentationTask is None  # finished and cleaned up
+    scene.RemoveNode(node)
+
+
+def test_wrong_number_of_volumes_is_refused(env):
+    scene, volume, logic = env["scene"], env["volume"], env["logic"]
+    before = scene.GetNumberOfNodes()
+    with pytest.raises(module.ReCoKDError, match=r"needs 2 input volume\(s\) \(MRI0, MRI1\) but 1 were given"):
+        logic.segment([volume], env["bundle2_path"], device="cpu", fast=True)
+    with pytest.raises(module.ReCoKDError, match="needs 1 input volume"):
+        logic.segment([volume, volume], env["bundle_path"], device="cpu", fast=True)
+    with pytest.raises(module.ReCoKDError, match="device must be one of"):
+        logic.segment([volume], env["bundle_path"], device="tpu")
+    assert scene.GetNumberOfNodes() == before
+    assert logic.segmentationTask is None
+
+
+def test_failed_job_leaves_scene_unchanged_with_one_message(env, tmp_path):
+    scene, volume, logic = env["scene"], env["volume"], env["logic"]
+    broken = tmp_path / "broken.recokd"
+    with zipfile.ZipFile(env["bundle_path"]) as src, zipfile.ZipFile(broken, "w") as dst:
+        for name in src.namelist():
+            data = src.read(name)
+            dst.writestr(name, data[:-8] + b"corrupt!" if name == "weights.safetensors" else data)
+    before = scene.GetNumberOfNodes()
+    with pytest.raises(module.ReCoKDError) as info:
+        logic.segment([volume], broken, device="cpu", fast=True)
+    message = str(info.value)
+    assert "sha256" in message and "\n" not in message
+    assert scene.GetNumberOfNodes() == before
+
+
+def test_cancel_kills_process_tree_and_leaves_scene(env):
+    scene, volume, logic = env["scene"], env["volume"], env["logic"]
+    before = scene.GetNumberOfNodes()
+    logic.debugDelay = 5.0  # seconds per window: the job cannot finish before we cancel
+    finished = []
+    try:
+        task = logic.segment([volume], env["bundle_path"], device="cpu", fast=True, wait=False, onFinished=finished.append)
+    finally:
+        logic.debugDelay = 0.0
+    deadline = time.monotonic() + 120
+    while not any(line.startswith("PROGRESS") for line in task.job.lines):
+        assert task.poll() == jobs.RUNNING, task.job.error
+        assert time.monotonic() < deadline, "the segmentation process never reported progress"
+        time.sleep(0.1)
+    pid, tmpdir = task.job.pid, task.tmpdir
+    logic.cancel()
+    assert task.state == jobs.CANCELLED
+    assert finished == [task] and "cancelled" in task.message
+    assert not jobs.processGroupAlive(pid)
+    assert not Path(tmpdir).exists()
+    assert scene.GetNumberOfNodes() == before
+    assert logic.segmentationTask is None
+
+
+@pytest.mark.skipif(sys.platform.startswith("win"), reason="POSIX process groups")
+def test_cancel_kills_grandchildren(tmp_path):
+    job = jobs.BackgroundJob(["/bin/sh", "-c", "sleep 60 & sleep 60 & echo started; wait"], name="sleepers").start()
+    deadline = time.monotonic() + 20
+    while "started" not in job.lines and time.monotonic() < deadline:
+        job.poll()
+        time.sleep(0.05)
+    assert job.poll() == jobs.RUNNING
+    job.cancel()
+    assert job.state == jobs.CANCELLED
+    assert not jobs.processGroupAlive(job.pid)
+
+
+def test_bad_registry_entry_is_skipped_with_a_warning(env, tmp_path):
+    good = {"name": "good-model", "url": "good.recokd", "sha256": "a" * 64, "description": "fine"}
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps({"version": 1, "models": [
+        good,
+        {"name": "bad sha", "url": "x.recokd", "sha256": "not-a-hash"},
+        "not an object",
+        {"name": "good-model", "url": "dup.recokd", "sha256": "b" * 64},
+    ]}))
+    unreadable = tmp_path / "broken.json"
+    unreadable.write_text("{not json")
+    logic = module.ReCoKDLogic(scene=env["scene"], modelsFolder=env["folder"], registries=[registry, unreadable, tmp_path / "missing.json"])
+    sources = logic.availableModels()
+    registry_names = [s.name for s in sources if s.kind == "registry"]
+    assert registry_names == ["good-model"]
+    assert {"tiny", "twochannel"} <= {s.name for s in sources if s.kind == "file"}
+    assert len(logic.warnings) == 5
+    assert any("entry 1" in w and "skipped" in w for w in logic.warnings)
+    assert any("broken.json" in w for w in logic.warnings)
+    # a registry model is fetched by the background process: its channels are not known in advance
+    assert logic.modelInfo("good-model") is None
+    info = logic.modelInfo(env["bundle_path"])
+    assert info.numChannels == 1 and info.labels == {"background": 0, "organ": 1, "kidney": 2}
+
+
+def _fake_python(tmp_path: Path) -> Path:
+    """A stand-in for Slicer's python: `-m ReCoKDLib.slicer_bridge cli distill|export ...` without torch."""
+    script = tmp_path / "fakepython"
+    script.write_text(f"""#!{sys.executable}
+import sys, pathlib, time
+args = sys.argv[sys.argv.index("cli") + 1:]
+out = pathlib.Path(args[args.index("-o") + 1])
+if args[0] == "export":
+    out.write_bytes(b"bundle")
+    print("bundle:", out)
+    sys.exit(0)
+out.mkdir(parents=True, exist_ok=True)
+epochs = int(args[args.index("--epochs") + 1])
+rows = ["epoch,lr,loss_seg,loss_kd,dice_mean"]
+for e in range(1, epochs + 1):
+    rows.append(f"{{e}},0.01,{{1.0 / e}},{{0.5 / e}},{{0.2 * e}}")
+    (out / "log.csv").write_text("\\n".join(rows) + "\\n")
+    print("epoch", e, flush=True)
+print("ARGS", " ".join(args))
+""")
+    script.chmod(0o755)
+    return script
+
+
+@pytest.mark.skipif(sys.platform.startswith("win"), reason="uses a POSIX script as the interpreter")
+def test_distill_runs_in_background_and_exports_the_student(env, tmp_path, monkeypatch):
+    monkeypatch.setattr(module, "pythonExecutable", lambda: str(_fake_python(tmp_path)))
+    models_folder = tmp_path / "models"
+    logic = module.ReCoKDLogic(scene=env["scene"], modelsFolder=models_folder, registries=[])
+    seen = []
+    task = logic.distill(str(tmp_path / "Dataset001"), str(tmp_path / "teacher"), method="msard", widthFactor=2,
+                         epochs=3, outputFolder=str(tmp_path / "student"), device="cpu", wait=True,
+                         progress=lambda t: seen.append(t.progress))
+    assert task.state == jobs.SUCCEEDED
+    assert [r["epoch"] for r in task.history] == [1.0, 2.0, 3.0]
+    assert task.history[-1]["dice_mean"] == pytest.approx(0.6) and "loss_kd" in task.history[0]
+    args = next(line for line in task.job.lines if line.startswith("ARGS")).split()[1:]
+    assert args[0] == "distill" and args[args.index("--teacher") + 1] == str(tmp_path / "teacher")
+    assert args[args.index("--method") + 1] == "msard" and float(args[args.index("--width-factor") + 1]) == 2.0
+    assert task.bundlePath == models_folder / "student.recokd" and task.bundlePath.is_file()
+    assert "student" in [s.name for s in logic.availableModels()]
+    # resume restarts the same command with --resume
+    task2 = logic.resumeTraining(wait=True)
+    args2 = next(line for line in task2.job.lines if line.startswith("ARGS")).split()[1:]
+    assert args2.count("--resume") == 1 and args2[:-2] == args[:-1]
+    teacher = logic.trainTeacher(str(tmp_path / "Dataset001"), str(tmp_path / "teacher"), epochs=2, device="cpu")
+    args3 = next(line for line in teacher.job.lines if line.startswith("ARGS")).split()[1:]
+    assert teacher.state == jobs.SUCCEEDED and teacher.bundlePath is None and len(teacher.history) == 2
+    assert args3[:4] == ["train", str(tmp_path / "Dataset001"), "-o", str(tmp_path / "teacher")]
+    with pytest.raises(module.ReCoKDError, match="teacher"):
+        logic.distill(str(tmp_path / "Dataset001"), None, wait=True)
+    with pytest.raises(module.ReCoKDError, match="KD method"):
+        logic.distill(str(tmp_path / "Dataset001"), "t", method="bogus")
+
+
+def test_kd_methods_match_the_distill_command():
+    from ReCoKDLib.losses.registry import KD_METHODS
+
+    assert set(module.KD_METHODS) == set(KD_METHODS)
+
+
+# -- static checks of the GUI (no Qt here) -------------------------------------------------------
+
+
+def _ui_widgets():
+    tree = ET.parse(MODULE_DIR / "Resources" / "UI" / "ReCoKD.ui")
+    widgets = {w.get("name"): w for w in tree.iter("widget")}
+    return tree, widgets
+
+
+def test_ui_file_has_every_widget_the_code_uses():
+    _, widgets = _ui_widgets()
+    source = (MODULE_DIR / "ReCoKD.py").read_text(encoding="utf-8")
+    used = set(re.findall(r"self\.ui\.(\w+)", source))
+    assert used, "the widget uses no self.ui names?"
+    missing = sorted(used - set(widgets))
+    assert not missing, f"widgets used in ReCoKD.py but absent from ReCoKD.ui: {missing}"
+
+
+def test_ui_parameter_bindings_name_parameter_node_fields():
+    tree, _ = _ui_widgets()
+    bound = {}
+    for widget in tree.iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[widget.get("name")] = prop.find("string").text
+    assert bound, "no widget is bound to the parameter node"
+    source = (MODULE_DIR / "ReCoKD.py").read_text(encoding="utf-8")
+    block = source[source.index("class ReCoKDParameterNode"):source.index("else:\n    ReCoKDParameterNode = None")]
+    fields = set(re.findall(r"^\s+(\w+):", block, flags=re.M))
+    assert set(bound.values()) <= fields, sorted(set(bound.values()) - fields)
+
+
+def test_module_files_compile_and_selftest_exists(tmp_path):
+    for path in [MODULE_DIR / "ReCoKD.py", *sorted((MODULE_DIR / "ReCoKDSlicer").glob("*.py"))]:
+        py_compile.compile(str(path), cfile=str(tmp_path / (path.name + "c")), doraise=True)
+    assert issubclass(module.ReCoKDTest, module.ScriptedLoadableModuleTest)
+    assert hasattr(module.ReCoKDTest, "runTest") and hasattr(module.ReCoKDTest, "test_segment_phantom")
+    assert module.ReCoKDWidget and module.ReCoKD(None) is not None
+
+
+def test_bridge_reports_errors_in_one_line(tmp_path, capsys):
+    from ReCoKDLib import slicer_bridge
+
+    code = slicer_bridge.main(["segment", "--model", str(tmp_path / "nope.recokd"), "--inputs", str(tmp_path / "a.nrrd"),
+                               "--output", str(tmp_path / "out.nrrd")])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 2 and out[-1].startswith("ERROR ") and "does not exist" in out[-1]
+
+
+def test_dependency_check_installs_nothing_at_import():
+    from ReCoKDSlicer import dependencies
+
+    assert dependencies.missingDependencies() == []  # the test environment has everything
+    assert any(p.startswith("numpy==") for p in dependencies.protectedPins())
+
+
+def test_selftest_passes_under_slicer_core(monkeypatch):
+    """The in-Slicer self-test (ReCoKDTest) also runs here, on its own scene, minus the GUI pauses."""
+    monkeypatch.setattr(slicer, "mrmlScene", slicer.vtkMRMLScene(), raising=False)
+    test = module.ReCoKDTest()
+    test.delayDisplay = lambda message: None
+    test.runTest()
