@@ -83,9 +83,10 @@ def demo_figure(path: Path, cases, predictions: dict, results, label_names: list
         values = [r.dice[n] for n in label_names] + [r.dice_mean]
         ax.bar(x + (i - (len(results) - 1) / 2) * width, values, width, label=r.name)
     ax.set_xticks(x, [*label_names, "mean"])
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.15)  # head-room for the legend above the bars
+    ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_ylabel("Dice (test cases)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", ncol=len(results), frameon=False)
     ax.set_title("per-class Dice", fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
