@@ -12,6 +12,17 @@ from ..errors import ReCoKDError
 from .checks import check_levels, require_5d, require_labels, require_same_shape
 
 
+def _attentions(magnitude: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S, A)`` from ``|F|`` computed once: one abs (and one abs backward) serves both attentions,
+    a measurable saving at full-resolution levels."""
+    b, c = magnitude.shape[:2]
+    flat = magnitude.reshape(b, c, -1)
+    n = flat.shape[2]
+    spatial = n * F.softmax(flat.mean(dim=1) / temperature, dim=1)
+    channel = c * F.softmax(flat.mean(dim=2) / temperature, dim=1)
+    return spatial, channel
+
+
 def spatial_attention(features: torch.Tensor, temperature: float) -> torch.Tensor:
     """``S(F)[b, v] = N · softmax_v(mean_c |F[b, c, v]| / T)``.
 
@@ -69,11 +80,17 @@ def region_masks(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, 
     return m_fg, m_bg
 
 
-def _masked_mean(weighted_error: torch.Tensor, mask: torch.Tensor, tau: float, channels: int) -> torch.Tensor:
-    """``Σ_{b,v} M^τ · E / (C · Σ_{b,v} M^τ)``; zero (not NaN) when the mask is empty."""
+def _masked_mean(
+    error: torch.Tensor, mask: torch.Tensor, spatial: torch.Tensor, tau: float, channels: int
+) -> torch.Tensor:
+    """``Σ_{b,v} M^τ · S_t · E / (C · Σ_{b,v} M^τ)``; zero (not NaN) when the mask is empty.
+
+    ``M^τ · S_t`` carries no gradient, so it is formed first and met with ``E`` in one dot product:
+    no (B, N) product with a graph is kept.
+    """
     m = mask.pow(tau) if tau != 1.0 else mask
     denom = m.sum() * channels
-    num = (m * weighted_error).sum()
+    num = torch.dot((m * spatial).reshape(-1), error.reshape(-1))
     return torch.where(denom > 0, num / denom.clamp_min(1e-12), num * 0.0)
 
 
@@ -117,17 +134,15 @@ def _region_terms(
     """:func:`region_terms` without the input checks (the caller has validated once per step)."""
     teacher = teacher.detach()
     b, c = student.shape[:2]
-    s_t = spatial_attention(teacher, temperature)
-    a_t = channel_attention(teacher, temperature)
-    s_s = spatial_attention(student, temperature)
-    a_s = channel_attention(student, temperature)
+    s_t, a_t = _attentions(teacher.abs(), temperature)
+    s_s, a_s = _attentions(student.abs(), temperature)
     m_fg, m_bg = region_masks(labels, num_classes)
     diff = (student - teacher).reshape(b, c, -1)
-    # E[b, v] = S_t[b, v] · Σ_c A_t[b, c] · (F_s' − F_t)²[b, c, v], shared by both regions; (B, N) only.
-    error = torch.einsum("bc,bcn->bn", a_t, diff * diff) * s_t
+    # E[b, v] = Σ_c A_t[b, c] · (F_s' − F_t)²[b, c, v], shared by both regions; (B, N) only.
+    error = torch.einsum("bc,bcn->bn", a_t, diff * diff)
     return {
-        "foreground": _masked_mean(error, m_fg, tau, c),
-        "background": _masked_mean(error, m_bg, tau, c),
+        "foreground": _masked_mean(error, m_fg, s_t, tau, c),
+        "background": _masked_mean(error, m_bg, s_t, tau, c),
         "attention": (a_s - a_t).abs().mean() + (s_s - s_t).abs().mean(),
     }
 
