@@ -12,22 +12,20 @@ import numpy as np
 import torch
 
 from ..errors import ReCoKDError
+from ..utils.io import atomic_write
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to ``path`` through a temporary sibling and a rename: a reader (or a kill)
     never sees a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+            os.fsync(f.fileno())  # a resumed run must find the whole checkpoint even after a power cut
+
+    return atomic_write(path, write)
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ..data.loader import PatchBatches, batch_loader
 from ..distill.distiller import Distiller
 from ..errors import ReCoKDError
+from ..utils.io import atomic_write_text
 from ..inference.sliding_window import predict_labels
 from ..losses.segmentation import DeepSupervisedDiceCELoss
 from ..models.weights import save_weights
@@ -165,12 +166,6 @@ def _dist_info() -> tuple[int, int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
     return 0, 1, 0
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -380,7 +375,7 @@ class EpochTrainer:
         writer.writeheader()
         for row in self.history:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        _atomic_text(self.run_dir / "log.csv", buf.getvalue())
+        atomic_write_text(self.run_dir / "log.csv", buf.getvalue())
         row = self.history[-1]
         tb = self._tensorboard()
         if tb is not None:
@@ -407,7 +402,7 @@ class EpochTrainer:
             if "dice_per_class" in info["metrics"]:
                 info["metrics"]["dice_per_class"] = {
                     k: (v if math.isfinite(v) else None) for k, v in info["metrics"]["dice_per_class"].items()}
-            _atomic_text(self.run_dir / "run.json", json.dumps(info, indent=2) + "\n")
+            atomic_write_text(self.run_dir / "run.json", json.dumps(info, indent=2) + "\n")
 
     def plot_curves(self) -> Path | None:
         if not self.history:
