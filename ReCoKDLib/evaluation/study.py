@@ -1,0 +1,504 @@
+"""A distillation study from one JSON config: plan, teachers, students × seeds, ablations, latency,
+then one report (``recokd benchmark-study CONFIG -o DIR``).
+
+What runs (see ``configs/study.json`` for a full config):
+
+- per dataset, a ``plan`` job (fingerprint, plans, preprocessing; the shared cache of the dataset);
+- per dataset, teacher(s): ``evaluate_on: "test"`` trains one teacher on every training case and
+  scores on ``imagesTs``/``labelsTs``; ``evaluate_on: "cv"`` cuts the training cases into ``folds``
+  groups (cases sharing ``group_pattern``'s first match, e.g. one patient's ED and ES frames, stay
+  together), trains one teacher per fold and scores each fold's held-out cases;
+- per dataset, every student variant × every seed (seed ``i`` uses fold ``i mod folds`` under CV, so
+  three seeds are a three-fold cross-validation);
+- ablation variants on one dataset; a latency benchmark per dataset (run alone, nothing in parallel).
+
+Every job is ``recokd train``/``recokd distill … --resume`` in a subprocess, followed by scoring the
+run's final EMA weights with the same :class:`~ReCoKDLib.inference.Predictor` users run (Dice, HD95,
+NSD per class, written to ``eval.json`` with a hash of the job). A job whose ``eval.json`` matches is
+skipped, so an interrupted study continues where it stopped: run the same command again. Logs of
+every job are in ``DIR/logs/``.
+
+The report (``report.md``, ``results.json``, PNG figures) is rebuilt from whatever has finished; runs
+not finished yet are listed as missing, never imputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import ReCoKDError
+from ..utils.io import atomic_write_text
+from .study_report import build_report
+
+__all__ = ["StudyConfig", "Job", "load_config", "plan_jobs", "run_study", "cv_folds", "evaluate_run", "build_report"]
+
+STUDY_VERSION = 1
+METHOD_KEYS = {"method", "lambda_max", "taps", "width_factor", "temperature", "warmup_fraction"}
+
+
+# --------------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class DatasetEntry:
+    name: str
+    path: Path
+    evaluate_on: str  # "test" or "cv"
+    folds: int = 1
+    group_pattern: str | None = None
+    teacher_epochs: int = 10
+    student_epochs: int = 4
+
+
+@dataclass
+class StudyConfig:
+    """A parsed study config (see the module docstring and ``configs/study.json``)."""
+
+    name: str
+    datasets: dict[str, DatasetEntry]
+    planner: dict[str, int]
+    training: dict[str, Any]
+    seeds: list[int]
+    students: dict[str, dict[str, Any]]
+    ablation_dataset: str | None = None
+    ablation_seeds: list[int] = field(default_factory=list)
+    ablations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    latency: dict[str, Any] = field(default_factory=dict)
+    jobs: int = 2
+    threads_per_job: int = 1
+    source: Path | None = None
+
+
+def _variant(name: str, spec: Any, where: str) -> dict[str, Any]:
+    if not isinstance(spec, dict) or "method" not in spec:
+        raise ReCoKDError(f"{where}: variant {name!r} needs an object with at least a 'method'")
+    unknown = set(spec) - METHOD_KEYS
+    if unknown:
+        raise ReCoKDError(f"{where}: variant {name!r} has unknown key(s) {sorted(unknown)}; allowed: {sorted(METHOD_KEYS)}")
+    from ..losses.registry import KD_METHODS
+
+    if spec["method"] not in KD_METHODS:
+        raise ReCoKDError(f"{where}: variant {name!r} uses unknown method {spec['method']!r}; choose one of {', '.join(KD_METHODS)}")
+    return dict(spec)
+
+
+def load_config(path: str | Path) -> StudyConfig:
+    """Read and check a study config; relative dataset paths are relative to the config file."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ReCoKDError(f"study config {path} does not exist; see configs/study.json for an example") from None
+    except (OSError, ValueError) as exc:
+        raise ReCoKDError(f"study config {path} is not readable JSON ({exc})") from None
+    where = str(path)
+    if not isinstance(raw, dict) or not raw.get("datasets") or not raw.get("students"):
+        raise ReCoKDError(f"{where}: a study needs 'datasets' and 'students'; see configs/study.json")
+    datasets = {}
+    for name, d in raw["datasets"].items():
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ReCoKDError(f"{where}: dataset key {name!r} must be letters, digits, '-', '_' or '.'")
+        ev = d.get("evaluate_on", "test")
+        if ev not in ("test", "cv"):
+            raise ReCoKDError(f"{where}: dataset {name!r}: evaluate_on must be 'test' or 'cv', got {ev!r}")
+        folds = int(d.get("folds", 1 if ev == "test" else 3))
+        if ev == "cv" and folds < 2:
+            raise ReCoKDError(f"{where}: dataset {name!r}: cross-validation needs folds >= 2")
+        p = Path(os.path.expandvars(str(d["path"])))
+        datasets[name] = DatasetEntry(
+            name, p if p.is_absolute() else (path.parent / p).resolve(), ev, folds if ev == "cv" else 1,
+            d.get("group_pattern"), int(d.get("teacher_epochs", raw.get("teacher_epochs", 10))),
+            int(d.get("student_epochs", raw.get("student_epochs", 4))))
+    students = {k: _variant(k, v, where) for k, v in raw["students"].items()}
+    abl = raw.get("ablations") or {}
+    ablations = {k: _variant(k, v, where) for k, v in (abl.get("variants") or {}).items()}
+    abl_ds = abl.get("dataset")
+    if ablations and abl_ds not in datasets:
+        raise ReCoKDError(f"{where}: ablations.dataset {abl_ds!r} is not one of the datasets {list(datasets)}")
+    seeds = [int(s) for s in raw.get("seeds", [0])]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ReCoKDError(f"{where}: 'seeds' must be a non-empty list of distinct integers")
+    return StudyConfig(
+        name=str(raw.get("name", path.stem)), datasets=datasets, planner=dict(raw.get("planner", {})),
+        training=dict(raw.get("training", {})), seeds=seeds, students=students, ablation_dataset=abl_ds,
+        ablation_seeds=[int(s) for s in abl.get("seeds", seeds[:1])], ablations=ablations,
+        latency=dict(raw.get("latency", {})), jobs=int(raw.get("jobs", 2)),
+        threads_per_job=int(raw.get("threads_per_job", 1)), source=path,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# splits
+
+
+def cv_folds(case_ids: Sequence[str], folds: int, group_pattern: str | None = None, seed: int = 0) -> list[list[str]]:
+    """Held-out case ids of each fold: groups (``group_pattern``'s first match, else the case id)
+    are shuffled with ``seed`` and dealt into ``folds`` near-equal parts."""
+    groups: dict[str, list[str]] = {}
+    for cid in sorted(case_ids):
+        m = re.search(group_pattern, cid) if group_pattern else None
+        groups.setdefault(m.group(1 if m and m.groups() else 0) if m else cid, []).append(cid)
+    keys = sorted(groups)
+    if len(keys) < folds:
+        raise ReCoKDError(f"{len(keys)} case group(s) cannot make {folds} folds; lower 'folds'")
+    order = np.random.default_rng(seed).permutation(len(keys))
+    return [sorted(c for i in part for c in groups[keys[i]]) for part in np.array_split(order, folds)]
+
+
+# --------------------------------------------------------------------------------------------------
+# jobs
+
+
+@dataclass
+class Job:
+    """One unit of work: a training run then its scoring (``kind`` train), the dataset's plan
+    (``plan``), or a latency benchmark (``latency``, run alone)."""
+
+    name: str
+    kind: str
+    folder: Path
+    spec: dict[str, Any]
+    deps: list[str] = field(default_factory=list)
+
+    @property
+    def exclusive(self) -> bool:
+        return self.kind == "latency"
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.spec, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def marker(self) -> Path:
+        """The file whose ``job_digest`` says the job has finished with exactly this spec."""
+        return self.folder / {"train": "eval.json", "plan": "plan_done.json", "latency": "latency_done.json"}[self.kind]
+
+    def done(self) -> bool:
+        try:
+            return json.loads(self.marker.read_text()).get("job_digest") == self.digest
+        except (OSError, ValueError, AttributeError):
+            return False
+
+
+def _train_options(config: StudyConfig, epochs: int, seed: int) -> list[str]:
+    t = config.training
+    opts = ["--epochs", str(epochs), "--iters-per-epoch", str(t.get("iters_per_epoch", 100)),
+            "--optimizer", str(t.get("optimizer", "adamw")), "--seed", str(seed),
+            "--val-every", str(epochs), "--val-max-cases", str(t.get("val_max_cases", 2)),
+            "--workers", str(t.get("workers", 1)), "--threads", str(config.threads_per_job),
+            "--device", str(t.get("device", "auto")), "--no-progress", "--resume"]
+    for key, flag in (("lr", "--lr"), ("batch_size", "--batch-size"), ("weight_decay", "--weight-decay")):
+        if key in t:
+            opts += [flag, str(t[key])]
+    return opts
+
+
+def _variant_options(v: dict[str, Any]) -> list[str]:
+    opts = ["--method", v["method"]]
+    for key, flag in (("lambda_max", "--lambda-max"), ("taps", "--taps"), ("width_factor", "--width-factor"),
+                      ("temperature", "--temperature"), ("warmup_fraction", "--warmup-fraction")):
+        if key in v:
+            opts += [flag, str(v[key])]
+    return opts
+
+
+def plan_jobs(config: StudyConfig, out: str | Path) -> list[Job]:
+    """Every job of the study in priority order (plans, teachers, main students seed by seed,
+    ablations, latency)."""
+    from ..data.datasets import open_dataset
+
+    out = Path(out).resolve()
+    jobs: list[Job] = []
+    teachers: dict[tuple[str, int], Job] = {}
+    eval_of: dict[tuple[str, int], dict[str, Any]] = {}
+    student_jobs: list[Job] = []
+    for dname, d in config.datasets.items():
+        dataset = open_dataset(d.path)
+        cache = out / "cache" / dname
+        planner = []
+        for key, flag in (("patch_budget", "--patch-budget"), ("base_filters", "--base-filters"),
+                          ("max_filters", "--max-filters"), ("max_levels", "--max-levels")):
+            if key in config.planner:
+                planner += [flag, str(config.planner[key])]
+        plan = Job(f"{dname}/plan", "plan", out / "runs" / dname,
+                   {"argv": ["plan", str(d.path), "--cache", str(cache), "--no-progress", *planner]})
+        jobs.append(plan)
+        base = ["--cache", str(cache)]
+        if d.evaluate_on == "test":
+            if not dataset.test or any(r.label_file is None for r in dataset.test):
+                raise ReCoKDError(f"dataset {dname} ({d.path}) has no labelled test cases (imagesTs + labelsTs); "
+                                  "use evaluate_on: cv")
+            splits = [(0, ["--fold", "all"], {"cases": "test"})]
+        else:
+            folds = cv_folds([r.case_id for r in dataset.training], d.folds, d.group_pattern)
+            splits = []
+            for k, held_out in enumerate(folds):
+                split_file = out / "splits" / dname / f"fold{k}.txt"
+                split_file.parent.mkdir(parents=True, exist_ok=True)
+                text = "\n".join(held_out) + "\n"
+                if not split_file.is_file() or split_file.read_text() != text:
+                    atomic_write_text(split_file, text)
+                splits.append((k, ["--val-cases", str(split_file)], {"cases": held_out}))
+        for k, split_opts, ev in splits:
+            folder = out / "runs" / dname / (f"teacher_f{k}" if d.evaluate_on == "cv" else "teacher")
+            argv = ["train", str(d.path), "-o", str(folder), *base, "--plans", str(cache / "plans.json"), *split_opts,
+                    *_train_options(config, d.teacher_epochs, k)]
+            evaluation = {"dataset": str(d.path), **ev}
+            t = Job(f"{dname}/{folder.name}", "train", folder, {"argv": argv, "eval": evaluation}, deps=[plan.name])
+            teachers[(dname, k)], eval_of[(dname, k)] = t, (split_opts, evaluation)
+            jobs.append(t)
+
+    def student(dname: str, vname: str, v: dict[str, Any], seed_index: int, seed: int, group: str) -> Job:
+        d = config.datasets[dname]
+        k = seed_index % d.folds
+        teacher = teachers[(dname, k)]
+        split_opts, evaluation = eval_of[(dname, k)]
+        folder = out / "runs" / dname / f"{vname}_s{seed}"
+        argv = ["distill", str(d.path), "-o", str(folder), "--cache", str(out / "cache" / dname),
+                "--teacher", str(teacher.folder), *split_opts, *_train_options(config, d.student_epochs, seed),
+                *_variant_options(v)]
+        spec = {"argv": argv, "eval": evaluation, "variant": vname, "group": group, "seed": seed, "fold": k}
+        return Job(f"{dname}/{folder.name}", "train", folder, spec, deps=[teacher.name])
+
+    for i, seed in enumerate(config.seeds):
+        for dname in config.datasets:
+            for vname, v in config.students.items():
+                student_jobs.append(student(dname, vname, v, i, seed, "main"))
+    jobs += student_jobs
+    if config.ablations:
+        for i, seed in enumerate(config.ablation_seeds):
+            for vname, v in config.ablations.items():
+                jobs.append(student(config.ablation_dataset, vname, v, i, seed, "ablation"))  # type: ignore[arg-type]
+    if config.latency.get("enabled", True):
+        for dname, d in config.datasets.items():
+            models = {"teacher": teachers[(dname, 0)]}
+            wanted = config.latency.get("students", ["none", "recokd"])
+            for j in jobs:
+                if j.kind == "train" and j.spec.get("variant") in wanted + config.latency.get("ablations", []) \
+                        and j.name.startswith(f"{dname}/") and j.spec.get("seed") == config.seeds[0] \
+                        and j.spec.get("fold") == 0:
+                    models[j.spec["variant"]] = j
+            spec = {"models": {n: str(j.folder) for n, j in models.items()}, "dataset": str(d.path),
+                    "cases": eval_of[(dname, 0)][1]["cases"], "threads": int(config.latency.get("threads", 2)),
+                    "repeats": int(config.latency.get("repeats", 3)), "max_cases": int(config.latency.get("max_cases", 4))}
+            jobs.append(Job(f"{dname}/latency", "latency", out / "latency" / dname, spec,
+                            deps=[j.name for j in models.values()]))
+    return jobs
+
+
+# --------------------------------------------------------------------------------------------------
+# running
+
+
+def _case_files(dataset_path: str, cases: str | Sequence[str]):
+    from ..data.datasets import open_dataset
+
+    dataset = open_dataset(dataset_path)
+    records = dataset.test if cases == "test" else [r for r in dataset.training if r.case_id in set(cases)]
+    if cases != "test" and len(records) != len(cases):
+        raise ReCoKDError(f"some evaluation cases are not in {dataset_path}")
+    return dataset, records
+
+
+def evaluate_run(run_dir: str | Path, dataset_path: str, cases: str | Sequence[str], weights: str = "final",
+                 threads: int | None = None, tolerance_mm: float = 2.0) -> dict[str, Any]:
+    """Score a run's weights on ``cases`` ("test" or held-out training case ids) of a dataset with the
+    user-facing predictor: per-case and mean Dice, HD95 and NSD per class."""
+    from ..bundle import bundle_from_run
+    from ..data.datasets import read_image
+    from ..inference.predictor import Predictor
+    from .metrics import score_case, summarise
+
+    import SimpleITK as sitk
+
+    bundle = bundle_from_run(run_dir, weights=weights)
+    predictor = Predictor(bundle, device="auto", progress=False, threads=threads)
+    _, records = _case_files(dataset_path, cases)
+    scores, per_case = [], []
+    tick = time.perf_counter()
+    for r in records:
+        pred = sitk.GetArrayFromImage(predictor.predict_image([read_image(p) for p in r.image_files], name=r.case_id))
+        ref_img = read_image(r.label_file)
+        ref = sitk.GetArrayFromImage(ref_img).astype(np.int64)
+        s = score_case(pred, ref, tuple(reversed(ref_img.GetSpacing())), bundle.label_names, tolerance_mm, r.case_id)
+        scores.append(s)
+        per_case.append({"case": r.case_id, **s.scores})
+    run = json.loads((Path(run_dir) / "run.json").read_text())
+    return {"cases": per_case, "summary": summarise(scores), "eval_seconds": time.perf_counter() - tick,
+            "train_seconds": sum(float(row.get("seconds", 0) or 0) for row in _log_rows(Path(run_dir))),
+            "run": {k: run.get(k) for k in ("role", "method", "seed", "fold", "width_factor", "lambda_max", "taps")}}
+
+
+def _log_rows(run_dir: Path) -> list[dict[str, str]]:
+    import csv
+
+    path = run_dir / "log.csv"
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+def execute_job(job_file: str | Path) -> int:
+    """Run one job described by a JSON file (the study's subprocess entry point)."""
+    from ..cli import main as cli_main
+
+    job = json.loads(Path(job_file).read_text())
+    kind, folder, spec = job["kind"], Path(job["folder"]), job["spec"]
+    if kind in ("plan", "train"):
+        rc = cli_main(list(spec["argv"]))
+        if rc:
+            return rc
+    if kind == "plan":
+        atomic_write_text(folder / "plan_done.json", json.dumps({"job_digest": job["digest"]}) + "\n")
+    elif kind == "train":
+        ev = spec["eval"]
+        result = evaluate_run(folder, ev["dataset"], ev["cases"], threads=job.get("threads"))
+        result["job_digest"] = job["digest"]
+        atomic_write_text(folder / "eval.json", json.dumps(_clean(result), indent=1) + "\n")
+        s = result["summary"]["dice"]
+        print(f"{job['name']}: mean Dice {s['mean']:.4f} " + " ".join(f"{k} {v:.4f}" for k, v in s.items() if k != "mean"))
+    elif kind == "latency":
+        _latency(folder, spec)
+        atomic_write_text(folder / "latency_done.json", json.dumps({"job_digest": job["digest"]}) + "\n")
+    return 0
+
+
+def _latency(folder: Path, spec: dict[str, Any]) -> None:
+    import tempfile
+
+    from .benchmark import results_json, run_benchmark
+
+    dataset, records = _case_files(spec["dataset"], spec["cases"])
+    records = list(records)[: spec["max_cases"]]
+    with tempfile.TemporaryDirectory() as tmp:  # run_benchmark reads folders: link the chosen cases
+        imgs, labs = Path(tmp) / "images", Path(tmp) / "labels"
+        imgs.mkdir()
+        labs.mkdir()
+        for r in records:
+            for p in r.image_files:
+                os.symlink(p.resolve(), imgs / p.name)
+            os.symlink(r.label_file.resolve(), labs / f"{r.case_id}{dataset.file_ending}")
+        results = run_benchmark(spec["models"], imgs, labs, device="cpu", repeats=spec["repeats"],
+                                threads=spec["threads"], teacher="teacher")
+    atomic_write_text(folder / "benchmark.json", results_json(results) + "\n")
+
+
+def run_study(
+    config: StudyConfig,
+    out: str | Path,
+    jobs: int | None = None,
+    only: Sequence[str] | None = None,
+    log: Callable[[str], None] = print,
+    poll_seconds: float = 1.0,
+) -> tuple[list[Job], list[str]]:
+    """Run every unfinished job (``jobs`` at a time; latency jobs alone), then write the report.
+
+    ``only``: names or prefixes (e.g. ``"ACDC-subset/"``) of the jobs to run (their finished
+    dependencies are required). Returns (all jobs, names of failed or blocked jobs).
+    """
+    out = Path(out).resolve()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    all_jobs = plan_jobs(config, out)
+    by_name = {j.name: j for j in all_jobs}
+    selected = [j for j in all_jobs if not only or any(j.name == o or j.name.startswith(o) for o in only)]
+    finished = {j.name for j in all_jobs if j.done()}
+    pending = [j for j in selected if j.name not in finished]
+    width = max(1, jobs or config.jobs)
+    log(f"study {config.name}: {len(all_jobs)} jobs, {len(finished)} finished, {len(pending)} to run, "
+        f"{width} at a time; logs in {out / 'logs'}")
+    running: dict[str, tuple[Job, subprocess.Popen, float]] = {}
+    failed: list[str] = []
+    times_file = out / "wall_times.json"
+    wall = json.loads(times_file.read_text()) if times_file.is_file() else {}
+    env = dict(os.environ, OMP_NUM_THREADS=str(config.threads_per_job), PYTHONUNBUFFERED="1")
+    try:
+        while pending or running:
+            for j in list(pending):
+                waiting = [d for d in j.deps if d not in finished]
+                if any(d in failed for d in waiting) or any(
+                        d not in running and all(p.name != d for p in pending) for d in waiting):
+                    pending.remove(j)
+                    failed.append(j.name)
+                    log(f"skip   {j.name}: {waiting[0]} did not finish (or is not selected)")
+                    continue
+                if waiting:
+                    continue
+                if j.exclusive and running:
+                    break  # hold later jobs back so that the exclusive one gets the machine next
+                if len(running) >= width or any(r[0].exclusive for r in running.values()):
+                    break
+                j.folder.mkdir(parents=True, exist_ok=True)
+                job_file = out / "logs" / (j.name.replace("/", "__") + ".job.json")
+                atomic_write_text(job_file, json.dumps({"name": j.name, "kind": j.kind, "folder": str(j.folder),
+                                                        "spec": j.spec, "digest": j.digest,
+                                                        "threads": config.threads_per_job}, indent=1) + "\n")
+                log_file = open(out / "logs" / (j.name.replace("/", "__") + ".log"), "a")
+                proc = subprocess.Popen([sys.executable, "-m", "ReCoKDLib.evaluation.study", str(job_file)],
+                                        stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                log_file.close()
+                running[j.name] = (j, proc, time.perf_counter())
+                pending.remove(j)
+                log(f"start  {j.name}")
+            time.sleep(poll_seconds)
+            for name, (j, proc, start) in list(running.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                del running[name]
+                seconds = time.perf_counter() - start
+                if rc == 0 and j.done():
+                    finished.add(name)
+                    wall[name] = wall.get(name, 0.0) + seconds
+                    atomic_write_text(times_file, json.dumps(wall, indent=1, sort_keys=True) + "\n")
+                    log(f"done   {name} ({seconds / 60:.1f} min)")
+                else:
+                    failed.append(name)
+                    log(f"FAILED {name} (exit {rc}); see {out / 'logs' / (name.replace('/', '__') + '.log')}")
+    except KeyboardInterrupt:
+        for name, (j, proc, start) in running.items():
+            os.killpg(proc.pid, signal.SIGINT)
+        for name, (j, proc, start) in running.items():
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        log("interrupted: finished jobs are kept and unfinished runs resume from their last checkpoint; "
+            "run the same command again to continue")
+        raise
+    build_report(config, out, log=log)
+    return all_jobs, failed
+
+
+if __name__ == "__main__":
+    from ..errors import ReCoKDError as _E
+
+    try:
+        sys.exit(execute_job(sys.argv[1]))
+    except _E as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,357 @@
+"""The report of a distillation study (:mod:`ReCoKDLib.evaluation.study`): tables, figures and a JSON
+of every aggregate, rebuilt from the runs' ``eval.json`` files and the latency benchmarks.
+
+Aggregation: a run's score is the mean over its evaluation cases (per class; ``mean`` = mean over
+classes). A variant's figure is the mean ± sample std over its runs (seeds, or folds under
+cross-validation). The teacher's figure is the mean over its runs (one per fold). The share of the
+teacher–student gap a variant recovers is ``(D_variant − D_noKD) / (D_teacher − D_noKD)`` on those
+means, per class and overall.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..utils.io import atomic_write, atomic_write_text
+
+METRIC_NAMES = {"dice": "Dice", "hd95": "HD95 (mm)", "nsd": "NSD"}
+
+
+def _read(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _stats(values: Sequence[float]) -> tuple[float, float, int]:
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    if not v:
+        return math.nan, math.nan, 0
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else math.nan, len(v)
+
+
+def _fmt(mean: float, std: float, digits: int = 3) -> str:
+    if not math.isfinite(mean):
+        return "–"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if math.isfinite(std) else "")
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None or not math.isfinite(x) else f"{100 * x:.0f} %"
+
+
+def collect(jobs, out: Path) -> dict[str, Any]:
+    """Scores of every finished training job: ``{dataset: {group: {variant: [summary, ...]}}}`` with the
+    teacher under group ``teacher``."""
+    found: dict[str, Any] = {}
+    for j in jobs:
+        if j.kind != "train" or not j.done():
+            continue
+        ev = _read(j.marker)
+        dname = j.name.split("/")[0]
+        group = j.spec.get("group", "teacher")
+        variant = j.spec.get("variant", "teacher")
+        found.setdefault(dname, {}).setdefault(group, {}).setdefault(variant, []).append(
+            {**ev, "job": j.name, "seed": j.spec.get("seed"), "fold": j.spec.get("fold")})
+    return found
+
+
+def _class_names(runs: list[dict]) -> list[str]:
+    return [c for c in runs[0]["summary"]["dice"] if c != "mean"]
+
+
+def aggregate(runs: list[dict], metric: str, cls: str = "mean") -> tuple[float, float, int]:
+    return _stats([r["summary"][metric].get(cls) for r in runs])
+
+
+def _gap(v: float, none: float, teacher: float) -> float:
+    return (v - none) / (teacher - none) if all(map(math.isfinite, (v, none, teacher))) and abs(teacher - none) > 1e-9 else math.nan
+
+
+def main_table(dname: str, data: dict[str, Any], latency: list[dict] | None, expected: Sequence[str]) -> tuple[str, dict]:
+    """Markdown table of the teacher and the main student variants of one dataset, and its numbers."""
+    teacher = data.get("teacher", {}).get("teacher", [])
+    main = data.get("main", {})
+    some = teacher or next(iter(main.values()), [])
+    if not some:
+        return f"No finished runs for {dname} yet.\n", {}
+    classes = _class_names(some)
+    t_means = {c: aggregate(teacher, "dice", c)[0] for c in ["mean", *classes]} if teacher else {}
+    none = main.get("none", [])
+    n_means = {c: aggregate(none, "dice", c)[0] for c in ["mean", *classes]} if none else {}
+    lat = {r["name"]: r for r in (latency or [])}
+    head = ["model", "runs", "mean Dice", *[f"Dice {c}" for c in classes], "HD95 (mm)", "NSD", "gap recovered",
+            *[f"gap {c}" for c in classes], "params", "GFLOPs/patch", "s/volume (CPU)", "speed-up"]
+    rows, numbers = [], {}
+    for name in ["teacher", *expected]:
+        runs = teacher if name == "teacher" else main.get(name, [])
+        if not runs:
+            rows.append([name, "0 (not run yet)"] + ["–"] * (len(head) - 2))
+            continue
+        d = aggregate(runs, "dice")
+        entry = {"runs": len(runs), "dice": {c: aggregate(runs, "dice", c)[:2] for c in ["mean", *classes]},
+                 "hd95": aggregate(runs, "hd95")[:2], "nsd": aggregate(runs, "nsd")[:2]}
+        if name != "teacher" and t_means and n_means:
+            entry["gap"] = {c: _gap(entry["dice"][c][0], n_means[c], t_means[c]) for c in ["mean", *classes]}
+        gaps = entry.get("gap", {})
+        lt, tl = lat.get(name), lat.get("teacher")
+        speed = tl["seconds_per_volume"] / lt["seconds_per_volume"] if lt and tl and name != "teacher" else math.nan
+        entry.update({"parameters": lt["parameters"] if lt else None, "flops": lt["flops"] if lt else None,
+                      "seconds_per_volume": lt["seconds_per_volume"] if lt else None, "speedup": speed})
+        numbers[name] = entry
+        rows.append([
+            name, str(len(runs)), f"**{_fmt(*d[:2])}**" if name == "recokd" else _fmt(*d[:2]),
+            *[_fmt(*entry["dice"][c]) for c in classes], _fmt(*entry["hd95"], digits=2), _fmt(*entry["nsd"]),
+            "" if name in ("teacher", "none") else _pct(gaps.get("mean")),
+            *["" if name in ("teacher", "none") else _pct(gaps.get(c)) for c in classes],
+            f"{lt['parameters']:,}" if lt else "–", f"{lt['flops'] / 1e9:.2f}" if lt else "–",
+            f"{lt['seconds_per_volume']:.3f}" if lt else "–", f"{speed:.1f}×" if math.isfinite(speed) else "–"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n", numbers
+
+
+def ablation_table(data: dict[str, Any], ablations: dict[str, dict], students: dict[str, dict]) -> tuple[str, dict]:
+    """Markdown table of the ablation variants (plus the main recokd / none at the same seeds)."""
+    abl = data.get("ablation", {})
+    main = data.get("main", {})
+    teacher = data.get("teacher", {}).get("teacher", [])
+    seeds = sorted({r["seed"] for runs in abl.values() for r in runs})
+    t_mean = aggregate(teacher, "dice")[0] if teacher else math.nan
+
+    def at_seeds(runs):
+        return [r for r in runs if r["seed"] in seeds] if seeds else runs
+
+    base_none = {4.0: at_seeds(main.get("none", []))}
+    for name, v in ablations.items():
+        if v["method"] == "none":
+            base_none[float(v.get("width_factor", 4))] = abl.get(name, [])
+    head = ["variant", "what changes", "R", "runs", "mean Dice", "Δ vs no-KD (same R)", "gap recovered"]
+    rows, numbers = [], {}
+    entries = [(n, v, at_seeds(main.get(n, [])), "main") for n, v in students.items() if n in ("recokd", "none")]
+    entries += [(n, v, abl.get(n, []), "ablation") for n, v in ablations.items()]
+    for name, v, runs, _ in entries:
+        r_factor = float(v.get("width_factor", 4))
+        what = ", ".join(f"{k}={val}" for k, val in v.items() if k != "width_factor") or "–"
+        if not runs:
+            rows.append([name, what, f"{r_factor:g}", "0 (not run yet)", "–", "–", "–"])
+            continue
+        m, s, n = aggregate(runs, "dice")
+        nm = aggregate(base_none.get(r_factor, []), "dice")[0]
+        delta = m - nm if math.isfinite(nm) else math.nan
+        gap = _gap(m, nm, t_mean) if v["method"] != "none" else math.nan
+        numbers[name] = {"dice": (m, s), "runs": n, "delta": delta, "gap": gap, "width_factor": r_factor}
+        rows.append([name, what, f"{r_factor:g}", str(n), _fmt(m, s),
+                     "" if v["method"] == "none" else (f"{delta:+.3f}" if math.isfinite(delta) else "–"),
+                     "" if v["method"] == "none" else _pct(gap)])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n", numbers
+
+
+def dice_chart(numbers: dict[str, dict], title: str, path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in numbers if n != "teacher"]
+    if not names:
+        return None
+    means = [numbers[n]["dice"]["mean"][0] for n in names]
+    stds = [numbers[n]["dice"]["mean"][1] for n in names]
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2.5, 3.6))
+    colors = ["tab:red" if n == "recokd" else ("tab:gray" if n == "none" else "tab:blue") for n in names]
+    ax.bar(names, means, yerr=[s if math.isfinite(s) else 0 for s in stds], color=colors, capsize=4)
+    if "teacher" in numbers:
+        t = numbers["teacher"]["dice"]["mean"][0]
+        ax.axhline(t, color="black", linestyle="--", linewidth=1)
+        ax.text(len(names) - 0.5, t, f" teacher {t:.3f}", va="bottom", ha="right", fontsize=8)
+    finite = [m for m in means if math.isfinite(m)]
+    low = min(finite + [numbers.get("teacher", {}).get("dice", {}).get("mean", (1, 0))[0]]) if finite else 0
+    ax.set_ylim(max(0.0, low - 0.1), 1.0)
+    ax.set_ylabel("mean Dice (± std over runs)")
+    ax.set_title(title, fontsize=10)
+    ax.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path
+
+
+def contour_figure(panels: list[dict], path: Path) -> Path | None:
+    """One row per dataset: the image slice with the reference and each model's contours.
+
+    ``panels``: ``{"title", "image" (H, W), "reference" (H, W), "predictions": {name: (H, W)}}``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not panels:
+        return None
+    ncols = 1 + max(len(p["predictions"]) for p in panels)
+    fig, axes = plt.subplots(len(panels), ncols, figsize=(2.8 * ncols, 2.9 * len(panels)), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for row, p in zip(axes, panels):
+        items = [("reference", p["reference"])] + list(p["predictions"].items())
+        for ax, (name, lab) in zip(row, items):
+            ax.imshow(p["image"], cmap="gray")
+            for v in range(1, int(max(p["reference"].max(), lab.max())) + 1):
+                if (lab == v).any():
+                    ax.contour(lab == v, levels=[0.5], colors=[cmap(v - 1)], linewidths=1.2)
+            dice = p.get("dice", {}).get(name)
+            ax.set_title(f"{name}" + (f"\nslice Dice {dice:.3f}" if dice is not None else ""), fontsize=8)
+            ax.axis("off")
+        row[0].set_ylabel(p["title"])
+        row[0].text(2, 8, p["title"], color="yellow", fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path
+
+
+def _slice_panel(dname: str, data: dict, names: dict[str, str], jobs, cases_of) -> dict | None:
+    """Predict one held-out case with the fold-0 / seed-0 runs of ``names`` and cut the slice where
+    the reference's foreground is largest."""
+    import SimpleITK as sitk
+
+    from ..bundle import bundle_from_run
+    from ..data.datasets import read_image
+    from ..inference.predictor import Predictor
+
+    by_run = {j.name: j for j in jobs}
+    chosen: dict[str, Any] = {}
+    for label, variant in names.items():
+        pool = data.get("teacher", {}).get("teacher", []) if variant == "teacher" else data.get("main", {}).get(variant, [])
+        runs = sorted(pool, key=lambda r: (r.get("fold") or 0, r.get("seed") or 0))
+        if not runs:
+            return None
+        chosen[label] = by_run[runs[0]["job"]]
+    first = next(iter(chosen.values()))
+    dataset, records = cases_of(first.spec["eval"]["dataset"], first.spec["eval"]["cases"])
+    if not records:
+        return None
+    # the case where the teacher is neither best nor worst: the median teacher Dice
+    t_cases = _read(chosen[next(iter(chosen))].marker)["cases"]
+    order = sorted(t_cases, key=lambda c: c["dice"].get("mean", 0) or 0)
+    pick = order[len(order) // 2]["case"]
+    record = next(r for r in records if r.case_id == pick)
+    images = [read_image(p) for p in record.image_files]
+    ref = sitk.GetArrayFromImage(read_image(record.label_file)).astype(np.int64)
+    z = int(np.argmax((ref > 0).reshape(ref.shape[0], -1).sum(1)))
+    image = sitk.GetArrayFromImage(images[0])[z]
+    preds, dice = {}, {}
+    for label, job in chosen.items():
+        pred = sitk.GetArrayFromImage(Predictor(bundle_from_run(job.folder, weights="final"), device="cpu",
+                                                progress=False).predict_image(images, name=pick))[z]
+        preds[label] = pred
+        fg_p, fg_r = pred > 0, ref[z] > 0
+        scores = [2 * ((pred == v) & (ref[z] == v)).sum() / max((pred == v).sum() + (ref[z] == v).sum(), 1)
+                  for v in np.unique(ref[z]) if v > 0]
+        dice[label] = float(np.mean(scores)) if scores else float(fg_p.sum() == fg_r.sum() == 0)
+    return {"title": f"{dname} {pick} slice {z}", "image": image, "reference": ref[z], "predictions": preds, "dice": dice}
+
+
+def build_report(config, out: str | Path, log: Callable[[str], None] = print, figures: bool = True) -> Path:
+    """Write ``report.md``, ``results.json`` and the figures of a study into ``out``."""
+    from .study import _case_files, plan_jobs
+
+    out = Path(out).resolve()
+    jobs = plan_jobs(config, out)
+    found = collect(jobs, out)
+    wall = _read(out / "wall_times.json") or {}
+    config_name = config.source.name if config.source else "CONFIG"
+    parts = [f"# {config.name}\n", "Generated by `recokd benchmark-study` from the finished runs; every figure is "
+             "measured, runs still missing are listed as such.\n",
+             f"- command: `recokd benchmark-study {config_name} -o {out.name}` (run it again to resume)",
+             f"- machine: {machine_description()}",
+             f"- schedule: {config.jobs} job(s) at a time, {config.threads_per_job} CPU thread(s) each; training "
+             f"options {json.dumps(config.training)}; planner {json.dumps(config.planner)}\n"]
+    results: dict[str, Any] = {"datasets": {}, "ablations": {}}
+    panels = []
+    for dname, d in config.datasets.items():
+        data = found.get(dname, {})
+        latency = _read(out / "latency" / dname / "benchmark.json")
+        table, numbers = main_table(dname, data, latency, list(config.students))
+        results["datasets"][dname] = numbers
+        how = ("its test cases (imagesTs)" if d.evaluate_on == "test" else
+               f"{d.folds}-fold cross-validation (run i: seed i, fold i; scores on the held-out fold)")
+        parts += [f"## {dname}\n", f"Scored on {how}; mean ± std over runs. "
+                  "Gap recovered = (D − D_noKD) / (D_teacher − D_noKD). Latency: "
+                  f"{config.latency.get('threads', 2)} CPU thread(s), whole predictor per volume, median of "
+                  f"{config.latency.get('repeats', 3)} repeats.\n", table]
+        if figures and numbers:
+            chart = dice_chart(numbers, f"{dname}: students (R = 4) vs teacher", out / f"dice_{dname}.png")
+            if chart:
+                parts.append(f"![{dname} Dice]({chart.name})\n")
+            try:
+                panel = _slice_panel(dname, data, {"teacher": "teacher", "no-KD": "none", "ReCo-KD": "recokd"}, jobs,
+                                     _case_files)
+            except Exception as exc:  # a figure must not lose the tables
+                log(f"contour figure for {dname} skipped: {exc}")
+                panel = None
+            if panel:
+                panels.append(panel)
+    if config.ablations:
+        data = found.get(config.ablation_dataset, {})
+        table, numbers = ablation_table(data, config.ablations, config.students)
+        results["ablations"] = numbers
+        parts += [f"## Ablations ({config.ablation_dataset}, seeds {config.ablation_seeds})\n", table]
+    if figures and panels:
+        fig = contour_figure(panels, out / "contours.png")
+        parts.append(f"![contours]({fig.name})\n")
+    if wall:
+        parts += ["## Wall time per job\n", "| job | minutes |", "|---|---|"]
+        parts += [f"| {k} | {v / 60:.1f} |" for k, v in sorted(wall.items())]
+        parts.append(f"\nTotal: {sum(wall.values()) / 3600:.2f} h of job time ({config.jobs} jobs in parallel).\n")
+    missing = [j.name for j in jobs if not j.done()]
+    if missing:
+        parts += ["## Not finished yet\n", ", ".join(missing) + "\n"]
+    text = "\n".join(parts)
+    atomic_write_text(out / "report.md", text)
+    atomic_write_text(out / "results.json", json.dumps(_json_clean(results), indent=1) + "\n")
+    log(f"report written to {out / 'report.md'}")
+    return out / "report.md"
+
+
+def machine_description() -> str:
+    """CPU model, cores, memory, GPU and library versions of this machine, in one line."""
+    import os
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal")).split()[1])
+        mem = f", {kb / 2**20:.0f} GiB RAM"
+    except (OSError, StopIteration, ValueError):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    import monai
+
+    return (f"{cpu}, {os.cpu_count()} logical CPUs{mem}, {gpu}; {platform.system()} {platform.release()}; "
+            f"Python {platform.python_version()}, torch {torch.__version__}, MONAI {monai.__version__}")
+
+
+def _json_clean(v: Any) -> Any:
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {str(k): _json_clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_clean(x) for x in v]
+    return v

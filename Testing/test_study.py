@@ -1,0 +1,150 @@
+"""``recokd benchmark-study``: config checks, patient-grouped folds, a whole tiny study on phantoms
+(cross-validation and a test split), its report, and resuming (finished jobs are not run again)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ReCoKDLib.cli import main
+from ReCoKDLib.data.phantom import generate_dataset, save_dataset_nnunet
+from ReCoKDLib.errors import ReCoKDError
+from ReCoKDLib.evaluation.study import cv_folds, load_config, plan_jobs, run_study
+
+
+def _dataset(folder: Path) -> Path:
+    """6 phantoms: 4 training cases named like ACDC (two 'patients', two frames each), 2 test cases."""
+    cases = generate_dataset(6, shape=(32, 32, 32))
+    names = ["patient001_frame01", "patient001_frame02", "patient002_frame01", "patient002_frame02", "test01", "test02"]
+    cases = [dataclasses.replace(c, name=n) for c, n in zip(cases, names)]
+    d = save_dataset_nnunet(cases, folder)
+    (d / "imagesTs").mkdir()
+    (d / "labelsTs").mkdir()
+    for n in names[4:]:
+        shutil.move(str(d / "imagesTr" / f"{n}_0000.nii.gz"), d / "imagesTs")
+        shutil.move(str(d / "labelsTr" / f"{n}.nii.gz"), d / "labelsTs")
+    info = json.loads((d / "dataset.json").read_text())
+    info["numTraining"] = 4
+    (d / "dataset.json").write_text(json.dumps(info))
+    return d
+
+
+def _config(tmp: Path, data: Path) -> Path:
+    cfg = {
+        "name": "tiny study",
+        "datasets": {
+            "ph": {"path": str(data), "evaluate_on": "test", "teacher_epochs": 1, "student_epochs": 1},
+            "phcv": {"path": str(data), "evaluate_on": "cv", "folds": 2, "group_pattern": "^(patient\\d+)",
+                     "teacher_epochs": 1, "student_epochs": 1},
+        },
+        "planner": {"patch_budget": 16384, "base_filters": 8, "max_filters": 32},
+        "training": {"iters_per_epoch": 2, "workers": 0, "val_max_cases": 1},
+        "seeds": [0, 1],
+        "students": {"none": {"method": "none"}, "recokd": {"method": "recokd"}},
+        "ablations": {"dataset": "ph", "variants": {"msard-only": {"method": "msard"}}},
+        "latency": {"repeats": 1, "max_cases": 1, "threads": 1},
+        "jobs": 2,
+    }
+    path = tmp / "study.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("study")
+    config = load_config(_config(tmp, _dataset(tmp / "ds")))
+    out = tmp / "out"
+    messages: list[str] = []
+    jobs, failed = run_study(config, out, log=messages.append, poll_seconds=0.2)
+    return config, out, jobs, failed, messages
+
+
+def test_cv_folds_keep_a_patients_frames_together():
+    ids = [f"patient{p:03d}_frame{f:02d}" for p in range(1, 8) for f in (1, 2)]
+    folds = cv_folds(ids, 3, r"^(patient\d+)")
+    assert sorted(sum(folds, [])) == sorted(ids) and len(folds) == 3
+    for fold in folds:
+        patients = {i.split("_")[0] for i in fold}
+        assert all(f"{p}_frame01" in fold and f"{p}_frame02" in fold for p in patients)
+    assert cv_folds(ids, 3, r"^(patient\d+)") == folds  # deterministic
+    with pytest.raises(ReCoKDError, match="cannot make 9 folds"):
+        cv_folds(ids, 9, r"^(patient\d+)")
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"datasets": {"a": {"path": "x"}}, "students": {"s": {"method": "nonsense"}}}))
+    with pytest.raises(ReCoKDError, match="unknown method 'nonsense'"):
+        load_config(bad)
+    bad.write_text(json.dumps({"datasets": {"a": {"path": "x"}}, "students": {"s": {"method": "none", "lr": 1}}}))
+    with pytest.raises(ReCoKDError, match="unknown key"):
+        load_config(bad)
+    bad.write_text("{not json")
+    with pytest.raises(ReCoKDError, match="not readable JSON"):
+        load_config(bad)
+    with pytest.raises(ReCoKDError, match="does not exist"):
+        load_config(tmp_path / "missing.json")
+
+
+def test_study_runs_every_job_and_scores_held_out_cases(study):
+    config, out, jobs, failed, messages = study
+    assert failed == [], messages
+    assert all(j.done() for j in jobs)
+    names = {j.name for j in jobs}
+    assert {"phcv/teacher_f0", "phcv/teacher_f1", "ph/teacher", "ph/recokd_s1", "phcv/none_s1",
+            "ph/msard-only_s0", "ph/latency"} <= names
+    # under CV, run i trains on the other folds and is scored on fold i only, frames of a patient together
+    for j in jobs:
+        if j.kind != "train" or not j.name.startswith("phcv/"):
+            continue
+        run = json.loads((j.folder / "run.json").read_text())
+        ev = json.loads((j.folder / "eval.json").read_text())
+        scored = {c["case"] for c in ev["cases"]}
+        assert scored == set(run["val_cases"]) and not scored & set(run["train_cases"])
+        assert len({c.split("_")[0] for c in scored}) == 1
+    # with a test split, every run is scored on imagesTs
+    ev = json.loads((out / "runs" / "ph" / "recokd_s0" / "eval.json").read_text())
+    assert {c["case"] for c in ev["cases"]} == {"test01", "test02"}
+
+
+def test_report_aggregates_the_runs(study):
+    config, out, jobs, failed, _ = study
+    results = json.loads((out / "results.json").read_text())
+    per_seed = [json.loads((out / "runs" / "phcv" / f"recokd_s{s}" / "eval.json").read_text())["summary"]["dice"]["mean"]
+                for s in (0, 1)]
+    got = results["datasets"]["phcv"]["recokd"]["dice"]["mean"]
+    assert got[0] == pytest.approx(np.mean(per_seed)) and got[1] == pytest.approx(np.std(per_seed, ddof=1))
+    teacher = [json.loads((out / "runs" / "phcv" / f"teacher_f{k}" / "eval.json").read_text())["summary"]["dice"]["mean"]
+               for k in (0, 1)]
+    none = results["datasets"]["phcv"]["none"]["dice"]["mean"][0]
+    gap = results["datasets"]["phcv"]["recokd"]["gap"]["mean"]
+    if gap is not None:
+        assert gap == pytest.approx((np.mean(per_seed) - none) / (np.mean(teacher) - none))
+    assert results["datasets"]["ph"]["recokd"]["parameters"] < results["datasets"]["ph"]["teacher"]["parameters"]
+    report = (out / "report.md").read_text()
+    for text in ("## ph", "## phcv", "## Ablations", "msard-only", "| teacher |", "Wall time"):
+        assert text in report
+    for png in ("dice_ph.png", "dice_phcv.png", "contours.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rerun_skips_finished_jobs_and_redoes_changed_ones(study, capsys):
+    config, out, jobs, _, _ = study
+    messages: list[str] = []
+    _, failed = run_study(config, out, log=messages.append, poll_seconds=0.2)
+    assert failed == [] and not any(m.startswith("start") for m in messages)
+    assert "0 to run" in messages[0]
+    # a changed schedule is a different job: not taken as done
+    config.datasets["ph"].student_epochs = 2
+    changed = {j.name: j.done() for j in plan_jobs(config, out)}
+    assert changed["ph/recokd_s0"] is False and changed["ph/teacher"] is True and changed["phcv/recokd_s0"] is True
+    config.datasets["ph"].student_epochs = 1
+    assert main(["benchmark-study", str(config.source), "-o", str(out), "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert "done   ph/recokd_s0" in listed and "todo" not in listed
