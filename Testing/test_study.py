@@ -148,3 +148,17 @@ def test_rerun_skips_finished_jobs_and_redoes_changed_ones(study, capsys):
     assert main(["benchmark-study", str(config.source), "-o", str(out), "--list"]) == 0
     listed = capsys.readouterr().out
     assert "done   ph/recokd_s0" in listed and "todo" not in listed
+
+
+def test_a_job_already_running_elsewhere_is_refused(study):
+    import fcntl
+
+    from ReCoKDLib.evaluation.study import execute_job
+
+    config, out, jobs, _, _ = study
+    job = next(j for j in jobs if j.name == "ph/recokd_s0")
+    job_file = out / "logs" / "ph__recokd_s0.job.json"
+    with open(job.folder / ".job.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ReCoKDError, match="already running in another process"):
+            execute_job(job_file)

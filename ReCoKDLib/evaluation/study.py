@@ -363,12 +363,33 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def _lock(path: Path):
+    """An exclusive advisory lock on ``path`` (released by the OS when the process exits), or None
+    when another process holds it. Without ``fcntl`` (Windows) no locking is done."""
+    try:
+        import fcntl
+    except ImportError:
+        return open(path, "a")
+    handle = open(path, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    return handle
+
+
 def execute_job(job_file: str | Path) -> int:
     """Run one job described by a JSON file (the study's subprocess entry point)."""
     from ..cli import main as cli_main
 
     job = json.loads(Path(job_file).read_text())
     kind, folder, spec = job["kind"], Path(job["folder"]), job["spec"]
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = _lock(folder / ".job.lock")  # held until this process ends, however it ends
+    if lock is None:
+        raise ReCoKDError(f"{job['name']} is already running in another process (lock {folder / '.job.lock'}); "
+                          "wait for it or stop it first")
     if kind in ("plan", "train"):
         rc = cli_main(list(spec["argv"]))
         if rc:

@@ -305,6 +305,15 @@ def build_report(config, out: str | Path, log: Callable[[str], None] = print, fi
     if figures and panels:
         fig = contour_figure(panels, out / "contours.png")
         parts.append(f"![contours]({fig.name})\n")
+    parts += ["## Commands\n", "Every job runs one `recokd` command in a subprocess, then scores the run; the exact "
+              f"command lines of all jobs are in `{_relative(out / 'logs')}/*.job.json`. One of each kind:\n", "```bash"]
+    shown: set[tuple[str, str]] = set()
+    for j in jobs:
+        key = (j.name.split("/")[0], j.kind if j.kind != "train" else j.spec["argv"][0])
+        if j.kind in ("plan", "train") and key not in shown:
+            shown.add(key)
+            parts.append("recokd " + " ".join(_quote(a) for a in j.spec["argv"]))
+    parts.append("```\n")
     if wall:
         parts += ["## Wall time per job\n", "| job | minutes |", "|---|---|"]
         parts += [f"| {k} | {v / 60:.1f} |" for k, v in sorted(wall.items())]
@@ -317,6 +326,12 @@ def build_report(config, out: str | Path, log: Callable[[str], None] = print, fi
     atomic_write_text(out / "results.json", json.dumps(_json_clean(results), indent=1) + "\n")
     log(f"report written to {out / 'report.md'}")
     return out / "report.md"
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(_relative(Path(arg)) if arg.startswith("/") else arg)
 
 
 def _relative(path: Path) -> str:
