@@ -207,8 +207,12 @@ def contour_figure(panels: list[dict], path: Path) -> Path | None:
             dice = p.get("dice", {}).get(name)
             ax.set_title(f"{name}" + (f"\nslice Dice {dice:.3f}" if dice is not None else ""), fontsize=8)
             ax.axis("off")
-        row[0].set_ylabel(p["title"])
-        row[0].text(2, 8, p["title"], color="yellow", fontsize=8)
+        row[0].set_title(f"{p['title']}\nreference", fontsize=8)
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], color=cmap(i), label=n) for i, n in enumerate(p.get("classes", []))]
+        if handles:
+            row[0].legend(handles=handles, fontsize=6, loc="lower left", framealpha=0.6)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
@@ -254,7 +258,9 @@ def _slice_panel(dname: str, data: dict, names: dict[str, str], jobs, cases_of) 
         scores = [2 * ((pred == v) & (ref[z] == v)).sum() / max((pred == v).sum() + (ref[z] == v).sum(), 1)
                   for v in np.unique(ref[z]) if v > 0]
         dice[label] = float(np.mean(scores)) if scores else float(fg_p.sum() == fg_r.sum() == 0)
-    return {"title": f"{dname} {pick} slice {z}", "image": image, "reference": ref[z], "predictions": preds, "dice": dice}
+    classes = bundle_from_run(first.folder, weights="final").label_names[1:]
+    return {"title": f"{dname} {pick} slice {z}", "image": image, "reference": ref[z], "predictions": preds,
+            "dice": dice, "classes": classes}
 
 
 def build_report(config, out: str | Path, log: Callable[[str], None] = print, figures: bool = True) -> Path:
