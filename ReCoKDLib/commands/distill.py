@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_run_arguments(p)
     p.add_argument("--teacher", help="teacher run folder (from `recokd train`)")
     p.add_argument("--method", default="recokd", choices=list(KD_METHODS),
-                   help="distillation method (default recokd; none = labels only)")
+                   help="distillation method (default recokd; none = labels only; defaults justified in docs/results.md)")
     p.add_argument("--lambda-max", dest="lambda_max", type=float, help="final KD weight λ (default: the method's)")
     p.add_argument("--temperature", type=float, help="temperature of the attention / softmax terms (default: the term's)")
     p.add_argument("--warmup-fraction", dest="warmup_fraction", type=float, default=0.6,

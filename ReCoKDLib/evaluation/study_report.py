@@ -101,6 +101,7 @@ def main_table(dname: str, data: dict[str, Any], latency: list[dict] | None, exp
             entry["gap"] = {c: _gap(entry["dice"][c][0], n_means[c], t_means[c]) for c in ["mean", *classes]}
         gaps = entry.get("gap", {})
         lt, tl = lat.get(name), lat.get("teacher")
+        same = lat.get("none") if name != "teacher" else None  # every main student shares one architecture
         speed = tl["seconds_per_volume"] / lt["seconds_per_volume"] if lt and tl and name != "teacher" else math.nan
         entry.update({"parameters": lt["parameters"] if lt else None, "flops": lt["flops"] if lt else None,
                       "seconds_per_volume": lt["seconds_per_volume"] if lt else None, "speedup": speed})
@@ -110,7 +111,8 @@ def main_table(dname: str, data: dict[str, Any], latency: list[dict] | None, exp
             *[_fmt(*entry["dice"][c]) for c in classes], _fmt(*entry["hd95"], digits=2), _fmt(*entry["nsd"]),
             "" if name in ("teacher", "none") else _pct(gaps.get("mean")),
             *["" if name in ("teacher", "none") else _pct(gaps.get(c)) for c in classes],
-            f"{lt['parameters']:,}" if lt else "–", f"{lt['flops'] / 1e9:.2f}" if lt else "–",
+            f"{(lt or same)['parameters']:,}" if (lt or same) else "–",
+            f"{(lt or same)['flops'] / 1e9:.2f}" if (lt or same) else "–",
             f"{lt['seconds_per_volume']:.3f}" if lt else "–", f"{speed:.1f}×" if math.isfinite(speed) else "–"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n", numbers
