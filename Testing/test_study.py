@@ -162,3 +162,21 @@ def test_a_job_already_running_elsewhere_is_refused(study):
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(ReCoKDError, match="already running in another process"):
             execute_job(job_file)
+
+
+def test_a_failed_teacher_skips_its_students_and_keeps_going(tmp_path):
+    data = _dataset(tmp_path / "ds")
+    cfg = json.loads(_config(tmp_path, data).read_text())
+    cfg["datasets"] = {"ph": cfg["datasets"]["ph"]}
+    cfg["training"]["optimizer"] = "bogus"  # the teacher's command line is rejected: exit status 2
+    cfg.pop("ablations")
+    cfg["latency"] = {"enabled": False}
+    (tmp_path / "study.json").write_text(json.dumps(cfg))
+    messages: list[str] = []
+    jobs, failed = run_study(load_config(tmp_path / "study.json"), tmp_path / "out", log=messages.append,
+                             poll_seconds=0.2)
+    assert "ph/teacher" in failed and {"ph/none_s0", "ph/recokd_s1"} <= set(failed)
+    assert any(m.startswith("FAILED ph/teacher") for m in messages)
+    assert [j.name for j in jobs if j.done()] == ["ph/plan"]
+    assert "invalid choice: 'bogus'" in (tmp_path / "out" / "logs" / "ph__teacher.log").read_text()
+    assert "Not finished yet" in (tmp_path / "out" / "report.md").read_text()
