@@ -17,17 +17,16 @@ JSON (:meth:`Fingerprint.save` / :meth:`Fingerprint.load`).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from ..errors import ReCoKDError
+from ..utils.io import atomic_write_text
 from .datasets import DatasetInfo, load_case
 
 __all__ = [
@@ -48,29 +47,6 @@ BBox = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 # --------------------------------------------------------------------------------------------------
 # small shared helpers (also used by planning and preprocessing)
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None], binary: bool = False) -> None:
-    """Write a file so that readers see either the old file or the complete new one, never a part.
-
-    ``write(f)`` fills a temporary file in the same folder (same file system, so the final
-    ``os.replace`` is atomic); on any exception the temporary file is removed and nothing is renamed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -335,8 +311,7 @@ class Fingerprint:
 
     def save(self, path: str | Path) -> None:
         """Write the fingerprint as indented JSON (atomically)."""
-        text = self.to_json()
-        _atomic_write(Path(path), lambda f: f.write(text + "\n"))
+        atomic_write_text(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "Fingerprint":

@@ -57,7 +57,8 @@ import numpy as np
 
 from ..errors import ReCoKDError
 from ..models.unet import UNetSpec, nnunet_filters
-from .fingerprint import Fingerprint, _atomic_write, _read_json
+from ..utils.io import atomic_write_text
+from .fingerprint import Fingerprint, _read_json
 
 __all__ = [
     "PLANS_VERSION",
@@ -296,8 +297,7 @@ class Plans:
 
     def save(self, path: str | Path) -> None:
         """Write the plan as indented, human-editable JSON (atomically)."""
-        text = self.to_json()
-        _atomic_write(Path(path), lambda f: f.write(text + "\n"))
+        atomic_write_text(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "Plans":

@@ -46,7 +46,8 @@ from tqdm import tqdm
 
 from ..errors import ReCoKDError
 from .datasets import CaseRecord, DatasetInfo, LoadedCase, load_case
-from .fingerprint import BBox, _atomic_write, _read_json, crop_bbox
+from ..utils.io import atomic_write, atomic_write_text
+from .fingerprint import BBox, _read_json, crop_bbox
 from .planning import Plans
 
 __all__ = [
@@ -378,9 +379,12 @@ def _save_case(folder: Path, case: PreprocessedCase) -> None:
     arrays = {"image": case.image}
     if case.label is not None:
         arrays["label"] = case.label
-    _atomic_write(npz, lambda f: np.savez(f, **arrays), binary=True)
-    text = json.dumps(case.properties, indent=2)
-    _atomic_write(props, lambda f: f.write(text + "\n"))
+    def write_npz(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write(npz, write_npz)
+    atomic_write_text(props, json.dumps(case.properties, indent=2) + "\n")
 
 
 def _preprocess_and_save(record: CaseRecord, dataset: DatasetInfo, plans: Plans, folder: Path) -> str:

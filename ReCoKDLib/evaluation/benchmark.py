@@ -32,6 +32,7 @@ from ..bundle import Bundle, open_model
 from ..errors import ReCoKDError
 from ..inference.predictor import Predictor, group_cases
 from ..models import count_parameters
+from ..utils.io import json_safe
 from .metrics import score_case, summarise
 
 __all__ = ["ModelResult", "count_flops", "run_benchmark", "benchmark_table", "benchmark_chart", "parse_models"]
@@ -299,13 +300,4 @@ def benchmark_chart(results: Sequence[ModelResult], path: str | Path) -> Path:
 
 
 def results_json(results: Sequence[ModelResult]) -> str:
-    def clean(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [clean(x) for x in v]
-        return v
-
-    return json.dumps([clean({**r.__dict__, "overhead": r.overhead}) for r in results], indent=2)
+    return json.dumps([json_safe({**r.__dict__, "overhead": r.overhead}) for r in results], indent=2)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import signal
@@ -40,7 +39,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import ReCoKDError
-from ..utils.io import atomic_write_text
+from ..utils.io import atomic_write_text, json_safe
 from .study_report import build_report
 
 __all__ = ["StudyConfig", "Job", "load_config", "plan_jobs", "run_study", "cv_folds", "evaluate_run", "build_report"]
@@ -353,16 +352,6 @@ def _log_rows(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _clean(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    return v
-
-
 def _lock(path: Path):
     """An exclusive advisory lock on ``path`` (released by the OS when the process exits), or None
     when another process holds it. Without ``fcntl`` (Windows) no locking is done."""
@@ -400,7 +389,7 @@ def execute_job(job_file: str | Path) -> int:
         ev = spec["eval"]
         result = evaluate_run(folder, ev["dataset"], ev["cases"], threads=job.get("threads"))
         result["job_digest"] = job["digest"]
-        atomic_write_text(folder / "eval.json", json.dumps(_clean(result), indent=1) + "\n")
+        atomic_write_text(folder / "eval.json", json.dumps(json_safe(result), indent=1) + "\n")
         s = result["summary"]["dice"]
         print(f"{job['name']}: mean Dice {s['mean']:.4f} " + " ".join(f"{k} {v:.4f}" for k, v in s.items() if k != "mean"))
     elif kind == "latency":
@@ -445,7 +434,6 @@ def run_study(
     out = Path(out).resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     all_jobs = plan_jobs(config, out)
-    by_name = {j.name: j for j in all_jobs}
     selected = [j for j in all_jobs if not only or any(j.name == o or j.name.startswith(o) for o in only)]
     finished = {j.name for j in all_jobs if j.done()}
     pending = [j for j in selected if j.name not in finished]
@@ -516,10 +504,8 @@ def run_study(
 
 
 if __name__ == "__main__":
-    from ..errors import ReCoKDError as _E
-
     try:
         sys.exit(execute_job(sys.argv[1]))
-    except _E as exc:
+    except ReCoKDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

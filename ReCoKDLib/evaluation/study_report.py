@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..utils.io import atomic_write, atomic_write_text
+from ..utils.io import atomic_write, atomic_write_text, json_safe
 
 METRIC_NAMES = {"dice": "Dice", "hd95": "HD95 (mm)", "nsd": "NSD"}
 
@@ -252,15 +252,15 @@ def _slice_panel(dname: str, data: dict, names: dict[str, str], jobs, cases_of) 
     z = int(np.argmax((ref > 0).reshape(ref.shape[0], -1).sum(1)))
     image = sitk.GetArrayFromImage(images[0])[z]
     preds, dice = {}, {}
-    for label, job in chosen.items():
-        pred = sitk.GetArrayFromImage(Predictor(bundle_from_run(job.folder, weights="final"), device="cpu",
-                                                progress=False).predict_image(images, name=pick))[z]
+    bundles = {label: bundle_from_run(job.folder, weights="final") for label, job in chosen.items()}
+    for label, bundle in bundles.items():
+        pred = sitk.GetArrayFromImage(Predictor(bundle, device="cpu", progress=False).predict_image(images, name=pick))[z]
         preds[label] = pred
         fg_p, fg_r = pred > 0, ref[z] > 0
         scores = [2 * ((pred == v) & (ref[z] == v)).sum() / max((pred == v).sum() + (ref[z] == v).sum(), 1)
                   for v in np.unique(ref[z]) if v > 0]
         dice[label] = float(np.mean(scores)) if scores else float(fg_p.sum() == fg_r.sum() == 0)
-    classes = bundle_from_run(first.folder, weights="final").label_names[1:]
+    classes = next(iter(bundles.values())).label_names[1:]
     return {"title": f"{dname} {pick} slice {z}", "image": image, "reference": ref[z], "predictions": preds,
             "dice": dice, "classes": classes}
 
@@ -331,7 +331,7 @@ def build_report(config, out: str | Path, log: Callable[[str], None] = print, fi
         parts += ["## Not finished yet\n", ", ".join(missing) + "\n"]
     text = "\n".join(parts)
     atomic_write_text(out / "report.md", text)
-    atomic_write_text(out / "results.json", json.dumps(_json_clean(results), indent=1) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(json_safe(results), indent=1) + "\n")
     log(f"report written to {out / 'report.md'}")
     return out / "report.md"
 
@@ -375,13 +375,3 @@ def machine_description() -> str:
 
     return (f"{cpu}, {os.cpu_count()} logical CPUs{mem}, {gpu}; {platform.system()} {platform.release()}; "
             f"Python {platform.python_version()}, torch {torch.__version__}, MONAI {monai.__version__}")
-
-
-def _json_clean(v: Any) -> Any:
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {str(k): _json_clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_clean(x) for x in v]
-    return v

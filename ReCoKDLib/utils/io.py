@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` to fill a temporary file next to ``path``, then rename it onto ``path``.
 
     The temporary name ends with ``path``'s own name, so writers that choose the format by extension
-    (SimpleITK, safetensors) behave as for the final file. On any failure it is removed.
+    (SimpleITK, safetensors, numpy's ``.npz``) behave as for the final file. The data is flushed to
+    disk before the rename, so a crash cannot leave an empty file under the final name. On any failure
+    the temporary file is removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{uuid.uuid4().hex[:8]}.partial.{path.name}")
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -28,3 +33,15 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as ``None`` (JSON has no NaN/inf), tuples as lists and dict
+    keys as strings, recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
