@@ -79,11 +79,14 @@ def test_cv_folds_keep_a_patients_frames_together():
 
 def test_config_errors_name_the_problem(tmp_path):
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"datasets": {"a": {"path": "x"}}, "students": {"s": {"method": "nonsense"}}}))
+    bad.write_text(json.dumps({"datasets": {"a": {"path": str(tmp_path)}}, "students": {"s": {"method": "nonsense"}}}))
     with pytest.raises(ReCoKDError, match="unknown method 'nonsense'"):
         load_config(bad)
-    bad.write_text(json.dumps({"datasets": {"a": {"path": "x"}}, "students": {"s": {"method": "none", "lr": 1}}}))
+    bad.write_text(json.dumps({"datasets": {"a": {"path": str(tmp_path)}}, "students": {"s": {"method": "none", "lr": 1}}}))
     with pytest.raises(ReCoKDError, match="unknown key"):
+        load_config(bad)
+    bad.write_text(json.dumps({"datasets": {"a": {"path": "nowhere"}}, "students": {"s": {"method": "none"}}}))
+    with pytest.raises(ReCoKDError, match="'a': nowhere is not a folder"):
         load_config(bad)
     bad.write_text("{not json")
     with pytest.raises(ReCoKDError, match="not readable JSON"):
@@ -176,7 +179,7 @@ def test_a_failed_teacher_skips_its_students_and_keeps_going(tmp_path):
     jobs, failed = run_study(load_config(tmp_path / "study.json"), tmp_path / "out", log=messages.append,
                              poll_seconds=0.2)
     assert "ph/teacher" in failed and {"ph/none_s0", "ph/recokd_s1"} <= set(failed)
-    assert any(m.startswith("FAILED ph/teacher") for m in messages)
+    assert any(m.startswith("FAILED ph/teacher") and "invalid choice: 'bogus'" in m for m in messages)
     assert [j.name for j in jobs if j.done()] == ["ph/plan"]
     assert "invalid choice: 'bogus'" in (tmp_path / "out" / "logs" / "ph__teacher.log").read_text()
     assert "Not finished yet" in (tmp_path / "out" / "report.md").read_text()

@@ -117,7 +117,12 @@ def load_config(path: str | Path) -> StudyConfig:
         folds = int(d.get("folds", 1 if ev == "test" else 3))
         if ev == "cv" and folds < 2:
             raise ReCoKDError(f"{where}: dataset {name!r}: cross-validation needs folds >= 2")
+        if "path" not in d:
+            raise ReCoKDError(f"{where}: dataset {name!r} needs a 'path' (the folder that holds dataset.json)")
         p = Path(os.path.expandvars(str(d["path"])))
+        if not (p if p.is_absolute() else path.parent / p).is_dir():
+            raise ReCoKDError(f"{where}: dataset {name!r}: {p} is not a folder; fix its 'path' "
+                              "(a relative path is relative to the config file)")
         datasets[name] = DatasetEntry(
             name, p if p.is_absolute() else (path.parent / p).resolve(), ev, folds if ev == "cv" else 1,
             d.get("group_pattern"), int(d.get("teacher_epochs", raw.get("teacher_epochs", 10))),
@@ -418,6 +423,16 @@ def _latency(folder: Path, spec: dict[str, Any]) -> None:
     atomic_write_text(folder / "benchmark.json", results_json(results) + "\n")
 
 
+def _last_error(log_path: Path) -> str:
+    """The job's own one-line error (its last ``error:`` line), else its last line."""
+    try:
+        lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "no log"
+    errors = [ln for ln in lines if "error:" in ln]
+    return (errors or lines or ["no output"])[-1][-300:]
+
+
 def run_study(
     config: StudyConfig,
     out: str | Path,
@@ -487,7 +502,8 @@ def run_study(
                     log(f"done   {name} ({seconds / 60:.1f} min)")
                 else:
                     failed.append(name)
-                    log(f"FAILED {name} (exit {rc}); see {out / 'logs' / (name.replace('/', '__') + '.log')}")
+                    log_path = out / "logs" / (name.replace("/", "__") + ".log")
+                    log(f"FAILED {name} (exit {rc}): {_last_error(log_path)}; full log {log_path}")
     except KeyboardInterrupt:
         for name, (j, proc, start) in running.items():
             os.killpg(proc.pid, signal.SIGINT)
