@@ -1,8 +1,11 @@
 """ReCoKD: segment volumes with distilled students and train them, in 3D Slicer.
 
-Module, Widget, Logic and Test classes following Slicer's scripted-module template. The Logic is
-free of Qt: it runs in Slicer's Python console, in ``Slicer --no-main-window --python-script`` and,
-for the test suite, under plain Python with the ``slicer-core`` package (where ``qt``, ``ctk`` and
+Module, Widget, Logic and Test classes following Slicer's scripted-module template. The parameter
+node (``ReCoKDParameterNode``) holds the panel's state, so a saved scene restores it; the Widget only
+binds controls to it and forwards clicks; the Logic reads its inputs from the parameter node (or
+from plain arguments in the Python console) and never touches a widget. The Logic is free of Qt: it
+runs in Slicer's Python console, in ``Slicer --no-main-window --python-script`` and, for the test
+suite, under plain Python with the ``slicer-core`` package (where ``qt``, ``ctk`` and
 ``slicer.ScriptedLoadableModule`` are absent, so this file falls back to plain base classes).
 
 All heavy work (PyTorch) happens in a background process, ``<Slicer's python> -m
@@ -15,6 +18,8 @@ Console example::
     seg = logic.segment([slicer.util.getNode("MRHead")], "/path/model.recokd", device="auto", fast=True)
 """
 
+import csv
+import importlib.util
 import json
 import logging
 import os
@@ -24,11 +29,13 @@ import tempfile
 import time
 import unittest
 from pathlib import Path
+from typing import Annotated
 
 import slicer
+import vtk
 
 try:  # inside the Slicer application
-    import ctk  # noqa: F401 - the .ui's ctk widgets need it loaded
+    import ctk
     import qt
     from slicer.ScriptedLoadableModule import (
         ScriptedLoadableModule,
@@ -62,34 +69,71 @@ except ImportError:  # plain Python with slicer-core: the Logic works, the Widge
             pass
 
 try:
-    from slicer.parameterNodeWrapper import parameterNodeWrapper
+    from slicer.parameterNodeWrapper import (
+        Choice,
+        GuiConnector,
+        WithinRange,
+        parameterNodeGuiConnector,
+        parameterNodeWrapper,
+        unannotatedType,
+    )
 except ImportError:  # Slicer < 5.2 or slicer-core: no typed parameter node
     parameterNodeWrapper = None
 
-# the module's folder holds ReCoKDSlicer/ and, once installed, ReCoKDLib/
+# the module's folder holds ReCoKDSlicer/ (and ReCoKDLib/ once built); a source checkout has ReCoKDLib/ beside it
 _MODULE_DIR = Path(__file__).resolve().parent
 if str(_MODULE_DIR) not in sys.path:
     sys.path.insert(0, str(_MODULE_DIR))
 
-from ReCoKDSlicer import geometry, models  # noqa: E402
-from ReCoKDSlicer.jobs import FAILED, RUNNING, SUCCEEDED, BackgroundJob  # noqa: E402
+
+def _findLibrary() -> str:
+    """Make ``import ReCoKDLib`` work from a build tree (copied into the module folder) and from a source
+    checkout (the repository root beside ``ReCoKD/``, all that Extension Wizard → *Select Extension* adds).
+
+    Returns "" when it imports, else one line for the panel (never raises: the module must still load).
+    """
+    if importlib.util.find_spec("ReCoKDLib") is None:
+        for root in (_MODULE_DIR, _MODULE_DIR.parent):
+            if (root / "ReCoKDLib" / "__init__.py").is_file():
+                sys.path.insert(0, str(root))
+                break
+    try:
+        import ReCoKDLib  # noqa: F401 - light: the package imports no torch
+    except Exception as exc:  # noqa: BLE001 - any failure becomes one message in the panel
+        return (f"ReCoKD cannot load its library ReCoKDLib ({type(exc).__name__}: {exc}); reinstall the extension, or "
+                "in the Extension Wizard select the repository's root folder (the one holding ReCoKD/ and ReCoKDLib/)")
+    return ""
+
+
+LIBRARY_ERROR = _findLibrary()
+
+from ReCoKDSlicer import geometry, models, terminology  # noqa: E402
+from ReCoKDSlicer.jobs import CANCELLED, FAILED, RUNNING, SUCCEEDED, BackgroundJob  # noqa: E402
 
 log = logging.getLogger("ReCoKD")
 
 # the choices of `recokd distill --method` (kept in sync by Testing/test_slicer_module.py; no torch import here)
 KD_METHODS = ("recokd", "recokd-gc", "none", "msard", "msca", "logit", "fitnet", "cwd", "skd")
 DEVICES = ("auto", "cpu", "cuda")
+MAX_CHANNELS = 4
+SAMPLE_NAME = "ReCoKDPhantom"
+SAMPLE_MODEL = "phantom-abdomen"
 
 
 class ReCoKDError(RuntimeError):
     """A one-line message for the user (wrong inputs, failed or cancelled job)."""
 
 
-def _libraryRoot() -> Path:
-    """The folder that holds the ``ReCoKDLib`` package (the module folder once installed, the source tree otherwise)."""
-    import ReCoKDLib
+def _requireLibrary() -> None:
+    if LIBRARY_ERROR:
+        raise ReCoKDError(LIBRARY_ERROR)
 
-    return Path(ReCoKDLib.__file__).resolve().parent.parent
+
+def _libraryRoot() -> Path:
+    """The folder that holds the ``ReCoKDLib`` package (the module folder once built, the checkout otherwise)."""
+    _requireLibrary()
+    spec = importlib.util.find_spec("ReCoKDLib")
+    return Path(spec.origin).resolve().parent.parent
 
 
 def pythonExecutable() -> str:
@@ -110,6 +154,12 @@ def _jobEnvironment() -> dict:
     return env
 
 
+def _processEvents() -> None:
+    """Keep Slicer's GUI alive while the console waits for a job (no-op without Qt)."""
+    if HAVE_SLICER_GUI and getattr(slicer, "app", None) is not None:
+        slicer.app.processEvents()
+
+
 #
 # Module
 #
@@ -127,11 +177,43 @@ class ReCoKD(ScriptedLoadableModule):
         self.parent.helpText = (
             "Segment volumes with compact students distilled by ReCo-KD (region- and context-aware knowledge "
             "distillation), and train new ones. The network runs in a background process: the GUI stays "
-            "responsive, progress is shown and Cancel stops it at once."
+            "responsive, progress is shown and Cancel stops it at once. Try it: Sample Data → ReCoKD → "
+            "ReCoKD phantom, then Segment with the phantom-abdomen model."
         )
         self.parent.acknowledgementText = (
             "ReCo-KD follows Lan et al., arXiv 2601.08301. Built on MONAI and PyTorch."
         )
+        if HAVE_SLICER_GUI and getattr(slicer, "app", None) is not None:
+            slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def samplePhantomPath(folder=None) -> Path:
+    """The sample volume (the built-in phantom, held-out seed), written on first use; returns its path."""
+    _requireLibrary()
+    from ReCoKDLib.data.phantom import write_sample_volume
+
+    folder = Path(folder) if folder else models.defaultModelsFolder().parent / "samples"
+    return write_sample_volume(folder / f"{SAMPLE_NAME}.nrrd")
+
+
+def registerSampleData() -> None:
+    """Add *ReCoKD phantom* to the Sample Data module (the volume is generated locally, nothing is downloaded)."""
+    if LIBRARY_ERROR:
+        return
+    try:
+        import SampleData
+
+        path = samplePhantomPath()
+        icon = _MODULE_DIR / "Resources" / "Icons" / "ReCoKD.png"
+        register = SampleData.SampleDataLogic.registerCustomSampleDataSource
+        common = dict(category="ReCoKD", sampleName=SAMPLE_NAME, uris=path.as_uri(), fileNames=path.name,
+                      nodeNames=SAMPLE_NAME, thumbnailFileName=str(icon))
+        try:
+            register(**common, loadFileTypes="VolumeFile")  # Slicer >= 5.8
+        except TypeError:
+            register(**common, loadFileType="VolumeFile")
+    except Exception as exc:  # noqa: BLE001 - a sample must never break Slicer's startup
+        log.warning(f"ReCoKD sample data not registered: {exc}")
 
 
 #
@@ -140,21 +222,57 @@ class ReCoKD(ScriptedLoadableModule):
 
 if parameterNodeWrapper is not None:
 
+    @parameterNodeGuiConnector
+    class PathLineEditToStrConnector(GuiConnector):
+        """A ``ctkPathLineEdit`` bound to a ``str`` where "" means unset (Slicer's ``Path`` connector
+        reads an empty box as ``Path('.')``, i.e. the working folder)."""
+
+        @staticmethod
+        def canRepresent(widget, datatype) -> bool:
+            return type(widget) == ctk.ctkPathLineEdit and unannotatedType(datatype) == str  # noqa: E721
+
+        @staticmethod
+        def create(widget, datatype):
+            return PathLineEditToStrConnector(widget) if PathLineEditToStrConnector.canRepresent(widget, datatype) else None
+
+        def __init__(self, widget):
+            super().__init__()
+            self._widget = widget
+
+        def _connect(self):
+            self._widget.currentPathChanged.connect(self.changed)
+
+        def _disconnect(self):
+            self._widget.currentPathChanged.disconnect(self.changed)
+
+        def widget(self):
+            return self._widget
+
+        def read(self) -> str:
+            return str(self._widget.currentPath or "").strip()
+
+        def write(self, value: str) -> None:
+            if (value or "") != (self._widget.currentPath or ""):
+                self._widget.currentPath = value or ""
+
     @parameterNodeWrapper
     class ReCoKDParameterNode:
+        """The panel's state. Paths are ``str``: "" means not chosen."""
+
         inputVolume: slicer.vtkMRMLScalarVolumeNode
         inputVolume2: slicer.vtkMRMLScalarVolumeNode
         inputVolume3: slicer.vtkMRMLScalarVolumeNode
         inputVolume4: slicer.vtkMRMLScalarVolumeNode
-        device: str = "auto"
+        model: str = ""  # a model name (registry, models folder) or a bundle path
+        device: Annotated[str, Choice(list(DEVICES))] = "auto"
         fast: bool = True
-        datasetFolder: Path
-        teacherPath: Path
+        datasetFolder: str = ""
+        teacherPath: str = ""
         trainTeacherFirst: bool = False
-        kdMethod: str = "recokd"
-        widthFactor: float = 4.0
-        epochs: int = 50
-        outputFolder: Path
+        kdMethod: Annotated[str, Choice(list(KD_METHODS))] = "recokd"
+        widthFactor: Annotated[float, WithinRange(1.0, 32.0)] = 4.0
+        epochs: Annotated[int, WithinRange(1, 100000)] = 50
+        outputFolder: str = ""
 else:
     ReCoKDParameterNode = None
 
@@ -231,9 +349,13 @@ class SegmentationTask:
 
 
 class TrainingTask:
-    """A running ``recokd train`` / ``distill``: progress from the run folder's ``log.csv``, then export."""
+    """A running ``recokd train`` / ``distill``: progress from the run folder's ``log.csv``, then export.
 
-    def __init__(self, logic, job, role, outputFolder, epochs, command, onFinished=None):
+    ``followUp(task)``, when set, starts the next step (the distillation after a teacher trained first)
+    and returns its task; :attr:`ReCoKDLogic.trainingTask` then points at that step.
+    """
+
+    def __init__(self, logic, job, role, outputFolder, epochs, command, onFinished=None, followUp=None):
         self.logic = logic
         self.job = job
         self.role = role
@@ -241,6 +363,7 @@ class TrainingTask:
         self.epochs = int(epochs)
         self.command = command
         self.onFinished = onFinished
+        self.followUp = followUp
         self.history: list[dict] = []
         self.bundlePath = None  # Path of the exported student bundle
         self.message = ""
@@ -258,8 +381,6 @@ class TrainingTask:
 
     def readHistory(self) -> list[dict]:
         """The per-epoch rows (epoch, lr, loss_*, dice_*) written so far."""
-        import csv
-
         path = self.outputFolder / "log.csv"
         if path.is_file():
             try:
@@ -284,10 +405,19 @@ class TrainingTask:
             self._startExport()
             return self.state
         if state != RUNNING:
-            self.message = "training finished" if state == SUCCEEDED else self.job.error
-            if self.onFinished is not None:
-                self.onFinished(self)
+            self._finish()
         return self.state
+
+    def _finish(self) -> None:
+        if self.job.state == SUCCEEDED and self.followUp is not None:
+            try:
+                self.followUp(self)
+                return  # the next step reports when the whole chain ends
+            except ReCoKDError as exc:
+                self.job.state, self.job.error = FAILED, str(exc)
+        self.message = "training finished" if self.job.state == SUCCEEDED else self.job.error
+        if self.onFinished is not None:
+            self.onFinished(self)
 
     def _startExport(self) -> None:
         folder = Path(self.logic.modelsFolder)
@@ -295,7 +425,8 @@ class TrainingTask:
         self.bundlePath = folder / f"{self.outputFolder.name}.recokd"
         command = [pythonExecutable(), "-m", "ReCoKDLib.slicer_bridge", "cli", "export", str(self.outputFolder),
                    "-o", str(self.bundlePath)]
-        self._exportJob = BackgroundJob(command, env=_jobEnvironment(), name="export").start()
+        self._exportJob = BackgroundJob(command, env=_jobEnvironment(), name="export",
+                                        onLine=self.logic.onTrainingLine).start()
 
     def _finishExport(self) -> None:
         if self._exportJob.state == SUCCEEDED:
@@ -329,22 +460,29 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         scene: the MRML scene (default ``slicer.mrmlScene``).
         modelsFolder: where trained students are exported and bundles are found (default: ReCoKD's
             per-user model folder, outside Slicer's version folders).
-        registries: model registry files to list (default ``$RECOKD_REGISTRY`` when set).
+        registries: model registry files to list (default: the registry shipped with ReCoKDLib, then
+            ``$RECOKD_REGISTRY`` when set).
+        runsFolder: where the Training panel writes runs when no output folder is chosen.
     """
 
-    def __init__(self, scene=None, modelsFolder=None, registries=None):
+    def __init__(self, scene=None, modelsFolder=None, registries=None, runsFolder=None):
         ScriptedLoadableModuleLogic.__init__(self)
         self.scene = scene if scene is not None else getattr(slicer, "mrmlScene", None)
         self.modelsFolder = Path(modelsFolder) if modelsFolder else models.defaultModelsFolder()
+        self.runsFolder = Path(runsFolder) if runsFolder else models.defaultRunsFolder()
         if registries is None:
-            registries = [os.environ["RECOKD_REGISTRY"]] if os.environ.get("RECOKD_REGISTRY") else []
+            registries = [r for r in (models.builtinRegistry(), os.environ.get("RECOKD_REGISTRY")) if r]
         self.registries = [Path(r) for r in registries]
         self.warnings: list[str] = []
         self.lastMessage = ""  # the last segmentation's outcome: elapsed time and device, or the error
         self.segmentationTask = None
         self.trainingTask = None
+        self.onTrainingLine = None  # called with each output line of training jobs (the log pane)
+        self.extraTrainingArgs: list = []  # extra `recokd train/distill` options for runs started from the panel
+        self.extraTeacherArgs: list = []  # ... for the teacher only (e.g. planner options: --base-filters 16)
         self.debugDelay = 0.0  # seconds per sliding window; test hook only
         self.timeout = None  # seconds; wait=True cancels after it
+        self._plotNodes: dict = {}
 
     def getParameterNode(self):
         if ReCoKDParameterNode is None:
@@ -369,25 +507,46 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         """A :class:`~ReCoKDSlicer.models.ModelSource` for a path, a model name or a source."""
         if isinstance(model, models.ModelSource):
             return model
-        path = Path(str(model)).expanduser()
-        if path.exists():
-            return models.ModelSource(name=path.stem if path.is_file() else path.name, kind="file", path=str(path))
+        if not model:
+            raise ReCoKDError("select a model (or 'Load from file…')")
         for source in self.availableModels():
             if source.name == str(model):
                 return source
+        path = Path(str(model)).expanduser()
+        if path.exists():
+            return models.ModelSource(name=path.stem if path.is_file() else path.name, kind="file", path=str(path))
         raise ReCoKDError(f"model {model} is neither a file nor a known model name; use 'Load from file…' or check the registry")
 
     def modelInfo(self, model):
-        """Labels, colours and channel names of a local model (None for a registry model not fetched yet)."""
+        """Labels, colours, channel names and terminology of a model; None for a registry model that is
+        neither on this disk nor describes its channels in its entry."""
         source = self._resolve(model)
-        if source.kind != "file":
-            return None
+        path = models.localBundlePath(source)
+        if path is None:
+            return models.registryInfo(source)
         try:
-            return models.readBundleInfo(source.path)
+            return models.readBundleInfo(path)
         except ValueError as exc:
             raise ReCoKDError(str(exc)) from None
 
     # -- segmentation -----------------------------------------------------------------------------
+    def inputVolumes(self, parameterNode) -> list:
+        """The parameter node's input volumes, channel order, up to the model's number of channels."""
+        volumes = [parameterNode.inputVolume, parameterNode.inputVolume2, parameterNode.inputVolume3,
+                   parameterNode.inputVolume4]
+        count = 1
+        if parameterNode.model:
+            info = self.modelInfo(parameterNode.model)
+            count = info.numChannels if info is not None else 1
+        return [v for v in volumes[:count] if v is not None]
+
+    def segmentWithParameters(self, parameterNode, wait=False, progress=None, onFinished=None):
+        """:meth:`segment` with the inputs, model, device and *Fast* of the parameter node (the Segment button)."""
+        if not parameterNode.model:
+            raise ReCoKDError("select a model (or 'Load from file…')")
+        return self.segment(self.inputVolumes(parameterNode), parameterNode.model, device=parameterNode.device,
+                            fast=parameterNode.fast, wait=wait, progress=progress, onFinished=onFinished)
+
     def segment(self, volumeNodes, model, device="auto", fast=False, wait=True, progress=None, onFinished=None):
         """Segment ``volumeNodes`` (one per model channel) with ``model``.
 
@@ -396,14 +555,15 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             model: bundle path, model name (registry / models folder), or a ModelSource.
             device: ``auto`` (GPU when available, else CPU), ``cpu`` or ``cuda``.
             fast: no test-time augmentation (about 8x faster).
-            wait: block until done and return the segmentation node; else return a
-                :class:`SegmentationTask` to :meth:`poll` (and ``cancel()``).
+            wait: block until done and return the segmentation node (the GUI keeps processing events);
+                else return a :class:`SegmentationTask` to :meth:`poll` (and ``cancel()``).
             progress: ``progress(fraction)`` called while waiting.
             onFinished: ``onFinished(task)`` called when the task ends (success, failure or cancel).
 
         Raises:
             ReCoKDError: a one-line reason; the scene is left unchanged.
         """
+        _requireLibrary()
         if self.segmentationTask is not None and self.segmentationTask.state == RUNNING:
             raise ReCoKDError("a segmentation is already running; wait for it or cancel it")
         if device not in DEVICES:
@@ -431,16 +591,18 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         output = Path(tmpdir) / "labels.nrrd"
         command = [pythonExecutable(), "-m", "ReCoKDLib.slicer_bridge", "segment", "--inputs", *map(str, inputs),
                    "--output", str(output), "--device", device]
-        if source.kind == "registry":
+        local = models.localBundlePath(source)
+        if source.kind == "registry" and local is None:
             command += ["--registry-entry", json.dumps(source.entry), "--registry-base", source.base]
         else:
-            command += ["--model", source.path]
+            command += ["--model", str(local)]
         if not fast:
             command.append("--tta")
         if self.debugDelay:
             command += ["--debug-delay", str(self.debugDelay)]
         job = BackgroundJob(command, env=_jobEnvironment(), name="segmentation")
-        task = SegmentationTask(self, job, volumeNodes, info, info.name if info else source.name, tmpdir, output,
+        bundleInfo = info if info is not None and info.labels else None  # else read from the fetched bundle
+        task = SegmentationTask(self, job, volumeNodes, bundleInfo, info.name if info else source.name, tmpdir, output,
                                 onFinished=onFinished)
         try:
             job.start()
@@ -458,7 +620,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
                 if deadline is not None and time.monotonic() > deadline:
                     task.cancel()
                     break
-                time.sleep(0.1)
+                _processEvents()
+                time.sleep(0.05)
         except BaseException:  # e.g. Ctrl-C in a headless script: never leave the process running
             task.cancel()
             raise
@@ -487,11 +650,13 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
 
         reference = None
         paths = []
+        first = volumeNodes[0]
         for i, node in enumerate(volumeNodes):
             if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
-                raise ReCoKDError(f"'{node.GetName()}' is not a scalar volume; select an image volume for channel {i}")
-            if node.GetParentTransformNode() is not None and i > 0 and volumeNodes[0].GetParentTransformNode() != node.GetParentTransformNode():
-                raise ReCoKDError(f"'{node.GetName()}' is under a different transform than '{volumeNodes[0].GetName()}'; harden the transforms first")
+                raise ReCoKDError(f"'{node.GetName()}' is not a scalar volume; select an image volume for channel {i + 1}")
+            if node.GetParentTransformNode() is not first.GetParentTransformNode():
+                raise ReCoKDError(f"'{node.GetName()}' and '{first.GetName()}' are under different transforms; "
+                                  "harden the transforms (Data module) first")
             image = geometry.volumeNodeToImage(node)
             if reference is None:
                 reference = image
@@ -511,7 +676,11 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         reference = geometry.volumeNodeToImage(volume)
         label_image = geometry.imageOnVolumeGrid(sitk.ReadImage(str(task.output)), reference, interpolator="nearest")
         labels = sitk.GetArrayFromImage(label_image)
-        info = task.info or models.readBundleInfo(self._cachedBundle(task))
+        info = task.info
+        if info is None:  # a registry model: the background process says where it fetched the bundle to
+            if not task.job.model:
+                raise ReCoKDError("the segmentation process did not say which model file it used")
+            info = models.readBundleInfo(task.job.model)
         ijkToRas = geometry.ijkToRasArray(volume)
         scene = self.scene
         node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume.GetName()} – {task.modelName}")
@@ -529,6 +698,10 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
                 segment_id = node.AddSegmentFromBinaryLabelmapRepresentation(image, name, list(info.colors[name]))
                 if not segment_id:
                     raise ReCoKDError(f"could not add segment {name}")
+                codes = info.terminology.get(name)
+                if codes:
+                    segment = segmentation.GetSegment(segment_id)
+                    segment.SetTag(segment.GetTerminologyEntryTagName(), terminology.entryString(codes))
             if hasattr(segmentation, "CollapseBinaryLabelmaps"):
                 segmentation.CollapseBinaryLabelmaps(False)
             self._placeInStudy(node, volume)
@@ -538,13 +711,6 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             scene.RemoveNode(node)
             raise
         return node
-
-    def _cachedBundle(self, task) -> Path:
-        # a registry model: the background process fetched it into the cache under <name>-<sha[:12]>.recokd
-        source = self._resolve(task.modelName)
-        from ReCoKDLib.model_registry import default_cache_dir
-
-        return default_cache_dir() / f"{source.entry['name']}-{source.entry['sha256'][:12]}.recokd"
 
     def _placeInStudy(self, node, volume) -> None:
         shClass = getattr(slicer, "vtkMRMLSubjectHierarchyNode", None)
@@ -565,39 +731,55 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         else:  # without Slicer's subject-hierarchy plugins (slicer-core) nodes get no item automatically
             sh.CreateItem(parent, node)
 
+    def loadSample(self):
+        """The sample volume (*ReCoKD phantom*) in the scene, as Sample Data loads it."""
+        path = samplePhantomPath()
+        node = slicer.util.loadVolume(str(path)) if HAVE_SLICER_GUI else _loadVolumeNoGui(self.scene, path)
+        node.SetName(SAMPLE_NAME)
+        return node
+
     # -- training ---------------------------------------------------------------------------------
-    def _startTraining(self, role, arguments, outputFolder, epochs, wait, progress, onFinished):
+    def _startTraining(self, role, arguments, outputFolder, epochs, wait, progress, onFinished, followUp=None):
+        _requireLibrary()
         if self.trainingTask is not None and self.trainingTask.state == RUNNING:
             raise ReCoKDError("a training is already running; stop it first")
         command = [pythonExecutable(), "-m", "ReCoKDLib.slicer_bridge", "cli", *map(str, arguments), "--no-progress"]
-        job = BackgroundJob(command, env=_jobEnvironment(), name=f"{role} training")
-        task = TrainingTask(self, job, role, outputFolder, epochs, command, onFinished=onFinished)
+        job = BackgroundJob(command, env=_jobEnvironment(), name=f"{role} training", onLine=self.onTrainingLine)
+        task = TrainingTask(self, job, role, outputFolder, epochs, command, onFinished=onFinished, followUp=followUp)
         try:
             job.start()
         except OSError as exc:
             raise ReCoKDError(f"cannot start the training process ({exc})") from None
         self.trainingTask = task
-        if not wait:
-            return task
+        return self.waitForTraining(progress) if wait else task
+
+    def waitForTraining(self, progress=None):
+        """Block (processing GUI events) until the training, and any step it chains to, has ended."""
+        task = self.trainingTask
         try:
-            while task.poll() == RUNNING:
-                if progress is not None:
-                    progress(task)
-                time.sleep(0.5)
+            while True:
+                task = self.trainingTask
+                if task.poll() == RUNNING or self.trainingTask is not task:
+                    if progress is not None:
+                        progress(self.trainingTask)
+                    _processEvents()
+                    time.sleep(0.2)
+                    continue
+                break
         except BaseException:  # e.g. Ctrl-C: stop the run (it keeps its last checkpoint)
-            task.stop()
+            self.trainingTask.stop()
             raise
         if task.state != SUCCEEDED:
             raise ReCoKDError(task.message or "training failed")
         return task
 
     def trainTeacher(self, datasetFolder, outputFolder, epochs=50, device="auto", resume=False, extraArgs=(),
-                     wait=True, progress=None, onFinished=None):
+                     wait=True, progress=None, onFinished=None, followUp=None):
         """``recokd train DATASET -o OUTPUT`` in the background; returns the finished (or running) task."""
         args = ["train", datasetFolder, "-o", outputFolder, "--epochs", int(epochs), "--device", device, *extraArgs]
         if resume:
             args.append("--resume")
-        return self._startTraining("teacher", args, outputFolder, epochs, wait, progress, onFinished)
+        return self._startTraining("teacher", args, outputFolder, epochs, wait, progress, onFinished, followUp)
 
     def distill(self, datasetFolder, teacher, method="recokd", widthFactor=4, epochs=50, outputFolder=None,
                 device="auto", resume=False, extraArgs=(), wait=True, progress=None, onFinished=None):
@@ -608,13 +790,13 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             teacher: teacher run folder (from :meth:`trainTeacher` / ``recokd train``).
             method: KD method (``recokd`` default; baselines selectable).
             widthFactor: student channels = teacher's / R.
-            outputFolder: run folder (default ``<dataset>/runs/student_<method>``).
+            outputFolder: run folder (default ``<runs folder>/<dataset>/student_<method>``).
         """
         if method not in KD_METHODS:
             raise ReCoKDError(f"KD method must be one of {', '.join(KD_METHODS)}, got {method!r}")
         if not resume and not teacher:
             raise ReCoKDError("select a teacher run, or train a teacher first")
-        outputFolder = outputFolder or str(Path(datasetFolder) / "runs" / f"student_{method}")
+        outputFolder = outputFolder or str(self.runsFolder / Path(datasetFolder).name / f"student_{method}")
         args = ["distill", datasetFolder, "-o", outputFolder, "--method", method, "--width-factor", float(widthFactor),
                 "--epochs", int(epochs), "--device", device, *extraArgs]
         if teacher:
@@ -622,6 +804,39 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         if resume:
             args.append("--resume")
         return self._startTraining("student", args, outputFolder, epochs, wait, progress, onFinished)
+
+    def trainWithParameters(self, parameterNode, wait=False, progress=None, onFinished=None, extraArgs=()):
+        """The Start button: distil a student from the parameter node's dataset, teacher, method, R and
+        epochs; with *Train a teacher first*, train the teacher, then distil from it."""
+        p = parameterNode
+        dataset = (p.datasetFolder or "").strip()
+        if not dataset:
+            raise ReCoKDError("select a dataset folder (nnU-Net or MSD layout, holding dataset.json)")
+        if not (Path(dataset) / "dataset.json").is_file():
+            raise ReCoKDError(f"{dataset} holds no dataset.json; select a dataset folder in nnU-Net or MSD layout")
+        teacher = (p.teacherPath or "").strip()
+        if not p.trainTeacherFirst and not teacher:
+            raise ReCoKDError("select a teacher run folder, or tick 'Train a teacher first'")
+        if not p.trainTeacherFirst and not (Path(teacher) / "run.json").is_file():
+            raise ReCoKDError(f"{teacher} is not a training run folder (no run.json); select a `recokd train` run")
+        method, width, epochs = p.kdMethod, float(p.widthFactor), int(p.epochs)
+        extraArgs = [*self.extraTrainingArgs, *extraArgs]
+        output = (p.outputFolder or "").strip() or str(self.runsFolder / Path(dataset).name / f"student_{method}")
+        device = p.device
+
+        def distil(teacherTask=None):
+            return self.distill(dataset, str(teacherTask.outputFolder) if teacherTask else teacher, method=method,
+                                widthFactor=width, epochs=epochs, outputFolder=output, device=device,
+                                extraArgs=extraArgs, wait=False, onFinished=onFinished)
+
+        if not p.trainTeacherFirst:
+            task = distil()
+            return self.waitForTraining(progress) if wait else task
+        teacherOutput = str(Path(output).parent / f"{Path(output).name}_teacher")
+        task = self.trainTeacher(dataset, teacherOutput, epochs=epochs, device=device,
+                                 extraArgs=[*extraArgs, *self.extraTeacherArgs],
+                                 wait=False, onFinished=onFinished, followUp=distil)
+        return self.waitForTraining(progress) if wait else task
 
     def stopTraining(self) -> None:
         if self.trainingTask is not None:
@@ -637,7 +852,72 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         args = [a for a in task.command[task.command.index("cli") + 1:] if a not in ("--resume", "--no-progress")]
         args.append("--resume")
         self.trainingTask = None
-        return self._startTraining(task.role, args, task.outputFolder, task.epochs, wait, progress, onFinished)
+        return self._startTraining(task.role, args, task.outputFolder, task.epochs, wait, progress,
+                                   onFinished or task.onFinished, task.followUp)
+
+    def plotTrainingHistory(self, history=None):
+        """Loss terms and validation Dice per epoch (from ``log.csv``) as a Slicer plot: one table node,
+        one series per column, one chart (nodes reused on each call). Returns the chart node or None."""
+        if history is None:
+            history = self.trainingTask.history if self.trainingTask is not None else []
+        if not history:
+            return None
+        keys = [k for k in history[0] if k.startswith("loss_") or k.startswith("dice_")]
+        if not keys:
+            return None
+        scene = self.scene
+        table = self._plotNodes.get("table")
+        if table is None or scene.GetNodeByID(table.GetID()) is None:
+            table = scene.AddNewNodeByClass("vtkMRMLTableNode", "ReCoKD training log")
+            chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", "ReCoKD training")
+            chart.SetXAxisTitle("epoch")
+            chart.SetYAxisTitle("loss / validation Dice")
+            self._plotNodes = {"table": table, "chart": chart, "series": {}}
+        chart = self._plotNodes["chart"]
+        vtkTable = table.GetTable()
+        vtkTable.Initialize()
+        for column in ["epoch", *keys]:
+            array = vtk.vtkDoubleArray()
+            array.SetName(column)
+            for i, row in enumerate(history):
+                value = row.get(column, i + 1) if column == "epoch" else row.get(column)
+                array.InsertNextValue(value if isinstance(value, float) else float("nan"))
+            vtkTable.AddColumn(array)
+        table.Modified()
+        for key in keys:
+            series = self._plotNodes["series"].get(key)
+            if series is None:
+                series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", key)
+                series.SetAndObserveTableNodeID(table.GetID())
+                series.SetXColumnName("epoch")
+                series.SetYColumnName(key)
+                series.SetPlotType(series.PlotTypeScatter)
+                chart.AddAndObservePlotSeriesNodeID(series.GetID())
+                self._plotNodes["series"][key] = series
+        if HAVE_SLICER_GUI and hasattr(getattr(slicer, "modules", None), "plots"):
+            slicer.modules.plots.logic().ShowChartInLayout(chart)
+        return chart
+
+
+def _loadVolumeNoGui(scene, path: Path):
+    """Load a volume file into ``scene`` without Slicer's IO manager (slicer-core)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(path))
+    spacing, origin = np.array(image.GetSpacing()), np.array(image.GetOrigin())
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    lpsToRas = np.diag([-1.0, -1.0, 1.0])
+    ijkToRas = np.eye(4)
+    ijkToRas[:3, :3] = lpsToRas @ direction @ np.diag(spacing)
+    ijkToRas[:3, 3] = lpsToRas @ origin
+    previous = getattr(slicer, "mrmlScene", None)
+    slicer.mrmlScene = scene
+    try:
+        return slicer.util.addVolumeFromArray(sitk.GetArrayFromImage(image), ijkToRAS=ijkToRas, name=path.stem)
+    finally:
+        if previous is not None:
+            slicer.mrmlScene = previous
 
 
 #
@@ -646,17 +926,17 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
 
 
 class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The GUI: a Segment panel and a Training panel (layout in Resources/UI/ReCoKD.ui)."""
-
-    LOAD_FROM_FILE = "Load from file…"
+    """The GUI: a Segment panel and a Training panel (layout in Resources/UI/ReCoKD.ui), bound to the parameter node."""
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
         self._parameterNode = None
+        self._parameterNodeGuiTag = None
         self._timer = None
         self._modelSources = []
+        self._plotted = 0
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -665,9 +945,8 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = ReCoKDLogic()
+        self.logic.onTrainingLine = self.ui.logTextEdit.appendPlainText
 
-        self.ui.deviceComboBox.addItems(list(DEVICES))
-        self.ui.kdMethodComboBox.addItems(list(KD_METHODS))
         self.ui.segmentProgressBar.setVisible(False)
         self.ui.trainingProgressBar.setVisible(False)
 
@@ -676,6 +955,7 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.refreshModelsButton.connect("clicked(bool)", self.refreshModels)
+        self.ui.loadModelButton.connect("clicked(bool)", self.onLoadModelFromFile)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
         self.ui.startTrainingButton.connect("clicked(bool)", self.onStartTraining)
         self.ui.stopTrainingButton.connect("clicked(bool)", self.onStopTraining)
@@ -685,6 +965,10 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.setInterval(200)
         self._timer.connect("timeout()", self.onTimer)
 
+        if LIBRARY_ERROR:  # the panel stays usable enough to show why
+            self.ui.statusLabel.text = LIBRARY_ERROR
+            self.ui.segmentButton.enabled = False
+            self.ui.startTrainingButton.enabled = False
         self.refreshModels()
         self.initializeParameterNode()
 
@@ -700,13 +984,15 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def exit(self):
-        if self._parameterNode is not None and hasattr(self._parameterNode, "disconnectGui"):
+        if self._parameterNode is not None and self._parameterNodeGuiTag is not None:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent,
+                                self.updateGUIFromParameterNode)
 
     def onSceneStartClose(self, caller, event):
         self.logic.cancel()
-        self.exit()
-        self._parameterNode = None
+        self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
@@ -720,56 +1006,110 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if first:
                 parameterNode.inputVolume = first
+        if not parameterNode.model and self._modelSources:
+            parameterNode.model = self._modelSources[0].key
+        self.setParameterNode(parameterNode)
+
+    def setParameterNode(self, parameterNode):
+        """Bind the controls to ``parameterNode`` (None: unbind)."""
+        if self._parameterNode is not None and self._parameterNodeGuiTag is not None:
+            self.exit()
         self._parameterNode = parameterNode
-        self._parameterNodeGuiTag = parameterNode.connectGui(self.ui)
+        if parameterNode is not None:
+            self._parameterNodeGuiTag = parameterNode.connectGui(self.ui)
+            self.addObserver(parameterNode, vtk.vtkCommand.ModifiedEvent,
+                             self.updateGUIFromParameterNode)
+            self.updateGUIFromParameterNode()
+
+    def updateGUIFromParameterNode(self, caller=None, event=None):
+        """What the binding cannot express: the model selection, visible channels, button states."""
+        p = self._parameterNode
+        if p is None:
+            return
+        keys = [s.key for s in self._modelSources]
+        if p.model and p.model not in keys and Path(p.model).exists():  # a bundle loaded from file in a saved scene
+            self._addModelSource(models.ModelSource(name=Path(p.model).stem, kind="file", path=p.model))
+            keys = [s.key for s in self._modelSources]
+        index = keys.index(p.model) if p.model in keys else -1
+        if self.ui.modelComboBox.currentIndex != index:
+            wasBlocked = self.ui.modelComboBox.blockSignals(True)
+            self.ui.modelComboBox.setCurrentIndex(index)
+            self.ui.modelComboBox.blockSignals(wasBlocked)
+        self._updateChannelSelectors()
+        segmenting = self.logic.segmentationTask is not None and self.logic.segmentationTask.state == RUNNING
+        self.ui.segmentButton.enabled = not LIBRARY_ERROR and (segmenting or bool(p.inputVolume and p.model))
+        self.ui.teacherPathLineEdit.enabled = not p.trainTeacherFirst
+        training = self.logic.trainingTask is not None and self.logic.trainingTask.state == RUNNING
+        self.ui.startTrainingButton.enabled = not LIBRARY_ERROR and not training and bool(
+            p.datasetFolder and (p.teacherPath or p.trainTeacherFirst))
+        self.ui.stopTrainingButton.enabled = training
+        self.ui.resumeTrainingButton.enabled = not training and self.logic.trainingTask is not None
 
     # -- models -----------------------------------------------------------------------------------
     def refreshModels(self, _=None):
+        """Fill the model list (never opens a dialog; a file is picked only with 'Load from file…')."""
         self._modelSources = self.logic.availableModels()
         combo = self.ui.modelComboBox
-        combo.blockSignals(True)
+        wasBlocked = combo.blockSignals(True)
         combo.clear()
         for source in self._modelSources:
             combo.addItem(source.label)
-        combo.addItem(self.LOAD_FROM_FILE)
-        combo.blockSignals(False)
+        combo.blockSignals(wasBlocked)
         if self.logic.warnings:
             self.ui.statusLabel.text = f"{len(self.logic.warnings)} model entr(y/ies) skipped; see the Python console"
-        self.onModelChanged(combo.currentIndex)
+        self.updateGUIFromParameterNode()
+
+    def _addModelSource(self, source):
+        self._modelSources.append(source)
+        wasBlocked = self.ui.modelComboBox.blockSignals(True)
+        self.ui.modelComboBox.addItem(source.label)
+        self.ui.modelComboBox.blockSignals(wasBlocked)
+
+    def onLoadModelFromFile(self, _=None):
+        path = qt.QFileDialog.getOpenFileName(self.parent, "Load a ReCoKD model", "", "ReCoKD bundles (*.recokd *.zip)")
+        if not path:
+            return
+        source = models.ModelSource(name=Path(path).stem, kind="file", path=path)
+        if source.key not in [s.key for s in self._modelSources]:
+            self._addModelSource(source)
+        if self._parameterNode is not None:
+            self._parameterNode.model = source.key
 
     def onModelChanged(self, index):
-        if index == len(self._modelSources):  # Load from file…
-            path = qt.QFileDialog.getOpenFileName(self.parent, "Load a ReCoKD model", "", "ReCoKD bundles (*.recokd *.zip)")
-            if path:
-                self._modelSources.append(models.ModelSource(name=Path(path).stem, kind="file", path=path))
-                self.ui.modelComboBox.insertItem(index, self._modelSources[-1].label)
-                self.ui.modelComboBox.setCurrentIndex(index)
-            return
-        self._updateChannelSelectors()
-
-    def _currentModel(self):
-        index = self.ui.modelComboBox.currentIndex
-        return self._modelSources[index] if 0 <= index < len(self._modelSources) else None
+        if self._parameterNode is not None and 0 <= index < len(self._modelSources):
+            self._parameterNode.model = self._modelSources[index].key
 
     def _updateChannelSelectors(self):
-        source = self._currentModel()
         info = None
-        if source is not None:
+        p = self._parameterNode
+        if p is not None and p.model:
             try:
-                info = self.logic.modelInfo(source)
+                info = self.logic.modelInfo(p.model)
             except ReCoKDError as exc:
                 self.ui.statusLabel.text = str(exc)
         channels = info.channelNames if info else ["image"]
-        selectors = self._volumeSelectors()
-        for i, selector in enumerate(selectors):
-            selector.setVisible(i < len(channels))
-            selector.setToolTip(channels[i] if i < len(channels) else "")
-        self.ui.modelInfoLabel.text = (f"{info.name}: {len(info.labels) - 1} structures, "
-                                       f"{info.numChannels} channel(s)") if info else ""
+        for i, (selector, label) in enumerate(self._volumeSelectors()):
+            visible = i < len(channels)
+            selector.setVisible(visible)
+            label.setVisible(visible)
+            if visible:
+                label.text = f"{channels[i]}:" if len(channels) > 1 else "Input volume:"
+                selector.setToolTip(channels[i])
+        if info is None:
+            self.ui.modelInfoLabel.text = ""
+            return
+        text = f"{info.name}: {len(info.labels) - 1} structure(s), {info.numChannels} channel(s)" if info.labels else \
+            f"{info.name}: {info.numChannels} channel(s); fetched on first use"
+        dice = (info.provenance.get("test_metrics") or {}).get("dice_mean") if info.provenance else None
+        if isinstance(dice, (int, float)):
+            text += f"; test Dice {dice:.3f}"
+        self.ui.modelInfoLabel.text = text
 
     def _volumeSelectors(self):
-        return [self.ui.inputVolumeSelector, self.ui.inputVolumeSelector2, self.ui.inputVolumeSelector3,
-                self.ui.inputVolumeSelector4]
+        return [(self.ui.inputVolumeSelector, self.ui.inputVolumeSelectorLabel),
+                (self.ui.inputVolumeSelector2, self.ui.inputVolumeSelector2Label),
+                (self.ui.inputVolumeSelector3, self.ui.inputVolumeSelector3Label),
+                (self.ui.inputVolumeSelector4, self.ui.inputVolumeSelector4Label)]
 
     # -- segment ----------------------------------------------------------------------------------
     def _ensureDependencies(self) -> bool:
@@ -788,14 +1128,8 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if not self._ensureDependencies():
             return
-        source = self._currentModel()
-        if source is None:
-            slicer.util.errorDisplay("Select a model (or 'Load from file…').")
-            return
-        volumes = [s.currentNode() for s in self._volumeSelectors() if s.visible and s.currentNode()]
         try:
-            self.logic.segment(volumes, source, device=self.ui.deviceComboBox.currentText,
-                               fast=self.ui.fastCheckBox.checked, wait=False, onFinished=self.onSegmentFinished)
+            self.logic.segmentWithParameters(self._parameterNode, wait=False, onFinished=self.onSegmentFinished)
         except ReCoKDError as exc:
             slicer.util.errorDisplay(str(exc))
             return
@@ -813,67 +1147,48 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.setSliceViewerLayers(background=task.volumeNodes[0])
         elif task.state == FAILED:
             slicer.util.errorDisplay(task.message)
+        self.updateGUIFromParameterNode()
 
     # -- training ---------------------------------------------------------------------------------
     def onStartTraining(self, _checked=False):
         if not self._ensureDependencies():
             return
-        dataset = self.ui.datasetPathLineEdit.currentPath
-        teacher = self.ui.teacherPathLineEdit.currentPath
-        output = self.ui.outputPathLineEdit.currentPath or None
-        epochs = int(self.ui.epochsSpinBox.value)
         self.ui.logTextEdit.clear()
         try:
-            if self.ui.trainTeacherCheckBox.checked:
-                task = self.logic.trainTeacher(dataset, output or str(Path(dataset) / "runs" / "teacher"), epochs=epochs,
-                                               device=self.ui.deviceComboBox.currentText, wait=False,
-                                               onFinished=self.onTrainingFinished)
-            else:
-                task = self.logic.distill(dataset, teacher, method=self.ui.kdMethodComboBox.currentText,
-                                          widthFactor=self.ui.widthFactorSpinBox.value, epochs=epochs,
-                                          outputFolder=output, device=self.ui.deviceComboBox.currentText,
-                                          wait=False, onFinished=self.onTrainingFinished)
+            self.logic.trainWithParameters(self._parameterNode, wait=False, onFinished=self.onTrainingFinished)
         except ReCoKDError as exc:
             slicer.util.errorDisplay(str(exc))
             return
-        task.job.onLine = self.ui.logTextEdit.appendPlainText
+        self._plotted = 0
+        self.ui.trainingProgressBar.setValue(0)
         self.ui.trainingProgressBar.setVisible(True)
         self._timer.start()
+        self.updateGUIFromParameterNode()
 
     def onStopTraining(self):
         self.logic.stopTraining()
+        self.ui.trainingProgressBar.setValue(0)
+        self.ui.trainingProgressBar.setVisible(False)
         self.ui.logTextEdit.appendPlainText("stopped; Resume continues from the last finished epoch")
+        self.updateGUIFromParameterNode()
 
     def onResumeTraining(self):
         try:
-            task = self.logic.resumeTraining(onFinished=self.onTrainingFinished)
+            self.logic.resumeTraining(onFinished=self.onTrainingFinished)
         except ReCoKDError as exc:
             slicer.util.errorDisplay(str(exc))
             return
-        task.job.onLine = self.ui.logTextEdit.appendPlainText
+        self.ui.trainingProgressBar.setVisible(True)
         self._timer.start()
+        self.updateGUIFromParameterNode()
 
     def onTrainingFinished(self, task):
         self.ui.trainingProgressBar.setVisible(False)
         self.ui.logTextEdit.appendPlainText(task.message)
+        self.logic.plotTrainingHistory(task.history)
         if task.bundlePath is not None:
             self.refreshModels()
-
-    def _plotHistory(self, history):
-        """Loss terms and validation Dice per epoch in a Slicer plot (its chart, table and series nodes reused)."""
-        import numpy as np
-
-        if not history:
-            return
-        keys = [k for k in history[0] if k.startswith("loss_") or k == "dice_mean"]
-        if not keys:
-            return
-        rows = [[float(r.get("epoch", i + 1))] + [r[k] if isinstance(r.get(k), float) else np.nan for k in keys]
-                for i, r in enumerate(history)]
-        if not hasattr(self, "_plotNodes"):
-            self._plotNodes = {}
-        slicer.util.plot(np.array(rows, dtype=float), xColumnIndex=0, columnNames=["epoch", *keys],
-                         title="ReCoKD training", nodes=self._plotNodes)
+        self.updateGUIFromParameterNode()
 
     # -- timer ------------------------------------------------------------------------------------
     def onTimer(self):
@@ -885,9 +1200,9 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         training = self.logic.trainingTask
         if training is not None:
             self.ui.trainingProgressBar.setValue(int(100 * training.progress))
-            if training.history and len(training.history) != getattr(self, "_plotted", 0):
+            if training.history and len(training.history) != self._plotted:
                 self._plotted = len(training.history)
-                self._plotHistory(training.history)
+                self.logic.plotTrainingHistory(training.history)
         if (task is None or task.state != RUNNING) and (training is None or training.state != RUNNING):
             self._timer.stop()
 
@@ -898,45 +1213,36 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class ReCoKDTest(ScriptedLoadableModuleTest):
-    """Segments a phantom with a tiny bundle through the whole background-process path."""
+    """Segments the sample phantom with the shipped phantom model through the whole background-process path."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        from ReCoKDSlicer import dependencies
+
+        missing = dependencies.missingDependencies() if not LIBRARY_ERROR else []
+        if LIBRARY_ERROR or missing:
+            reason = LIBRARY_ERROR or f"these Python packages are missing: {', '.join(missing)}"
+            self.delayDisplay(f"ReCoKDTest skipped: {reason} (open the module and click Segment to install them)")
+            return
         self.setUp()
         self.test_segment_phantom()
 
-    def _tinyBundle(self, folder: Path) -> Path:
-        from ReCoKDLib.bundle import bundle_from_network
-        from ReCoKDLib.data.planning import ChannelNormalisation, Plans
-        from ReCoKDLib.models import build_unet, isotropic_spec
-
-        spec = isotropic_spec(1, 2, num_levels=3, filters=[8, 16, 32])
-        plans = Plans(dataset_name="Phantom", channel_names={0: "CT"}, labels={"background": 0, "organ": 1},
-                      target_spacing=(1.0, 1.0, 1.0), normalisation=(ChannelNormalisation("zscore"),),
-                      patch_size=(16, 16, 16), network=spec.to_dict())
-        network = build_unet(plans.unet_spec).eval()
-        return bundle_from_network(network, plans, "phantom-test").save(folder / "phantom-test.recokd")
-
     def test_segment_phantom(self):
-        import numpy as np
-
-        self.delayDisplay("Building a phantom and a tiny bundle")
+        self.delayDisplay("Loading the sample phantom")
         folder = Path(tempfile.mkdtemp(prefix="ReCoKDTest-"))
-        bundle = self._tinyBundle(folder)
-        z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in (20, 24, 28)], indexing="ij")
-        array = (((z / 0.6) ** 2 + (y / 0.5) ** 2 + (x / 0.7) ** 2) < 1).astype(np.float32) * 100 + 10
-        volume = slicer.util.addVolumeFromArray(array, ijkToRAS=np.array([[0, 1.5, 0, 10], [-1, 0, 0, 5], [0, 0, 2, -3], [0, 0, 0, 1]], dtype=float),
-                                                name="phantom")
-        logic = ReCoKDLogic(modelsFolder=folder)
-        before = slicer.mrmlScene.GetNumberOfNodes()
-        self.delayDisplay("Segmenting")
-        node = logic.segment([volume], bundle, device="cpu", fast=True)
-        self.assertEqual(node.GetName(), "phantom – phantom-test")
-        self.assertEqual(node.GetSegmentation().GetNumberOfSegments(), 1)
-        self.assertGreater(slicer.mrmlScene.GetNumberOfNodes(), before)
-        with self.assertRaises(ReCoKDError):
-            logic.segment([volume, volume], bundle, device="cpu", fast=True)
-        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            logic = ReCoKDLogic(modelsFolder=folder)
+            volume = logic.loadSample()
+            before = slicer.mrmlScene.GetNumberOfNodes()
+            self.delayDisplay("Segmenting")
+            node = logic.segment([volume], SAMPLE_MODEL, device="cpu", fast=True)
+            self.assertEqual(node.GetName(), f"{SAMPLE_NAME} – {SAMPLE_MODEL}")
+            self.assertEqual(node.GetSegmentation().GetNumberOfSegments(), 4)
+            self.assertGreater(slicer.mrmlScene.GetNumberOfNodes(), before)
+            with self.assertRaises(ReCoKDError):
+                logic.segment([volume, volume], SAMPLE_MODEL, device="cpu", fast=True)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         self.delayDisplay("Test passed")

@@ -169,6 +169,11 @@ class Bundle:
         return {int(k): str(v) for k, v in self.manifest["channel_names"].items()}
 
     @property
+    def terminology(self) -> dict[str, Any]:
+        """Per label name, standard codes (``category``, ``type``, ...), where the bundle records them."""
+        return dict(self.manifest.get("terminology") or {})
+
+    @property
     def provenance(self) -> dict[str, Any]:
         return dict(self.manifest.get("provenance", {}))
 
@@ -439,6 +444,9 @@ def bundle_from_run(
     weights: str = "best",
     reference_direction: Any = None,
     description: str | None = None,
+    terminology: Mapping[str, Any] | None = None,
+    test_metrics: Mapping[str, Any] | None = None,
+    license: str | None = None,
 ) -> Bundle:
     """Assemble a bundle from a training run folder (``run.json``, ``plans.json``, ``network.json``,
     ``model_best.safetensors`` / ``model_final.safetensors``).
@@ -450,6 +458,9 @@ def bundle_from_run(
         reference_direction: the training images' direction (9 values); default read from the run's
             dataset when reachable, else not recorded (inputs are then used in their stored axis order,
             exactly as in training).
+        terminology: per label name, standard codes (``category``, ``type``, ... as [scheme, value, meaning]).
+        test_metrics: scores on held-out cases (``recokd evaluate --json``), kept in the provenance.
+        license: the model's terms of use (those of its training data), kept in the provenance.
 
     Raises:
         ReCoKDError: a file is missing or malformed, or the weights do not fit the network.
@@ -491,6 +502,10 @@ def bundle_from_run(
         "config": dict(run.get("config") or {}),
         "weights": weights,
     }
+    if test_metrics is not None:
+        provenance["test_metrics"] = dict(test_metrics)
+    if license:
+        provenance["license"] = str(license)
     manifest: dict[str, Any] = {
         "format": BUNDLE_FORMAT,
         "version": BUNDLE_VERSION,
@@ -507,10 +522,20 @@ def bundle_from_run(
         "files": {m: "0" * 64 for m in MEMBERS},  # filled in when written
         "provenance": provenance,
     }
+    if terminology:
+        manifest["terminology"] = _checked_terminology(terminology, labels)
     bundle = Bundle(manifest=manifest, spec=spec, plans=plans, weights=weights_path.read_bytes(), source=None)
     validate_manifest(manifest, f"the bundle of run {run_dir}")
     _check_consistency(bundle, str(run_dir))
     return bundle
+
+
+def _checked_terminology(terminology: Mapping[str, Any], labels: Mapping[str, int]) -> dict[str, Any]:
+    unknown = sorted(set(terminology) - set(labels))
+    if unknown:
+        raise ReCoKDError(f"terminology names label(s) {unknown} that the model does not have (labels: "
+                          f"{', '.join(labels)}); use the label names")
+    return {str(k): dict(v) for k, v in terminology.items()}
 
 
 def bundle_from_network(
@@ -521,6 +546,7 @@ def bundle_from_network(
     provenance: Mapping[str, Any] | None = None,
     colors: Mapping[str, Any] | None = None,
     reference_direction: Any = None,
+    terminology: Mapping[str, Any] | None = None,
 ) -> Bundle:
     """Assemble a bundle from a network in memory (used by tests and notebooks)."""
     with tempfile.TemporaryDirectory(prefix="recokd-") as tmp:
@@ -540,6 +566,8 @@ def bundle_from_network(
         "files": {m: "0" * 64 for m in MEMBERS},
         "provenance": dict(provenance or {}),
     }
+    if terminology:
+        manifest["terminology"] = _checked_terminology(terminology, labels)
     bundle = Bundle(manifest=manifest, spec=network.spec, plans=plans, weights=weights)
     validate_manifest(manifest, f"bundle {name}")
     _check_consistency(bundle, name)

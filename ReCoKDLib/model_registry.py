@@ -189,17 +189,29 @@ def fetch_model(
     return target
 
 
+def builtin_registry_path() -> Path | None:
+    """The registry shipped inside ReCoKDLib (``resources/models/registry.json``): models that work offline."""
+    path = Path(__file__).resolve().parent / "resources" / "models" / "registry.json"
+    return path if path.is_file() else None
+
+
 def resolve_model(model: str | Path, registry: str | Path | None = None, cache_dir: str | Path | None = None) -> Path:
-    """A local bundle path for ``model``: an existing path as is, else a registry name (``registry``
-    or ``$RECOKD_REGISTRY``) fetched into the cache."""
+    """A local bundle path for ``model``: an existing path as is, else a registry name fetched into the
+    cache, looked up in ``registry`` (or ``$RECOKD_REGISTRY``) and then in the built-in registry."""
     path = Path(model)
     if path.exists():
         return path
-    registry = registry or os.environ.get("RECOKD_REGISTRY")
-    if not registry:
+    registries = [r for r in (registry or os.environ.get("RECOKD_REGISTRY"), builtin_registry_path()) if r]
+    if not registries:
         raise ReCoKDError(f"model {model} is neither a file nor a folder; give a bundle path, or a name with --registry FILE")
-    reg = load_registry(registry)
-    return fetch_model(reg[str(model)], cache_dir=cache_dir, base=reg.base)
+    known: list[str] = []
+    for source in registries:
+        reg = load_registry(source)
+        if str(model) in reg.names():
+            return fetch_model(reg[str(model)], cache_dir=cache_dir, base=reg.base)
+        known += reg.names()
+    raise ReCoKDError(f"model {model!r} is neither a file nor a registry model (known: {', '.join(known) or 'none'}); "
+                      "check the name or give a bundle path")
 
 
 def make_entry(bundle_path: str | Path, name: str | None = None, url: str | None = None, description: str = "") -> dict[str, Any]:

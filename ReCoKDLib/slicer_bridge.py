@@ -5,6 +5,7 @@ could not be cancelled). It starts ``<Slicer's python> -m ReCoKDLib.slicer_bridg
 process group and reads its standard output, one message per line::
 
     DEVICE cpu                     the device actually used
+    MODEL <path>                   the bundle file used (a registry model: where it was fetched to)
     PROGRESS 0.250                 fraction done (0..1)
     LOG <text>                     something for the log pane
     DONE <output path> <seconds>   success; the label file is complete (written atomically)
@@ -69,6 +70,7 @@ def _segment(args: argparse.Namespace) -> int:
     predictor = Predictor(model, device=args.device, mirror_tta=args.tta, threads=args.threads,
                           progress=progress, log=lambda msg: emit("LOG", msg))
     emit("DEVICE", predictor.device)
+    emit("MODEL", Path(model).resolve())
     emit("LOG", f"model {predictor.bundle.describe()}")
     emit("PROGRESS", "0.0")
     written = predictor.predict_files([Path(p) for p in args.inputs], Path(args.output))

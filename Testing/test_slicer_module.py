@@ -354,3 +354,64 @@ def test_selftest_passes_under_slicer_core(monkeypatch):
     test = module.ReCoKDTest()
     test.delayDisplay = lambda message: None
     test.runTest()
+
+
+def test_module_runs_from_a_source_checkout_without_recokd_installed(env, tmp_path):
+    """Extension Wizard → Select Extension puts only ``<checkout>/ReCoKD`` on sys.path: the module must find
+    ``<checkout>/ReCoKDLib`` itself, and segment with it (the background process included)."""
+    import shutil
+    import subprocess
+
+    checkout = tmp_path / "checkout"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder in ("ReCoKD", "ReCoKDLib"):
+        shutil.copytree(ROOT / folder, checkout / folder, ignore=ignore)
+    script = tmp_path / "slicer_startup.py"
+    script.write_text(f"""
+import importlib.util, sys
+# the test environment has recokd installed (editable); Slicer's Python does not: hide it
+sys.meta_path[:] = [f for f in sys.meta_path if not str(getattr(f, "__module__", "")).startswith("__editable__")]
+sys.path[:] = [p for p in sys.path if p not in ("", {str(ROOT)!r}, {str(MODULE_DIR)!r})]
+for name in [n for n in sys.modules if n.startswith("ReCoKD")]:
+    del sys.modules[name]
+assert importlib.util.find_spec("ReCoKDLib") is None, "ReCoKDLib is still importable"
+sys.path.insert(0, {str(checkout / "ReCoKD")!r})   # what Slicer adds for the selected module
+import numpy as np, slicer
+slicer.mrmlScene = slicer.vtkMRMLScene()
+import ReCoKD
+assert ReCoKD.LIBRARY_ERROR == "", ReCoKD.LIBRARY_ERROR
+import ReCoKDLib
+assert ReCoKDLib.__file__.startswith({str(checkout)!r}), ReCoKDLib.__file__
+volume = slicer.util.addVolumeFromArray(np.random.default_rng(0).random((10, 12, 14)).astype(np.float32), name="CT")
+logic = ReCoKD.ReCoKDLogic(modelsFolder={str(tmp_path / "models")!r}, registries=[])
+node = logic.segment([volume], {str(env["bundle_path"])!r}, device="cpu", fast=True)
+print("SEGMENTS", node.GetSegmentation().GetNumberOfSegments())
+""")
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "SEGMENTS 2" in result.stdout
+
+
+def test_a_missing_library_is_one_message_not_an_import_error(tmp_path):
+    """Only the module folder, no ReCoKDLib anywhere: the module still imports and says what to do."""
+    import shutil
+    import subprocess
+
+    shutil.copytree(MODULE_DIR, tmp_path / "ReCoKD", ignore=shutil.ignore_patterns("__pycache__"))
+    code = f"""
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if not str(getattr(f, "__module__", "")).startswith("__editable__")]
+sys.path[:] = [p for p in sys.path if p not in ("", {str(ROOT)!r}, {str(MODULE_DIR)!r})]
+sys.path.insert(0, {str(tmp_path / "ReCoKD")!r})
+import slicer, ReCoKD
+print("ERROR", ReCoKD.LIBRARY_ERROR)
+try:
+    ReCoKD.ReCoKDLogic(modelsFolder={str(tmp_path)!r}, registries=[]).segment([object()], "x")
+except ReCoKD.ReCoKDError as exc:
+    print("RAISED", exc)
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("ERROR ReCoKD cannot load its library ReCoKDLib (ModuleNotFoundError")
+    assert "Extension Wizard" in lines[0] and lines[1].startswith("RAISED ReCoKD cannot load its library")

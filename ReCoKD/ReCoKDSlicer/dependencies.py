@@ -3,24 +3,31 @@
 Nothing is installed at import time. :func:`installDependencies` is called by the module on first
 use, after a confirmation:
 
-- PyTorch comes from the *PyTorch* extension (``PyTorchUtils``), which picks the wheel matching the
-  machine's CUDA driver, or the CPU build when there is no GPU (the CPU fallback users ask for);
-- the other packages are installed with pip under a constraints file that pins the numpy and
-  SimpleITK Slicer ships with, so an install never replaces Slicer's own copies;
-- ``slicer.pydeps.pip_ensure`` is used where available (Slicer >= 5.11), else
-  ``slicer.util.pip_install``.
+- PyTorch comes from the *PyTorch* extension (``PyTorchUtils.installTorch``) with
+  ``torchVersionRequirement=">=MINIMUM_TORCH"``, which picks the wheel matching the machine's CUDA
+  driver, or the CPU build when there is no GPU. An installed torch older than the minimum counts as
+  missing: the user is told its version in one line and offered the upgrade;
+- the other packages are installed with ``slicer.packaging.pip_ensure`` (Slicer >= 5.12), else
+  ``slicer.util.pip_install``, under a constraints file that pins the numpy and SimpleITK Slicer
+  ships with, so an install never replaces Slicer's own copies.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import tempfile
 from typing import Callable
 
-__all__ = ["REQUIREMENTS", "missingDependencies", "installDependencies", "protectedPins"]
+__all__ = ["REQUIREMENTS", "MINIMUM_TORCH", "TORCH_REQUIREMENT", "missingDependencies", "torchProblem",
+           "installDependencies", "protectedPins"]
 
-#: import name -> pip requirement (torch is handled by the PyTorch extension)
+#: oldest torch ReCoKDLib runs on (``torch.OutOfMemoryError``, ``torch.load(weights_only=True)`` defaults)
+MINIMUM_TORCH = "2.5"
+TORCH_REQUIREMENT = f">={MINIMUM_TORCH}"
+
+#: import name -> pip requirement (torch is handled by the PyTorch extension); Resources/requirements.txt lists the same
 REQUIREMENTS = {
     "monai": "monai>=1.4",
     "safetensors": "safetensors>=0.4",
@@ -31,9 +38,35 @@ REQUIREMENTS = {
 PROTECTED = ("numpy", "SimpleITK")
 
 
+def _versionTuple(text: str) -> tuple[int, ...]:
+    """``"2.4.1+cu121"`` -> ``(2, 4, 1)`` (enough to compare release numbers)."""
+    return tuple(int(p) for p in re.findall(r"\d+", text.split("+")[0])[:3])
+
+
+def installedTorchVersion() -> str | None:
+    """The installed torch's version (read from its metadata, without importing it), or None."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def torchProblem() -> str | None:
+    """One line when torch is missing or older than :data:`MINIMUM_TORCH`, else None."""
+    version = installedTorchVersion()
+    if version is None and importlib.util.find_spec("torch") is None:
+        return "PyTorch is not installed"
+    if version is not None and _versionTuple(version) < _versionTuple(MINIMUM_TORCH):
+        return (f"PyTorch {version} is installed but ReCoKD needs {MINIMUM_TORCH} or newer; "
+                "upgrade it through the PyTorch extension (Segment asks to do it)")
+    return None
+
+
 def missingDependencies() -> list[str]:
-    """Import names of the packages that are not installed (``torch`` first when missing)."""
-    missing = [] if importlib.util.find_spec("torch") else ["torch"]
+    """Import names of the packages to install (``torch`` first when missing or too old)."""
+    missing = ["torch"] if torchProblem() else []
     return missing + [name for name in REQUIREMENTS if importlib.util.find_spec(name) is None]
 
 
@@ -50,6 +83,38 @@ def protectedPins() -> list[str]:
     return pins
 
 
+def _installTorch() -> None:
+    try:
+        import PyTorchUtils  # the PyTorch extension (declared in EXTENSION_DEPENDS)
+    except ImportError:
+        raise RuntimeError("PyTorch is missing or too old and the PyTorch extension is not installed; install "
+                           "'PyTorch' from the Extensions Manager and restart Slicer") from None
+    torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
+                                                         torchVersionRequirement=TORCH_REQUIREMENT)
+    if torch is None:
+        raise RuntimeError("PyTorch could not be installed; see the PyTorch module for details")
+    problem = torchProblem()
+    if problem:
+        raise RuntimeError(problem + "; restart Slicer (an older torch stays loaded until then)")
+
+
+def _pipInstall(requirements: list[str], constraints: str, log: Callable[[str], None]) -> None:
+    log("installing " + " ".join(requirements))
+    try:
+        from slicer import packaging as slicerPackaging  # Slicer >= 5.12
+        pipEnsure = slicerPackaging.pip_ensure
+    except (ImportError, AttributeError):
+        pipEnsure = None
+    if pipEnsure is not None:
+        # the module already asked; pip_ensure must not ask again, and must install under ctest too
+        pipEnsure(requirements, constraints=constraints, prompt_install=False, requester="ReCoKD",
+                  skip_in_testing=False)
+        return
+    import slicer.util
+
+    slicer.util.pip_install(" ".join(f'"{r}"' for r in requirements) + f' -c "{constraints}"')
+
+
 def installDependencies(confirm: Callable[[str], bool] | None = None, log: Callable[[str], None] = print) -> bool:
     """Install what :func:`missingDependencies` lists; ``confirm(message)`` is asked first.
 
@@ -58,19 +123,15 @@ def installDependencies(confirm: Callable[[str], bool] | None = None, log: Calla
     missing = missingDependencies()
     if not missing:
         return True
-    message = ("ReCoKD needs these Python packages, which are not installed yet: " + ", ".join(missing)
+    problem = torchProblem() if "torch" in missing else None
+    names = ["PyTorch" if m == "torch" else m for m in missing]
+    message = ((problem + ". " if problem else "")
+               + "ReCoKD needs these Python packages: " + ", ".join(names)
                + ". Install them now? (This can take a few minutes; Slicer's numpy and SimpleITK are kept.)")
     if confirm is not None and not confirm(message):
-        raise RuntimeError("the required Python packages were not installed: " + ", ".join(missing))
+        raise RuntimeError("the required Python packages were not installed: " + ", ".join(names))
     if "torch" in missing:
-        try:
-            import PyTorchUtils  # the PyTorch extension (declared in EXTENSION_DEPENDS)
-        except ImportError:
-            raise RuntimeError("PyTorch is missing and the PyTorch extension is not installed; install 'PyTorch' "
-                               "from the Extensions Manager and restart Slicer") from None
-        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False)
-        if torch is None:
-            raise RuntimeError("PyTorch could not be installed; see the PyTorch module for details")
+        _installTorch()
         missing.remove("torch")
     requirements = [REQUIREMENTS[name] for name in missing]
     if requirements:
@@ -78,17 +139,7 @@ def installDependencies(confirm: Callable[[str], bool] | None = None, log: Calla
         with os.fdopen(fd, "w") as f:
             f.write("\n".join(protectedPins()) + "\n")
         try:
-            log("installing " + " ".join(requirements))
-            try:
-                import slicer.pydeps  # Slicer >= 5.11
-                from packaging.requirements import Requirement
-
-                slicer.pydeps.pip_ensure([Requirement(r) for r in requirements], constraints=constraints,
-                                         requester="ReCoKD")
-            except (ImportError, AttributeError):
-                import slicer.util
-
-                slicer.util.pip_install(" ".join(f'"{r}"' for r in requirements) + f' -c "{constraints}"')
+            _pipInstall(requirements, constraints, log)
         finally:
             os.unlink(constraints)
     still = missingDependencies()

@@ -8,7 +8,7 @@ caller's thread (Slicer's GUI calls it from a ``QTimer``), so nothing ever block
 node is touched off the main thread.
 
 stdout lines follow the protocol of :mod:`ReCoKDLib.slicer_bridge` (``PROGRESS``, ``DEVICE``,
-``LOG``, ``DONE``, ``ERROR``); any other line is kept as log text.
+``MODEL``, ``LOG``, ``DONE``, ``ERROR``); any other line is kept as log text.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class BackgroundJob:
         onLine: called with every raw output line from :meth:`poll` (for a log pane).
 
     Attributes (updated by :meth:`poll`): ``state`` (running / succeeded / failed / cancelled),
-    ``progress`` (0..1), ``device``, ``result`` (the ``DONE`` payload), ``error`` (one line),
+    ``progress`` (0..1), ``device``, ``model`` (the bundle file used), ``result`` (the ``DONE`` payload), ``error`` (one line),
     ``lines`` (all output lines), ``elapsed`` (seconds).
     """
 
@@ -89,6 +89,7 @@ class BackgroundJob:
         self.state = RUNNING
         self.progress = 0.0
         self.device = ""
+        self.model = ""
         self.result = ""
         self.error = ""
         self.lines: list[str] = []
@@ -153,6 +154,8 @@ class BackgroundJob:
                 pass
         elif kind == "DEVICE":
             self.device = text.strip()
+        elif kind == "MODEL":
+            self.model = text.strip()
         elif kind == "DONE":
             self.result = text.strip()
         elif kind == "ERROR":

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["ModelSource", "BundleInfo", "readRegistry", "scanModelsFolder", "readBundleInfo", "defaultModelsFolder"]
+__all__ = ["ModelSource", "BundleInfo", "readRegistry", "scanModelsFolder", "readBundleInfo", "defaultModelsFolder",
+           "defaultRunsFolder", "builtinRegistry", "localBundlePath", "registryInfo"]
 
 log = logging.getLogger("ReCoKD")
 
@@ -45,6 +46,13 @@ class ModelSource:
         where = "registry" if self.kind == "registry" else Path(self.path).parent.name or self.path
         return f"{self.name} ({where})"
 
+    @property
+    def key(self) -> str:
+        """What the parameter node stores to find this entry again: the name, or a loaded file's path."""
+        return self.path if self.kind == "file" and not self.inFolder else self.name
+
+    inFolder: bool = False  # a bundle found in the models folder (listed by name)
+
 
 @dataclass
 class BundleInfo:
@@ -54,6 +62,8 @@ class BundleInfo:
     labels: dict[str, int]
     colors: dict[str, tuple[float, float, float]]
     channelNames: list[str]
+    terminology: dict[str, dict] = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
 
     @property
     def numChannels(self) -> int:
@@ -68,6 +78,47 @@ def defaultModelsFolder() -> Path:
         return default_cache_dir()
     except ImportError:  # pragma: no cover - ReCoKDLib ships with the module
         return Path.home() / ".cache" / "recokd" / "models"
+
+
+def defaultRunsFolder() -> Path:
+    """Where the Training panel writes runs when no output folder is given (beside the models folder)."""
+    return defaultModelsFolder().parent / "runs"
+
+
+def builtinRegistry() -> Path | None:
+    """The model registry shipped with ReCoKDLib (its models work offline), or None when absent."""
+    try:
+        from ReCoKDLib.model_registry import builtin_registry_path
+
+        return builtin_registry_path()
+    except ImportError:  # pragma: no cover - ReCoKDLib ships with the module
+        return None
+
+
+def localBundlePath(source: "ModelSource") -> Path | None:
+    """The bundle file behind a source when it is on this disk already (files; registry entries with a local URL)."""
+    if source.kind == "file":
+        return Path(source.path)
+    url = str(source.entry.get("url", ""))
+    if url.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        candidate = Path(unquote(urlparse(url).path))
+    elif "://" in url:
+        return None
+    else:
+        candidate = Path(url) if Path(url).is_absolute() else Path(source.base) / url
+    return candidate if candidate.is_file() else None
+
+
+def registryInfo(source: "ModelSource") -> BundleInfo | None:
+    """What a registry entry itself says (channels, labels) for a model that is not on this disk."""
+    channels = source.entry.get("channels")
+    if not isinstance(channels, list) or not channels:
+        return None
+    labels = source.entry.get("labels") if isinstance(source.entry.get("labels"), dict) else {}
+    return BundleInfo(name=source.name, labels={str(k): int(v) for k, v in labels.items()}, colors={},
+                      channelNames=[str(c) for c in channels])
 
 
 def _entrySchema() -> dict | None:
@@ -146,7 +197,8 @@ def scanModelsFolder(folder: str | Path) -> list[ModelSource]:
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or not _isBundle(path):
             continue
-        sources.append(ModelSource(name=path.stem if path.is_file() else path.name, kind="file", path=str(path)))
+        sources.append(ModelSource(name=path.stem if path.is_file() else path.name, kind="file", path=str(path),
+                                   inFolder=True))
     return sources
 
 
@@ -194,5 +246,7 @@ def readBundleInfo(path: str | Path) -> BundleInfo:
     colors = {k: tuple(float(c) for c in (colors_in.get(k) or defaults.get(k) or (0.5, 0.5, 0.5)))[:3] for k in labels}
     channels = manifest.get("channel_names") or {"0": "image"}
     channelNames = [str(channels[k]) for k in sorted(channels, key=lambda s: int(s))]
+    terminology = manifest.get("terminology") if isinstance(manifest.get("terminology"), dict) else {}
+    provenance = manifest.get("provenance") if isinstance(manifest.get("provenance"), dict) else {}
     return BundleInfo(name=str(manifest.get("name") or path.stem), labels=labels, colors=colors,  # type: ignore[arg-type]
-                      channelNames=channelNames)
+                      channelNames=channelNames, terminology=terminology, provenance=provenance)

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import ReCoKDError
 
 
@@ -23,12 +25,30 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_folders(args.pred, args.gt, labels=labels, tolerance_mm=args.tolerance)
     csv_path = Path(args.csv or Path(args.pred) / "evaluation.csv")
     write_csv(csv_path, result.cases, result.summary, result.class_names)
+    if args.json:
+        from ..utils.io import atomic_write_text, json_safe
+
+        atomic_write_text(Path(args.json), json.dumps(json_safe(evaluation_record(result, args)), indent=2) + "\n")
     print(format_table(result.summary, result.class_names, args.tolerance))
     print(f"\n{len(result.cases)} case(s); per-case scores in {csv_path}")
     if result.missing:
         print(f"note: {len(result.missing)} reference case(s) have no prediction and were not scored: "
               f"{', '.join(result.missing)[:200]}")
     return 0
+
+
+def evaluation_record(result, args: argparse.Namespace) -> dict:
+    """What ``--json`` writes (and ``recokd export --test-metrics`` records in a bundle): the command,
+    the number of cases, mean Dice/HD95/NSD per class and mean Dice per case."""
+    return {
+        "command": f"recokd evaluate {args.pred} {args.gt}",
+        "num_cases": len(result.cases),
+        "tolerance_mm": args.tolerance,
+        "mean": {metric: dict(values) for metric, values in result.summary.items()},
+        "dice_mean": result.summary["dice"]["mean"],
+        "per_case_dice_mean": {c.case_id: float(np.nanmean([c.scores["dice"][n] for n in result.class_names]))
+                               for c in result.cases},
+    }
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,4 +58,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", help="labels JSON ({name: value}) or dataset.json (default: dataset.json near GT)")
     p.add_argument("--tolerance", type=float, default=2.0, help="surface Dice tolerance in mm (default 2)")
     p.add_argument("--csv", help="CSV output (default PRED/evaluation.csv)")
+    p.add_argument("--json", help="also write the summary as JSON (for recokd export --test-metrics)")
     p.set_defaults(func=run)

@@ -16,13 +16,29 @@ def run_export(args: argparse.Namespace) -> int:
         from ..data.datasets import read_header
 
         reference = read_header(args.reference_image).direction
-    bundle = bundle_from_run(args.run, name=args.name, weights=args.weights, reference_direction=reference)
+    extras = {"terminology": _read_json_option(args.terminology, "--terminology"),
+              "test_metrics": _read_json_option(args.test_metrics, "--test-metrics"),
+              "license": args.license}
+    bundle = bundle_from_run(args.run, name=args.name, weights=args.weights, reference_direction=reference,
+                             description=args.description, **extras)
     path = bundle.save(args.output)
     print(f"bundle: {path} ({bundle.describe()})")
     for fmt, wanted in (("onnx", args.onnx), ("torchscript", args.torchscript)):
         if wanted:
             print(f"{fmt}: {export_bundle(bundle, fmt, sidecar_path(path, fmt))}")
     return 0
+
+
+def _read_json_option(path, option: str):
+    if not path:
+        return None
+    import json
+    from pathlib import Path
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ReCoKDError(f"cannot read {option} file {path}: {exc}; give a JSON file") from None
 
 
 def run_export_model(args: argparse.Namespace) -> int:
@@ -59,6 +75,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", choices=["best", "final"], default="best", help="which weights (default best)")
     p.add_argument("--reference-image", dest="reference_image",
                    help="a training image whose direction inputs are reoriented to (default: read from the run's dataset)")
+    p.add_argument("--description", help="one line shown in model lists (default: role, dataset and method)")
+    p.add_argument("--terminology", help="JSON {label name: {category: [scheme, code, meaning], type: [...]}}: "
+                   "standard codes (e.g. SNOMED-CT) that Slicer gives the segments")
+    p.add_argument("--test-metrics", dest="test_metrics",
+                   help="JSON from `recokd evaluate --json` on held-out cases, recorded in the bundle's provenance")
+    p.add_argument("--license", help="terms of use of the model (follow its training data's), recorded in the bundle")
     p.add_argument("--onnx", action="store_true", help="also write NAME.onnx")
     p.add_argument("--torchscript", action="store_true", help="also write NAME.torchscript.pt")
     p.set_defaults(func=run_export)

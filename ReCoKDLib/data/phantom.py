@@ -439,3 +439,36 @@ def save_dataset_nnunet(
     }
     (root / "dataset.json").write_text(json.dumps(dataset_json, indent=4) + "\n")
     return root
+
+
+#: seed of the sample volume shipped as Slicer sample data (never part of a training set: those draw
+#: their case seeds from ``SeedSequence([dataset seed, i])``)
+SAMPLE_SEED = 20261130
+
+
+def sample_case() -> PhantomCase:
+    """The sample phantom (held out from every phantom training set), named ``ReCoKDPhantom``."""
+    return replace(generate_case(SAMPLE_SEED), name="ReCoKDPhantom")
+
+
+def write_sample_volume(path: Union[str, Path], label_path: Union[str, Path, None] = None) -> Path:
+    """Write :func:`sample_case`'s image (and, if asked, its label map) as 3D files; skipped when present.
+
+    Written atomically, so a file that exists is complete. Returns the image path.
+    """
+    import SimpleITK as sitk
+
+    from ..utils.io import atomic_write
+
+    path = Path(path)
+    targets = [(path, "image")] + ([(Path(label_path), "label")] if label_path else [])
+    if all(p.is_file() for p, _ in targets):
+        return path
+    case = sample_case()
+    spacing = tuple(float(s) for s in reversed(case.spacing))
+    for target, what in targets:
+        array = case.image[0].astype(np.float32) if what == "image" else case.label.astype(np.uint8)
+        image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+        image.SetSpacing(spacing)
+        atomic_write(target, lambda tmp, image=image: sitk.WriteImage(image, str(tmp), useCompression=True))
+    return path

@@ -405,9 +405,14 @@ class EpochTrainer:
             atomic_write_text(self.run_dir / "run.json", json.dumps(info, indent=2) + "\n")
 
     def plot_curves(self) -> Path | None:
+        """``curves.png`` (losses and validation Dice per epoch) where matplotlib exists, else None:
+        3D Slicer has no matplotlib and plots ``log.csv`` with its own plot nodes."""
         if not self.history:
             return None
-        import matplotlib
+        try:
+            import matplotlib
+        except ImportError:
+            return None
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

@@ -1,0 +1,247 @@
+"""The module's Widget through Slicer's *real* Python layer (``../shared/slicer-python``).
+
+``setup()``, ``enter()``, parameter changes in both directions, a saved-scene restore, a Segment click
+and ``exit()`` run through Slicer's own ``parameterNodeWrapper`` and ``ScriptedLoadableModuleWidget``,
+with stand-ins only for the C++ widget classes the ``.ui`` declares (``Testing/slicer_standins.py``).
+A binding the real Slicer refuses (a ``str`` on a combo box without ``Choice``, ...) fails here too.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core, or .[test])")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("the 'slicer' module found is not slicer-core (no vtkMRMLScene)", allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE_FILE = ROOT / "ReCoKD" / "ReCoKD.py"
+SLICER_PYTHON = Path(__file__).resolve().parents[2] / "shared" / "slicer-python"
+if not (SLICER_PYTHON / "slicer" / "parameterNodeWrapper").is_dir():
+    pytest.skip(f"Slicer's Python layer not found at {SLICER_PYTHON}; these tests need ../shared/slicer-python",
+                allow_module_level=True)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import slicer_standins  # noqa: E402
+from bundle_helpers import tiny_network, tiny_plans  # noqa: E402
+
+
+@pytest.fixture
+def gui(monkeypatch, tmp_path):
+    """The module loaded as Slicer loads it, on a fresh scene, with an isolated per-user folder."""
+    monkeypatch.setenv("RECOKD_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("RECOKD_REGISTRY", raising=False)
+    errors: list[str] = []
+    slicer_standins.install(monkeypatch, SLICER_PYTHON, MODULE_FILE, errors)
+    scene = slicer.vtkMRMLScene()
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    slicer_standins.QFileDialog.calls = []
+    module = slicer_standins.load_module_fresh(monkeypatch, MODULE_FILE)
+    assert module.ReCoKDParameterNode is not None, "the real parameterNodeWrapper was not picked up"
+    return module, scene, errors
+
+
+_WIDGETS: list = []
+
+
+@pytest.fixture(autouse=True)
+def _cleanup_widgets():
+    """Remove every widget's scene observers, as Slicer does when a module is unloaded."""
+    yield
+    while _WIDGETS:
+        _WIDGETS.pop().cleanup()
+
+
+def _new_widget(module):
+    parent = slicer.qMRMLWidget()
+    parent.setLayout(slicer_standins.QLayout())
+    parent.isEntered = True
+    widget = module.ReCoKDWidget(parent)
+    _WIDGETS.append(widget)
+    widget.setup()
+    widget.enter()
+    return widget
+
+
+def _tiny_bundle(folder: Path) -> Path:
+    from ReCoKDLib.bundle import bundle_from_network
+
+    plans = tiny_plans(num_classes=3, spacing=(1.0, 1.0, 1.0))
+    terms = {"organ": {"category": ["SCT", "85756007", "Tissue"], "type": ["SCT", "113343008", "Organ"]}}
+    return bundle_from_network(tiny_network(plans, seed=3), plans, "tiny", terminology=terms).save(folder / "tiny.recokd")
+
+
+def test_setup_enter_change_exit_through_the_real_parameter_node_wrapper(gui):
+    module, scene, errors = gui
+    volume = slicer.util.addVolumeFromArray(np.zeros((8, 9, 10), np.float32), name="CT")
+    widget = _new_widget(module)
+    ui, p = widget.ui, widget._parameterNode
+    assert slicer_standins.QFileDialog.calls == [], "setup() opened a file dialog"
+    # combo boxes filled by the Choice-annotated bindings, in the declared order
+    assert ui.deviceComboBox.items == list(module.DEVICES) and ui.deviceComboBox.currentText == "auto"
+    assert ui.kdMethodComboBox.items == list(module.KD_METHODS) and ui.kdMethodComboBox.currentText == "recokd"
+    # empty paths stay empty (not ".", the working folder)
+    for box, field in ((ui.datasetPathLineEdit, "datasetFolder"), (ui.teacherPathLineEdit, "teacherPath"),
+                       (ui.outputPathLineEdit, "outputFolder")):
+        assert box.currentPath == "" and getattr(p, field) == ""
+    assert p.inputVolume is volume and ui.inputVolumeSelector.currentNode() is volume
+    # the shipped models are listed from the first open, and one is selected
+    names = [s.name for s in widget._modelSources]
+    assert "la2018-left-atrium" in names and "phantom-abdomen" in names
+    assert p.model in names and ui.modelComboBox.currentIndex == names.index(p.model)
+    # GUI -> parameter node
+    ui.kdMethodComboBox.currentIndex = list(module.KD_METHODS).index("cwd")
+    ui.datasetPathLineEdit.currentPath = "/data/Dataset001_Liver"
+    ui.widthFactorSpinBox.value = 8.0
+    ui.fastCheckBox.checked = False
+    assert (p.kdMethod, p.datasetFolder, p.widthFactor, p.fast) == ("cwd", "/data/Dataset001_Liver", 8.0, False)
+    # parameter node -> GUI
+    p.epochs = 7
+    p.device = "cpu"
+    assert ui.epochsSpinBox.value == 7 and ui.deviceComboBox.currentText == "cpu"
+    # the validators bound the spin boxes
+    assert (ui.widthFactorSpinBox.minimum, ui.widthFactorSpinBox.maximum) == (1.0, 32.0)
+    # the logic reads the node: no teacher chosen is refused, not taken for "."
+    with pytest.raises(module.ReCoKDError, match="holds no dataset.json"):
+        widget.logic.trainWithParameters(p)
+    widget.exit()
+    ui.kdMethodComboBox.currentIndex = 0  # unbound now: the node keeps its value
+    assert p.kdMethod == "cwd"
+    widget.exit()  # twice is harmless
+    widget.cleanup()
+    assert errors == []
+
+
+def test_a_saved_scene_restores_the_panel(gui, tmp_path):
+    module, scene, errors = gui
+    widget = _new_widget(module)
+    p = widget._parameterNode
+    p.kdMethod, p.epochs, p.teacherPath, p.model = "logit", 12, "/runs/teacher", "phantom-abdomen"
+    path = tmp_path / "scene.mrml"
+    scene.SetURL(str(path))
+    assert scene.Commit()
+    widget.exit()
+    restored = slicer.vtkMRMLScene()
+    restored.SetURL(str(path))
+    assert restored.Import()
+    slicer.mrmlScene = restored
+    widget2 = _new_widget(module)
+    ui = widget2.ui
+    assert ui.kdMethodComboBox.currentText == "logit" and ui.epochsSpinBox.value == 12
+    assert ui.teacherPathLineEdit.currentPath == "/runs/teacher"
+    assert widget2._modelSources[ui.modelComboBox.currentIndex].name == "phantom-abdomen"
+    widget2.exit()
+
+
+def test_segment_button_runs_in_the_background_and_adds_named_coded_segments(gui, tmp_path):
+    module, scene, errors = gui
+    models_folder = Path(tmp_path / "home" / "models")
+    models_folder.mkdir(parents=True)
+    _tiny_bundle(models_folder)
+    rng = np.random.default_rng(0)
+    volume = slicer.util.addVolumeFromArray((rng.random((12, 14, 16)) * 100).astype(np.float32), name="CT")
+    widget = _new_widget(module)
+    ui, p = widget.ui, widget._parameterNode
+    names = [s.name for s in widget._modelSources]
+    ui.modelComboBox.currentIndex = names.index("tiny")
+    assert p.model == "tiny" and p.inputVolume is volume
+    assert ui.inputVolumeSelectorLabel.visible and not ui.inputVolumeSelector2Label.visible
+    ui.segmentButton.click()
+    assert ui.segmentButton.text == "Cancel" and widget._timer.active
+    deadline = time.monotonic() + 120
+    while widget._timer.active:
+        widget.onTimer()
+        assert time.monotonic() < deadline, "the segmentation never finished"
+        time.sleep(0.05)
+    assert errors == [], errors
+    assert ui.segmentButton.text == "Segment" and not ui.segmentProgressBar.visible
+    node = scene.GetFirstNodeByName("CT – tiny")
+    assert node is not None and "done in" in ui.statusLabel.text
+    segmentation = node.GetSegmentation()
+    organ = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("organ"))
+    import vtk
+
+    tag = vtk.reference("")
+    assert organ.GetTag(organ.GetTerminologyEntryTagName(), tag)
+    assert str(tag) == ("Segmentation category and type - DICOM master list~SCT^85756007^Tissue~SCT^113343008^Organ~^^"
+                   "~~^^~^^")
+    kidney = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("kidney"))
+    other = vtk.reference("")
+    kidney.GetTag(kidney.GetTerminologyEntryTagName(), other)  # Slicer's default; no codes were invented for it
+    assert "113343008" not in str(other)
+    widget.exit()
+
+
+def test_stop_resets_the_progress_bar_and_the_library_error_is_one_message(gui, monkeypatch):
+    module, scene, errors = gui
+    widget = _new_widget(module)
+    ui = widget.ui
+    ui.trainingProgressBar.setValue(40)
+    ui.trainingProgressBar.setVisible(True)
+    widget.onStopTraining()
+    assert ui.trainingProgressBar.value == 0 and not ui.trainingProgressBar.visible
+    widget.exit()
+    # a library that cannot be imported: the panel says so in one line and the buttons are off
+    monkeypatch.setattr(module, "LIBRARY_ERROR", "ReCoKD cannot load its library ReCoKDLib (ImportError: x)")
+    widget2 = _new_widget(module)
+    assert widget2.ui.statusLabel.text.startswith("ReCoKD cannot load its library")
+    assert not widget2.ui.segmentButton.enabled and not widget2.ui.startTrainingButton.enabled
+    with pytest.raises(module.ReCoKDError, match="cannot load its library"):
+        widget2.logic.segment([object()], "x")
+    widget2.exit()
+
+
+def _blocked_packages(folder: Path) -> Path:
+    """A folder that, first on PYTHONPATH, makes matplotlib and tensorboard unimportable, as in Slicer's Python."""
+    for name in ("matplotlib", "tensorboard"):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed in Slicer')\n")
+    return folder
+
+
+def test_training_from_the_panel_ends_with_the_student_in_the_model_list_without_matplotlib(gui, tmp_path, monkeypatch):
+    from ReCoKDLib.data.phantom import generate_dataset, save_dataset_nnunet
+
+    module, scene, errors = gui
+    monkeypatch.setenv("PYTHONPATH", str(_blocked_packages(tmp_path / "blocked")))
+    dataset = save_dataset_nnunet(generate_dataset(4, seed=5, shape=(32, 32, 32)), tmp_path / "Dataset901_Tiny")
+    widget = _new_widget(module)
+    ui, p, logic = widget.ui, widget._parameterNode, widget.logic
+    logic.extraTrainingArgs = ["--iters-per-epoch", "2", "--batch-size", "1", "--val-max-cases", "1", "--workers", "0",
+                               "--threads", "1", "--cache", str(tmp_path / "cache")]
+    logic.extraTeacherArgs = ["--base-filters", "8", "--max-filters", "16", "--max-levels", "3", "--patch-budget", "8192"]
+    assert not ui.startTrainingButton.enabled  # nothing chosen yet
+    ui.datasetPathLineEdit.currentPath = str(dataset)
+    ui.trainTeacherCheckBox.checked = True
+    ui.epochsSpinBox.value = 2
+    ui.outputPathLineEdit.currentPath = str(tmp_path / "runs" / "student")
+    assert not ui.teacherPathLineEdit.enabled and ui.startTrainingButton.enabled
+    ui.startTrainingButton.click()
+    assert ui.trainingProgressBar.visible and not ui.startTrainingButton.enabled
+    deadline = time.monotonic() + 600
+    while widget._timer.active:
+        widget.onTimer()
+        assert time.monotonic() < deadline, "the training never finished"
+        time.sleep(0.2)
+    log = ui.logTextEdit.toPlainText()
+    assert errors == [], errors + [log[-2000:]]
+    task = logic.trainingTask
+    assert task.role == "student" and task.state == "succeeded", log[-2000:]
+    bundle = tmp_path / "home" / "models" / "student.recokd"
+    assert task.bundlePath == bundle and bundle.is_file()
+    assert "student" in [s.name for s in widget._modelSources]  # the list was refreshed
+    for run in (tmp_path / "runs" / "student_teacher", tmp_path / "runs" / "student"):
+        assert (run / "model_final.safetensors").is_file() and (run / "log.csv").is_file()
+        assert not (run / "curves.png").exists()  # no matplotlib: the PNG is skipped, nothing fails
+    # the curves are Slicer plot nodes built from log.csv: one series per loss term and Dice column
+    chart = scene.GetFirstNodeByClass("vtkMRMLPlotChartNode")
+    series = {chart.GetNthPlotSeriesNode(i).GetName() for i in range(chart.GetNumberOfPlotSeriesNodes())}
+    assert {"loss_seg", "loss_total", "dice_mean"} <= series, series
+    table = scene.GetFirstNodeByClass("vtkMRMLTableNode")
+    assert table.GetNumberOfRows() == 2
+    assert "training finished; student bundle" in log
