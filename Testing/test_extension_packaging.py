@@ -138,3 +138,40 @@ def test_requirements_match_the_installer_and_spare_slicers_packages():
     assert requirements == sorted(REQUIREMENTS.values())
     names = {re.split(r"[<>=!~ ]", r)[0].lower() for r in requirements}
     assert not names & {"torch", *(p.lower() for p in PROTECTED)}, "torch comes from PyTorchUtils; numpy/SimpleITK are Slicer's"
+
+
+def test_license_screenshot_and_one_consistent_home(top_cmake):
+    """What the ExtensionsIndex reviewers check: a licence, real screenshots, and homepage, source, icon and
+    screenshots all in one repository (the one the README names)."""
+    license_text = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in license_text and "Version 2.0" in license_text
+    entry = json.loads((ROOT / "ReCoKD.json").read_text(encoding="utf-8"))
+    home = top_cmake["EXTENSION_HOMEPAGE"][0].rstrip("/")
+    owner_repo = home.removeprefix("https://github.com/")
+    assert re.fullmatch(r"[\w.-]+/[\w.-]+", owner_repo), home
+    assert entry["scm_url"].removesuffix(".git") == home
+    raw = f"https://raw.githubusercontent.com/{owner_repo}/{entry['scm_revision']}/"
+    urls = [*top_cmake["EXTENSION_SCREENSHOTURLS"], *top_cmake["EXTENSION_ICONURL"]]
+    for url in urls:
+        assert url.startswith(raw), f"{url} is not in {raw}"
+        path = ROOT / url.removeprefix(raw)
+        assert path.is_file(), f"{url} points at {path}, which is not in the repository"
+        width, height = _png_size(path)
+        assert min(width, height) >= 128
+    assert home in (ROOT / "README.md").read_text(encoding="utf-8"), "the README must say where the extension lives"
+
+
+def test_catalog_entry_is_formatted_as_the_index_linter_expects():
+    """ExtensionsIndex runs prettier on its JSON: two-space indent, one array item per line, final newline."""
+    text = (ROOT / "ReCoKD.json").read_text(encoding="utf-8")
+    assert text == json.dumps(json.loads(text), indent=2, ensure_ascii=False) + "\n"
+    assert "\t" not in text and not any(line != line.rstrip() for line in text.splitlines())
+    assert "v1.0.1.json" in json.loads(text)["$schema"], "the index validates against catalog schema v1.0.1"
+
+
+def test_shipped_models_are_installed_with_the_library(module_cmake):
+    shipped = sorted((ROOT / "ReCoKDLib" / "resources" / "models").iterdir())
+    assert any(p.suffix == ".recokd" for p in shipped) and (ROOT / "ReCoKDLib/resources/models/registry.json").is_file()
+    assert {p.resolve() for p in shipped if p.is_file()} <= _listed_paths(module_cmake, "RECOKDLIB_RESOURCES")
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert '"models/*.recokd"' in pyproject and '"models/*.json"' in pyproject

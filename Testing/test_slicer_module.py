@@ -348,9 +348,10 @@ def test_dependency_check_installs_nothing_at_import():
     assert any(p.startswith("numpy==") for p in dependencies.protectedPins())
 
 
-def test_selftest_passes_under_slicer_core(monkeypatch):
+def test_selftest_passes_under_slicer_core(monkeypatch, tmp_path):
     """The in-Slicer self-test (ReCoKDTest) also runs here, on its own scene, minus the GUI pauses."""
     monkeypatch.setattr(slicer, "mrmlScene", slicer.vtkMRMLScene(), raising=False)
+    monkeypatch.setenv("RECOKD_HOME", str(tmp_path / "home"))  # the sample is written under the per-user folder
     test = module.ReCoKDTest()
     test.delayDisplay = lambda message: None
     test.runTest()
@@ -415,3 +416,107 @@ except ReCoKD.ReCoKDError as exc:
     lines = result.stdout.splitlines()
     assert lines[0].startswith("ERROR ReCoKD cannot load its library ReCoKDLib (ModuleNotFoundError")
     assert "Extension Wizard" in lines[0] and lines[1].startswith("RAISED ReCoKD cannot load its library")
+
+
+def test_a_registry_model_lists_its_channels_before_it_is_fetched(env, tmp_path):
+    entry = {"name": "brain-2ch", "url": "https://example.org/brain-2ch.recokd", "sha256": "c" * 64,
+             "channels": ["FLAIR", "T1c"], "labels": {"background": 0, "tumour": 1}}
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps({"version": 1, "models": [entry]}))
+    logic = module.ReCoKDLogic(scene=env["scene"], modelsFolder=tmp_path / "models", registries=[registry])
+    info = logic.modelInfo("brain-2ch")
+    assert info.channelNames == ["FLAIR", "T1c"] and info.numChannels == 2
+    with pytest.raises(module.ReCoKDError, match=r"needs 2 input volume\(s\) \(FLAIR, T1c\)"):
+        logic.segment([env["volume"]], "brain-2ch", device="cpu")
+
+
+def test_terminology_entry_string_round_trip():
+    from ReCoKDSlicer import terminology
+
+    codes = {"category": ["SCT", "49755003", "Morphologically Altered Structure"], "type": ["SCT", "4147007", "Mass"],
+             "anatomic_region": ["SCT", "10200004", "Liver"]}
+    text = terminology.entryString(codes)
+    assert text == ("Segmentation category and type - DICOM master list~SCT^49755003^Morphologically Altered Structure"
+                    "~SCT^4147007^Mass~^^~Anatomic codes - DICOM master list~SCT^10200004^Liver~^^")
+    assert terminology.parseEntryString(text) == codes
+    with pytest.raises(ValueError):
+        terminology.entryString({"category": ["SCT", "1"], "type": ["SCT", "2", "x"]})
+
+
+def _real_signature(path: Path, function: str) -> set[str]:
+    """Argument names of ``function`` as defined in Slicer's real source (read, not imported)."""
+    import ast
+
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.FunctionDef) and node.name == function:
+            return {a.arg for a in node.args.args + node.args.kwonlyargs}
+    raise AssertionError(f"{function} not found in {path}")
+
+
+SLICER_PYTHON = ROOT.parent / "shared" / "slicer-python"
+
+
+def test_installer_asks_pytorch_for_the_minimum_and_uses_pip_ensure(monkeypatch):
+    import types
+
+    from ReCoKDSlicer import dependencies
+
+    calls = {}
+
+    class FakeLogic:
+        def installTorch(self, **kwargs):
+            calls["installTorch"] = kwargs
+            monkeypatch.setattr(dependencies, "installedTorchVersion", lambda: "2.13.0")
+            return object()
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=FakeLogic))
+    packaging = types.ModuleType("slicer.packaging")
+    packaging.pip_ensure = lambda requirements, **kwargs: calls.setdefault("pip_ensure", (requirements, kwargs))
+    monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
+    monkeypatch.setattr(slicer, "packaging", packaging, raising=False)
+    # an old torch counts as missing, with one line that names both versions
+    monkeypatch.setattr(dependencies, "installedTorchVersion", lambda: "2.0.1+cu118")
+    problem = dependencies.torchProblem()
+    assert "PyTorch 2.0.1+cu118 is installed but ReCoKD needs 2.5 or newer" in problem and "\n" not in problem
+    real_find_spec = dependencies.importlib.util.find_spec
+    monkeypatch.setattr(dependencies.importlib.util, "find_spec",
+                        lambda name: None if name == "tqdm" and "pip_ensure" not in calls else real_find_spec(name))
+    asked = []
+    assert dependencies.installDependencies(confirm=lambda message: asked.append(message) or True, log=lambda m: None)
+    assert "2.0.1" in asked[0] and "tqdm" in asked[0]
+    assert calls["installTorch"] == {"askConfirmation": False, "torchVersionRequirement": ">=2.5"}
+    requirements, kwargs = calls["pip_ensure"]
+    assert requirements == ["tqdm>=4.60"] and kwargs["prompt_install"] is False and kwargs["constraints"]
+    # the keywords exist in the real functions
+    if SLICER_PYTHON.is_dir():
+        assert set(calls["installTorch"]) <= _real_signature(SLICER_PYTHON / "PyTorchUtils" / "PyTorchUtils.py", "installTorch")
+        assert set(kwargs) <= _real_signature(SLICER_PYTHON / "slicer" / "packaging.py", "pip_ensure")
+    # declining installs nothing and says so in one line
+    monkeypatch.setattr(dependencies, "installedTorchVersion", lambda: "2.0.1")
+    with pytest.raises(RuntimeError, match="were not installed: PyTorch"):
+        dependencies.installDependencies(confirm=lambda message: False)
+
+
+def test_minimum_torch_matches_the_package_requirement():
+    from ReCoKDSlicer import dependencies
+
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert f'"torch>={dependencies.MINIMUM_TORCH}"' in pyproject
+
+
+def test_channels_under_different_transforms_are_refused_whichever_has_one(env):
+    scene, logic = env["scene"], env["logic"]
+    first = env["volume"]
+    second = slicer.util.addVolumeFromArray(env["array"], ijkToRAS=_oblique_ijk_to_ras(), name="CT2")
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
+    try:
+        for moved in (first, second):  # the check used to look only at channels after the first
+            moved.SetAndObserveTransformNodeID(transform.GetID())
+            before = scene.GetNumberOfNodes()
+            with pytest.raises(module.ReCoKDError, match="under different transforms; harden the transforms"):
+                logic.segment([first, second], env["bundle2_path"], device="cpu", fast=True)
+            assert scene.GetNumberOfNodes() == before
+            moved.SetAndObserveTransformNodeID(None)
+    finally:
+        scene.RemoveNode(transform)
+        scene.RemoveNode(second)

@@ -245,3 +245,13 @@ def test_training_from_the_panel_ends_with_the_student_in_the_model_list_without
     table = scene.GetFirstNodeByClass("vtkMRMLTableNode")
     assert table.GetNumberOfRows() == 2
     assert "training finished; student bundle" in log
+
+
+def test_console_segment_with_wait_keeps_the_gui_responsive(gui, tmp_path):
+    module, scene, errors = gui
+    bundle = _tiny_bundle(tmp_path)
+    volume = slicer.util.addVolumeFromArray(np.random.default_rng(1).random((10, 11, 12)).astype(np.float32), name="CT")
+    logic = module.ReCoKDLogic(modelsFolder=tmp_path / "models", registries=[])
+    before = slicer.app.processed
+    node = logic.segment([volume], bundle, device="cpu", fast=True)  # wait=True, as typed in the console
+    assert node is not None and slicer.app.processed > before
