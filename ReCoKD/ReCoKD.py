@@ -326,12 +326,18 @@ class SegmentationTask:
                 self.job.error = f"could not load the result: {exc}"
         if self.job.finished:
             if self.job.state != SUCCEEDED:
-                self.message = self.job.error
+                self.message = self._userMessage(self.job.error)
             self.logic.lastMessage = self.message
             self._cleanup()
             if self.onFinished is not None:
                 self.onFinished(self)
         return self.job.state
+
+    def _userMessage(self, text: str) -> str:
+        """The job speaks of its temporary input files; the user knows the volumes."""
+        for i, node in enumerate(self.volumeNodes):
+            text = text.replace(str(Path(self.tmpdir) / f"input_{i:04d}.nrrd"), f"volume '{node.GetName()}'")
+        return text
 
     def cancel(self) -> None:
         if self.job.finished:
@@ -734,7 +740,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
     def loadSample(self):
         """The sample volume (*ReCoKD phantom*) in the scene, as Sample Data loads it."""
         path = samplePhantomPath()
-        node = slicer.util.loadVolume(str(path)) if HAVE_SLICER_GUI else _loadVolumeNoGui(self.scene, path)
+        inSlicer = HAVE_SLICER_GUI and hasattr(getattr(slicer, "app", None), "ioManager")
+        node = slicer.util.loadVolume(str(path)) if inSlicer else _loadVolumeNoGui(self.scene, path)
         node.SetName(SAMPLE_NAME)
         return node
 

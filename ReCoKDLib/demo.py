@@ -22,7 +22,7 @@ from .errors import ReCoKDError
 from .inference import predict_labels
 from .models import build_pair, save_weights, count_parameters, dynunet_tap_names, isotropic_spec
 from .training import Case, DistillationTrainer, TrainConfig, Trainer, dice_per_class
-from .utils import configure_cpu, resolve_device
+from .utils.runtime import configure_cpu, resolve_device
 from .utils.io import atomic_write_text
 
 

@@ -158,3 +158,32 @@ def test_benchmark_arguments_are_checked(capsys):
         parse_models(["a=x", "a=y"])
     assert main(["benchmark", "--images", "imgs"]) == 2
     assert "--models" in capsys.readouterr().err
+
+
+def test_evaluate_json_goes_into_an_exported_bundle(tmp_path, capsys):
+    """`recokd evaluate --json` -> `recokd export --test-metrics --terminology --license`: the held-out
+    scores, the codes and the terms travel in the bundle (and a code for an unknown label is refused)."""
+    ref = _ball((20, 20, 20), (10, 10, 10), 5) + 2 * _ball((20, 20, 20), (3, 3, 3), 2)
+    for case in ("a", "b"):
+        write_image(ref, tmp_path / "gt" / f"{case}.nii.gz")
+        write_image(np.where(ref == 2, 0, ref) if case == "b" else ref, tmp_path / "pred" / f"{case}.nii.gz")
+    (tmp_path / "labels.json").write_text(json.dumps({"background": 0, "organ": 1, "kidney": 2}))
+    assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "--labels", str(tmp_path / "labels.json"),
+                 "--json", str(tmp_path / "test.json")]) == 0
+    record = json.loads((tmp_path / "test.json").read_text())
+    assert record["num_cases"] == 2 and record["per_case_dice_mean"] == {"a": 1.0, "b": 0.5}
+    assert record["dice_mean"] == pytest.approx(0.75) and record["mean"]["dice"]["kidney"] == pytest.approx(0.5)
+    assert str(tmp_path) not in record["command"]  # no local paths travel into a shipped bundle
+    run = make_run(tmp_path / "run")
+    terms = {"organ": {"category": ["SCT", "85756007", "Tissue"], "type": ["SCT", "113343008", "Organ"]}}
+    (tmp_path / "terms.json").write_text(json.dumps(terms))
+    assert main(["export", str(run), "-o", str(tmp_path / "m.recokd"), "--test-metrics", str(tmp_path / "test.json"),
+                 "--terminology", str(tmp_path / "terms.json"), "--license", "research use only"]) == 0
+    bundle = load_bundle(tmp_path / "m.recokd")
+    assert bundle.terminology == terms and bundle.provenance["license"] == "research use only"
+    assert bundle.provenance["test_metrics"]["dice_mean"] == pytest.approx(0.75)
+    (tmp_path / "bad.json").write_text(json.dumps({"liver": terms["organ"]}))
+    capsys.readouterr()
+    assert main(["export", str(run), "-o", str(tmp_path / "bad.recokd"), "--terminology", str(tmp_path / "bad.json")]) == 2
+    assert "terminology names label(s) ['liver']" in capsys.readouterr().err
+    assert not (tmp_path / "bad.recokd").exists()

@@ -520,3 +520,56 @@ def test_channels_under_different_transforms_are_refused_whichever_has_one(env):
     finally:
         scene.RemoveNode(transform)
         scene.RemoveNode(second)
+
+
+def _site_packages_without(tmp_path: Path, *hidden: str) -> Path:
+    """A folder mirroring this environment's site-packages (by links) minus the ``hidden`` distributions,
+    to run ``python -S`` as if they had never been installed (Slicer's Python before the first install)."""
+    import site
+    import sysconfig
+
+    source = Path(sysconfig.get_paths()["purelib"])
+    assert source in [Path(p) for p in site.getsitepackages()] or source.is_dir()
+    mirror = tmp_path / "site-packages"
+    mirror.mkdir()
+    for entry in source.iterdir():
+        stem = entry.name.split("-")[0].split(".")[0].lower()
+        if stem in hidden or entry.suffix == ".pth" or entry.name.startswith("__editable__"):
+            continue
+        (mirror / entry.name).symlink_to(entry)
+    return mirror
+
+
+def test_without_torch_the_module_loads_lists_models_and_writes_the_sample(tmp_path):
+    """Slicer before the first Segment click: no torch, no monai. The module, the model list and the
+    sample data must work; the self-test says it is skipped and why."""
+    import os
+    import subprocess
+
+    mirror = _site_packages_without(tmp_path, "torch", "monai", "nvidia", "triton")
+    code = f"""
+import sys
+sys.path.insert(0, {str(MODULE_DIR)!r})
+import importlib.util
+assert importlib.util.find_spec("torch") is None and importlib.util.find_spec("ReCoKDLib") is None
+import slicer
+slicer.mrmlScene = slicer.vtkMRMLScene()
+import ReCoKD
+assert ReCoKD.LIBRARY_ERROR == "", ReCoKD.LIBRARY_ERROR
+logic = ReCoKD.ReCoKDLogic()
+print("MODELS", sorted(s.name for s in logic.availableModels()))
+print("INFO", logic.modelInfo("la2018-left-atrium").channelNames)
+print("SAMPLE", ReCoKD.samplePhantomPath().is_file())
+test = ReCoKD.ReCoKDTest()
+test.delayDisplay = lambda message: print("SAID", message)
+test.runTest()
+"""
+    env = {**os.environ, "RECOKD_HOME": str(tmp_path / "home"), "PYTHONPATH": str(mirror)}
+    env.pop("RECOKD_REGISTRY", None)
+    result = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "'la2018-left-atrium'" in out and "'phantom-abdomen'" in out
+    assert "INFO ['LGE-MRI']" in out and "SAMPLE True" in out
+    assert "SAID ReCoKDTest skipped: these Python packages are missing: torch, monai" in out

@@ -255,3 +255,45 @@ def test_console_segment_with_wait_keeps_the_gui_responsive(gui, tmp_path):
     before = slicer.app.processed
     node = logic.segment([volume], bundle, device="cpu", fast=True)  # wait=True, as typed in the console
     assert node is not None and slicer.app.processed > before
+    # a job's error names the volume, not the temporary file it was written to
+    flat = slicer.util.addVolumeFromArray(np.ones((10, 11, 12), np.float32), name="Flat")
+    with pytest.raises(module.ReCoKDError, match=r"^volume 'Flat' channel 0 is constant") as info:
+        logic.segment([flat], bundle, device="cpu", fast=True)
+    assert "/tmp" not in str(info.value) and "input_0000" not in str(info.value)
+
+
+def test_sample_data_is_registered_at_startup_and_written_locally(gui, tmp_path, monkeypatch):
+    import types
+
+    module, scene, errors = gui
+    registered = []
+
+    class SampleDataLogic:
+        @staticmethod
+        def registerCustomSampleDataSource(category="Custom", sampleName=None, uris=None, fileNames=None,
+                                           nodeNames=None, customDownloader=None, thumbnailFileName=None,
+                                           loadFileTypes=None, loadFiles=None, loadFileProperties={}, checksums=None,
+                                           loadFileType=None):  # Slicer's signature (Modules/Scripted/SampleData)
+            registered.append(dict(category=category, sampleName=sampleName, uris=uris, fileNames=fileNames,
+                                   thumbnailFileName=thumbnailFileName, loadFileTypes=loadFileTypes))
+
+    monkeypatch.setitem(sys.modules, "SampleData", types.SimpleNamespace(SampleDataLogic=SampleDataLogic))
+    parent = types.SimpleNamespace(path=str(MODULE_FILE))
+    module.ReCoKD(parent)  # the real ScriptedLoadableModule.__init__ runs first
+    assert parent.title == "ReCoKD" and parent.categories == ["Segmentation"]
+    startup = [slot for signal, slot in slicer.app.connections if signal == "startupCompleted()"]
+    assert startup == [module.registerSampleData]
+    startup[0]()  # Slicer emits startupCompleted()
+    assert len(registered) == 1 and registered[0]["category"] == "ReCoKD"
+    uri = registered[0]["uris"]
+    assert uri.startswith("file://") and registered[0]["fileNames"] == "ReCoKDPhantom.nrrd"
+    sample = Path(uri[len("file://"):])
+    assert sample.is_file() and sample.is_relative_to(tmp_path / "home")  # generated, in the per-user folder
+    assert Path(registered[0]["thumbnailFileName"]).is_file()
+    # the sample loads and is segmented by the shipped phantom model with its named, coded structures
+    logic = module.ReCoKDLogic(modelsFolder=tmp_path / "models")
+    volume = logic.loadSample()
+    node = logic.segment([volume], module.SAMPLE_MODEL, device="cpu", fast=True)
+    segmentation = node.GetSegmentation()
+    assert [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())] == \
+        ["organ", "kidney", "vessel", "lesion"]

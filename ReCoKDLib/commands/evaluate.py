@@ -41,7 +41,8 @@ def evaluation_record(result, args: argparse.Namespace) -> dict:
     """What ``--json`` writes (and ``recokd export --test-metrics`` records in a bundle): the command,
     the number of cases, mean Dice/HD95/NSD per class and mean Dice per case."""
     return {
-        "command": f"recokd evaluate {args.pred} {args.gt}",
+        # the last two parts of each folder: a shipped bundle should not carry the scorer's local paths
+        "command": "recokd evaluate " + " ".join("/".join(Path(f).resolve().parts[-2:]) for f in (args.pred, args.gt)),
         "num_cases": len(result.cases),
         "tolerance_mm": args.tolerance,
         "mean": {metric: dict(values) for metric, values in result.summary.items()},

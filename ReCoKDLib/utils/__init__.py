@@ -1,5 +1,5 @@
-"""Small runtime helpers."""
+"""Small helpers: ``io`` (atomic writes, JSON; no torch) and ``runtime`` (devices, seeds, CPU threads).
 
-from .runtime import configure_cpu, resolve_device, seed_everything
-
-__all__ = ["configure_cpu", "resolve_device", "seed_everything"]
+Nothing is imported here, so ``ReCoKDLib.utils.io`` stays importable where torch is not installed yet
+(3D Slicer writes its sample data before the first segmentation installs PyTorch).
+"""
