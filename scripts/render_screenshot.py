@@ -68,7 +68,7 @@ def main(output: Path) -> Path:
         ax.set_title(title, color="white")
         ax.axis("off")
     fig.legend(handles=legend, loc="lower center", ncol=len(legend), frameon=False, labelcolor="white", fontsize=9)
-    fig.suptitle(f"ReCoKD in 3D Slicer: '{node.GetName()}' — {logic.lastMessage}", color="white", fontsize=11)
+    fig.suptitle(f"ReCoKD module, Segment on the sample: {logic.lastMessage}", color="white", fontsize=11)
     fig.tight_layout(rect=(0, 0.07, 1, 0.95))
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=110, facecolor="black")
