@@ -31,11 +31,22 @@ import slicer_standins  # noqa: E402
 from bundle_helpers import tiny_network, tiny_plans  # noqa: E402
 
 
+def _blocked_packages(folder: Path) -> Path:
+    """A folder that, first on PYTHONPATH, makes the packages ReCoKD's pip extras add but Slicer's Python lacks
+    (matplotlib, tensorboard, onnx, onnxruntime) unimportable."""
+    for name in ("matplotlib", "tensorboard", "onnx", "onnxruntime"):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed in Slicer')\n")
+    return folder
+
+
 @pytest.fixture
 def gui(monkeypatch, tmp_path):
     """The module loaded as Slicer loads it, on a fresh scene, with an isolated per-user folder."""
     monkeypatch.setenv("RECOKD_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("RECOKD_REGISTRY", raising=False)
+    # the background processes see only what Slicer's Python has after the module's install step
+    monkeypatch.setenv("PYTHONPATH", str(_blocked_packages(tmp_path / "blocked")))
     errors: list[str] = []
     slicer_standins.install(monkeypatch, SLICER_PYTHON, MODULE_FILE, errors)
     scene = slicer.vtkMRMLScene()
@@ -196,19 +207,10 @@ def test_stop_resets_the_progress_bar_and_the_library_error_is_one_message(gui, 
     widget2.exit()
 
 
-def _blocked_packages(folder: Path) -> Path:
-    """A folder that, first on PYTHONPATH, makes matplotlib and tensorboard unimportable, as in Slicer's Python."""
-    for name in ("matplotlib", "tensorboard"):
-        (folder / name).mkdir(parents=True)
-        (folder / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed in Slicer')\n")
-    return folder
-
-
 def test_training_from_the_panel_ends_with_the_student_in_the_model_list_without_matplotlib(gui, tmp_path, monkeypatch):
     from ReCoKDLib.data.phantom import generate_dataset, save_dataset_nnunet
 
     module, scene, errors = gui
-    monkeypatch.setenv("PYTHONPATH", str(_blocked_packages(tmp_path / "blocked")))
     dataset = save_dataset_nnunet(generate_dataset(4, seed=5, shape=(32, 32, 32)), tmp_path / "Dataset901_Tiny")
     widget = _new_widget(module)
     ui, p, logic = widget.ui, widget._parameterNode, widget.logic

@@ -57,7 +57,7 @@ PY
 D="$P/Dataset900_ReCoKDPhantom"
 recokd plan "$D" --cache "$P/cache" --no-progress $planner
 recokd train "$D" -o "$P/teacher" --cache "$P/cache" --plans "$P/cache/plans.json" --epochs 10 $common
-recokd distill "$D" -o "$P/student_recokd" --cache "$P/cache" --teacher "$P/teacher" --epochs 10 --method recokd $common
+recokd distill "$D" -o "$P/student_recokd" --cache "$P/cache" --teacher "$P/teacher" --epochs 20 --method recokd $common
 recokd predict -m "$P/student_recokd" -i "$P/heldout/imagesTs" -o "$P/pred" --device cpu --no-progress
 recokd evaluate "$P/pred" "$P/heldout/labelsTs" --json "$P/test.json"
 recokd export "$P/student_recokd" -o "$OUT/phantom-abdomen.recokd" --name phantom-abdomen \
