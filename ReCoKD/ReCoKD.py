@@ -222,7 +222,6 @@ def registerSampleData() -> None:
 
 if parameterNodeWrapper is not None:
 
-    @parameterNodeGuiConnector
     class PathLineEditToStrConnector(GuiConnector):
         """A ``ctkPathLineEdit`` bound to a ``str`` where "" means unset (Slicer's ``Path`` connector
         reads an empty box as ``Path('.')``, i.e. the working folder)."""
@@ -239,11 +238,15 @@ if parameterNodeWrapper is not None:
             super().__init__()
             self._widget = widget
 
+        # CTK emits currentPathChanged only for valid input, and "" never is: clearing the box is seen
+        # through validInputChanged
         def _connect(self):
             self._widget.currentPathChanged.connect(self.changed)
+            self._widget.validInputChanged.connect(self.changed)
 
         def _disconnect(self):
             self._widget.currentPathChanged.disconnect(self.changed)
+            self._widget.validInputChanged.disconnect(self.changed)
 
         def widget(self):
             return self._widget
@@ -254,6 +257,12 @@ if parameterNodeWrapper is not None:
         def write(self, value: str) -> None:
             if (value or "") != (self._widget.currentPath or ""):
                 self._widget.currentPath = value or ""
+
+    from slicer.parameterNodeWrapper import guiConnectors as _guiConnectors
+
+    # registered once per Slicer session (a developer Reload must not append a second copy)
+    if not any(c.__name__ == PathLineEditToStrConnector.__name__ for c in _guiConnectors._registeredGuiConnectors):
+        parameterNodeGuiConnector(PathLineEditToStrConnector)
 
     @parameterNodeWrapper
     class ReCoKDParameterNode:
@@ -270,8 +279,8 @@ if parameterNodeWrapper is not None:
         teacherPath: str = ""
         trainTeacherFirst: bool = False
         kdMethod: Annotated[str, Choice(list(KD_METHODS))] = "recokd"
-        widthFactor: Annotated[float, WithinRange(1.0, 32.0)] = 4.0
-        epochs: Annotated[int, WithinRange(1, 100000)] = 50
+        widthFactor: Annotated[float, WithinRange(1.0, 16.0)] = 4.0
+        epochs: Annotated[int, WithinRange(1, 10000)] = 50
         outputFolder: str = ""
 else:
     ReCoKDParameterNode = None
@@ -873,14 +882,15 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         if not keys:
             return None
         scene = self.scene
-        table = self._plotNodes.get("table")
-        if table is None or scene.GetNodeByID(table.GetID()) is None:
+        table, chart = self._plotNodes.get("table"), self._plotNodes.get("chart")
+        created = False
+        if table is None or chart is None or not scene.IsNodePresent(table) or not scene.IsNodePresent(chart):
             table = scene.AddNewNodeByClass("vtkMRMLTableNode", "ReCoKD training log")
             chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", "ReCoKD training")
             chart.SetXAxisTitle("epoch")
             chart.SetYAxisTitle("loss / validation Dice")
             self._plotNodes = {"table": table, "chart": chart, "series": {}}
-        chart = self._plotNodes["chart"]
+            created = True
         vtkTable = table.GetTable()
         vtkTable.Initialize()
         for column in ["epoch", *keys]:
@@ -893,7 +903,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         table.Modified()
         for key in keys:
             series = self._plotNodes["series"].get(key)
-            if series is None:
+            if series is None or not scene.IsNodePresent(series):
                 series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", key)
                 series.SetAndObserveTableNodeID(table.GetID())
                 series.SetXColumnName("epoch")
@@ -901,8 +911,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
                 series.SetPlotType(series.PlotTypeScatter)
                 chart.AddAndObservePlotSeriesNodeID(series.GetID())
                 self._plotNodes["series"][key] = series
-        if HAVE_SLICER_GUI and hasattr(getattr(slicer, "modules", None), "plots"):
-            slicer.modules.plots.logic().ShowChartInLayout(chart)
+        if created and HAVE_SLICER_GUI and hasattr(getattr(slicer, "modules", None), "plots"):
+            slicer.modules.plots.logic().ShowChartInLayout(chart)  # once: never pull the user's layout away again
         return chart
 
 
@@ -980,10 +990,13 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self):
+        """Module unloaded or Slicer closing: nothing may keep running (a stopped training keeps its checkpoint)."""
         if self.logic is not None:
             self.logic.cancel()
+            self.logic.stopTraining()
         if self._timer is not None:
             self._timer.stop()
+        self.exit()
         self.removeObservers()
 
     # -- parameter node ---------------------------------------------------------------------------
@@ -1056,6 +1069,7 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def refreshModels(self, _=None):
         """Fill the model list (never opens a dialog; a file is picked only with 'Load from file…')."""
         self._modelSources = self.logic.availableModels()
+        self._modelInfoCache = (None, None)
         combo = self.ui.modelComboBox
         wasBlocked = combo.blockSignals(True)
         combo.clear()
@@ -1086,14 +1100,20 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode is not None and 0 <= index < len(self._modelSources):
             self._parameterNode.model = self._modelSources[index].key
 
-    def _updateChannelSelectors(self):
-        info = None
-        p = self._parameterNode
-        if p is not None and p.model:
+    def _modelInfo(self, model):
+        """The model's info, read once per selection (the node changes on every keystroke elsewhere)."""
+        if getattr(self, "_modelInfoCache", (None, None))[0] != model:
             try:
-                info = self.logic.modelInfo(p.model)
-            except ReCoKDError as exc:
+                info = self.logic.modelInfo(model)
+            except Exception as exc:  # noqa: BLE001 - a broken bundle or entry: say so, keep the panel alive
                 self.ui.statusLabel.text = str(exc)
+                info = None
+            self._modelInfoCache = (model, info)
+        return self._modelInfoCache[1]
+
+    def _updateChannelSelectors(self):
+        p = self._parameterNode
+        info = self._modelInfo(p.model) if p is not None and p.model else None
         channels = info.channelNames if info else ["image"]
         for i, (selector, label) in enumerate(self._volumeSelectors()):
             visible = i < len(channels)
@@ -1124,9 +1144,12 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         if not dependencies.missingDependencies():
             return True
-        with slicer.util.tryWithErrorDisplay("Failed to install the Python packages ReCoKD needs.", waitCursor=True):
+        try:  # the user is asked first; pip and the PyTorch extension show their own progress
             dependencies.installDependencies(confirm=slicer.util.confirmOkCancelDisplay)
-        return not dependencies.missingDependencies()  # the context manager showed any error
+        except Exception as exc:  # noqa: BLE001 - declined or failed: one message, no traceback
+            slicer.util.errorDisplay(f"ReCoKD cannot run yet: {exc}")
+            return False
+        return True
 
     def onSegmentButton(self):
         task = self.logic.segmentationTask
@@ -1222,15 +1245,25 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 class ReCoKDTest(ScriptedLoadableModuleTest):
     """Segments the sample phantom with the shipped phantom model through the whole background-process path."""
 
+    @staticmethod
+    def skipReason() -> str:
+        """Why the test cannot run here ("" when it can): no library, or PyTorch/MONAI not installed yet."""
+        if LIBRARY_ERROR:
+            return LIBRARY_ERROR
+        from ReCoKDSlicer import dependencies
+
+        missing = dependencies.missingDependencies()
+        return f"these Python packages are missing: {', '.join(missing)}" if missing else ""
+
     def setUp(self):
+        reason = self.skipReason()  # ctest runs test_* through unittest: skip there as well
+        if reason:
+            self.skipTest(f"{reason} (open the module and click Segment to install them)")
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        from ReCoKDSlicer import dependencies
-
-        missing = dependencies.missingDependencies() if not LIBRARY_ERROR else []
-        if LIBRARY_ERROR or missing:
-            reason = LIBRARY_ERROR or f"these Python packages are missing: {', '.join(missing)}"
+        reason = self.skipReason()
+        if reason:
             self.delayDisplay(f"ReCoKDTest skipped: {reason} (open the module and click Segment to install them)")
             return
         self.setUp()

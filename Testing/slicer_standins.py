@@ -408,11 +408,15 @@ class ctkCollapsibleButton(QAbstractButton):
 
 
 class ctkPathLineEdit(QWidget):
-    SIGNALS = ("currentPathChanged",)
+    """As CTK's: ``currentPathChanged`` is emitted only for valid input (never for ""), validity changes
+    through ``validInputChanged(bool)``."""
+
+    SIGNALS = ("currentPathChanged", "validInputChanged")
 
     def __init__(self, parent=None):
         super().__init__(parent)
         self._path = ""
+        self._valid = False
         self.filters = None
 
     @property
@@ -421,8 +425,14 @@ class ctkPathLineEdit(QWidget):
 
     @currentPath.setter
     def currentPath(self, value):
-        if value != self._path:
-            self._path = value
+        if value == self._path:
+            return
+        self._path = value
+        valid = bool(value)
+        if valid != self._valid:
+            self._valid = valid
+            self._emit("validInputChanged", valid)
+        if valid:
             self._emit("currentPathChanged", value)
 
 

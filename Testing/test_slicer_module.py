@@ -563,6 +563,9 @@ print("SAMPLE", ReCoKD.samplePhantomPath().is_file())
 test = ReCoKD.ReCoKDTest()
 test.delayDisplay = lambda message: print("SAID", message)
 test.runTest()
+import unittest  # what ctest runs (slicer.testing.runUnitTest): the test_* methods, through unittest
+result = unittest.TextTestRunner(verbosity=0).run(unittest.TestLoader().loadTestsFromTestCase(ReCoKD.ReCoKDTest))
+print("CTEST", result.testsRun, len(result.skipped), len(result.failures) + len(result.errors))
 """
     env = {**os.environ, "RECOKD_HOME": str(tmp_path / "home"), "PYTHONPATH": str(mirror)}
     env.pop("RECOKD_REGISTRY", None)
@@ -573,3 +576,4 @@ test.runTest()
     assert "'la2018-left-atrium'" in out and "'phantom-abdomen'" in out
     assert "INFO ['LGE-MRI']" in out and "SAMPLE True" in out
     assert "SAID ReCoKDTest skipped: these Python packages are missing: torch, monai" in out
+    assert "CTEST 1 1 0" in out

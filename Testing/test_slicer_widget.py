@@ -115,8 +115,14 @@ def test_setup_enter_change_exit_through_the_real_parameter_node_wrapper(gui):
     p.epochs = 7
     p.device = "cpu"
     assert ui.epochsSpinBox.value == 7 and ui.deviceComboBox.currentText == "cpu"
-    # the validators bound the spin boxes
-    assert (ui.widthFactorSpinBox.minimum, ui.widthFactorSpinBox.maximum) == (1.0, 32.0)
+    # the validators bound the spin boxes, with the same limits as the .ui declares
+    import xml.etree.ElementTree as ET
+
+    declared = {w.get("name"): {p_.get("name"): slicer_standins._value(p_) for p_ in w.findall("property")}
+                for w in ET.parse(MODULE_FILE.parent / "Resources" / "UI" / "ReCoKD.ui").iter("widget")}
+    for name in ("widthFactorSpinBox", "epochsSpinBox"):
+        box = getattr(ui, name)
+        assert (box.minimum, box.maximum) == (declared[name]["minimum"], declared[name]["maximum"]), name
     # the logic reads the node: no teacher chosen is refused, not taken for "."
     with pytest.raises(module.ReCoKDError, match="holds no dataset.json"):
         widget.logic.trainWithParameters(p)
@@ -223,6 +229,13 @@ def test_training_from_the_panel_ends_with_the_student_in_the_model_list_without
     ui.epochsSpinBox.value = 2
     ui.outputPathLineEdit.currentPath = str(tmp_path / "runs" / "student")
     assert not ui.teacherPathLineEdit.enabled and ui.startTrainingButton.enabled
+    # clearing a path box unsets the field (CTK reports an empty box only as invalid input)
+    ui.outputPathLineEdit.currentPath = ""
+    assert p.outputFolder == ""
+    ui.datasetPathLineEdit.currentPath = ""
+    assert p.datasetFolder == "" and not ui.startTrainingButton.enabled
+    ui.datasetPathLineEdit.currentPath = str(dataset)
+    ui.outputPathLineEdit.currentPath = str(tmp_path / "runs" / "student")
     ui.startTrainingButton.click()
     assert ui.trainingProgressBar.visible and not ui.startTrainingButton.enabled
     deadline = time.monotonic() + 600

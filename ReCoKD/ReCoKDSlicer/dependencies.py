@@ -66,6 +66,7 @@ def torchProblem() -> str | None:
 
 def missingDependencies() -> list[str]:
     """Import names of the packages to install (``torch`` first when missing or too old)."""
+    importlib.invalidate_caches()  # a package pip installed during this session must be seen
     missing = ["torch"] if torchProblem() else []
     return missing + [name for name in REQUIREMENTS if importlib.util.find_spec(name) is None]
 
