@@ -9,7 +9,7 @@ suite, under plain Python with the ``slicer-core`` package (where ``qt``, ``ctk`
 ``slicer.ScriptedLoadableModule`` are absent, so this file falls back to plain base classes).
 
 All heavy work (PyTorch) happens in a background process, ``<Slicer's python> -m
-ReCoKDLib.slicer_bridge``, which reports progress line by line; the GUI polls it from a timer, so it
+ReCoKDLib.inference.slicer_bridge``, which reports progress line by line; the GUI polls it from a timer, so it
 never freezes, and Cancel kills the whole process tree.
 
 Console example::
@@ -370,13 +370,13 @@ class TrainingTask:
     and returns its task; :attr:`ReCoKDLogic.trainingTask` then points at that step.
     """
 
-    def __init__(self, logic, job, role, outputFolder, epochs, command, onFinished=None, followUp=None):
+    def __init__(self, logic, job, role, outputFolder, epochs, arguments, onFinished=None, followUp=None):
         self.logic = logic
         self.job = job
         self.role = role
         self.outputFolder = Path(outputFolder)
         self.epochs = int(epochs)
-        self.command = command
+        self.arguments = list(arguments)  # the `recokd` arguments, for Resume
         self.onFinished = onFinished
         self.followUp = followUp
         self.history: list[dict] = []
@@ -438,8 +438,7 @@ class TrainingTask:
         folder = Path(self.logic.modelsFolder)
         folder.mkdir(parents=True, exist_ok=True)
         self.bundlePath = folder / f"{self.outputFolder.name}.recokd"
-        command = [pythonExecutable(), "-m", "ReCoKDLib.slicer_bridge", "cli", "export", str(self.outputFolder),
-                   "-o", str(self.bundlePath)]
+        command = [pythonExecutable(), "-m", "ReCoKDLib.cli", "export", str(self.outputFolder), "-o", str(self.bundlePath)]
         self._exportJob = BackgroundJob(command, env=_jobEnvironment(), name="export",
                                         onLine=self.logic.onTrainingLine).start()
 
@@ -604,7 +603,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             shutil.rmtree(tmpdir, ignore_errors=True)
             raise ReCoKDError(str(exc)) from None
         output = Path(tmpdir) / "labels.nrrd"
-        command = [pythonExecutable(), "-m", "ReCoKDLib.slicer_bridge", "segment", "--inputs", *map(str, inputs),
+        command = [pythonExecutable(), "-m", "ReCoKDLib.inference.slicer_bridge", "segment", "--inputs", *map(str, inputs),
                    "--output", str(output), "--device", device]
         local = models.localBundlePath(source)
         if source.kind == "registry" and local is None:
@@ -759,9 +758,10 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         _requireLibrary()
         if self.trainingTask is not None and self.trainingTask.state == RUNNING:
             raise ReCoKDError("a training is already running; stop it first")
-        command = [pythonExecutable(), "-m", "ReCoKDLib.slicer_bridge", "cli", *map(str, arguments), "--no-progress"]
+        arguments = [str(a) for a in arguments]
+        command = [pythonExecutable(), "-m", "ReCoKDLib.cli", *arguments, "--no-progress"]
         job = BackgroundJob(command, env=_jobEnvironment(), name=f"{role} training", onLine=self.onTrainingLine)
-        task = TrainingTask(self, job, role, outputFolder, epochs, command, onFinished=onFinished, followUp=followUp)
+        task = TrainingTask(self, job, role, outputFolder, epochs, arguments, onFinished=onFinished, followUp=followUp)
         try:
             job.start()
         except OSError as exc:
@@ -865,8 +865,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             raise ReCoKDError("there is no training to resume")
         if task.state == RUNNING:
             raise ReCoKDError("the training is still running")
-        args = [a for a in task.command[task.command.index("cli") + 1:] if a not in ("--resume", "--no-progress")]
-        args.append("--resume")
+        args = [a for a in task.arguments if a != "--resume"] + ["--resume"]
         self.trainingTask = None
         return self._startTraining(task.role, args, task.outputFolder, task.epochs, wait, progress,
                                    onFinished or task.onFinished, task.followUp)

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
-from ReCoKDLib.bundle import bundle_from_network
+from ReCoKDLib.deployment.bundle import bundle_from_network
 from ReCoKDLib.data.planning import ChannelNormalisation, Plans
 from ReCoKDLib.models import build_unet, isotropic_spec, save_weights
 

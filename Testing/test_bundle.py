@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bundle_helpers import make_run, phantom_volume, rewrite_zip
-from ReCoKDLib.bundle import bundle_from_run, export_run, load_bundle
+from ReCoKDLib.deployment.bundle import bundle_from_run, export_run, load_bundle
 from ReCoKDLib.cli import main
 from ReCoKDLib.data.phantom import PHANTOM_COLORS
 from ReCoKDLib.errors import ReCoKDError

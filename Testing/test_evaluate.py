@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from bundle_helpers import make_run, phantom_volume, tiny_plans, write_image
-from ReCoKDLib.bundle import export_run, load_bundle
+from ReCoKDLib.deployment.bundle import export_run, load_bundle
 from ReCoKDLib.cli import main
 from ReCoKDLib.errors import ReCoKDError
 from ReCoKDLib.evaluation import score_case
-from ReCoKDLib.model_registry import default_cache_dir, fetch_model, load_registry, make_entry, resolve_model, validate_registry
+from ReCoKDLib.deployment.registry import default_cache_dir, fetch_model, load_registry, make_entry, resolve_model, validate_registry
 from ReCoKDLib.resources import load_schema
 
 NAMES = ["background", "organ", "kidney"]
@@ -149,7 +149,7 @@ def test_benchmark_smoke(tmp_path, capsys):
 
 
 def test_benchmark_arguments_are_checked(capsys):
-    from ReCoKDLib.evaluation.benchmark import parse_models
+    from ReCoKDLib.benchmarks.inference import parse_models
 
     assert parse_models(["a=x.recokd", "b=runs/b"]) == {"a": "x.recokd", "b": "runs/b"}
     with pytest.raises(ReCoKDError, match="NAME=PATH"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bundle_helpers import make_run, phantom_volume
-from ReCoKDLib.bundle import load_bundle
+from ReCoKDLib.deployment.bundle import load_bundle
 from ReCoKDLib.cli import main
 from ReCoKDLib.inference.predictor import Predictor
 

@@ -117,7 +117,7 @@ def test_catalog_schema_rejects_bad_entries():
 
 
 def test_registry_files_shipped_with_the_library_validate():
-    from ReCoKDLib.model_registry import validate_registry
+    from ReCoKDLib.deployment.registry import validate_registry
     from ReCoKDLib.resources import load_schema
 
     for name in ("registry", "bundle"):

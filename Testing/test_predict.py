@@ -10,7 +10,7 @@ import torch
 import ReCoKDLib.inference.predictor as predictor_module
 from bundle_helpers import ThresholdNet, make_run, phantom_volume, threshold_bundle, tiny_network, tiny_plans, write_image
 from ReCoKDLib.models import build_unet, isotropic_spec
-from ReCoKDLib.bundle import export_run
+from ReCoKDLib.deployment.bundle import export_run
 from ReCoKDLib.cli import main
 from ReCoKDLib.errors import ReCoKDError
 from ReCoKDLib.inference.predictor import Predictor, group_cases, orientation_to
@@ -195,7 +195,7 @@ def test_mirror_tta_runs_every_flip():
 
 
 def test_weights_that_do_not_fit_are_refused(tmp_path):
-    from ReCoKDLib.bundle import bundle_from_network, load_bundle
+    from ReCoKDLib.deployment.bundle import bundle_from_network, load_bundle
 
     plans = tiny_plans()
     good = bundle_from_network(tiny_network(plans), plans, "good")

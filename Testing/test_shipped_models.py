@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ReCoKDLib.bundle import load_bundle
-from ReCoKDLib.model_registry import builtin_registry_path, fetch_model, load_registry, sha256_file, validate_registry
+from ReCoKDLib.deployment.bundle import load_bundle
+from ReCoKDLib.deployment.registry import builtin_registry_path, fetch_model, load_registry, sha256_file, validate_registry
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "ReCoKDLib" / "resources" / "models"

@@ -3,7 +3,7 @@
 No Qt here: the Widget is covered by static checks (the .ui file has every widget the code uses, the
 parameter-node bindings name real fields, the file compiles); the Slicer-application self-test
 (``ReCoKDTest``) must at least compile. The segment path runs for real: volume node -> temporary
-NRRD -> ``python -m ReCoKDLib.slicer_bridge`` in a background process -> segmentation node.
+NRRD -> ``python -m ReCoKDLib.inference.slicer_bridge`` in a background process -> segmentation node.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ sys.path.insert(0, str(MODULE_DIR))
 
 import ReCoKD as module  # noqa: E402
 from bundle_helpers import tiny_network, tiny_plans  # noqa: E402
-from ReCoKDLib.bundle import bundle_from_network  # noqa: E402
+from ReCoKDLib.deployment.bundle import bundle_from_network  # noqa: E402
 from ReCoKDLib.inference.predictor import Predictor  # noqa: E402
 from ReCoKDSlicer import jobs  # noqa: E402
 
@@ -232,11 +232,11 @@ def test_bad_registry_entry_is_skipped_with_a_warning(env, tmp_path):
 
 
 def _fake_python(tmp_path: Path) -> Path:
-    """A stand-in for Slicer's python: `-m ReCoKDLib.slicer_bridge cli distill|export ...` without torch."""
+    """A stand-in for Slicer's python: `-m ReCoKDLib.cli distill|train|export ...` without torch."""
     script = tmp_path / "fakepython"
     script.write_text(f"""#!{sys.executable}
 import sys, pathlib, time
-args = sys.argv[sys.argv.index("cli") + 1:]
+args = sys.argv[sys.argv.index("ReCoKDLib.cli") + 1:]
 out = pathlib.Path(args[args.index("-o") + 1])
 if args[0] == "export":
     out.write_bytes(b"bundle")
@@ -333,7 +333,7 @@ def test_module_files_compile_and_selftest_exists(tmp_path):
 
 
 def test_bridge_reports_errors_in_one_line(tmp_path, capsys):
-    from ReCoKDLib import slicer_bridge
+    from ReCoKDLib.inference import slicer_bridge
 
     code = slicer_bridge.main(["segment", "--model", str(tmp_path / "nope.recokd"), "--inputs", str(tmp_path / "a.nrrd"),
                                "--output", str(tmp_path / "out.nrrd")])

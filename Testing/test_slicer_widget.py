@@ -80,7 +80,7 @@ def _new_widget(module):
 
 
 def _tiny_bundle(folder: Path) -> Path:
-    from ReCoKDLib.bundle import bundle_from_network
+    from ReCoKDLib.deployment.bundle import bundle_from_network
 
     plans = tiny_plans(num_classes=3, spacing=(1.0, 1.0, 1.0))
     terms = {"organ": {"category": ["SCT", "85756007", "Tissue"], "type": ["SCT", "113343008", "Organ"]}}

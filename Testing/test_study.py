@@ -14,7 +14,7 @@ import pytest
 from ReCoKDLib.cli import main
 from ReCoKDLib.data.phantom import generate_dataset, save_dataset_nnunet
 from ReCoKDLib.errors import ReCoKDError
-from ReCoKDLib.evaluation.study import cv_folds, load_config, plan_jobs, run_study
+from ReCoKDLib.workflows.study import cv_folds, load_config, plan_jobs, run_study
 
 
 def _dataset(folder: Path) -> Path:
@@ -156,7 +156,7 @@ def test_rerun_skips_finished_jobs_and_redoes_changed_ones(study, capsys):
 def test_a_job_already_running_elsewhere_is_refused(study):
     import fcntl
 
-    from ReCoKDLib.evaluation.study import execute_job
+    from ReCoKDLib.workflows.study import execute_job
 
     config, out, jobs, _, _ = study
     job = next(j for j in jobs if j.name == "ph/recokd_s0")

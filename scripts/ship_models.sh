@@ -71,8 +71,8 @@ import json
 import sys
 from pathlib import Path
 
-from ReCoKDLib.bundle import load_bundle
-from ReCoKDLib.model_registry import make_entry, validate_registry
+from ReCoKDLib.deployment.bundle import load_bundle
+from ReCoKDLib.deployment.registry import make_entry, validate_registry
 
 out = Path(sys.argv[1])
 models = []

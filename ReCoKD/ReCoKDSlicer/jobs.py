@@ -7,7 +7,7 @@ process's stdout and stderr lines into a queue; :meth:`BackgroundJob.poll` drain
 caller's thread (Slicer's GUI calls it from a ``QTimer``), so nothing ever blocks the GUI and no MRML
 node is touched off the main thread.
 
-stdout lines follow the protocol of :mod:`ReCoKDLib.slicer_bridge` (``PROGRESS``, ``DEVICE``,
+stdout lines follow the protocol of :mod:`ReCoKDLib.inference.slicer_bridge` (``PROGRESS``, ``DEVICE``,
 ``MODEL``, ``LOG``, ``DONE``, ``ERROR``); any other line is kept as log text.
 """
 

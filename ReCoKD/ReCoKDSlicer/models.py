@@ -5,7 +5,7 @@ Robustness rules (what users of other segmentation extensions complain about):
 - a registry whose file is unreadable, or one entry that is malformed, never breaks the module: the
   entry (or file) is skipped with a warning and the rest is listed;
 - registry models are fetched once into the per-user cache (outside Slicer's version folders, see
-  :func:`ReCoKDLib.model_registry.default_cache_dir`) and verified by sha256; the cache is listed too;
+  :func:`ReCoKDLib.deployment.registry.default_cache_dir`) and verified by sha256; the cache is listed too;
 - reading a bundle's labels and channels needs no torch (the manifest is plain JSON), so the model
   list works before the heavy dependencies are installed.
 """
@@ -73,7 +73,7 @@ class BundleInfo:
 def defaultModelsFolder() -> Path:
     """The per-user model folder (``$RECOKD_HOME/models`` or the platform cache, see ReCoKDLib)."""
     try:
-        from ReCoKDLib.model_registry import default_cache_dir
+        from ReCoKDLib.deployment.registry import default_cache_dir
 
         return default_cache_dir()
     except ImportError:  # pragma: no cover - ReCoKDLib ships with the module
@@ -88,7 +88,7 @@ def defaultRunsFolder() -> Path:
 def builtinRegistry() -> Path | None:
     """The model registry shipped with ReCoKDLib (its models work offline), or None when absent."""
     try:
-        from ReCoKDLib.model_registry import builtin_registry_path
+        from ReCoKDLib.deployment.registry import builtin_registry_path
 
         return builtin_registry_path()
     except ImportError:  # pragma: no cover - ReCoKDLib ships with the module
@@ -238,7 +238,7 @@ def readBundleInfo(path: str | Path) -> BundleInfo:
     defaults: dict = {}
     if any(k not in colors_in for k in labels):  # only run folders lack colours; bundles always have them
         try:
-            from ReCoKDLib.bundle import default_colors  # imports torch: avoided for bundles
+            from ReCoKDLib.deployment.bundle import default_colors  # imports torch: avoided for bundles
 
             defaults = default_colors(labels)
         except Exception:  # noqa: BLE001 - torch missing: grey

@@ -10,7 +10,7 @@ from ..errors import ReCoKDError
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation.benchmark import benchmark_chart, benchmark_table, parse_models, results_json, run_benchmark
+    from ..benchmarks.inference import benchmark_chart, benchmark_table, parse_models, results_json, run_benchmark
 
     config = {}
     if args.config:

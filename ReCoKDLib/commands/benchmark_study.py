@@ -7,7 +7,7 @@ import argparse
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation.study import build_report, load_config, plan_jobs, run_study
+    from ..workflows.study import build_report, load_config, plan_jobs, run_study
 
     config = load_config(args.config)
     if args.list:

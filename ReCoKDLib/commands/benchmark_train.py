@@ -9,14 +9,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..models.unet import isotropic_spec
-    from ..training.benchmark import DEFAULT_METHODS, benchmark_training, format_table
+    from ..benchmarks.training import DEFAULT_METHODS, benchmark_training, format_table
     from ..utils.runtime import configure_cpu, resolve_device
 
     configure_cpu(args.threads)
     device = resolve_device(args.device)
     if args.dataset:
         from ..data.datasets import open_dataset
-        from ..training.runs import PlannerOptions, prepare_plans
+        from ..workflows.runs import PlannerOptions, prepare_plans
 
         plans, _, _ = prepare_plans(open_dataset(args.dataset), args.cache, PlannerOptions(), progress=False,
                                       preprocess=False)

@@ -6,7 +6,7 @@ import argparse
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import DemoConfig, run_demo
+    from ..workflows.demo import DemoConfig, run_demo
 
     make = DemoConfig.quick if args.quick else DemoConfig
     overrides = {k: v for k, v in vars(args).items() if k in DemoConfig.__dataclass_fields__ and v is not None}

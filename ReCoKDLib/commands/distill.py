@@ -8,7 +8,7 @@ from .train import add_run_arguments
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training.runs import run_training
+    from ..workflows.runs import run_training
     from ..training.splits import parse_fold
 
     if not args.resume and not args.teacher:

@@ -8,7 +8,7 @@ from ..errors import ReCoKDError
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from ..bundle import bundle_from_run
+    from ..deployment.bundle import bundle_from_run
     from ..inference.export import export_bundle, sidecar_path
 
     reference = None
@@ -42,7 +42,7 @@ def _read_json_option(path, option: str):
 
 
 def run_export_model(args: argparse.Namespace) -> int:
-    from ..bundle import load_bundle
+    from ..deployment.bundle import load_bundle
     from ..inference.export import export_bundle
 
     bundle = load_bundle(args.bundle)
@@ -51,7 +51,7 @@ def run_export_model(args: argparse.Namespace) -> int:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    from ..model_registry import fetch_model, load_registry
+    from ..deployment.registry import fetch_model, load_registry
 
     reg = load_registry(args.registry)
     if args.list:

@@ -7,7 +7,7 @@ import argparse
 
 def run(args: argparse.Namespace) -> int:
     from ..data.datasets import open_dataset
-    from ..training.runs import PlannerOptions, plan_summary, prepare_plans
+    from ..workflows.runs import PlannerOptions, plan_summary, prepare_plans
 
     dataset = open_dataset(args.dataset)
     planner = PlannerOptions(args.patch_budget, args.max_levels, args.base_filters, args.max_filters)

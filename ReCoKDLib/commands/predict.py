@@ -12,7 +12,7 @@ from ..errors import ReCoKDError
 def run(args: argparse.Namespace) -> int:
     from ..data.datasets import split_file_ending
     from ..inference.predictor import TWO_FILE_ENDINGS, Predictor, group_cases
-    from ..model_registry import resolve_model
+    from ..deployment.registry import resolve_model
 
     model = resolve_model(args.model, registry=args.registry)
     predictor = Predictor(model, device=args.device, overlap=args.overlap, sw_batch_size=args.sw_batch,

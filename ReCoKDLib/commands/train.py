@@ -47,7 +47,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training.runs import run_training
+    from ..workflows.runs import run_training
     from ..training.splits import parse_fold
 
     args.fold = parse_fold(args.fold)

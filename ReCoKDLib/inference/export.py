@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..bundle import Bundle
+from ..deployment.bundle import Bundle
 from ..errors import ReCoKDError
 from ..utils.io import atomic_write
 

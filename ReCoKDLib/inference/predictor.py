@@ -38,7 +38,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from ..bundle import Bundle, open_model
+from ..deployment.bundle import Bundle, open_model
 from ..data.datasets import LoadedCase, read_image, split_file_ending
 from ..data.preprocessing import preprocess_case, restore_label
 from ..errors import ReCoKDError
@@ -228,7 +228,7 @@ class Predictor:
     """Segment images with a model bundle.
 
     Args:
-        model: a :class:`~ReCoKDLib.bundle.Bundle`, a ``.recokd`` file / bundle folder, or a run folder.
+        model: a :class:`~ReCoKDLib.deployment.bundle.Bundle`, a ``.recokd`` file / bundle folder, or a run folder.
         device: ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``.
         overlap: sliding-window overlap (0..1).
         sw_batch_size: windows per forward pass.

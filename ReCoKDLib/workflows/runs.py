@@ -32,8 +32,8 @@ from ..losses.registry import KD_METHODS, resolve_method
 from ..models.unet import UNetSpec, build_unet, dynunet_tap_names
 from ..models.weights import load_weights
 from ..utils.runtime import configure_cpu, resolve_device
-from .loop import DistillTrainModule, EpochTrainer, RunConfig, SegTrainModule, ValCase
-from .splits import fixed_split, kfold_split
+from ..training.loop import DistillTrainModule, EpochTrainer, RunConfig, SegTrainModule, ValCase
+from ..training.splits import fixed_split, kfold_split
 
 RUN_VERSION = 1
 TEMPERATURE_TERMS = ("msard", "logit_kd", "cwd")

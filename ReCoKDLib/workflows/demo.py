@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.phantom import PHANTOM_COLORS, PHANTOM_LABELS, generate_dataset
-from .distill import Distiller
-from .errors import ReCoKDError
-from .inference import predict_labels
-from .models import build_pair, save_weights, count_parameters, dynunet_tap_names, isotropic_spec
-from .training import Case, DistillationTrainer, TrainConfig, Trainer, dice_per_class
-from .utils.runtime import configure_cpu, resolve_device
-from .utils.io import atomic_write_text
+from ..data.phantom import PHANTOM_COLORS, PHANTOM_LABELS, generate_dataset
+from ..distill import Distiller
+from ..errors import ReCoKDError
+from ..inference import predict_labels
+from ..models import build_pair, save_weights, count_parameters, dynunet_tap_names, isotropic_spec
+from ..training import Case, DistillationTrainer, TrainConfig, Trainer, dice_per_class
+from ..utils.runtime import configure_cpu, resolve_device
+from ..utils.io import atomic_write_text
 
 
 @dataclass

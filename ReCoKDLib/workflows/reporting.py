@@ -28,7 +28,7 @@ def demo_figure(path: Path, cases, predictions: dict, results, label_names: list
     Args:
         cases: test cases (``.image`` (C, D, H, W), ``.label`` (D, H, W)).
         predictions: model name → list of predicted label maps (D, H, W), one per case.
-        results: :class:`~ReCoKDLib.demo.ModelResult` list with ``history`` and ``dice``.
+        results: :class:`~ReCoKDLib.workflows.demo.ModelResult` list with ``history`` and ``dice``.
     """
     import matplotlib
 

@@ -308,7 +308,7 @@ def plan_jobs(config: StudyConfig, out: str | Path) -> list[Job]:
 # running
 
 
-def _case_files(dataset_path: str, cases: str | Sequence[str]):
+def case_files(dataset_path: str, cases: str | Sequence[str]):
     from ..data.datasets import open_dataset
 
     dataset = open_dataset(dataset_path)
@@ -322,16 +322,16 @@ def evaluate_run(run_dir: str | Path, dataset_path: str, cases: str | Sequence[s
                  threads: int | None = None, tolerance_mm: float = 2.0) -> dict[str, Any]:
     """Score a run's weights on ``cases`` ("test" or held-out training case ids) of a dataset with the
     user-facing predictor: per-case and mean Dice, HD95 and NSD per class."""
-    from ..bundle import bundle_from_run
+    from ..deployment.bundle import bundle_from_run
     from ..data.datasets import read_image
     from ..inference.predictor import Predictor
-    from .metrics import score_case, summarise
+    from ..evaluation.metrics import score_case, summarise
 
     import SimpleITK as sitk
 
     bundle = bundle_from_run(run_dir, weights=weights)
     predictor = Predictor(bundle, device="auto", progress=False, threads=threads)
-    _, records = _case_files(dataset_path, cases)
+    _, records = case_files(dataset_path, cases)
     scores, per_case = [], []
     tick = time.perf_counter()
     for r in records:
@@ -374,9 +374,8 @@ def _lock(path: Path):
 
 
 def execute_job(job_file: str | Path) -> int:
-    """Run one job described by a JSON file (the study's subprocess entry point)."""
-    from ..cli import main as cli_main
-
+    """Run one job described by a JSON file (the study's subprocess entry point); ``recokd`` itself runs
+    as a child process (``python -m ReCoKDLib.cli``), so the study never imports the command line."""
     job = json.loads(Path(job_file).read_text())
     kind, folder, spec = job["kind"], Path(job["folder"]), job["spec"]
     folder.mkdir(parents=True, exist_ok=True)
@@ -385,7 +384,7 @@ def execute_job(job_file: str | Path) -> int:
         raise ReCoKDError(f"{job['name']} is already running in another process (lock {folder / '.job.lock'}); "
                           "wait for it or stop it first")
     if kind in ("plan", "train"):
-        rc = cli_main(list(spec["argv"]))
+        rc = subprocess.run([sys.executable, "-m", "ReCoKDLib.cli", *map(str, spec["argv"])]).returncode
         if rc:
             return rc
     if kind == "plan":
@@ -406,9 +405,9 @@ def execute_job(job_file: str | Path) -> int:
 def _latency(folder: Path, spec: dict[str, Any]) -> None:
     import tempfile
 
-    from .benchmark import results_json, run_benchmark
+    from ..benchmarks.inference import results_json, run_benchmark
 
-    dataset, records = _case_files(spec["dataset"], spec["cases"])
+    dataset, records = case_files(spec["dataset"], spec["cases"])
     records = list(records)[: spec["max_cases"]]
     with tempfile.TemporaryDirectory() as tmp:  # run_benchmark reads folders: link the chosen cases
         imgs, labs = Path(tmp) / "images", Path(tmp) / "labels"
@@ -482,7 +481,7 @@ def run_study(
                                                         "spec": j.spec, "digest": j.digest,
                                                         "threads": config.threads_per_job}, indent=1) + "\n")
                 log_file = open(out / "logs" / (j.name.replace("/", "__") + ".log"), "a")
-                proc = subprocess.Popen([sys.executable, "-m", "ReCoKDLib.evaluation.study", str(job_file)],
+                proc = subprocess.Popen([sys.executable, "-m", "ReCoKDLib.workflows.study", str(job_file)],
                                         stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
                 log_file.close()
                 running[j.name] = (j, proc, time.perf_counter())

@@ -1,7 +1,7 @@
 """The process 3D Slicer's ReCoKD module launches: machine-readable progress on stdout.
 
 The Slicer module never runs the network in Slicer's own process (that would freeze the GUI and
-could not be cancelled). It starts ``<Slicer's python> -m ReCoKDLib.slicer_bridge ...`` in a new
+could not be cancelled). It starts ``<Slicer's python> -m ReCoKDLib.inference.slicer_bridge ...`` in a new
 process group and reads its standard output, one message per line::
 
     DEVICE cpu                     the device actually used
@@ -17,11 +17,10 @@ Sub-commands:
     Segment one case with :class:`~ReCoKDLib.inference.predictor.Predictor`. Instead of ``--model``
     a registry entry can be given (``--registry-entry JSON --registry-base DIR``): it is fetched into
     the model cache first (verified by sha256, never downloaded twice).
-``cli ARGS...``
-    Run the ``recokd`` command line (``train``, ``distill``, ``export``, ...) with ``ARGS``; Slicer
-    has no ``recokd`` script on its PATH, so this is how the module launches training.
+Training and export are plain ``<python> -m ReCoKDLib.cli ...`` processes (Slicer has no ``recokd``
+script on its PATH); only segmentation needs this protocol.
 
-It is also usable by hand: ``python -m ReCoKDLib.slicer_bridge segment --model m.recokd --inputs ct.nrrd --output seg.nrrd``.
+It is also usable by hand: ``python -m ReCoKDLib.inference.slicer_bridge segment --model m.recokd --inputs ct.nrrd --output seg.nrrd``.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .errors import ReCoKDError
+from ..errors import ReCoKDError
 
 __all__ = ["main", "emit"]
 
@@ -45,8 +44,8 @@ def emit(kind: str, text: object = "") -> None:
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from .inference.predictor import Predictor
-    from .model_registry import RegistryEntry, fetch_model
+    from .predictor import Predictor
+    from ..deployment.registry import RegistryEntry, fetch_model
 
     start = time.perf_counter()
     if args.registry_entry:
@@ -79,17 +78,8 @@ def _segment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cli(args: argparse.Namespace) -> int:
-    from .cli import main as cli_main
-
-    argv = list(args.args)
-    if argv and argv[0] == "--":
-        argv = argv[1:]
-    return int(cli_main(argv) or 0)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ReCoKDLib.slicer_bridge",
+    parser = argparse.ArgumentParser(prog="python -m ReCoKDLib.inference.slicer_bridge",
                                      description="Background worker of the 3D Slicer ReCoKD module.")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("segment", help="segment one case, printing PROGRESS lines")
@@ -103,9 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, help="CPU threads")
     s.add_argument("--debug-delay", dest="debug_delay", type=float, default=0.0, help=argparse.SUPPRESS)
     s.set_defaults(func=_segment)
-    c = sub.add_parser("cli", help="run the recokd command line with the remaining arguments")
-    c.add_argument("args", nargs=argparse.REMAINDER)
-    c.set_defaults(func=_cli)
     return parser
 
 

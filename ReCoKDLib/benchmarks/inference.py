@@ -28,12 +28,12 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..bundle import Bundle, open_model
+from ..deployment.bundle import Bundle, open_model
 from ..errors import ReCoKDError
 from ..inference.predictor import Predictor, group_cases
 from ..models import count_parameters
 from ..utils.io import json_safe
-from .metrics import score_case, summarise
+from ..evaluation.metrics import score_case, summarise
 
 __all__ = ["ModelResult", "count_flops", "run_benchmark", "benchmark_table", "benchmark_chart", "parse_models"]
 

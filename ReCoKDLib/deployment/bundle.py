@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
-from . import __version__
-from .data.planning import Plans
-from .errors import ReCoKDError
-from .models import SegUNet, UNetSpec, build_unet, load_weights, save_weights
+from .. import __version__
+from ..data.planning import Plans
+from ..errors import ReCoKDError
+from ..models import SegUNet, UNetSpec, build_unet, load_weights, save_weights
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -86,7 +86,7 @@ def _sha256(data: bytes) -> str:
 def default_colors(labels: Mapping[str, int]) -> dict[str, list[float]]:
     """Colours for ``labels``: the phantom's palette when the names are the phantom's, else a fixed
     palette in label-value order (background black)."""
-    from .data.phantom import PHANTOM_COLORS
+    from ..data.phantom import PHANTOM_COLORS
 
     if set(labels) <= set(PHANTOM_COLORS):
         return {name: [float(c) for c in PHANTOM_COLORS[name]] for name in labels}
@@ -105,7 +105,7 @@ def validate_manifest(manifest: Any, source: str = "bundle") -> None:
     """Check a manifest's format, version and schema; raise a one-line :class:`ReCoKDError`."""
     import jsonschema
 
-    from .resources import load_schema
+    from ..resources import load_schema
 
     if not isinstance(manifest, dict):
         raise ReCoKDError(f"{source}: {MANIFEST} is not a JSON object; re-export the model with recokd export")
@@ -428,7 +428,7 @@ def _reference_direction_of_run(run: dict[str, Any]) -> list[float] | None:
     if not dataset:
         return None
     try:
-        from .data.datasets import open_dataset, read_header
+        from ..data.datasets import open_dataset, read_header
 
         info = open_dataset(dataset)
         if not info.training:

@@ -1,4 +1,4 @@
-"""The report of a distillation study (:mod:`ReCoKDLib.evaluation.study`): tables, figures and a JSON
+"""The report of a distillation study (:mod:`ReCoKDLib.workflows.study`): tables, figures and a JSON
 of every aggregate, rebuilt from the runs' ``eval.json`` files and the latency benchmarks.
 
 Aggregation: a run's score is the mean over its evaluation cases (per class; ``mean`` = mean over
@@ -226,7 +226,7 @@ def _slice_panel(dname: str, data: dict, names: dict[str, str], jobs, cases_of) 
     the reference's foreground is largest."""
     import SimpleITK as sitk
 
-    from ..bundle import bundle_from_run
+    from ..deployment.bundle import bundle_from_run
     from ..data.datasets import read_image
     from ..inference.predictor import Predictor
 
@@ -267,7 +267,7 @@ def _slice_panel(dname: str, data: dict, names: dict[str, str], jobs, cases_of) 
 
 def build_report(config, out: str | Path, log: Callable[[str], None] = print, figures: bool = True) -> Path:
     """Write ``report.md``, ``results.json`` and the figures of a study into ``out``."""
-    from .study import _case_files, plan_jobs
+    from .study import case_files, plan_jobs
 
     out = Path(out).resolve()
     jobs = plan_jobs(config, out)
@@ -299,7 +299,7 @@ def build_report(config, out: str | Path, log: Callable[[str], None] = print, fi
                 parts.append(f"![{dname} Dice]({chart.name})\n")
             try:
                 panel = _slice_panel(dname, data, {"teacher": "teacher", "no-KD": "none", "ReCo-KD": "recokd"}, jobs,
-                                     _case_files)
+                                     case_files)
             except Exception as exc:  # a figure must not lose the tables
                 log(f"contour figure for {dname} skipped: {exc}")
                 panel = None

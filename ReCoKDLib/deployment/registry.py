@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import ReCoKDError
+from ..errors import ReCoKDError
 
 __all__ = ["RegistryEntry", "Registry", "default_cache_dir", "load_registry", "validate_registry",
            "fetch_model", "resolve_model", "sha256_file", "make_entry"]
@@ -87,7 +87,7 @@ def validate_registry(data: Any, source: str = "registry") -> None:
     """Validate a registry document against the schema; raise a one-line :class:`ReCoKDError`."""
     import jsonschema
 
-    from .resources import load_schema
+    from ..resources import load_schema
 
     validator = jsonschema.Draft202012Validator(load_schema("registry"))
     errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
@@ -191,7 +191,7 @@ def fetch_model(
 
 def builtin_registry_path() -> Path | None:
     """The registry shipped inside ReCoKDLib (``resources/models/registry.json``): models that work offline."""
-    path = Path(__file__).resolve().parent / "resources" / "models" / "registry.json"
+    path = Path(__file__).resolve().parents[1] / "resources" / "models" / "registry.json"
     return path if path.is_file() else None
 
 
