@@ -18,15 +18,10 @@ Console example::
     seg = logic.segment([slicer.util.getNode("MRHead")], "/path/model.recokd", device="auto", fast=True)
 """
 
-import csv
-import importlib.util
-import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
-import time
 import unittest
 from pathlib import Path
 from typing import Annotated
@@ -86,78 +81,25 @@ if str(_MODULE_DIR) not in sys.path:
     sys.path.insert(0, str(_MODULE_DIR))
 
 
-def _findLibrary() -> str:
-    """Make ``import ReCoKDLib`` work from a build tree (copied into the module folder) and from a source
-    checkout (the repository root beside ``ReCoKD/``, all that Extension Wizard → *Select Extension* adds).
+from ReCoKDSlicer import library  # noqa: E402
 
-    Returns "" when it imports, else one line for the panel (never raises: the module must still load).
-    """
-    if importlib.util.find_spec("ReCoKDLib") is None:
-        for root in (_MODULE_DIR, _MODULE_DIR.parent):
-            if (root / "ReCoKDLib" / "__init__.py").is_file():
-                sys.path.insert(0, str(root))
-                break
-    try:
-        import ReCoKDLib  # noqa: F401 - light: the package imports no torch
-    except Exception as exc:  # noqa: BLE001 - any failure becomes one message in the panel
-        return (f"ReCoKD cannot load its library ReCoKDLib ({type(exc).__name__}: {exc}); reinstall the extension, or "
-                "in the Extension Wizard select the repository's root folder (the one holding ReCoKD/ and ReCoKDLib/)")
-    return ""
+LIBRARY_ERROR = library.locate(_MODULE_DIR)  # "" when ReCoKDLib imports; else shown in the panel
 
-
-LIBRARY_ERROR = _findLibrary()
-
-from ReCoKDSlicer import geometry, models, terminology  # noqa: E402
-from ReCoKDSlicer.jobs import CANCELLED, FAILED, RUNNING, SUCCEEDED, BackgroundJob  # noqa: E402
+from ReCoKDSlicer import logic as _logic  # noqa: E402
+from ReCoKDSlicer import models  # noqa: E402
+from ReCoKDSlicer.jobs import FAILED, RUNNING  # noqa: E402
+from ReCoKDSlicer.logic import (  # noqa: E402,F401 - the module's public names, as before the split
+    DEVICES,
+    KD_METHODS,
+    SAMPLE_MODEL,
+    SAMPLE_NAME,
+    ReCoKDError,
+    SegmentationTask,
+    TrainingTask,
+    samplePhantomPath,
+)
 
 log = logging.getLogger("ReCoKD")
-
-# the choices of `recokd distill --method` (kept in sync by Testing/test_slicer_module.py; no torch import here)
-KD_METHODS = ("recokd", "recokd-gc", "none", "msard", "msca", "logit", "fitnet", "cwd", "skd")
-DEVICES = ("auto", "cpu", "cuda")
-MAX_CHANNELS = 4
-SAMPLE_NAME = "ReCoKDPhantom"
-SAMPLE_MODEL = "phantom-abdomen"
-
-
-class ReCoKDError(RuntimeError):
-    """A one-line message for the user (wrong inputs, failed or cancelled job)."""
-
-
-def _requireLibrary() -> None:
-    if LIBRARY_ERROR:
-        raise ReCoKDError(LIBRARY_ERROR)
-
-
-def _libraryRoot() -> Path:
-    """The folder that holds the ``ReCoKDLib`` package (the module folder once built, the checkout otherwise)."""
-    _requireLibrary()
-    spec = importlib.util.find_spec("ReCoKDLib")
-    return Path(spec.origin).resolve().parent.parent
-
-
-def pythonExecutable() -> str:
-    """The Python that runs background jobs: Slicer's ``PythonSlicer`` inside Slicer, else this interpreter."""
-    if HAVE_SLICER_GUI:
-        found = shutil.which("PythonSlicer")
-        if found:
-            return found
-    return sys.executable
-
-
-def _jobEnvironment() -> dict:
-    env = dict(os.environ)
-    root = str(_libraryRoot())
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("PYTHONIOENCODING", "utf-8")
-    return env
-
-
-def _processEvents() -> None:
-    """Keep Slicer's GUI alive while the console waits for a job (no-op without Qt)."""
-    if HAVE_SLICER_GUI and getattr(slicer, "app", None) is not None:
-        slicer.app.processEvents()
 
 
 #
@@ -187,18 +129,9 @@ class ReCoKD(ScriptedLoadableModule):
             slicer.app.connect("startupCompleted()", registerSampleData)
 
 
-def samplePhantomPath(folder=None) -> Path:
-    """The sample volume (the built-in phantom, held-out seed), written on first use; returns its path."""
-    _requireLibrary()
-    from ReCoKDLib.data.phantom import write_sample_volume
-
-    folder = Path(folder) if folder else models.defaultModelsFolder().parent / "samples"
-    return write_sample_volume(folder / f"{SAMPLE_NAME}.nrrd")
-
-
 def registerSampleData() -> None:
     """Add *ReCoKD phantom* to the Sample Data module (the volume is generated locally, nothing is downloaded)."""
-    if LIBRARY_ERROR:
+    if library.error():
         return
     try:
         import SampleData
@@ -287,653 +220,22 @@ else:
 
 
 #
-# Logic
+# Logic: the Qt-free ReCoKDSlicer.logic, plus the module's parameter node
 #
 
 
-class SegmentationTask:
-    """A running segmentation: the background job plus what is needed to build the result node."""
-
-    def __init__(self, logic, job, volumeNodes, info, modelName, tmpdir, output, onFinished=None):
-        self.logic = logic
-        self.job = job
-        self.volumeNodes = volumeNodes
-        self.info = info
-        self.modelName = modelName
-        self.tmpdir = tmpdir
-        self.output = output
-        self.onFinished = onFinished
-        self.segmentationNode = None
-        self.message = ""
-
-    @property
-    def state(self) -> str:
-        return self.job.state
-
-    @property
-    def progress(self) -> float:
-        return self.job.progress
-
-    def poll(self) -> str:
-        """Advance (never blocks); on success builds the segmentation node (call from the main thread)."""
-        if self.job.finished:
-            return self.job.state
-        state = self.job.poll()
-        if state == SUCCEEDED:
-            try:
-                self.segmentationNode = self.logic._createSegmentationNode(self)
-                self.message = (f"'{self.segmentationNode.GetName()}' done in {self.job.elapsed:.1f} s "
-                                f"on {self.job.device or 'unknown device'}")
-                self.segmentationNode.SetAttribute("ReCoKD.device", self.job.device or "")
-                self.segmentationNode.SetAttribute("ReCoKD.seconds", f"{self.job.elapsed:.2f}")
-                self.segmentationNode.SetAttribute("ReCoKD.model", self.modelName)
-            except Exception as exc:  # noqa: BLE001 - the scene is left as it was
-                if self.segmentationNode is not None:
-                    self.logic.scene.RemoveNode(self.segmentationNode)
-                    self.segmentationNode = None
-                self.job.state = FAILED
-                self.job.error = f"could not load the result: {exc}"
-        if self.job.finished:
-            if self.job.state != SUCCEEDED:
-                self.message = self._userMessage(self.job.error)
-            self.logic.lastMessage = self.message
-            self._cleanup()
-            if self.onFinished is not None:
-                self.onFinished(self)
-        return self.job.state
-
-    def _userMessage(self, text: str) -> str:
-        """The job speaks of its temporary input files; the user knows the volumes."""
-        for i, node in enumerate(self.volumeNodes):
-            text = text.replace(str(Path(self.tmpdir) / f"input_{i:04d}.nrrd"), f"volume '{node.GetName()}'")
-        return text
-
-    def cancel(self) -> None:
-        if self.job.finished:
-            return
-        self.job.cancel()
-        self.message = self.logic.lastMessage = "segmentation cancelled; nothing was added to the scene"
-        self._cleanup()
-        if self.onFinished is not None:
-            self.onFinished(self)
-
-    def _cleanup(self) -> None:
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
-        if self.logic.segmentationTask is self:
-            self.logic.segmentationTask = None
-
-
-class TrainingTask:
-    """A running ``recokd train`` / ``distill``: progress from the run folder's ``log.csv``, then export.
-
-    ``followUp(task)``, when set, starts the next step (the distillation after a teacher trained first)
-    and returns its task; :attr:`ReCoKDLogic.trainingTask` then points at that step.
-    """
-
-    def __init__(self, logic, job, role, outputFolder, epochs, arguments, onFinished=None, followUp=None):
-        self.logic = logic
-        self.job = job
-        self.role = role
-        self.outputFolder = Path(outputFolder)
-        self.epochs = int(epochs)
-        self.arguments = list(arguments)  # the `recokd` arguments, for Resume
-        self.onFinished = onFinished
-        self.followUp = followUp
-        self.history: list[dict] = []
-        self.bundlePath = None  # Path of the exported student bundle
-        self.message = ""
-        self._exportJob = None
-
-    @property
-    def state(self) -> str:
-        if self._exportJob is not None and not self._exportJob.finished:
-            return RUNNING
-        return self.job.state
-
-    @property
-    def progress(self) -> float:
-        return min(len(self.history) / max(self.epochs, 1), 1.0)
-
-    def readHistory(self) -> list[dict]:
-        """The per-epoch rows (epoch, lr, loss_*, dice_*) written so far."""
-        path = self.outputFolder / "log.csv"
-        if path.is_file():
-            try:
-                with open(path, newline="", encoding="utf-8") as f:
-                    rows = list(csv.DictReader(f))
-                self.history = [{k: _number(v) for k, v in row.items()} for row in rows]
-            except (OSError, csv.Error):
-                pass
-        return self.history
-
-    def poll(self) -> str:
-        if self._exportJob is not None:
-            state = self._exportJob.poll()
-            if state != RUNNING:
-                self._finishExport()
-            return self.state
-        if self.job.finished:
-            return self.job.state
-        state = self.job.poll()
-        self.readHistory()
-        if state == SUCCEEDED and self.role == "student":
-            self._startExport()
-            return self.state
-        if state != RUNNING:
-            self._finish()
-        return self.state
-
-    def _finish(self) -> None:
-        if self.job.state == SUCCEEDED and self.followUp is not None:
-            try:
-                self.followUp(self)
-                return  # the next step reports when the whole chain ends
-            except ReCoKDError as exc:
-                self.job.state, self.job.error = FAILED, str(exc)
-        self.message = "training finished" if self.job.state == SUCCEEDED else self.job.error
-        if self.onFinished is not None:
-            self.onFinished(self)
-
-    def _startExport(self) -> None:
-        folder = Path(self.logic.modelsFolder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.bundlePath = folder / f"{self.outputFolder.name}.recokd"
-        command = [pythonExecutable(), "-m", "ReCoKDLib.cli", "export", str(self.outputFolder), "-o", str(self.bundlePath)]
-        self._exportJob = BackgroundJob(command, env=_jobEnvironment(), name="export",
-                                        onLine=self.logic.onTrainingLine).start()
-
-    def _finishExport(self) -> None:
-        if self._exportJob.state == SUCCEEDED:
-            self.message = f"training finished; student bundle {self.bundlePath} added to the model list"
-        else:
-            self.job.state = FAILED
-            self.job.error = self.message = f"training finished but the export failed: {self._exportJob.error}"
-            self.bundlePath = None
-        if self.onFinished is not None:
-            self.onFinished(self)
-
-    def stop(self) -> None:
-        """Stop now (the run keeps its last epoch checkpoint; :meth:`ReCoKDLogic.resumeTraining` continues it)."""
-        if self._exportJob is not None:
-            self._exportJob.cancel()
-        self.job.cancel()
-        self.message = "training stopped; Resume continues from the last finished epoch"
-
-
-def _number(text):
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return text
-
-
-class ReCoKDLogic(ScriptedLoadableModuleLogic):
-    """Segment volumes and train students; usable from the Python console and headless Slicer.
-
-    Args:
-        scene: the MRML scene (default ``slicer.mrmlScene``).
-        modelsFolder: where trained students are exported and bundles are found (default: ReCoKD's
-            per-user model folder, outside Slicer's version folders).
-        registries: model registry files to list (default: the registry shipped with ReCoKDLib, then
-            ``$RECOKD_REGISTRY`` when set).
-        runsFolder: where the Training panel writes runs when no output folder is chosen.
-    """
-
-    def __init__(self, scene=None, modelsFolder=None, registries=None, runsFolder=None):
-        ScriptedLoadableModuleLogic.__init__(self)
-        self.scene = scene if scene is not None else getattr(slicer, "mrmlScene", None)
-        self.modelsFolder = Path(modelsFolder) if modelsFolder else models.defaultModelsFolder()
-        self.runsFolder = Path(runsFolder) if runsFolder else models.defaultRunsFolder()
-        if registries is None:
-            registries = [r for r in (models.builtinRegistry(), os.environ.get("RECOKD_REGISTRY")) if r]
-        self.registries = [Path(r) for r in registries]
-        self.warnings: list[str] = []
-        self.lastMessage = ""  # the last segmentation's outcome: elapsed time and device, or the error
-        self.segmentationTask = None
-        self.trainingTask = None
-        self.onTrainingLine = None  # called with each output line of training jobs (the log pane)
-        self.extraTrainingArgs: list = []  # extra `recokd train/distill` options for runs started from the panel
-        self.extraTeacherArgs: list = []  # ... for the teacher only (e.g. planner options: --base-filters 16)
-        self.debugDelay = 0.0  # seconds per sliding window; test hook only
-        self.timeout = None  # seconds; wait=True cancels after it
-        self._plotNodes: dict = {}
+class ReCoKDLogic(_logic.ReCoKDLogic):
+    __doc__ = _logic.ReCoKDLogic.__doc__
 
     def getParameterNode(self):
+        """The module's parameter node, wrapped (None where Slicer's parameterNodeWrapper is absent)."""
         if ReCoKDParameterNode is None:
             return None
         return ReCoKDParameterNode(super().getParameterNode())
 
-    def _warn(self, message: str) -> None:
-        self.warnings.append(message)
-        log.warning(message)
 
-    # -- models -----------------------------------------------------------------------------------
-    def availableModels(self) -> list:
-        """Registry entries (bad ones skipped with a warning) and the bundles in the models folder."""
-        self.warnings = []
-        sources = []
-        for registry in self.registries:
-            sources += models.readRegistry(registry, warn=self._warn)
-        sources += models.scanModelsFolder(self.modelsFolder)
-        return sources
-
-    def _resolve(self, model):
-        """A :class:`~ReCoKDSlicer.models.ModelSource` for a path, a model name or a source."""
-        if isinstance(model, models.ModelSource):
-            return model
-        if not model:
-            raise ReCoKDError("select a model (or 'Load from file…')")
-        for source in self.availableModels():
-            if source.name == str(model):
-                return source
-        path = Path(str(model)).expanduser()
-        if path.exists():
-            return models.ModelSource(name=path.stem if path.is_file() else path.name, kind="file", path=str(path))
-        raise ReCoKDError(f"model {model} is neither a file nor a known model name; use 'Load from file…' or check the registry")
-
-    def modelInfo(self, model):
-        """Labels, colours, channel names and terminology of a model; None for a registry model that is
-        neither on this disk nor describes its channels in its entry."""
-        source = self._resolve(model)
-        path = models.localBundlePath(source)
-        if path is None:
-            return models.registryInfo(source)
-        try:
-            return models.readBundleInfo(path)
-        except ValueError as exc:
-            raise ReCoKDError(str(exc)) from None
-
-    # -- segmentation -----------------------------------------------------------------------------
-    def inputVolumes(self, parameterNode) -> list:
-        """The parameter node's input volumes, channel order, up to the model's number of channels."""
-        volumes = [parameterNode.inputVolume, parameterNode.inputVolume2, parameterNode.inputVolume3,
-                   parameterNode.inputVolume4]
-        count = 1
-        if parameterNode.model:
-            info = self.modelInfo(parameterNode.model)
-            count = info.numChannels if info is not None else 1
-        return [v for v in volumes[:count] if v is not None]
-
-    def segmentWithParameters(self, parameterNode, wait=False, progress=None, onFinished=None):
-        """:meth:`segment` with the inputs, model, device and *Fast* of the parameter node (the Segment button)."""
-        if not parameterNode.model:
-            raise ReCoKDError("select a model (or 'Load from file…')")
-        return self.segment(self.inputVolumes(parameterNode), parameterNode.model, device=parameterNode.device,
-                            fast=parameterNode.fast, wait=wait, progress=progress, onFinished=onFinished)
-
-    def segment(self, volumeNodes, model, device="auto", fast=False, wait=True, progress=None, onFinished=None):
-        """Segment ``volumeNodes`` (one per model channel) with ``model``.
-
-        Args:
-            volumeNodes: a scalar volume node or a list of them (channel order of the model).
-            model: bundle path, model name (registry / models folder), or a ModelSource.
-            device: ``auto`` (GPU when available, else CPU), ``cpu`` or ``cuda``.
-            fast: no test-time augmentation (about 8x faster).
-            wait: block until done and return the segmentation node (the GUI keeps processing events);
-                else return a :class:`SegmentationTask` to :meth:`poll` (and ``cancel()``).
-            progress: ``progress(fraction)`` called while waiting.
-            onFinished: ``onFinished(task)`` called when the task ends (success, failure or cancel).
-
-        Raises:
-            ReCoKDError: a one-line reason; the scene is left unchanged.
-        """
-        _requireLibrary()
-        if self.segmentationTask is not None and self.segmentationTask.state == RUNNING:
-            raise ReCoKDError("a segmentation is already running; wait for it or cancel it")
-        if device not in DEVICES:
-            raise ReCoKDError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
-        if volumeNodes is None:
-            raise ReCoKDError("select an input volume")
-        if not isinstance(volumeNodes, (list, tuple)):
-            volumeNodes = [volumeNodes]
-        volumeNodes = [v for v in volumeNodes if v is not None]
-        if not volumeNodes:
-            raise ReCoKDError("select an input volume")
-        source = self._resolve(model)
-        info = self.modelInfo(source)
-        if info is not None and len(volumeNodes) != info.numChannels:
-            raise ReCoKDError(
-                f"model '{info.name}' needs {info.numChannels} input volume(s) ({', '.join(info.channelNames)}) "
-                f"but {len(volumeNodes)} were given; select one volume per channel"
-            )
-        tmpdir = tempfile.mkdtemp(prefix="ReCoKD-")
-        try:
-            inputs = self._writeInputs(volumeNodes, Path(tmpdir))
-        except Exception as exc:
-            shutil.rmtree(tmpdir, ignore_errors=True)
-            raise ReCoKDError(str(exc)) from None
-        output = Path(tmpdir) / "labels.nrrd"
-        command = [pythonExecutable(), "-m", "ReCoKDLib.inference.slicer_bridge", "segment", "--inputs", *map(str, inputs),
-                   "--output", str(output), "--device", device]
-        local = models.localBundlePath(source)
-        if source.kind == "registry" and local is None:
-            command += ["--registry-entry", json.dumps(source.entry), "--registry-base", source.base]
-        else:
-            command += ["--model", str(local)]
-        if not fast:
-            command.append("--tta")
-        if self.debugDelay:
-            command += ["--debug-delay", str(self.debugDelay)]
-        job = BackgroundJob(command, env=_jobEnvironment(), name="segmentation")
-        bundleInfo = info if info is not None and info.labels else None  # else read from the fetched bundle
-        task = SegmentationTask(self, job, volumeNodes, bundleInfo, info.name if info else source.name, tmpdir, output,
-                                onFinished=onFinished)
-        try:
-            job.start()
-        except OSError as exc:
-            shutil.rmtree(tmpdir, ignore_errors=True)
-            raise ReCoKDError(f"cannot start the segmentation process ({exc}); check the Python installation") from None
-        self.segmentationTask = task
-        if not wait:
-            return task
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        try:
-            while task.poll() == RUNNING:
-                if progress is not None:
-                    progress(task.progress)
-                if deadline is not None and time.monotonic() > deadline:
-                    task.cancel()
-                    break
-                _processEvents()
-                time.sleep(0.05)
-        except BaseException:  # e.g. Ctrl-C in a headless script: never leave the process running
-            task.cancel()
-            raise
-        if task.state != SUCCEEDED:
-            raise ReCoKDError(task.message or "segmentation failed")
-        if progress is not None:
-            progress(1.0)
-        log.info(task.message)
-        return task.segmentationNode
-
-    def poll(self):
-        """Advance the running segmentation and training (for the GUI's timer); returns the segmentation state."""
-        if self.trainingTask is not None and self.trainingTask.state == RUNNING:
-            self.trainingTask.poll()
-        if self.segmentationTask is None:
-            return None
-        return self.segmentationTask.poll()
-
-    def cancel(self) -> None:
-        """Cancel the running segmentation (kills its process tree; the scene is left as it was)."""
-        if self.segmentationTask is not None:
-            self.segmentationTask.cancel()
-
-    def _writeInputs(self, volumeNodes, folder: Path) -> list[Path]:
-        import SimpleITK as sitk
-
-        reference = None
-        paths = []
-        first = volumeNodes[0]
-        for i, node in enumerate(volumeNodes):
-            if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
-                raise ReCoKDError(f"'{node.GetName()}' is not a scalar volume; select an image volume for channel {i + 1}")
-            if node.GetParentTransformNode() is not first.GetParentTransformNode():
-                raise ReCoKDError(f"'{node.GetName()}' and '{first.GetName()}' are under different transforms; "
-                                  "harden the transforms (Data module) first")
-            image = geometry.volumeNodeToImage(node)
-            if reference is None:
-                reference = image
-            else:
-                image = geometry.imageOnVolumeGrid(image, reference)  # channels on the first volume's grid
-            path = folder / f"input_{i:04d}.nrrd"
-            sitk.WriteImage(image, str(path), useCompression=False)
-            paths.append(path)
-        return paths
-
-    def _createSegmentationNode(self, task: SegmentationTask):
-        """Build '<volume> – <model>' from the job's label file; on any error nothing stays in the scene."""
-        import numpy as np
-        import SimpleITK as sitk
-
-        volume = task.volumeNodes[0]
-        reference = geometry.volumeNodeToImage(volume)
-        label_image = geometry.imageOnVolumeGrid(sitk.ReadImage(str(task.output)), reference, interpolator="nearest")
-        labels = sitk.GetArrayFromImage(label_image)
-        info = task.info
-        if info is None:  # a registry model: the background process says where it fetched the bundle to
-            if not task.job.model:
-                raise ReCoKDError("the segmentation process did not say which model file it used")
-            info = models.readBundleInfo(task.job.model)
-        ijkToRas = geometry.ijkToRasArray(volume)
-        scene = self.scene
-        node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume.GetName()} – {task.modelName}")
-        try:
-            node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-            if volume.GetParentTransformNode() is not None:
-                node.SetAndObserveTransformNodeID(volume.GetParentTransformNode().GetID())
-            node.CreateDefaultDisplayNodes()
-            segmentation = node.GetSegmentation()
-            for name, value in sorted(info.labels.items(), key=lambda kv: kv[1]):
-                if value == 0 or name == "ignore":
-                    continue
-                mask = (labels == value).astype(np.uint8)
-                image = geometry.orientedImageFromArray(mask, ijkToRas)
-                segment_id = node.AddSegmentFromBinaryLabelmapRepresentation(image, name, list(info.colors[name]))
-                if not segment_id:
-                    raise ReCoKDError(f"could not add segment {name}")
-                codes = info.terminology.get(name)
-                if codes:
-                    segment = segmentation.GetSegment(segment_id)
-                    segment.SetTag(segment.GetTerminologyEntryTagName(), terminology.entryString(codes))
-            if hasattr(segmentation, "CollapseBinaryLabelmaps"):
-                segmentation.CollapseBinaryLabelmaps(False)
-            self._placeInStudy(node, volume)
-            if HAVE_SLICER_GUI and hasattr(node, "CreateClosedSurfaceRepresentation"):
-                node.CreateClosedSurfaceRepresentation()  # shown in 3D
-        except Exception:
-            scene.RemoveNode(node)
-            raise
-        return node
-
-    def _placeInStudy(self, node, volume) -> None:
-        shClass = getattr(slicer, "vtkMRMLSubjectHierarchyNode", None)
-        if shClass is None:
-            return
-        sh = shClass.GetSubjectHierarchyNode(self.scene)
-        if sh is None:
-            return
-        volumeItem = sh.GetItemByDataNode(volume)
-        if not volumeItem:
-            return
-        parent = sh.GetItemParent(volumeItem)
-        if not parent or parent == sh.GetSceneItemID():
-            return
-        nodeItem = sh.GetItemByDataNode(node)
-        if nodeItem:
-            sh.SetItemParent(nodeItem, parent)
-        else:  # without Slicer's subject-hierarchy plugins (slicer-core) nodes get no item automatically
-            sh.CreateItem(parent, node)
-
-    def loadSample(self):
-        """The sample volume (*ReCoKD phantom*) in the scene, as Sample Data loads it."""
-        path = samplePhantomPath()
-        inSlicer = HAVE_SLICER_GUI and hasattr(getattr(slicer, "app", None), "ioManager")
-        node = slicer.util.loadVolume(str(path)) if inSlicer else _loadVolumeNoGui(self.scene, path)
-        node.SetName(SAMPLE_NAME)
-        return node
-
-    # -- training ---------------------------------------------------------------------------------
-    def _startTraining(self, role, arguments, outputFolder, epochs, wait, progress, onFinished, followUp=None):
-        _requireLibrary()
-        if self.trainingTask is not None and self.trainingTask.state == RUNNING:
-            raise ReCoKDError("a training is already running; stop it first")
-        arguments = [str(a) for a in arguments]
-        command = [pythonExecutable(), "-m", "ReCoKDLib.cli", *arguments, "--no-progress"]
-        job = BackgroundJob(command, env=_jobEnvironment(), name=f"{role} training", onLine=self.onTrainingLine)
-        task = TrainingTask(self, job, role, outputFolder, epochs, arguments, onFinished=onFinished, followUp=followUp)
-        try:
-            job.start()
-        except OSError as exc:
-            raise ReCoKDError(f"cannot start the training process ({exc})") from None
-        self.trainingTask = task
-        return self.waitForTraining(progress) if wait else task
-
-    def waitForTraining(self, progress=None):
-        """Block (processing GUI events) until the training, and any step it chains to, has ended."""
-        task = self.trainingTask
-        try:
-            while True:
-                task = self.trainingTask
-                if task.poll() == RUNNING or self.trainingTask is not task:
-                    if progress is not None:
-                        progress(self.trainingTask)
-                    _processEvents()
-                    time.sleep(0.2)
-                    continue
-                break
-        except BaseException:  # e.g. Ctrl-C: stop the run (it keeps its last checkpoint)
-            self.trainingTask.stop()
-            raise
-        if task.state != SUCCEEDED:
-            raise ReCoKDError(task.message or "training failed")
-        return task
-
-    def trainTeacher(self, datasetFolder, outputFolder, epochs=50, device="auto", resume=False, extraArgs=(),
-                     wait=True, progress=None, onFinished=None, followUp=None):
-        """``recokd train DATASET -o OUTPUT`` in the background; returns the finished (or running) task."""
-        args = ["train", datasetFolder, "-o", outputFolder, "--epochs", int(epochs), "--device", device, *extraArgs]
-        if resume:
-            args.append("--resume")
-        return self._startTraining("teacher", args, outputFolder, epochs, wait, progress, onFinished, followUp)
-
-    def distill(self, datasetFolder, teacher, method="recokd", widthFactor=4, epochs=50, outputFolder=None,
-                device="auto", resume=False, extraArgs=(), wait=True, progress=None, onFinished=None):
-        """``recokd distill`` in the background, then ``recokd export`` of the student into the models folder.
-
-        Args:
-            datasetFolder: nnU-Net or MSD dataset folder (holds dataset.json).
-            teacher: teacher run folder (from :meth:`trainTeacher` / ``recokd train``).
-            method: KD method (``recokd`` default; baselines selectable).
-            widthFactor: student channels = teacher's / R.
-            outputFolder: run folder (default ``<runs folder>/<dataset>/student_<method>``).
-        """
-        if method not in KD_METHODS:
-            raise ReCoKDError(f"KD method must be one of {', '.join(KD_METHODS)}, got {method!r}")
-        if not resume and not teacher:
-            raise ReCoKDError("select a teacher run, or train a teacher first")
-        outputFolder = outputFolder or str(self.runsFolder / Path(datasetFolder).name / f"student_{method}")
-        args = ["distill", datasetFolder, "-o", outputFolder, "--method", method, "--width-factor", float(widthFactor),
-                "--epochs", int(epochs), "--device", device, *extraArgs]
-        if teacher:
-            args += ["--teacher", teacher]
-        if resume:
-            args.append("--resume")
-        return self._startTraining("student", args, outputFolder, epochs, wait, progress, onFinished)
-
-    def trainWithParameters(self, parameterNode, wait=False, progress=None, onFinished=None, extraArgs=()):
-        """The Start button: distil a student from the parameter node's dataset, teacher, method, R and
-        epochs; with *Train a teacher first*, train the teacher, then distil from it."""
-        p = parameterNode
-        dataset = (p.datasetFolder or "").strip()
-        if not dataset:
-            raise ReCoKDError("select a dataset folder (nnU-Net or MSD layout, holding dataset.json)")
-        if not (Path(dataset) / "dataset.json").is_file():
-            raise ReCoKDError(f"{dataset} holds no dataset.json; select a dataset folder in nnU-Net or MSD layout")
-        teacher = (p.teacherPath or "").strip()
-        if not p.trainTeacherFirst and not teacher:
-            raise ReCoKDError("select a teacher run folder, or tick 'Train a teacher first'")
-        if not p.trainTeacherFirst and not (Path(teacher) / "run.json").is_file():
-            raise ReCoKDError(f"{teacher} is not a training run folder (no run.json); select a `recokd train` run")
-        method, width, epochs = p.kdMethod, float(p.widthFactor), int(p.epochs)
-        extraArgs = [*self.extraTrainingArgs, *extraArgs]
-        output = (p.outputFolder or "").strip() or str(self.runsFolder / Path(dataset).name / f"student_{method}")
-        device = p.device
-
-        def distil(teacherTask=None):
-            return self.distill(dataset, str(teacherTask.outputFolder) if teacherTask else teacher, method=method,
-                                widthFactor=width, epochs=epochs, outputFolder=output, device=device,
-                                extraArgs=extraArgs, wait=False, onFinished=onFinished)
-
-        if not p.trainTeacherFirst:
-            task = distil()
-            return self.waitForTraining(progress) if wait else task
-        teacherOutput = str(Path(output).parent / f"{Path(output).name}_teacher")
-        task = self.trainTeacher(dataset, teacherOutput, epochs=epochs, device=device,
-                                 extraArgs=[*extraArgs, *self.extraTeacherArgs],
-                                 wait=False, onFinished=onFinished, followUp=distil)
-        return self.waitForTraining(progress) if wait else task
-
-    def stopTraining(self) -> None:
-        if self.trainingTask is not None:
-            self.trainingTask.stop()
-
-    def resumeTraining(self, wait=False, progress=None, onFinished=None):
-        """Restart the last training with ``--resume`` (continues from its latest checkpoint)."""
-        task = self.trainingTask
-        if task is None:
-            raise ReCoKDError("there is no training to resume")
-        if task.state == RUNNING:
-            raise ReCoKDError("the training is still running")
-        args = [a for a in task.arguments if a != "--resume"] + ["--resume"]
-        self.trainingTask = None
-        return self._startTraining(task.role, args, task.outputFolder, task.epochs, wait, progress,
-                                   onFinished or task.onFinished, task.followUp)
-
-    def plotTrainingHistory(self, history=None):
-        """Loss terms and validation Dice per epoch (from ``log.csv``) as a Slicer plot: one table node,
-        one series per column, one chart (nodes reused on each call). Returns the chart node or None."""
-        if history is None:
-            history = self.trainingTask.history if self.trainingTask is not None else []
-        if not history:
-            return None
-        keys = [k for k in history[0] if k.startswith("loss_") or k.startswith("dice_")]
-        if not keys:
-            return None
-        scene = self.scene
-        table, chart = self._plotNodes.get("table"), self._plotNodes.get("chart")
-        created = False
-        if table is None or chart is None or not scene.IsNodePresent(table) or not scene.IsNodePresent(chart):
-            table = scene.AddNewNodeByClass("vtkMRMLTableNode", "ReCoKD training log")
-            chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", "ReCoKD training")
-            chart.SetXAxisTitle("epoch")
-            chart.SetYAxisTitle("loss / validation Dice")
-            self._plotNodes = {"table": table, "chart": chart, "series": {}}
-            created = True
-        vtkTable = table.GetTable()
-        vtkTable.Initialize()
-        for column in ["epoch", *keys]:
-            array = vtk.vtkDoubleArray()
-            array.SetName(column)
-            for i, row in enumerate(history):
-                value = row.get(column, i + 1) if column == "epoch" else row.get(column)
-                array.InsertNextValue(value if isinstance(value, float) else float("nan"))
-            vtkTable.AddColumn(array)
-        table.Modified()
-        for key in keys:
-            series = self._plotNodes["series"].get(key)
-            if series is None or not scene.IsNodePresent(series):
-                series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", key)
-                series.SetAndObserveTableNodeID(table.GetID())
-                series.SetXColumnName("epoch")
-                series.SetYColumnName(key)
-                series.SetPlotType(series.PlotTypeScatter)
-                chart.AddAndObservePlotSeriesNodeID(series.GetID())
-                self._plotNodes["series"][key] = series
-        if created and HAVE_SLICER_GUI and hasattr(getattr(slicer, "modules", None), "plots"):
-            slicer.modules.plots.logic().ShowChartInLayout(chart)  # once: never pull the user's layout away again
-        return chart
-
-
-def _loadVolumeNoGui(scene, path: Path):
-    """Load a volume file into ``scene`` without Slicer's IO manager (slicer-core)."""
-    import numpy as np
-    import SimpleITK as sitk
-
-    image = sitk.ReadImage(str(path))
-    spacing, origin = np.array(image.GetSpacing()), np.array(image.GetOrigin())
-    direction = np.array(image.GetDirection()).reshape(3, 3)
-    lpsToRas = np.diag([-1.0, -1.0, 1.0])
-    ijkToRas = np.eye(4)
-    ijkToRas[:3, :3] = lpsToRas @ direction @ np.diag(spacing)
-    ijkToRas[:3, 3] = lpsToRas @ origin
-    previous = getattr(slicer, "mrmlScene", None)
-    slicer.mrmlScene = scene
-    try:
-        return slicer.util.addVolumeFromArray(sitk.GetArrayFromImage(image), ijkToRAS=ijkToRas, name=path.stem)
-    finally:
-        if previous is not None:
-            slicer.mrmlScene = previous
+def _loadVolumeNoGui(scene, path):
+    return _logic._loadVolumeNoGui(scene, path)
 
 
 #
@@ -981,8 +283,8 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.setInterval(200)
         self._timer.connect("timeout()", self.onTimer)
 
-        if LIBRARY_ERROR:  # the panel stays usable enough to show why
-            self.ui.statusLabel.text = LIBRARY_ERROR
+        if library.error():  # the panel stays usable enough to show why
+            self.ui.statusLabel.text = library.error()
             self.ui.segmentButton.enabled = False
             self.ui.startTrainingButton.enabled = False
         self.refreshModels()
@@ -1056,10 +358,10 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelComboBox.blockSignals(wasBlocked)
         self._updateChannelSelectors()
         segmenting = self.logic.segmentationTask is not None and self.logic.segmentationTask.state == RUNNING
-        self.ui.segmentButton.enabled = not LIBRARY_ERROR and (segmenting or bool(p.inputVolume and p.model))
+        self.ui.segmentButton.enabled = not library.error() and (segmenting or bool(p.inputVolume and p.model))
         self.ui.teacherPathLineEdit.enabled = not p.trainTeacherFirst
         training = self.logic.trainingTask is not None and self.logic.trainingTask.state == RUNNING
-        self.ui.startTrainingButton.enabled = not LIBRARY_ERROR and not training and bool(
+        self.ui.startTrainingButton.enabled = not library.error() and not training and bool(
             p.datasetFolder and (p.teacherPath or p.trainTeacherFirst))
         self.ui.stopTrainingButton.enabled = training
         self.ui.resumeTrainingButton.enabled = not training and self.logic.trainingTask is not None
@@ -1247,8 +549,8 @@ class ReCoKDTest(ScriptedLoadableModuleTest):
     @staticmethod
     def skipReason() -> str:
         """Why the test cannot run here ("" when it can): no library, or PyTorch/MONAI not installed yet."""
-        if LIBRARY_ERROR:
-            return LIBRARY_ERROR
+        if library.error():
+            return library.error()
         from ReCoKDSlicer import dependencies
 
         missing = dependencies.missingDependencies()

@@ -635,7 +635,10 @@ def install(monkeypatch, slicer_python: Path, module_file: Path, errors: list):
 
 
 def load_module_fresh(monkeypatch, module_file: Path, name: str = "ReCoKD"):
-    """Import the scripted module file anew (as Slicer does), with the stand-ins in place."""
+    """Import the scripted module file anew (as Slicer does), with the stand-ins in place; its helper
+    package too, whose logic picks Slicer's base classes at import time."""
+    for loaded in [n for n in list(sys.modules) if n == "ReCoKDSlicer" or n.startswith("ReCoKDSlicer.")]:
+        monkeypatch.delitem(sys.modules, loaded)
     monkeypatch.setitem(sys.modules, name, None)
     return _load_module(name, module_file)
 

@@ -257,7 +257,9 @@ print("ARGS", " ".join(args))
 
 @pytest.mark.skipif(sys.platform.startswith("win"), reason="uses a POSIX script as the interpreter")
 def test_distill_runs_in_background_and_exports_the_student(env, tmp_path, monkeypatch):
-    monkeypatch.setattr(module, "pythonExecutable", lambda: str(_fake_python(tmp_path)))
+    from ReCoKDSlicer import logic as slicer_logic
+
+    monkeypatch.setattr(slicer_logic, "pythonExecutable", lambda: str(_fake_python(tmp_path)))
     models_folder = tmp_path / "models"
     logic = module.ReCoKDLogic(scene=env["scene"], modelsFolder=models_folder, registries=[])
     seen = []
@@ -286,10 +288,15 @@ def test_distill_runs_in_background_and_exports_the_student(env, tmp_path, monke
         logic.distill(str(tmp_path / "Dataset001"), "t", method="bogus")
 
 
-def test_kd_methods_match_the_distill_command():
+def test_kd_methods_come_from_the_library_without_torch():
+    """One list of method names, torch-free, that the panel and `recokd distill --method` both use."""
+    import subprocess
+
     from ReCoKDLib.losses.registry import KD_METHODS
 
-    assert set(module.KD_METHODS) == set(KD_METHODS)
+    assert module.KD_METHODS[0] == "recokd" and set(module.KD_METHODS) == set(KD_METHODS)
+    code = "import sys, ReCoKDLib.kd_methods; assert 'torch' not in sys.modules, 'kd_methods imported torch'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 # -- static checks of the GUI (no Qt here) -------------------------------------------------------

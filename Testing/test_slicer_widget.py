@@ -204,7 +204,9 @@ def test_stop_resets_the_progress_bar_and_the_library_error_is_one_message(gui, 
     assert ui.trainingProgressBar.value == 0 and not ui.trainingProgressBar.visible
     widget.exit()
     # a library that cannot be imported: the panel says so in one line and the buttons are off
-    monkeypatch.setattr(module, "LIBRARY_ERROR", "ReCoKD cannot load its library ReCoKDLib (ImportError: x)")
+    from ReCoKDSlicer import library
+
+    monkeypatch.setattr(library, "_error", "ReCoKD cannot load its library ReCoKDLib (ImportError: x)")
     widget2 = _new_widget(module)
     assert widget2.ui.statusLabel.text.startswith("ReCoKD cannot load its library")
     assert not widget2.ui.segmentButton.enabled and not widget2.ui.startTrainingButton.enabled

@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..losses.registry import KD_METHODS
+    from ..kd_methods import DEFAULT_METHOD, KD_METHODS
 
     p = sub.add_parser(
         "distill", help="distil a trained teacher into a compact student",
@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_run_arguments(p)
     p.add_argument("--teacher", help="teacher run folder (from `recokd train`)")
-    p.add_argument("--method", default="recokd", choices=list(KD_METHODS),
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(KD_METHODS),
                    help="distillation method (default recokd; none = labels only; defaults justified in docs/results.md)")
     p.add_argument("--lambda-max", dest="lambda_max", type=float, help="final KD weight λ (default: the method's)")
     p.add_argument("--temperature", type=float, help="temperature of the attention / softmax terms (default: the term's)")

@@ -14,6 +14,7 @@ from typing import Callable, Mapping, Sequence
 from torch import nn
 
 from ..errors import ReCoKDError
+from ..kd_methods import KD_METHODS, KDMethod  # noqa: F401 - re-exported: the names live torch-free
 from .baselines import ChannelWiseDistillationLoss, FitNetLoss, LogitKDLoss, PairwiseAffinityLoss
 from .msard import MSSARDLoss
 from .msca import AffinityContextLoss, GlobalContextLoss
@@ -77,29 +78,6 @@ def _cwd(ctx: KDContext, **options) -> nn.Module:
 @register_kd_term("skd")
 def _skd(ctx: KDContext, **options) -> nn.Module:
     return PairwiseAffinityLoss(**options)
-
-
-@dataclass(frozen=True)
-class KDMethod:
-    """A named distillation method: its terms and default λ_max."""
-
-    terms: tuple[str, ...]
-    lambda_max: float
-    description: str
-
-
-#: λ_max defaults are per method because the terms' magnitudes differ; see docs for how they were chosen.
-KD_METHODS: dict[str, KDMethod] = {
-    "none": KDMethod((), 0.0, "no distillation: the student trains on labels alone"),
-    "recokd": KDMethod(("msard", "msca"), 1.0, "ReCo-KD: MS-SARD + MS-CA (pooled affinity)"),
-    "recokd-gc": KDMethod(("msard", "msca_gc"), 1.0, "ReCo-KD with the global-context MS-CA variant"),
-    "msard": KDMethod(("msard",), 1.0, "MS-SARD alone (ablation)"),
-    "msca": KDMethod(("msca",), 1.0, "MS-CA alone (ablation)"),
-    "logit": KDMethod(("logit_kd",), 1.0, "logit KD (Hinton), per-voxel KL at temperature T"),
-    "fitnet": KDMethod(("fitnet",), 1.0, "FitNet feature MSE through the adapter"),
-    "cwd": KDMethod(("cwd",), 1.0, "channel-wise distillation"),
-    "skd": KDMethod(("skd",), 1.0, "SKD pooled pairwise affinity at one level"),
-}
 
 
 def resolve_method(method: str | Sequence[str]) -> tuple[tuple[str, ...], float]:

@@ -88,7 +88,7 @@ def _variant(name: str, spec: Any, where: str) -> dict[str, Any]:
     unknown = set(spec) - METHOD_KEYS
     if unknown:
         raise ReCoKDError(f"{where}: variant {name!r} has unknown key(s) {sorted(unknown)}; allowed: {sorted(METHOD_KEYS)}")
-    from ..losses.registry import KD_METHODS
+    from ..kd_methods import KD_METHODS
 
     if spec["method"] not in KD_METHODS:
         raise ReCoKDError(f"{where}: variant {name!r} uses unknown method {spec['method']!r}; choose one of {', '.join(KD_METHODS)}")
