@@ -15,7 +15,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{'done   ' if job.done() else 'todo   '}{job.name}")
         return 0
     if args.report_only:
-        build_report(config, args.output)
+        build_report(config, args.output, plan_jobs(config, args.output))
         return 0
     _, failed = run_study(config, args.output, jobs=args.jobs, only=args.only)
     if failed:

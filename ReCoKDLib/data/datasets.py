@@ -711,3 +711,17 @@ def load_case(record: CaseRecord, dataset: DatasetInfo) -> LoadedCase:
         direction=direction,
         case_id=record.case_id,
     )
+
+
+def select_cases(dataset_path: str | Path, cases: str | Sequence[str]):
+    """The dataset and the case records named by ``cases``: ``"test"`` (its test split) or training case ids.
+
+    Raises:
+        ReCoKDError: a named case is not a training case of the dataset.
+    """
+    dataset = open_dataset(dataset_path)
+    records = dataset.test if cases == "test" else [r for r in dataset.training if r.case_id in set(cases)]
+    if cases != "test" and len(records) != len(cases):
+        missing = sorted(set(cases) - {r.case_id for r in dataset.training})
+        raise ReCoKDError(f"case(s) {', '.join(missing[:5])} are not training cases of {dataset_path}; check the split")
+    return dataset, records

@@ -40,6 +40,7 @@ import numpy as np
 
 from ..errors import ReCoKDError
 from ..utils.io import atomic_write_text, json_safe
+from ..data.datasets import select_cases
 from .study_report import build_report
 
 __all__ = ["StudyConfig", "Job", "load_config", "plan_jobs", "run_study", "cv_folds", "evaluate_run", "build_report"]
@@ -308,16 +309,6 @@ def plan_jobs(config: StudyConfig, out: str | Path) -> list[Job]:
 # running
 
 
-def case_files(dataset_path: str, cases: str | Sequence[str]):
-    from ..data.datasets import open_dataset
-
-    dataset = open_dataset(dataset_path)
-    records = dataset.test if cases == "test" else [r for r in dataset.training if r.case_id in set(cases)]
-    if cases != "test" and len(records) != len(cases):
-        raise ReCoKDError(f"some evaluation cases are not in {dataset_path}")
-    return dataset, records
-
-
 def evaluate_run(run_dir: str | Path, dataset_path: str, cases: str | Sequence[str], weights: str = "final",
                  threads: int | None = None, tolerance_mm: float = 2.0) -> dict[str, Any]:
     """Score a run's weights on ``cases`` ("test" or held-out training case ids) of a dataset with the
@@ -331,7 +322,7 @@ def evaluate_run(run_dir: str | Path, dataset_path: str, cases: str | Sequence[s
 
     bundle = bundle_from_run(run_dir, weights=weights)
     predictor = Predictor(bundle, device="auto", progress=False, threads=threads)
-    _, records = case_files(dataset_path, cases)
+    _, records = select_cases(dataset_path, cases)
     scores, per_case = [], []
     tick = time.perf_counter()
     for r in records:
@@ -407,7 +398,7 @@ def _latency(folder: Path, spec: dict[str, Any]) -> None:
 
     from ..benchmarks.inference import results_json, run_benchmark
 
-    dataset, records = case_files(spec["dataset"], spec["cases"])
+    dataset, records = select_cases(spec["dataset"], spec["cases"])
     records = list(records)[: spec["max_cases"]]
     with tempfile.TemporaryDirectory() as tmp:  # run_benchmark reads folders: link the chosen cases
         imgs, labs = Path(tmp) / "images", Path(tmp) / "labels"
@@ -514,7 +505,7 @@ def run_study(
         log("interrupted: finished jobs are kept and unfinished runs resume from their last checkpoint; "
             "run the same command again to continue")
         raise
-    build_report(config, out, log=log)
+    build_report(config, out, all_jobs, log=log)
     return all_jobs, failed
 
 

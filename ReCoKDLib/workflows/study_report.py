@@ -265,12 +265,12 @@ def _slice_panel(dname: str, data: dict, names: dict[str, str], jobs, cases_of) 
             "dice": dice, "classes": classes}
 
 
-def build_report(config, out: str | Path, log: Callable[[str], None] = print, figures: bool = True) -> Path:
-    """Write ``report.md``, ``results.json`` and the figures of a study into ``out``."""
-    from .study import case_files, plan_jobs
+def build_report(config, out: str | Path, jobs, log: Callable[[str], None] = print, figures: bool = True) -> Path:
+    """Write ``report.md``, ``results.json`` and the figures of a study into ``out`` from whichever of
+    ``jobs`` (the study's :func:`~ReCoKDLib.workflows.study.plan_jobs`) have finished."""
+    from ..data.datasets import select_cases
 
     out = Path(out).resolve()
-    jobs = plan_jobs(config, out)
     found = collect(jobs, out)
     wall = _read(out / "wall_times.json") or {}
     config_name = _relative(config.source) if config.source else "CONFIG"
@@ -299,7 +299,7 @@ def build_report(config, out: str | Path, log: Callable[[str], None] = print, fi
                 parts.append(f"![{dname} Dice]({chart.name})\n")
             try:
                 panel = _slice_panel(dname, data, {"teacher": "teacher", "no-KD": "none", "ReCo-KD": "recokd"}, jobs,
-                                     case_files)
+                                     select_cases)
             except Exception as exc:  # a figure must not lose the tables
                 log(f"contour figure for {dname} skipped: {exc}")
                 panel = None
