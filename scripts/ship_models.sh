@@ -19,17 +19,23 @@ common="--fold all --iters-per-epoch 100 --optimizer adamw --lr 0.003 --batch-si
         --val-every 5 --val-max-cases 2 --workers 1 --threads 1 --device cpu --no-progress --resume"
 planner="--patch-budget 65536 --base-filters 16 --max-filters 128"
 
+# ship NAME DATASET RUNS TEACHER_EPOCHS STUDENT_EPOCHS TEST_IMAGES TEST_LABELS DESCRIPTION LICENSE
+ship() {
+  local name=$1 data=$2 runs=$3 images=$6 labels=$7
+  recokd plan "$data" --cache "$runs/cache" --no-progress $planner
+  recokd train "$data" -o "$runs/teacher" --cache "$runs/cache" --plans "$runs/cache/plans.json" --epochs "$4" $common
+  recokd distill "$data" -o "$runs/student_recokd" --cache "$runs/cache" --teacher "$runs/teacher" --epochs "$5" \
+    --method recokd $common
+  recokd predict -m "$runs/student_recokd" -i "$images" -o "$runs/pred" --device cpu --no-progress
+  recokd evaluate "$runs/pred" "$labels" --json "$runs/test.json"
+  recokd export "$runs/student_recokd" -o "$OUT/$name.recokd" --name "$name" --description "$8" \
+    --terminology "$TERMS/$name.json" --test-metrics "$runs/test.json" --license "$9"
+}
+
 # -- LA2018-lowres: left atrium, 80 training cases, scored on the 10 test cases --------------------
-L="$W/la2018"
-recokd plan "$LA" --cache "$L/cache" --no-progress $planner
-recokd train "$LA" -o "$L/teacher" --cache "$L/cache" --plans "$L/cache/plans.json" --epochs 15 $common
-recokd distill "$LA" -o "$L/student_recokd" --cache "$L/cache" --teacher "$L/teacher" --epochs 15 --method recokd $common
-recokd predict -m "$L/student_recokd" -i "$LA/imagesTs" -o "$L/pred" --device cpu --no-progress
-recokd evaluate "$L/pred" "$LA/labelsTs" --json "$L/test.json"
-recokd export "$L/student_recokd" -o "$OUT/la2018-left-atrium.recokd" --name la2018-left-atrium \
-  --description "Left atrium in 3D LGE-MRI (1.25 mm); ReCo-KD student (R = 4) of a 16-128-filter U-Net" \
-  --terminology "$TERMS/la2018-left-atrium.json" --test-metrics "$L/test.json" \
-  --license "Research use only, not for clinical use: trained on the 2018 Atrial Segmentation Challenge data (LA2018, via the UA-MT repository; cite Xiong et al., Medical Image Analysis 2021)."
+ship la2018-left-atrium "$LA" "$W/la2018" 15 15 "$LA/imagesTs" "$LA/labelsTs" \
+  "Left atrium in 3D LGE-MRI (1.25 mm); ReCo-KD student (R = 4) of a 16-128-filter U-Net" \
+  "Research use only, not for clinical use: trained on the 2018 Atrial Segmentation Challenge data (LA2018, via the UA-MT repository; cite Xiong et al., Medical Image Analysis 2021)."
 
 # -- the built-in phantom: 40 training cases (seed 0); scored on 10 held-out cases and the sample ---
 P="$W/phantom"
@@ -54,16 +60,9 @@ if not (test / "dataset.json").is_file():
     for folder in ("imagesTr", "labelsTr"):
         (test / folder).rename(test / folder.replace("Tr", "Ts"))
 PY
-D="$P/Dataset900_ReCoKDPhantom"
-recokd plan "$D" --cache "$P/cache" --no-progress $planner
-recokd train "$D" -o "$P/teacher" --cache "$P/cache" --plans "$P/cache/plans.json" --epochs 10 $common
-recokd distill "$D" -o "$P/student_recokd" --cache "$P/cache" --teacher "$P/teacher" --epochs 20 --method recokd $common
-recokd predict -m "$P/student_recokd" -i "$P/heldout/imagesTs" -o "$P/pred" --device cpu --no-progress
-recokd evaluate "$P/pred" "$P/heldout/labelsTs" --json "$P/test.json"
-recokd export "$P/student_recokd" -o "$OUT/phantom-abdomen.recokd" --name phantom-abdomen \
-  --description "ReCoKD's synthetic abdomen phantom (organ, kidneys, vessel, lesions); ReCo-KD student (R = 4); for trying the module" \
-  --terminology "$TERMS/phantom-abdomen.json" --test-metrics "$P/test.json" \
-  --license "Apache-2.0 (trained on ReCoKD's synthetic phantom, no patient data). Not for clinical use."
+ship phantom-abdomen "$P/Dataset900_ReCoKDPhantom" "$P" 10 20 "$P/heldout/imagesTs" "$P/heldout/labelsTs" \
+  "ReCoKD's synthetic abdomen phantom (organ, kidneys, vessel, lesions); ReCo-KD student (R = 4); for trying the module" \
+  "Apache-2.0 (trained on ReCoKD's synthetic phantom, no patient data). Not for clinical use."
 
 # -- the registry ---------------------------------------------------------------------------------
 python - "$OUT" <<'PY'
