@@ -1,9 +1,8 @@
 """Volume nodes (Slicer, RAS) <-> SimpleITK images (LPS), and label arrays back onto a volume's grid.
 
-Slicer stores a volume as a (K, J, I) voxel array plus an IJK-to-RAS matrix; ITK files use LPS.
-RAS -> LPS negates the first two physical coordinates, so the SimpleITK direction is the IJK-to-RAS
-rotation with its first two rows negated, the origin the translation with its first two values
-negated, and the spacing the column norms. Axis order: numpy (K, J, I) = SimpleITK (z, y, x).
+Slicer stores a volume as a (K, J, I) voxel array plus an IJK-to-RAS matrix; ITK files use LPS. The
+conversion is :mod:`ReCoKDLib.utils.geometry` (written once, shared with the predictor). Axis order:
+numpy (K, J, I) = SimpleITK (z, y, x).
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ import numpy as np
 
 __all__ = ["ijkToRasArray", "volumeNodeToImage", "imageOnVolumeGrid", "orientedImageFromArray"]
 
-_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 
 def ijkToRasArray(volumeNode) -> np.ndarray:
@@ -22,16 +20,6 @@ def ijkToRasArray(volumeNode) -> np.ndarray:
     m = vtk.vtkMatrix4x4()
     volumeNode.GetIJKToRASMatrix(m)
     return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=np.float64)
-
-
-def _lpsGeometry(ijkToRas: np.ndarray):
-    rot = ijkToRas[:3, :3]
-    spacing = np.linalg.norm(rot, axis=0)
-    if np.any(spacing <= 0):
-        raise ValueError("the volume has a zero voxel size; fix its geometry (Volumes module) first")
-    direction = _RAS_TO_LPS @ (rot / spacing)
-    origin = _RAS_TO_LPS @ ijkToRas[:3, 3]
-    return tuple(float(s) for s in spacing), tuple(float(o) for o in origin), tuple(float(d) for d in direction.ravel())
 
 
 def volumeNodeToImage(volumeNode):
@@ -52,7 +40,9 @@ def volumeNodeToImage(volumeNode):
     if not np.issubdtype(array.dtype, np.integer):
         array = array.astype(np.float32)
     image = sitk.GetImageFromArray(array)
-    spacing, origin, direction = _lpsGeometry(ijkToRasArray(volumeNode))
+    from ReCoKDLib.utils.geometry import lps_geometry_from_ijk_to_ras  # the one RAS<->LPS conversion
+
+    spacing, origin, direction = lps_geometry_from_ijk_to_ras(ijkToRasArray(volumeNode))
     image.SetSpacing(spacing)
     image.SetOrigin(origin)
     image.SetDirection(direction)

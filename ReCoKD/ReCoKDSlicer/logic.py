@@ -718,16 +718,12 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
 
 def _loadVolumeNoGui(scene, path: Path):
     """Load a volume file into ``scene`` without Slicer's IO manager (slicer-core)."""
-    import numpy as np
     import SimpleITK as sitk
 
     image = sitk.ReadImage(str(path))
-    spacing, origin = np.array(image.GetSpacing()), np.array(image.GetOrigin())
-    direction = np.array(image.GetDirection()).reshape(3, 3)
-    lpsToRas = np.diag([-1.0, -1.0, 1.0])
-    ijkToRas = np.eye(4)
-    ijkToRas[:3, :3] = lpsToRas @ direction @ np.diag(spacing)
-    ijkToRas[:3, 3] = lpsToRas @ origin
+    from ReCoKDLib.utils.geometry import ijk_to_ras_from_lps_geometry
+
+    ijkToRas = ijk_to_ras_from_lps_geometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
     previous = getattr(slicer, "mrmlScene", None)
     slicer.mrmlScene = scene
     try:

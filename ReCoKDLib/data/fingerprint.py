@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import ReCoKDError
-from ..utils.io import atomic_write_text
+from ..utils.io import atomic_write_text, read_json
 from .datasets import DatasetInfo, load_case
 
 __all__ = [
@@ -50,21 +50,7 @@ BBox = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
-    """Read a JSON object from ``path``, turning any failure into a one-line :class:`ReCoKDError`."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ReCoKDError(f"{what} file {path} does not exist; create it first") from None
-    except json.JSONDecodeError as exc:
-        raise ReCoKDError(
-            f"{what} file {path} is not valid JSON ({exc.msg} at line {exc.lineno}); fix or recreate it"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ReCoKDError(f"cannot read {what} file {path}: {exc}; check its permissions") from None
-    if not isinstance(data, dict):
-        raise ReCoKDError(f"{what} file {path} must hold a JSON object; recreate it")
-    return data
+    return read_json(path, f"{what} file")
 
 
 def crop_bbox(image: np.ndarray, label: np.ndarray | None = None) -> BBox:

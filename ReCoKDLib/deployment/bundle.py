@@ -28,7 +28,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
 import stat
 import tempfile
 import zipfile
@@ -39,6 +38,7 @@ from typing import Any, Mapping
 from .. import __version__
 from ..data.planning import Plans
 from ..errors import ReCoKDError
+from ..utils.io import atomic_write, read_json
 from ..models import SegUNet, UNetSpec, build_unet, load_weights, save_weights
 
 __all__ = [
@@ -240,10 +240,7 @@ class Bundle:
         members = self._member_bytes()
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix.lower() in (".recokd", ".zip"):
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-            os.close(fd)
-            tmp = Path(tmp_name)
-            try:
+            def write_zip(tmp: Path) -> None:
                 with zipfile.ZipFile(tmp, "w") as zf:
                     for name in (MANIFEST, *MEMBERS):
                         info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
@@ -251,18 +248,15 @@ class Bundle:
                         info.compress_type = zipfile.ZIP_STORED if name.endswith(".safetensors") else zipfile.ZIP_DEFLATED
                         info.external_attr = (stat.S_IFREG | 0o644) << 16
                         zf.writestr(info, members[name])
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
+
+            atomic_write(path, write_zip)
         else:
             if path.exists() and not path.is_dir():
                 raise ReCoKDError(f"{path} exists and is not a folder; choose a path ending in .recokd for a single file")
             path.mkdir(parents=True, exist_ok=True)
             # the manifest last: a folder without it is recognisably incomplete
             for name in (*MEMBERS, MANIFEST):
-                tmp = path / f".{name}.partial"
-                tmp.write_bytes(members[name])
-                os.replace(tmp, path / name)
+                atomic_write(path / name, lambda tmp, data=members[name]: tmp.write_bytes(data))
         self.source = path
         return path
 
@@ -411,15 +405,8 @@ def _check_consistency(bundle: Bundle, where: str) -> None:
 
 
 def _read_run_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise ReCoKDError(f"{path} does not exist; pass a training run folder (with run.json, plans.json, network.json and weights)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ReCoKDError(f"cannot read {what} {path}: {exc}; the run folder is damaged") from None
-    if not isinstance(data, dict):
-        raise ReCoKDError(f"{what} {path} is not a JSON object; the run folder is damaged")
-    return data
+    return read_json(path, what, hint="pass a training run folder (run.json, plans.json, network.json, weights); "
+                                      "if it is one, it is damaged")
 
 
 def _reference_direction_of_run(run: dict[str, Any]) -> list[float] | None:

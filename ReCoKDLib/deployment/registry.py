@@ -19,10 +19,8 @@ The cache lives outside any 3D Slicer version folder, so models survive Slicer u
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
-import tempfile
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ReCoKDError
+from ..utils.io import atomic_write, read_json
 
 __all__ = ["RegistryEntry", "Registry", "default_cache_dir", "load_registry", "validate_registry",
            "fetch_model", "resolve_model", "sha256_file", "make_entry"]
@@ -105,12 +104,7 @@ def validate_registry(data: Any, source: str = "registry") -> None:
 def load_registry(path: str | Path) -> Registry:
     """Read and validate a registry file."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ReCoKDError(f"model registry {path} does not exist; check the path") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ReCoKDError(f"cannot read model registry {path}: {exc}") from None
+    data = read_json(path, "model registry", hint="check the path and the file", kind=None)
     validate_registry(data, f"model registry {path}")
     entries = {
         m["name"]: RegistryEntry(m["name"], m["url"], m["sha256"], m.get("description", ""), m.get("size"))
@@ -163,12 +157,11 @@ def fetch_model(
             return target
         target.unlink()  # a damaged cache entry is simply fetched again
     limit = max_bytes or (entry.size + 1 if entry.size else None)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{entry.name}.", suffix=".partial", dir=cache)
-    tmp = Path(tmp_name)
-    h = hashlib.sha256()
-    total = 0
-    try:
-        with os.fdopen(fd, "wb") as out, _open_source(entry.url, base) as src:
+
+    def download(tmp: Path) -> None:  # a raise leaves nothing behind (atomic_write removes tmp)
+        h = hashlib.sha256()
+        total = 0
+        with open(tmp, "wb") as out, _open_source(entry.url, base) as src:
             for chunk in iter(lambda: src.read(_CHUNK), b""):
                 total += len(chunk)
                 if limit is not None and total > limit:
@@ -183,10 +176,8 @@ def fetch_model(
                 f"checksum mismatch for model {entry.name!r} from {entry.url}: expected sha256 {entry.sha256[:16]}…, "
                 f"got {digest[:16]}…; the file is corrupt or the registry is outdated, nothing was cached"
             )
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+
+    return atomic_write(target, download)
 
 
 def builtin_registry_path() -> Path | None:

@@ -199,19 +199,19 @@ def evaluate_folders(
 
 def write_csv(path: str | Path, cases: Sequence[CaseScores], summary: dict[str, dict[str, float]], class_names: Sequence[str]) -> Path:
     """One row per case and metric-class pair, then the mean rows (case ``mean``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["case", "class", *METRICS])
-        for c in cases:
-            for name in class_names:
-                w.writerow([c.case_id, name, *(f"{c.scores[m][name]:.6g}" for m in METRICS)])
-        for name in [*class_names, "mean"]:
-            w.writerow(["mean", name, *(f"{summary[m][name]:.6g}" for m in METRICS)])
-    tmp.replace(path)
-    return path
+    from ..utils.io import atomic_write
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["case", "class", *METRICS])
+            for c in cases:
+                for name in class_names:
+                    w.writerow([c.case_id, name, *(f"{c.scores[m][name]:.6g}" for m in METRICS)])
+            for name in [*class_names, "mean"]:
+                w.writerow(["mean", name, *(f"{summary[m][name]:.6g}" for m in METRICS)])
+
+    return atomic_write(path, write)
 
 
 def format_table(summary: dict[str, dict[str, float]], class_names: Sequence[str], tolerance_mm: float = 2.0) -> str:

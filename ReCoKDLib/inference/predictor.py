@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -42,6 +41,8 @@ from ..deployment.bundle import Bundle, open_model
 from ..data.datasets import LoadedCase, read_image, split_file_ending
 from ..data.preprocessing import preprocess_case, restore_label
 from ..errors import ReCoKDError
+from ..utils.geometry import lps_geometry_from_ijk_to_ras as geometry_from_ijk_to_ras
+from ..utils.io import atomic_write
 from ..utils.runtime import resolve_device
 
 __all__ = [
@@ -60,25 +61,6 @@ ProgressFn = Callable[[float], None]
 TWO_FILE_ENDINGS = {".mhd": ".mha", ".nhdr": ".nrrd"}
 _IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
-
-
-def geometry_from_ijk_to_ras(ijk_to_ras: Sequence[Sequence[float]] | np.ndarray):
-    """SimpleITK-convention ``(spacing, origin, direction)`` from 3D Slicer's 4x4 IJK-to-RAS matrix.
-
-    Slicer's ``arrayFromVolume`` array is (K, J, I) = (D, H, W), as here; its physical frame is RAS
-    while SimpleITK's is LPS, so the first two rows change sign.
-    """
-    m = np.asarray(ijk_to_ras, dtype=np.float64)
-    if m.shape != (4, 4):
-        raise ReCoKDError(f"IJK-to-RAS must be a 4x4 matrix, got shape {m.shape}")
-    ras_to_lps = np.diag([-1.0, -1.0, 1.0])
-    linear = ras_to_lps @ m[:3, :3]
-    spacing = np.linalg.norm(linear, axis=0)
-    if np.any(spacing <= 0):
-        raise ReCoKDError("IJK-to-RAS matrix has a zero column; the volume's geometry is broken")
-    direction = linear / spacing
-    origin = ras_to_lps @ m[:3, 3]
-    return tuple(spacing.tolist()), tuple(origin.tolist()), tuple(direction.ravel().tolist())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -497,16 +479,10 @@ def write_label(image: sitk.Image, output: str | Path) -> Path:
     if ending.lower() in TWO_FILE_ENDINGS:
         # header + data files cannot be renamed into place atomically (the header names the data file)
         raise ReCoKDError(f"output {output} is a two-file format; use {TWO_FILE_ENDINGS[ending.lower()]} (one file) instead")
-    tmp = output.with_name(f".{stem}.partial-{os.getpid()}{ending}")
     try:
-        sitk.WriteImage(image, str(tmp), useCompression=True)
-        os.replace(tmp, output)
+        return atomic_write(output, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True))
     except RuntimeError as exc:
         raise ReCoKDError(f"cannot write {output}: {' '.join(str(exc).split())[-160:]}; check the folder and the file ending") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return output
 
 
 def group_cases(folder: str | Path) -> dict[str, list[Path]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import uuid
@@ -28,6 +29,25 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def read_json(path: str | Path, what: str, hint: str = "fix or recreate it", kind: type | None = dict) -> Any:
+    """The JSON document in ``path``; any failure (missing, unreadable, not JSON, not a ``kind``) is one
+    :class:`~ReCoKDLib.errors.ReCoKDError` line naming ``what`` and the file, ending with ``hint``."""
+    from ..errors import ReCoKDError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ReCoKDError(f"{what} {path} does not exist; {hint}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ReCoKDError(f"{what} {path} is not valid JSON ({exc.msg} at line {exc.lineno}); {hint}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReCoKDError(f"cannot read {what} {path} ({exc}); {hint}") from None
+    if kind is not None and not isinstance(data, kind):
+        raise ReCoKDError(f"{what} {path} is not a JSON {'object' if kind is dict else kind.__name__}; {hint}")
+    return data
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -9,7 +9,6 @@ A run folder holds ``run.json``, ``plans.json``, ``network.json``, ``checkpoint_
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -31,6 +30,7 @@ from ..errors import ReCoKDError
 from ..losses.registry import KD_METHODS, resolve_method
 from ..models.unet import UNetSpec, build_unet, dynunet_tap_names
 from ..models.weights import load_weights
+from ..utils.io import read_json
 from ..utils.runtime import configure_cpu, resolve_device
 from ..training.loop import DistillTrainModule, EpochTrainer, RunConfig, SegTrainModule, ValCase
 from ..training.splits import fixed_split, kfold_split
@@ -172,12 +172,7 @@ def config_from_args(args: Any, plans: Plans) -> RunConfig:
 
 
 def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise ReCoKDError(f"{what} {path} does not exist; is this a finished run folder?")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ReCoKDError(f"{what} {path} is unreadable ({e})") from None
+    return read_json(path, what, hint="is this a finished run folder?")
 
 
 def run_training(args: Any, role: str) -> int:
