@@ -8,15 +8,15 @@ from .train import add_run_arguments
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..workflows.runs import run_training
     from ..training.splits import parse_fold
+    from ..workflows.runs import RunSpec, run_training
 
     if not args.resume and not args.teacher:
         from ..errors import ReCoKDError
 
         raise ReCoKDError("distill needs --teacher RUN (a folder written by `recokd train`)")
     args.fold = parse_fold(args.fold)
-    return run_training(args, "student")
+    return run_training(RunSpec.from_args(args, "student"))
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -8,38 +8,40 @@ from .plan import add_cache_argument, add_planner_arguments
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``train`` and ``distill``."""
+    """Options shared by ``train`` and ``distill``. The training options default to None: their defaults
+    live in one place, :class:`~ReCoKDLib.training.loop.RunConfig`, and are quoted from it here."""
+    from ..training.loop import RunConfig as D  # the defaults
     p.add_argument("dataset", help="dataset folder (holds dataset.json)")
     p.add_argument("-o", "--output", required=True, help="run folder to write (or to continue with --resume)")
     add_cache_argument(p)
     p.add_argument("--fold", default="0", help="cross-validation fold 0-4, or 'all' (default 0)")
     p.add_argument("--val-cases", dest="val_cases", help="file of validation case ids, one per line (instead of folds)")
-    p.add_argument("--epochs", type=int, default=50, help="epochs (default 50)")
-    p.add_argument("--iters-per-epoch", dest="iters_per_epoch", type=int, default=50,
-                   help="iterations per epoch (default 50; nnU-Net uses 250)")
+    p.add_argument("--epochs", type=int, help=f"epochs (default {D.epochs})")
+    p.add_argument("--iters-per-epoch", dest="iters_per_epoch", type=int,
+                   help=f"iterations per epoch (default {D.iters_per_epoch}; nnU-Net uses 250)")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="patches per iteration and process (default: plan's)")
     p.add_argument("--patch-size", dest="patch_size", type=int, nargs=3, metavar=("D", "H", "W"),
                    help="training patch (default: plan's)")
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
-                   help="sgd (Nesterov, momentum 0.99; default) or adamw")
-    p.add_argument("--lr", type=float, help="initial learning rate, poly decay (default 0.01 for sgd, 1e-3 for adamw)")
-    p.add_argument("--weight-decay", dest="weight_decay", type=float, default=3e-5, help="weight decay (default 3e-5)")
-    p.add_argument("--grad-clip", dest="grad_clip", type=float, default=12.0, help="gradient-norm clip (default 12; 0: off)")
-    p.add_argument("--ema-decay", dest="ema_decay", type=float, default=0.999,
-                   help="EMA decay of the weights validated and exported (default 0.999)")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"],
+                   help=f"sgd (Nesterov, momentum {D.momentum}) or adamw (default {D.optimizer})")
+    p.add_argument("--lr", type=float, help=f"initial learning rate, poly decay (default {D.lr} for sgd, 1e-3 for adamw)")
+    p.add_argument("--weight-decay", dest="weight_decay", type=float, help=f"weight decay (default {D.weight_decay:g})")
+    p.add_argument("--grad-clip", dest="grad_clip", type=float, help=f"gradient-norm clip (default {D.grad_clip:g}; 0: off)")
+    p.add_argument("--ema-decay", dest="ema_decay", type=float,
+                   help=f"EMA decay of the weights validated and exported (default {D.ema_decay})")
     p.add_argument("--no-augment", dest="no_augment", action="store_true", help="no data augmentation")
     p.add_argument("--elastic", action="store_true", help="add elastic deformation (slow on CPU)")
-    p.add_argument("--workers", type=int, help="background data-loading processes (default 2)")
-    p.add_argument("--val-every", dest="val_every", type=int, default=1, help="validate every N epochs (default 1)")
-    p.add_argument("--val-max-cases", dest="val_max_cases", type=int, default=0,
-                   help="validate on at most N cases (default 0: all)")
-    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=0,
-                   help="also checkpoint every K iterations (default 0: at epoch ends only)")
+    p.add_argument("--workers", type=int, help=f"background data-loading processes (default {D.num_workers})")
+    p.add_argument("--val-every", dest="val_every", type=int, help=f"validate every N epochs (default {D.val_every})")
+    p.add_argument("--val-max-cases", dest="val_max_cases", type=int,
+                   help=f"validate on at most N cases (default {D.val_max_cases}: all)")
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int,
+                   help=f"also checkpoint every K iterations (default {D.checkpoint_every}: at epoch ends only)")
     p.add_argument("--resume", action="store_true", help="continue the run in -o from its latest checkpoint")
     p.add_argument("--stop-after-epochs", dest="stop_after_epochs", type=int,
                    help="stop (checkpointed) after N epochs of this invocation; continue later with --resume")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument("--seed", type=int, help=f"random seed (default {D.seed})")
+    p.add_argument("--device", help=f"auto, cpu or cuda (default {D.device})")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit-exact resume)")
     p.add_argument("--no-amp", dest="no_amp", action="store_true", help="no mixed precision on CUDA")
     p.add_argument("--threads", type=int, help="CPU threads per process (default: torch's)")
@@ -47,11 +49,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..workflows.runs import run_training
     from ..training.splits import parse_fold
+    from ..workflows.runs import RunSpec, run_training
 
     args.fold = parse_fold(args.fold)
-    return run_training(args, "teacher")
+    return run_training(RunSpec.from_args(args, "teacher"))
 
 
 def register(sub: argparse._SubParsersAction) -> None:

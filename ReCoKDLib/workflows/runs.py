@@ -10,7 +10,7 @@ A run folder holds ``run.json``, ``plans.json``, ``network.json``, ``checkpoint_
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -157,82 +157,147 @@ def _check_patch(patch: tuple[int, ...], spec: UNetSpec) -> None:
         raise ReCoKDError(f"patch size {list(patch)} must be 3 multiples of the network's total stride {list(spec.divisor)}")
 
 
-def config_from_args(args: Any, plans: Plans) -> RunConfig:
-    patch = tuple(args.patch_size) if args.patch_size else tuple(plans.patch_size)
-    return RunConfig(
-        epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
-        batch_size=args.batch_size or plans.batch_size, patch_size=patch,  # type: ignore[arg-type]
-        optimizer=args.optimizer, lr=args.lr if args.lr is not None else (0.01 if args.optimizer == "sgd" else 1e-3),
-        weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay,
-        augment=not args.no_augment, elastic=args.elastic, num_workers=args.workers if args.workers is not None else 2,
-        val_every=args.val_every, val_max_cases=args.val_max_cases, checkpoint_every=args.checkpoint_every,
-        seed=args.seed, device=args.device, deterministic=args.deterministic, amp=not args.no_amp,
-        num_threads=args.threads,
-    )
+#: the command-line names of RunConfig's fields (``recokd train/distill --NAME``); ``no_*`` flags negate
+_CLI_TO_CONFIG = {"epochs": "epochs", "iters_per_epoch": "iters_per_epoch", "batch_size": "batch_size",
+                  "patch_size": "patch_size", "optimizer": "optimizer", "lr": "lr", "weight_decay": "weight_decay",
+                  "grad_clip": "grad_clip", "ema_decay": "ema_decay", "elastic": "elastic", "workers": "num_workers",
+                  "val_every": "val_every", "val_max_cases": "val_max_cases", "checkpoint_every": "checkpoint_every",
+                  "seed": "seed", "device": "device", "deterministic": "deterministic", "threads": "num_threads"}
+_CLI_NEGATED = {"no_augment": "augment", "no_amp": "amp"}
+#: what a resumed run may change (applied and recorded); everything else comes from its run.json
+RESUMABLE_OPTIONS = ("device", "num_workers", "num_threads")
+
+
+@dataclass
+class RunSpec:
+    """One ``recokd train`` (role ``teacher``) or ``recokd distill`` (role ``student``) run, typed.
+
+    Built from the command line (:meth:`from_args`); a resumed run takes its identity, plan, schedule
+    and distillation settings from its own ``run.json`` (:meth:`resumed_from`). :func:`run_training`
+    reads nothing else. ``training`` holds the :class:`~ReCoKDLib.training.loop.RunConfig` fields given
+    explicitly; :meth:`config` fills the rest from RunConfig's defaults (the one place they live) and
+    the plan (patch and batch size).
+    """
+
+    role: str
+    dataset: str
+    output: str
+    cache: str | None = None
+    fold: int | str = 0
+    val_cases_file: str | None = None
+    plans_file: str | None = None  # teacher: a plans.json instead of planning
+    planner: PlannerOptions = field(default_factory=PlannerOptions)  # teacher: planner options
+    teacher: str | None = None  # student: the teacher's run folder
+    method: str = "none"
+    taps: str = "encoder"
+    width_factor: float | None = None
+    lambda_max: float | None = None
+    temperature: float | None = None
+    warmup_fraction: float = 0.6
+    training: dict[str, Any] = field(default_factory=dict)
+    resume: bool = False
+    stop_after_epochs: int | None = None
+    progress: bool = True
+
+    @classmethod
+    def from_args(cls, args: Any, role: str) -> "RunSpec":
+        """From the parsed ``recokd train`` / ``distill`` arguments."""
+        training = {name: getattr(args, cli) for cli, name in _CLI_TO_CONFIG.items() if getattr(args, cli, None) is not None}
+        training.update({name: not getattr(args, cli) for cli, name in _CLI_NEGATED.items() if getattr(args, cli, False)})
+        for flag in ("elastic", "deterministic"):  # store_true flags: only when given
+            if not getattr(args, flag, False):
+                training.pop(flag, None)
+        spec = cls(role=role, dataset=args.dataset, output=args.output, cache=args.cache, fold=args.fold,
+                   val_cases_file=args.val_cases, training=training, resume=args.resume,
+                   stop_after_epochs=args.stop_after_epochs, progress=not args.no_progress)
+        if role == "teacher":
+            spec.plans_file = args.plans
+            spec.planner = PlannerOptions(args.patch_budget, args.max_levels, args.base_filters, args.max_filters)
+        else:
+            spec.teacher, spec.method, spec.taps = args.teacher, args.method, args.taps
+            spec.width_factor, spec.lambda_max = args.width_factor, args.lambda_max
+            spec.temperature, spec.warmup_fraction = args.temperature, args.warmup_fraction
+        return spec
+
+    def resumed_from(self, saved: dict[str, Any]) -> "RunSpec":
+        """This invocation continuing the run described by ``saved`` (its ``run.json``): the run's own
+        settings, plus what may change on resume (:data:`RESUMABLE_OPTIONS`, ``--stop-after-epochs``)."""
+        kd = saved.get("kd_options") or {}
+        resumable = {k: v for k, v in self.training.items() if k in RESUMABLE_OPTIONS}
+        resumable.setdefault("device", "auto")  # the device is this invocation's, never the saved one's
+        return replace(
+            self, fold=saved["fold"], val_cases_file=saved.get("val_cases_file"),
+            teacher=saved.get("teacher_run"), method=saved.get("method") or "none", taps=saved.get("taps") or "encoder",
+            width_factor=saved.get("width_factor"), lambda_max=saved.get("lambda_max"),
+            temperature=kd.get("temperature"), warmup_fraction=kd.get("warmup_fraction", 0.6),
+            training={**saved["config"], **resumable},
+        )
+
+    def config(self, plans: Plans) -> RunConfig:
+        """The run's :class:`RunConfig`: the explicit options, else the plan's patch and batch size and the
+        optimiser's learning rate (0.01 for SGD, 1e-3 for AdamW), else RunConfig's defaults."""
+        given = dict(self.training)
+        given.setdefault("patch_size", tuple(plans.patch_size))
+        given.setdefault("batch_size", plans.batch_size)
+        if "lr" not in given:
+            given["lr"] = 1e-3 if given.get("optimizer") == "adamw" else RunConfig.lr
+        return RunConfig.from_dict(given)
 
 
 def _read_json(path: Path, what: str) -> dict:
     return read_json(path, what, hint="is this a finished run folder?")
 
 
-def run_training(args: Any, role: str) -> int:
-    """``recokd train`` (role ``teacher``) and ``recokd distill`` (role ``student``)."""
-    device, rank, world = init_distributed(args.device)
+def run_training(run_spec: RunSpec) -> int:
+    """``recokd train`` (role ``teacher``) and ``recokd distill`` (role ``student``) of one :class:`RunSpec`."""
+    device, rank, world = init_distributed(run_spec.training.get("device", "auto"))
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        return _run(args, role, device, rank, world)
+        return _run(run_spec, device, rank, world)
     finally:
         torch.use_deterministic_algorithms(deterministic)
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _run(args: Any, role: str, device: torch.device, rank: int, world: int) -> int:
-    out = Path(args.output)
-    progress = not args.no_progress
-    saved = _read_json(out / "run.json", "run file") if args.resume and (out / "run.json").is_file() else None
-    if not args.resume and (out / "checkpoint_latest.pt").is_file():
+def _run(run_spec: RunSpec, device: torch.device, rank: int, world: int) -> int:
+    out, role, progress = Path(run_spec.output), run_spec.role, run_spec.progress
+    saved = _read_json(out / "run.json", "run file") if run_spec.resume and (out / "run.json").is_file() else None
+    if not run_spec.resume and (out / "checkpoint_latest.pt").is_file():
         raise ReCoKDError(f"{out} already holds a run; add --resume to continue it or choose another -o folder")
     if saved is not None and saved.get("role") != role:
         raise ReCoKDError(f"{out} holds a {saved.get('role')} run; resume it with the matching command")
+    if saved is not None:
+        run_spec = run_spec.resumed_from(saved)
 
-    dataset = open_dataset(args.dataset)
+    dataset = open_dataset(run_spec.dataset)
     teacher_run = None
     if role == "student":
-        teacher_run = Path(saved["teacher_run"] if saved else args.teacher)
+        teacher_run = Path(run_spec.teacher)
         teacher_info = _read_json(teacher_run / "run.json", "teacher run file")
         if teacher_info.get("role") != "teacher":
             raise ReCoKDError(f"{teacher_run} is not a teacher run (role {teacher_info.get('role')!r}); pass a `recokd train` run")
         plans = Plans.load(teacher_run / "plans.json")
         teacher_spec = UNetSpec.from_json((teacher_run / "network.json").read_text())
-        root = results_root(dataset.name, args.cache)
+        root = results_root(dataset.name, run_spec.cache)
         if _is_main():
             preprocess_dataset(dataset, plans, root, progress=progress)
         _barrier()
     else:
-        planner = PlannerOptions(args.patch_budget, args.max_levels, args.base_filters, args.max_filters)
-        if args.plans:
-            plans = Plans.load(args.plans)
-            root = results_root(dataset.name, args.cache)
+        if run_spec.plans_file:
+            plans = Plans.load(run_spec.plans_file)
+            root = results_root(dataset.name, run_spec.cache)
             if _is_main():
                 preprocess_dataset(dataset, plans, root, progress=progress)
             _barrier()
         else:
-            plans, root, _ = prepare_plans(dataset, args.cache, planner, progress=progress)
+            plans, root, _ = prepare_plans(dataset, run_spec.cache, run_spec.planner, progress=progress)
         teacher_spec = plans.unet_spec
     if dataset.num_channels != plans.num_channels or dataset.labels != plans.labels:
         raise ReCoKDError(f"the plan (labels {plans.labels}) does not fit dataset '{dataset.name}' (labels {dataset.labels})")
 
-    if saved is not None:
-        config = RunConfig.from_dict(saved["config"])
-        config.device = args.device
-        if args.workers is not None:
-            config.num_workers = args.workers
-        config.num_threads = args.threads if args.threads is not None else config.num_threads
-        fold, seed = saved["fold"], config.seed
-    else:
-        config = config_from_args(args, plans)
-        fold, seed = args.fold, args.seed
+    config = run_spec.config(plans)
+    fold = run_spec.fold
     configure_cpu(config.num_threads)
     if config.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -241,8 +306,8 @@ def _run(args: Any, role: str, device: torch.device, rank: int, world: int) -> i
     _check_patch(config.patch_size, teacher_spec)
 
     ids = [r.case_id for r in dataset.training]
-    val_file = (saved or {}).get("val_cases_file") if saved else args.val_cases
-    train_ids, val_ids = fixed_split(ids, val_file) if val_file else kfold_split(ids, fold, seed)
+    val_file = run_spec.val_cases_file
+    train_ids, val_ids = fixed_split(ids, val_file) if val_file else kfold_split(ids, fold, config.seed)
 
     cases = {i: load_preprocessed(root, plans, i) for i in train_ids}
     missing = [i for i, c in cases.items() if c.label is None]
@@ -263,13 +328,8 @@ def _run(args: Any, role: str, device: torch.device, rank: int, world: int) -> i
         network = build_unet(spec)
         module = SegTrainModule(network)
     else:
-        method = saved["method"] if saved else args.method
-        taps = saved["taps"] if saved else args.taps
-        width_factor = float(saved["width_factor"] if saved else args.width_factor)
-        opts = saved.get("kd_options", {}) if saved else {}
-        temperature = opts.get("temperature") if saved else args.temperature
-        warmup = opts.get("warmup_fraction", 0.6) if saved else args.warmup_fraction
-        lam_arg = saved.get("lambda_max") if saved else args.lambda_max
+        method, taps, width_factor = run_spec.method, run_spec.taps, float(run_spec.width_factor)
+        temperature, warmup, lam_arg = run_spec.temperature, run_spec.warmup_fraction, run_spec.lambda_max
         if method not in KD_METHODS:
             raise ReCoKDError(f"unknown KD method {method!r}; choose one of {', '.join(KD_METHODS)}")
         terms, _ = resolve_method(method)
@@ -320,19 +380,19 @@ def _run(args: Any, role: str, device: torch.device, rank: int, world: int) -> i
         module, network, lambda: build_unet(spec), data, val_cases, num_classes, _label_names(plans), config, out,
         run_info, name=f"{role} {method}" if role == "student" else "teacher", progress=progress, device=device,
     )
-    if args.resume and (out / "checkpoint_latest.pt").is_file():
+    if run_spec.resume and (out / "checkpoint_latest.pt").is_file():
         trainer.resume()
         if rank == 0:
             print(f"resuming {out} at iteration {trainer.step}/{config.total_steps} "
                   f"(epoch {trainer.step // config.iters_per_epoch + 1})", flush=True)
-    elif args.resume and rank == 0:
+    elif run_spec.resume and rank == 0:
         print(f"no checkpoint in {out}; starting from the beginning", flush=True)
     trainer.write_run_json()
     if trainer.step >= config.total_steps:
         if rank == 0:
             print(f"{out} has finished already ({config.total_steps} iterations)")
         return 0
-    trainer.fit(stop_after_epochs=args.stop_after_epochs)
+    trainer.fit(stop_after_epochs=run_spec.stop_after_epochs)
     if rank == 0:
         best = trainer.best
         if trainer.step >= config.total_steps:
