@@ -182,3 +182,35 @@ def test_rotated_patches_are_resampled_from_a_larger_crop():
         # foreground-centred patches in the middle of a uniform volume: no empty corners after rotation
         assert torch.allclose(img, torch.ones_like(img), atol=1e-4)
         assert set(lab.unique().tolist()) <= {0, 1} and bool((lab == 1).any())
+
+
+@pytest.mark.parametrize("role", ["teacher", "student"])
+def test_the_run_plan_is_the_trained_one_and_prediction_reproduces_validation_dice(runs, role, tmp_path):
+    """One owner for the patch: the run's plans.json holds the patch it trained with (here --patch-size,
+    not the planned one) and its own network; so the exported bundle predicts with the training window,
+    and `recokd predict` + `recokd evaluate` on the validation case give the validation Dice of run.json."""
+    from ReCoKDLib.data.planning import Plans
+    from ReCoKDLib.deployment.bundle import export_run, load_bundle
+
+    run = runs[role]
+    info = json.loads((run / "run.json").read_text())
+    plans = Plans.load(run / "plans.json")
+    assert list(plans.patch_size) == info["config"]["patch_size"] == [16, 32, 32]
+    assert plans.unet_spec == UNetSpec.from_json((run / "network.json").read_text())
+    assert list(Plans.load(runs["cache"] / "plans.json").patch_size) != [16, 32, 32]  # the planned one differs
+    bundle = load_bundle(export_run(run, tmp_path / f"{role}.recokd"))
+    assert list(bundle.plans.patch_size) == [16, 32, 32]
+    (val,) = info["val_cases"]
+    (tmp_path / "pred").mkdir()
+    assert main(["predict", "-m", str(tmp_path / f"{role}.recokd"), "-i", str(runs["data"] / "imagesTr" / f"{val}_0000.nii.gz"),
+                 "-o", str(tmp_path / "pred" / f"{val}.nii.gz"), "--device", "cpu", "--no-progress"]) == 0
+    (tmp_path / "gt").mkdir()
+    (tmp_path / "gt" / f"{val}.nii.gz").symlink_to(runs["data"] / "labelsTr" / f"{val}.nii.gz")
+    assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "--labels", str(runs["data"] / "dataset.json"),
+                 "--json", str(tmp_path / "e.json")]) == 0
+    scored = json.loads((tmp_path / "e.json").read_text())["mean"]["dice"]
+    validated = info["metrics"]["dice_per_class"]
+    assert sum(v is not None and v > 0 for v in validated.values()) >= 1, validated  # something to compare
+    for name, value in validated.items():
+        if value is not None:
+            assert scored[name] == pytest.approx(value, abs=1e-4), name

@@ -373,7 +373,9 @@ def _run(run_spec: RunSpec, device: torch.device, rank: int, world: int) -> int:
     }
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        plans.save(out / "plans.json")
+        # the run's plan is the one it trained with: its patch (the window the predictor and the ONNX export
+        # use) and its own network (a student's, not the teacher's), so plans.json and network.json agree
+        replace(plans, patch_size=tuple(config.patch_size), network=spec.to_dict()).save(out / "plans.json")
         (out / "network.json").write_text(spec.to_json() + "\n")
     _barrier()
     trainer = EpochTrainer(
