@@ -1,4 +1,4 @@
-"""Patch sampling, metrics, a real (short) distillation on the phantom, and the demo command."""
+"""Metrics, a real (short) distillation on the phantom through the epoch loop, and the demo command."""
 
 import json
 
@@ -8,27 +8,10 @@ import torch
 
 from ReCoKDLib.cli import main
 from ReCoKDLib.data.phantom import generate_dataset
-from ReCoKDLib.data.sampling import PatchSampler
+from ReCoKDLib.data.loader import AugmentConfig, PatchBatches
 from ReCoKDLib.distill import Distiller
 from ReCoKDLib.models import build_pair, dynunet_tap_names, isotropic_spec
-from ReCoKDLib.training import Case, DistillationTrainer, TrainConfig, Trainer, dice_per_class
-
-
-def test_patch_sampler_oversamples_foreground_and_pads():
-    label = torch.zeros(40, 40, 40, dtype=torch.long)
-    label[5:7, 30:32, 10:12] = 2  # an 8-voxel structure
-    image = torch.randn(1, 40, 40, 40)
-    sampler = PatchSampler([image], [label], (16, 16, 16), batch_size=3, seed=1)
-    hits = 0
-    for _ in range(20):
-        x, y = sampler.next()
-        assert x.shape == (3, 1, 16, 16, 16) and y.shape == (3, 1, 16, 16, 16)
-        assert (y[2] == 2).any(), "the last third of each batch must contain foreground"
-        hits += int((y[0] == 2).any())
-    assert hits < 20  # the rest are placed at random
-    small = PatchSampler([torch.randn(1, 8, 20, 20)], [torch.ones(8, 20, 20)], (16, 16, 16), batch_size=1)
-    x, y = small.next()
-    assert x.shape == (1, 1, 16, 16, 16) and int((y == 0).sum()) > 0  # padded with background
+from ReCoKDLib.training import DistillTrainModule, EpochTrainer, RunConfig, SegTrainModule, ValCase, dice_per_class
 
 
 def test_dice_per_class_values():
@@ -42,29 +25,35 @@ def test_dice_per_class_values():
     assert d[0] == pytest.approx(2 * 4 / 12) and d[1] == pytest.approx(1.0) and np.isnan(d[2])
 
 
-def test_short_distillation_on_phantom_lowers_kd_terms_and_seg_loss():
+def _loop(module, network, make, cases, steps, run_dir, val=()):
+    config = RunConfig(epochs=steps // 5, iters_per_epoch=5, batch_size=2, patch_size=(32, 32, 32), optimizer="adamw",
+                       lr=3e-3, num_workers=0, augment=False, device="cpu")
+    batches = PatchBatches([c.image.numpy() for c in cases], [c.label.numpy() for c in cases], config.patch_size,
+                           batch_size=2, seed=0, augment=AugmentConfig(enabled=False), length=steps)
+    trainer = EpochTrainer(module, network, make, batches, val, 5, ["organ", "kidney", "vessel", "lesion"], config,
+                           run_dir, {"metrics": {}}, progress=False)
+    trainer.fit()
+    return trainer
+
+
+def test_short_distillation_on_phantom_lowers_kd_terms_and_seg_loss(tmp_path):
+    """The same epoch loop as `recokd distill` (and the demo), on in-memory phantom cases."""
     phantoms = generate_dataset(3, seed=3, shape=(32, 32, 32))
-    cases = [Case(p.name, torch.from_numpy(p.image), torch.from_numpy(p.label.astype(np.int64))) for p in phantoms]
+    cases = [ValCase(p.name, torch.from_numpy(p.image), torch.from_numpy(p.label.astype(np.int64))) for p in phantoms]
     spec = isotropic_spec(1, 5, num_levels=3, filters=[16, 32, 64])
     torch.manual_seed(0)
     teacher, student = build_pair(spec, 4)
     # A briefly trained teacher: its features carry structure worth imitating.
-    teacher_config = TrainConfig(steps=20, patch_size=(32, 32, 32), optimizer="adamw", lr=3e-3, device="cpu")
-    Trainer(teacher, 5, cases, config=teacher_config).fit(progress=False)
+    _loop(SegTrainModule(teacher), teacher, lambda: build_pair(spec, 4)[0], cases, 20, tmp_path / "teacher")
     taps = dynunet_tap_names(spec)
     distiller = Distiller(teacher, student, taps, taps, num_classes=5, warmup_fraction=0.0)
-    config = TrainConfig(steps=30, batch_size=2, patch_size=(32, 32, 32), optimizer="adamw", lr=3e-3, seed=0,
-                         device="cpu")
-    history = DistillationTrainer(distiller, cases, config=config).fit(progress=False)
+    run = _loop(DistillTrainModule(distiller), student, lambda: build_pair(spec, 4)[1], cases, 30, tmp_path / "student",
+                val=cases[:1])
     distiller.close()
-    steps = history.steps
-    assert len(steps) == 30
-
-    def mean(key, part):
-        return float(np.mean([s[key] for s in part]))
-
+    rows = run.history
+    assert len(rows) == 6 and "dice_mean" in rows[-1]
     for key in ("seg", "msard_fg", "msard_bg", "msard_att", "msca"):
-        first, last = mean(key, steps[:5]), mean(key, steps[-5:])
+        first, last = rows[0][f"loss_{key}"], rows[-1][f"loss_{key}"]
         assert last < first, f"{key}: {first:.4f} -> {last:.4f}"
 
 
@@ -75,6 +64,8 @@ def test_demo_quick_writes_table_weights_and_figure(tmp_path, capsys):
     assert "| teacher |" in printed and "student + ReCo-KD" in printed and "gap" in printed
     for name in ("results.md", "results.json", "demo.png", "teacher.safetensors", "student_recokd.safetensors"):
         assert (out / name).is_file(), name
+    for run in ("teacher", "student_none", "student_recokd"):  # the same loop as recokd train/distill: run folders
+        assert (out / "runs" / run / "log.csv").is_file() and (out / "runs" / run / "checkpoint_latest.pt").is_file()
     summary = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in summary["results"]] == ["teacher", "student (no KD)", "student + ReCo-KD"]
     teacher, student = (summary["results"][i]["parameters"] for i in (0, 1))

@@ -3,6 +3,10 @@
 It generates a phantom dataset, trains a teacher, then trains two students of the same width for the
 same number of steps and seed, one on labels alone and one with ReCo-KD, evaluates all three on held-out
 phantom cases and writes a table (markdown + JSON), the weights (safetensors) and a figure.
+
+Training runs through the same loop as ``recokd train`` / ``distill`` (:class:`EpochTrainer`: the batch
+stream of :class:`~ReCoKDLib.data.loader.PatchBatches` over the in-memory cases, EMA, validation with the
+loop's Dice), each model in a run folder under ``<output>/runs``; the EMA weights are evaluated and saved.
 """
 
 from __future__ import annotations
@@ -16,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.loader import AugmentConfig, PatchBatches
 from ..data.phantom import PHANTOM_COLORS, PHANTOM_LABELS, generate_dataset
 from ..distill import Distiller
 from ..errors import ReCoKDError
 from ..inference import predict_labels
-from ..models import build_pair, save_weights, count_parameters, dynunet_tap_names, isotropic_spec
-from ..training import Case, DistillationTrainer, TrainConfig, Trainer, dice_per_class
+from ..models import build_pair, count_parameters, dynunet_tap_names, isotropic_spec, save_weights
+from ..training.loop import DistillTrainModule, EpochTrainer, RunConfig, SegTrainModule, ValCase
 from ..utils.runtime import configure_cpu, resolve_device
 from ..utils.io import atomic_write_text
 
@@ -44,6 +49,7 @@ class DemoConfig:
     lr: float = 3e-3
     method: str = "recokd"
     lambda_max: float | None = None
+    augment: bool = False  # the short CPU schedule learns more without it (issue 14 measured why)
     taps: str = "encoder"
     seed: int = 0
     device: str = "auto"
@@ -81,29 +87,57 @@ def _check(cfg: DemoConfig) -> None:
         raise ReCoKDError(f"patch size {cfg.patch_size} exceeds the phantom size {cfg.size}; lower the patch size")
 
 
-def _to_cases(phantoms) -> list[Case]:
-    return [Case(p.name, torch.from_numpy(p.image), torch.from_numpy(p.label.astype(np.int64))) for p in phantoms]
+def _to_cases(phantoms) -> list[ValCase]:
+    return [ValCase(p.name, torch.from_numpy(p.image), torch.from_numpy(p.label.astype(np.int64))) for p in phantoms]
 
 
-def _evaluate(name, net, cases, cfg, device, label_names, train_seconds, history) -> tuple[ModelResult, list]:
+def _schedule(steps: int) -> tuple[int, int]:
+    """``steps`` as epochs × iterations per epoch (at most 50 per epoch, exactly ``steps`` in all)."""
+    per_epoch = next(d for d in range(min(steps, 50), 0, -1) if steps % d == 0)
+    return steps // per_epoch, per_epoch
+
+
+def _train(name: str, module, network, make_network, steps: int, cfg: "DemoConfig", train_cases, test_cases,
+           label_names, run_dir: Path, device) -> EpochTrainer:
+    """One model through the epoch loop (validated on the test cases at the end)."""
+    patch = (cfg.patch_size,) * 3
+    epochs, per_epoch = _schedule(steps)
+    config = RunConfig(epochs=epochs, iters_per_epoch=per_epoch, batch_size=cfg.batch_size, patch_size=patch,
+                       optimizer=cfg.optimizer, lr=cfg.lr, augment=cfg.augment, num_workers=0, val_every=epochs,
+                       seed=cfg.seed, device=str(device), num_threads=cfg.threads)
+    batches = PatchBatches([c.image.numpy() for c in train_cases], [c.label.numpy() for c in train_cases], patch,
+                           batch_size=cfg.batch_size, foreground_fraction=config.foreground_fraction, seed=cfg.seed,
+                           augment=AugmentConfig(enabled=cfg.augment), length=steps)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    info = {"version": 1, "role": "teacher" if isinstance(module, SegTrainModule) else "student",
+            "dataset_name": "ReCoKD phantom (demo)", "config": config.to_dict(), "metrics": {}}
+    trainer = EpochTrainer(module, network, make_network, batches, test_cases, len(label_names) + 1, label_names,
+                           config, run_dir, info, name=name, progress=cfg.progress, device=device)
+    trainer.fit()
+    return trainer
+
+
+def _evaluate(name, trainer: EpochTrainer, cases, cfg, device, label_names) -> tuple[ModelResult, list]:
+    """Dice from the loop's final validation (the EMA weights on the test cases); CPU time per volume and
+    the predictions for the figure from the same weights."""
+    net = trainer.ema_net
     roi = (cfg.patch_size,) * 3
-    scores, times, predictions = [], [], []
+    times, predictions = [], []
     for case in cases:
-        for repeat in range(max(cfg.timing_repeats, 1)):
+        for _ in range(max(cfg.timing_repeats, 1)):
             start = time.perf_counter()
             pred = predict_labels(net, case.image, roi, device=device)
             times.append(time.perf_counter() - start)
         predictions.append(pred)
-        scores.append(dice_per_class(pred, case.label, len(label_names) + 1))
-    per_class = np.nanmean(np.stack(scores), axis=0)
+    final = trainer.history[-1]
     result = ModelResult(
         name=name,
-        dice={n: float(d) for n, d in zip(label_names, per_class)},
-        dice_mean=float(np.nanmean(per_class)),
+        dice={n: float(final[f"dice_{n}"]) for n in label_names},
+        dice_mean=float(final["dice_mean"]),
         parameters=count_parameters(net),
         seconds_per_volume=statistics.median(times),
-        train_seconds=train_seconds,
-        history=history,
+        train_seconds=float(sum(r.get("seconds", 0.0) for r in trainer.history)),
+        history=trainer.history,
     )
     return result, predictions
 
@@ -152,44 +186,47 @@ def run_demo(cfg: DemoConfig) -> dict:
     if any(p % d for p, d in zip(patch, spec.divisor)):
         raise ReCoKDError(f"patch size {cfg.patch_size} is not a multiple of the network's stride {spec.divisor[0]}")
 
-    def config(steps: int) -> TrainConfig:
-        return TrainConfig(steps=steps, batch_size=cfg.batch_size, patch_size=patch, optimizer=cfg.optimizer,
-                           lr=cfg.lr, seed=cfg.seed, device=str(device), num_threads=cfg.threads)
+    def make_teacher():
+        return build_pair(spec, cfg.width_factor)[0]
 
+    def make_student():
+        return build_pair(spec, cfg.width_factor)[1]
+
+    runs = out / "runs"
     torch.manual_seed(cfg.seed)
-    teacher, _ = build_pair(spec, cfg.width_factor)
-    trainer = Trainer(teacher, num_classes, train, (), config(cfg.teacher_steps), label_names, name="teacher")
-    t_hist = trainer.fit(progress=cfg.progress)
+    teacher = make_teacher()
+    t_run = _train("teacher", SegTrainModule(teacher), teacher, make_teacher, cfg.teacher_steps, cfg, train, test,
+                   label_names, runs / "teacher", device)
 
-    # Both students start from the same initial weights and see the same batches.
+    # Both students start from the same initial weights and see the same batches; the teacher they learn
+    # from is its EMA weights, as `recokd distill` loads them.
     torch.manual_seed(cfg.seed + 1)
-    _, student_init = build_pair(spec, cfg.width_factor)
-    init_state = {k: v.clone() for k, v in student_init.state_dict().items()}
-    _, plain = build_pair(spec, cfg.width_factor)
+    init_state = {k: v.clone() for k, v in make_student().state_dict().items()}
+    plain = make_student()
     plain.load_state_dict(init_state)
-    s_hist = Trainer(plain, num_classes, train, (), config(cfg.student_steps), label_names,
-                     name="student (no KD)").fit(progress=cfg.progress)
+    s_run = _train("student (no KD)", SegTrainModule(plain), plain, make_student, cfg.student_steps, cfg, train, test,
+                   label_names, runs / "student_none", device)
 
-    _, distilled = build_pair(spec, cfg.width_factor)
+    distilled = make_student()
     distilled.load_state_dict(init_state)
     taps = dynunet_tap_names(spec, cfg.taps)
-    with Distiller(teacher, distilled, taps, taps, num_classes, method=cfg.method, lambda_max=cfg.lambda_max,
+    with Distiller(t_run.ema_net, distilled, taps, taps, num_classes, method=cfg.method, lambda_max=cfg.lambda_max,
                    probe_shape=(1, 1, *patch)) as distiller:
-        k_hist = DistillationTrainer(distiller, train, (), config(cfg.student_steps), label_names,
-                                     name=f"student ({cfg.method})").fit(progress=cfg.progress)
+        k_run = _train(f"student ({cfg.method})", DistillTrainModule(distiller), distilled, make_student,
+                       cfg.student_steps, cfg, train, test, label_names, runs / f"student_{cfg.method}", device)
         lambda_max = distiller.lambda_max
 
     kd_name = "student + ReCo-KD" if cfg.method == "recokd" else f"student + {cfg.method}"
     results, predictions = [], {}
-    for name, net, hist in (("teacher", teacher, t_hist), ("student (no KD)", plain, s_hist), (kd_name, distilled, k_hist)):
-        r, preds = _evaluate(name, net, test, cfg, device, label_names, hist.seconds, hist.steps)
+    for name, run in (("teacher", t_run), ("student (no KD)", s_run), (kd_name, k_run)):
+        r, preds = _evaluate(name, run, test, cfg, device, label_names)
         results.append(r)
         predictions[name] = preds
     recovered = gap_recovered(results[0].dice_mean, results[1].dice_mean, results[2].dice_mean)
 
     table = format_table(results, label_names, recovered)
-    for name, net in (("teacher", teacher), ("student_nokd", plain), ("student_recokd", distilled)):
-        save_weights(net, out / f"{name}.safetensors")
+    for name, run in (("teacher", t_run), ("student_nokd", s_run), ("student_recokd", k_run)):
+        save_weights(run.ema_net, out / f"{name}.safetensors")
     (out / "teacher_spec.json").write_text(spec.to_json())
     (out / "student_spec.json").write_text(spec.student(cfg.width_factor).to_json())
 

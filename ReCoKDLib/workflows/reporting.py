@@ -3,17 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
-
-
-def _smooth(values: Sequence[float], window: int) -> np.ndarray:
-    values = np.asarray(values, dtype=float)
-    if len(values) < window or window < 2:
-        return values
-    kernel = np.ones(window) / window
-    return np.convolve(values, kernel, mode="valid")
 
 
 def _informative_slice(label: np.ndarray) -> int:
@@ -59,19 +50,17 @@ def demo_figure(path: Path, cases, predictions: dict, results, label_names: list
             ax.legend(handles, label_names, loc="lower left", fontsize=7, framealpha=0.6)
 
     ax = fig.add_subplot(grid[1, : max(1, len(panels) // 2)])
-    for r in results:
-        seg = [h["seg"] for h in r.history]
-        window = max(1, len(seg) // 20)
-        ax.plot(np.arange(len(_smooth(seg, window))) + window - 1, _smooth(seg, window), label=r.name)
+    for r in results:  # the loop's log rows: one per epoch, losses averaged over its iterations
+        epochs = [h["epoch"] for h in r.history]
+        ax.plot(epochs, [h["loss_seg"] for h in r.history], marker=".", label=r.name)
     kd = results[-1].history
-    kd_keys = [k for k in (kd[0] if kd else {}) if k.startswith(("msard", "msca", "logit", "fitnet", "cwd", "skd"))]
+    kd_keys = [k for k in (kd[0] if kd else {}) if k.startswith(("loss_msard", "loss_msca", "loss_logit", "loss_fitnet",
+                                                                  "loss_cwd", "loss_skd"))]
     if kd_keys:
-        total = [sum(h[k] for k in kd_keys) for h in kd]
-        window = max(1, len(total) // 20)
-        ax.plot(np.arange(len(_smooth(total, window))) + window - 1, _smooth(total, window), "--",
+        ax.plot([h["epoch"] for h in kd], [sum(h[k] for k in kd_keys) for h in kd], "--", marker=".",
                 label=f"{results[-1].name}: KD terms (before λ)")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("loss (moving average)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss (epoch mean)")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     ax.set_title("training curves", fontsize=10)
