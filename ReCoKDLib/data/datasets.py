@@ -404,10 +404,9 @@ def _resolve(root: Path, rel: Any, json_path: Path, what: str) -> Path:
 # layouts
 
 
-def _scan_nnunet_folder(
-    folder: Path, ending: str, num_channels: int
-) -> tuple[set[str], list[Path]]:
-    """Case ids found in an nnU-Net images folder, and the image files that fit no case."""
+def _scan_folder(folder: Path, ending: str, case_of) -> tuple[set[str], list[Path]]:
+    """Case ids in ``folder`` and the image files that fit no case. ``case_of(stem)`` gives
+    ``(case id or None, fits)`` for a file named ``stem + ending``."""
     cases: set[str] = set()
     unexpected: list[Path] = []
     if not folder.is_dir():
@@ -419,29 +418,27 @@ def _scan_nnunet_folder(
             if split_file_ending(f.name)[1].lower() in IMAGE_FILE_ENDINGS:
                 unexpected.append(f)
             continue
-        m = _CHANNEL_SUFFIX.match(f.name[: -len(ending)])
-        if m is None:
-            unexpected.append(f)
-            continue
-        cases.add(m.group("case"))
-        if int(m.group("channel")) >= num_channels:
+        case, fits = case_of(f.name[: -len(ending)])
+        if case is not None:
+            cases.add(case)
+        if not fits:
             unexpected.append(f)
     return cases, unexpected
+
+
+def _scan_nnunet_folder(folder: Path, ending: str, num_channels: int) -> tuple[set[str], list[Path]]:
+    """Case ids found in an nnU-Net images folder (``<case>_<channel:04d>``), and the files that fit no case."""
+    def case_of(stem: str):
+        m = _CHANNEL_SUFFIX.match(stem)
+        if m is None:
+            return None, False
+        return m.group("case"), int(m.group("channel")) < num_channels
+
+    return _scan_folder(folder, ending, case_of)
 
 
 def _scan_label_folder(folder: Path, ending: str) -> tuple[set[str], list[Path]]:
-    cases: set[str] = set()
-    unexpected: list[Path] = []
-    if not folder.is_dir():
-        return cases, unexpected
-    for f in sorted(folder.iterdir()):
-        if f.name.startswith(".") or not f.is_file():
-            continue
-        if f.name.endswith(ending):
-            cases.add(f.name[: -len(ending)])
-        elif split_file_ending(f.name)[1].lower() in IMAGE_FILE_ENDINGS:
-            unexpected.append(f)
-    return cases, unexpected
+    return _scan_folder(folder, ending, lambda stem: (stem, True))
 
 
 def _nnunet_split(

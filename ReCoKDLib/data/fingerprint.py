@@ -16,7 +16,6 @@ JSON (:meth:`Fingerprint.save` / :meth:`Fingerprint.load`).
 
 from __future__ import annotations
 
-import json
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import ReCoKDError
-from ..utils.io import atomic_write_text, read_json
+from ..utils.io import JSONDocument, read_json
 from .datasets import DatasetInfo, load_case
 
 __all__ = [
@@ -179,7 +178,7 @@ class IntensityStats:
 
 
 @dataclass(frozen=True)
-class Fingerprint:
+class Fingerprint(JSONDocument):
     """What planning needs to know about a dataset.
 
     Attributes:
@@ -291,13 +290,6 @@ class Fingerprint:
             raise ReCoKDError(f"fingerprint lacks the key {exc.args[0]!r}; compute the fingerprint again") from None
         except (TypeError, ValueError, AttributeError) as exc:
             raise ReCoKDError(f"malformed fingerprint ({exc}); compute the fingerprint again") from None
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-    def save(self, path: str | Path) -> None:
-        """Write the fingerprint as indented JSON (atomically)."""
-        atomic_write_text(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "Fingerprint":

@@ -57,7 +57,7 @@ import numpy as np
 
 from ..errors import ReCoKDError
 from ..models.unet import UNetSpec, nnunet_filters
-from ..utils.io import atomic_write_text
+from ..utils.io import JSONDocument
 from .fingerprint import Fingerprint, _read_json
 
 __all__ = [
@@ -141,7 +141,7 @@ class ChannelNormalisation:
 
 
 @dataclass(frozen=True)
-class Plans:
+class Plans(JSONDocument):
     """Everything training and inference need to preprocess data and build the teacher.
 
     Attributes:
@@ -291,13 +291,6 @@ class Plans:
             raise ReCoKDError(f"{source} lacks the key {exc.args[0]!r}; plan the experiment again") from None
         except (TypeError, ValueError, AttributeError) as exc:
             raise ReCoKDError(f"{source} is malformed ({exc}); fix it or plan the experiment again") from None
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-    def save(self, path: str | Path) -> None:
-        """Write the plan as indented, human-editable JSON (atomically)."""
-        atomic_write_text(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "Plans":

@@ -34,7 +34,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import SimpleITK as sitk
 import torch
-from monai.inferers import sliding_window_inference
 from torch import nn
 
 from ..deployment.bundle import Bundle, open_model
@@ -43,6 +42,7 @@ from ..data.preprocessing import preprocess_case, restore_label
 from ..errors import ReCoKDError
 from ..utils.geometry import lps_geometry_from_ijk_to_ras as geometry_from_ijk_to_ras
 from ..utils.io import atomic_write
+from .sliding_window import predict_logits
 from ..utils.runtime import resolve_device
 
 __all__ = [
@@ -143,30 +143,6 @@ def count_windows(image_shape: Sequence[int], roi_size: Sequence[int], overlap: 
     return total
 
 
-class _WindowPredictor(nn.Module):
-    """Wraps the network for MONAI: mirror TTA (logits averaged over flips) and window counting."""
-
-    def __init__(self, network: Any, mirror_axes: Sequence[int], on_windows: Callable[[int], None] | None):
-        super().__init__()
-        self.network = network
-        flips = [()]
-        for k in range(1, len(mirror_axes) + 1):
-            flips += [tuple(2 + a for a in combo) for combo in itertools.combinations(mirror_axes, k)]
-        self.flips = flips
-        self.on_windows = on_windows
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = None
-        for dims in self.flips:
-            xi = torch.flip(x, dims) if dims else x
-            yi = self.network(xi)
-            yi = torch.flip(yi, dims) if dims else yi
-            out = yi if out is None else out + yi
-        if self.on_windows is not None:
-            self.on_windows(int(x.shape[0]))
-        return out / len(self.flips)  # type: ignore[operator]
-
-
 def _sliding_window(
     network: Any,
     image: torch.Tensor,
@@ -182,18 +158,8 @@ def _sliding_window(
     Module-level so that tests can make it raise out-of-memory errors."""
     if isinstance(network, nn.Module):
         network.to(device)
-    wrapped = _WindowPredictor(network, mirror_axes, on_windows)
-    with torch.inference_mode():
-        return sliding_window_inference(
-            image.to(device),
-            roi_size=tuple(int(r) for r in roi_size),
-            sw_batch_size=sw_batch_size,
-            predictor=wrapped,
-            overlap=overlap,
-            mode="gaussian",
-            sw_device=device,
-            device=torch.device("cpu"),  # blend on the CPU: a large volume's logits need not fit the GPU
-        ).float()
+    return predict_logits(network, image.to(device), roi_size, overlap=overlap, sw_batch_size=sw_batch_size,
+                          device=device, mirror_axes=mirror_axes, on_windows=on_windows)[None]
 
 
 def _is_oom(exc: BaseException) -> bool:

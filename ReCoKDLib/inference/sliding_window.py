@@ -1,55 +1,92 @@
-"""Whole-volume prediction with MONAI's Gaussian-weighted sliding-window inferer."""
+"""Whole-volume prediction with MONAI's Gaussian-weighted sliding-window inferer: the one wrapper that
+training's validation, the demo and the bundle predictor (mirror TTA, progress, OOM fallback) all use."""
 
 from __future__ import annotations
 
-from typing import Sequence
+import itertools
+from typing import Any, Callable, Sequence
 
 import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
 
-@torch.no_grad()
+class WindowPredictor(nn.Module):
+    """Wraps a network for MONAI: mirror TTA (logits averaged over every flip of ``mirror_axes``, spatial
+    axes 0..2) and window counting (``on_windows(n)`` after each call of ``n`` windows)."""
+
+    def __init__(self, network: Any, mirror_axes: Sequence[int] = (), on_windows: Callable[[int], None] | None = None):
+        super().__init__()
+        self.network = network
+        flips = [()]
+        for k in range(1, len(mirror_axes) + 1):
+            flips += [tuple(2 + a for a in combo) for combo in itertools.combinations(mirror_axes, k)]
+        self.flips = flips
+        self.on_windows = on_windows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = None
+        for dims in self.flips:
+            xi = torch.flip(x, dims) if dims else x
+            yi = self.network(xi)
+            yi = torch.flip(yi, dims) if dims else yi
+            out = yi if out is None else out + yi
+        if self.on_windows is not None:
+            self.on_windows(int(x.shape[0]))
+        return out / len(self.flips)  # type: ignore[operator]
+
+
 def predict_logits(
-    network: nn.Module,
+    network: Any,
     image: torch.Tensor,
     roi_size: Sequence[int],
     overlap: float = 0.5,
     sw_batch_size: int = 2,
     device: torch.device | str | None = None,
+    mirror_axes: Sequence[int] = (),
+    on_windows: Callable[[int], None] | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """Logits of a whole volume.
 
     Args:
-        network: maps (B, C, *roi_size) → (B, K, *roi_size); put in eval mode here.
+        network: maps (B, C, *roi_size) → (B, K, *roi_size): an ``nn.Module`` (put in eval mode here and
+            restored after) or any callable (e.g. an ONNX Runtime session wrapper; then give ``device``).
         image: (C, D, H, W) or (1, C, D, H, W).
         roi_size: window size (the training patch size).
         sw_batch_size: windows per forward pass. Default 2, not 1: for a batch of one with few channels
             PyTorch's CPU heuristic picks its slow, non-oneDNN 3D convolution, which made a R = 4
             student 4x slower per window (measured with torch 2.13 on 2 cores).
+        device: where the windows run (default: the network's); blending is on the CPU, so a large
+            volume's logits need not fit the GPU.
+        mirror_axes: spatial axes to mirror for test-time augmentation (none by default).
+        on_windows: called with the number of windows after each forward pass (progress).
     Returns:
         (K, D, H, W) float32 logits on the CPU.
     """
-    was_training = network.training
-    network.eval()
+    is_module = isinstance(network, nn.Module)
+    was_training = network.training if is_module else False
+    dev = torch.device(device) if device is not None else next(network.parameters()).device
+    if is_module:
+        network.eval()
     try:
         x = image if image.ndim == 5 else image[None]
-        dev = torch.device(device) if device is not None else next(network.parameters()).device
-        logits = sliding_window_inference(
-            x.float(),
-            roi_size=tuple(int(r) for r in roi_size),
-            sw_batch_size=sw_batch_size,
-            predictor=network,
-            overlap=overlap,
-            mode="gaussian",
-            sw_device=dev,
-            device=torch.device("cpu"),
-            progress=progress,
-        )
+        with torch.inference_mode():
+            logits = sliding_window_inference(
+                x.float(),
+                roi_size=tuple(int(r) for r in roi_size),
+                sw_batch_size=sw_batch_size,
+                predictor=WindowPredictor(network, mirror_axes, on_windows),
+                overlap=overlap,
+                mode="gaussian",
+                sw_device=dev,
+                device=torch.device("cpu"),
+                progress=progress,
+            )
     finally:
-        network.train(was_training)
-    return logits[0]
+        if is_module:
+            network.train(was_training)
+    return logits[0].float()
 
 
 def predict_labels(network: nn.Module, image: torch.Tensor, roi_size: Sequence[int], **kwargs) -> torch.Tensor:

@@ -65,3 +65,14 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
+
+
+class JSONDocument:
+    """``to_json`` and an atomic ``save`` for a class that has ``to_dict()`` (plans, fingerprints)."""
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)  # type: ignore[attr-defined]
+
+    def save(self, path: str | Path) -> None:
+        """Write the document as indented, human-editable JSON (atomically)."""
+        atomic_write_text(path, self.to_json() + "\n")
