@@ -37,7 +37,10 @@ def _imports() -> dict[str, set[str]]:
         package = name.rsplit(".", 1)[0]
         name = name.removesuffix(".__init__")
         found: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for block in [n for n in ast.walk(tree) if isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING"]:
+            block.body = []  # imports for type hints only do not run
+        for node in ast.walk(tree):
             targets = []
             if isinstance(node, ast.ImportFrom):
                 base = node.module or ""

@@ -13,7 +13,8 @@ from ReCoKDLib.models import build_unet, isotropic_spec
 from ReCoKDLib.deployment.bundle import export_run
 from ReCoKDLib.cli import main
 from ReCoKDLib.errors import ReCoKDError
-from ReCoKDLib.inference.predictor import Predictor, group_cases, orientation_to
+from ReCoKDLib.data.datasets import group_cases
+from ReCoKDLib.inference.predictor import Predictor, orientation_to
 
 # axes permuted and flipped: image x runs along physical -y, y along +z, z along -x
 DIRECTION = (0.0, 0.0, -1.0,

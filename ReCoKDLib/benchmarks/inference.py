@@ -30,7 +30,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..deployment.bundle import Bundle, open_model
 from ..errors import ReCoKDError
-from ..inference.predictor import Predictor, group_cases
+from ..data.datasets import group_cases
+from ..inference.predictor import Predictor
 from ..models import count_parameters
 from ..utils.io import json_safe
 from ..evaluation.metrics import score_case, summarise

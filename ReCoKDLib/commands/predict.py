@@ -11,7 +11,8 @@ from ..errors import ReCoKDError
 
 def run(args: argparse.Namespace) -> int:
     from ..data.datasets import split_file_ending
-    from ..inference.predictor import TWO_FILE_ENDINGS, Predictor, group_cases
+    from ..data.datasets import group_cases
+    from ..inference.predictor import TWO_FILE_ENDINGS, Predictor
     from ..deployment.registry import resolve_model
 
     model = resolve_model(args.model, registry=args.registry)

@@ -722,3 +722,26 @@ def select_cases(dataset_path: str | Path, cases: str | Sequence[str]):
         missing = sorted(set(cases) - {r.case_id for r in dataset.training})
         raise ReCoKDError(f"case(s) {', '.join(missing[:5])} are not training cases of {dataset_path}; check the split")
     return dataset, records
+
+
+def group_cases(folder: str | Path) -> dict[str, list[Path]]:
+    """Image files of a folder grouped by case: ``case_0000.nii.gz``, ``case_0001.nii.gz`` are the
+    channels of ``case``; a file without the suffix is a one-channel case. Sorted by case id."""
+    cases: dict[str, dict[int, Path]] = {}
+    for path in sorted(Path(folder).iterdir()):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        stem, ending = split_file_ending(path.name)
+        if ending.lower() not in IMAGE_FILE_ENDINGS:
+            continue
+        m = _CHANNEL_SUFFIX.match(stem)
+        case, channel = (m["case"], int(m["channel"])) if m else (stem, 0)
+        if channel in cases.setdefault(case, {}):
+            raise ReCoKDError(f"{folder} has two files for case {case!r} channel {channel}; keep one")
+        cases[case][channel] = path
+    out: dict[str, list[Path]] = {}
+    for case, channels in sorted(cases.items()):
+        if sorted(channels) != list(range(len(channels))):
+            raise ReCoKDError(f"case {case!r} in {folder} has channels {sorted(channels)}; number them _0000, _0001, ... without gaps")
+        out[case] = [channels[c] for c in sorted(channels)]
+    return out

@@ -3,7 +3,7 @@
 :func:`compute_fingerprint` reads every training case once and records
 
 - per case: the voxel spacing, the shape, and the shape after cropping to the non-zero region
-  (see :func:`crop_bbox`); all in numpy axis order (D, H, W);
+  (see :func:`~ReCoKDLib.data.preprocessing.crop_bbox`); all in numpy axis order (D, H, W);
 - per channel: statistics of the *foreground* intensities (voxels with a label > 0), pooled over
   the cases from at most ``max_foreground_samples`` randomly drawn foreground voxels per case
   (mean, std, median, min, max, 0.5th and 99.5th percentiles);
@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from ..errors import ReCoKDError
 from ..utils.io import JSONDocument, read_json
+from .preprocessing import crop_bbox
 from .datasets import DatasetInfo, load_case
 
 __all__ = [
@@ -34,14 +35,12 @@ __all__ = [
     "IntensityStats",
     "Fingerprint",
     "compute_fingerprint",
-    "crop_bbox",
 ]
 
 #: Bumped whenever the meaning of a fingerprint field changes; older files are refused.
 FINGERPRINT_VERSION = 1
 
 Triple = tuple[int, int, int]
-BBox = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -50,31 +49,6 @@ BBox = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     return read_json(path, f"{what} file")
-
-
-def crop_bbox(image: np.ndarray, label: np.ndarray | None = None) -> BBox:
-    """Bounding box of the voxels that are non-zero in any channel (and, if given, of label > 0).
-
-    The label's foreground is included so that cropping never discards annotated voxels (nnU-Net
-    uses the image alone; the two agree whenever the foreground lies inside the non-zero region).
-    An all-zero image gives the full volume.
-
-    Args:
-        image: (C, D, H, W) array.
-        label: optional (D, H, W) array.
-
-    Returns:
-        ``((d0, d1), (h0, h1), (w0, w1))``, half-open index ranges.
-    """
-    mask = np.any(image != 0, axis=0)
-    if label is not None:
-        mask |= label > 0
-    box = []
-    for axis in range(3):
-        others = tuple(a for a in range(3) if a != axis)
-        hit = np.flatnonzero(mask.any(axis=others))
-        box.append((int(hit[0]), int(hit[-1]) + 1) if hit.size else (0, int(mask.shape[axis])))
-    return tuple(box)  # type: ignore[return-value]
 
 
 def _case_seed(seed: int, case_id: str) -> np.random.Generator:

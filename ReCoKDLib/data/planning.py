@@ -51,14 +51,16 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from ..errors import ReCoKDError
 from ..models.unet import UNetSpec, nnunet_filters
-from ..utils.io import JSONDocument
-from .fingerprint import Fingerprint, _read_json
+from ..utils.io import JSONDocument, read_json
+
+if TYPE_CHECKING:  # a type only: planning reads a fingerprint, it never builds one
+    from .fingerprint import Fingerprint
 
 __all__ = [
     "PLANS_VERSION",
@@ -296,7 +298,7 @@ class Plans(JSONDocument):
     def load(cls, path: str | Path) -> "Plans":
         """Read a plan written by :meth:`save` (possibly hand-edited); raises :class:`ReCoKDError`."""
         path = Path(path)
-        return cls.from_dict(_read_json(path, "plans"), source=f"plans file {path}")
+        return cls.from_dict(read_json(path, "plans file"), source=f"plans file {path}")
 
     def with_target_spacing(self, spacing: Sequence[float]) -> "Plans":
         """A copy with another target spacing (the patch and network are kept)."""

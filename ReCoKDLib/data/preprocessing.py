@@ -46,9 +46,11 @@ from tqdm import tqdm
 
 from ..errors import ReCoKDError
 from .datasets import CaseRecord, DatasetInfo, LoadedCase, load_case
-from ..utils.io import atomic_write, atomic_write_text
-from .fingerprint import BBox, _read_json, crop_bbox
+from ..utils.io import atomic_write, atomic_write_text, read_json
 from .planning import Plans
+
+#: a crop box, one (start, stop) per axis in numpy order (D, H, W)
+BBox = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 __all__ = [
     "PreprocessedCase",
@@ -474,4 +476,29 @@ def load_preprocessed(cache_dir: str | Path, plans: Plans, case_id: str) -> Prep
             label = data["label"] if "label" in data.files else None
     except (OSError, ValueError, KeyError, BadZipFile) as exc:
         raise ReCoKDError(f"cached case {npz} is unreadable ({exc}); delete it and preprocess again") from None
-    return PreprocessedCase(case_id=case_id, image=image, label=label, properties=_read_json(props, "case properties"))
+    return PreprocessedCase(case_id=case_id, image=image, label=label, properties=read_json(props, "case properties file"))
+
+
+def crop_bbox(image: np.ndarray, label: np.ndarray | None = None) -> BBox:
+    """Bounding box of the voxels that are non-zero in any channel (and, if given, of label > 0).
+
+    The label's foreground is included so that cropping never discards annotated voxels (nnU-Net
+    uses the image alone; the two agree whenever the foreground lies inside the non-zero region).
+    An all-zero image gives the full volume.
+
+    Args:
+        image: (C, D, H, W) array.
+        label: optional (D, H, W) array.
+
+    Returns:
+        ``((d0, d1), (h0, h1), (w0, w1))``, half-open index ranges.
+    """
+    mask = np.any(image != 0, axis=0)
+    if label is not None:
+        mask |= label > 0
+    box = []
+    for axis in range(3):
+        others = tuple(a for a in range(3) if a != axis)
+        hit = np.flatnonzero(mask.any(axis=others))
+        box.append((int(hit[0]), int(hit[-1]) + 1) if hit.size else (0, int(mask.shape[axis])))
+    return tuple(box)  # type: ignore[return-value]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import ReCoKDError
-from ..losses.checks import level_weights as make_level_weights
+from ..losses.msard import level_weights as make_level_weights
 from ..losses.checks import require_5d, require_labels
 from ..losses.registry import KDContext, build_kd_terms, resolve_method
 from ..losses.segmentation import DeepSupervisedDiceCELoss

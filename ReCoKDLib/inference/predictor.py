@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +49,6 @@ __all__ = [
     "Orientation",
     "orientation_to",
     "resolve_device",
-    "group_cases",
     "write_label",
     "count_windows",
     "geometry_from_ijk_to_ras",
@@ -60,7 +58,6 @@ ProgressFn = Callable[[float], None]
 #: Two-file (header + data) formats and the single-file format outputs use instead.
 TWO_FILE_ENDINGS = {".mhd": ".mha", ".nhdr": ".nrrd"}
 _IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
-_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -451,26 +448,3 @@ def write_label(image: sitk.Image, output: str | Path) -> Path:
         raise ReCoKDError(f"cannot write {output}: {' '.join(str(exc).split())[-160:]}; check the folder and the file ending") from None
 
 
-def group_cases(folder: str | Path) -> dict[str, list[Path]]:
-    """Image files of a folder grouped by case: ``case_0000.nii.gz``, ``case_0001.nii.gz`` are the
-    channels of ``case``; a file without the suffix is a one-channel case. Sorted by case id."""
-    from ..data.datasets import IMAGE_FILE_ENDINGS
-
-    cases: dict[str, dict[int, Path]] = {}
-    for path in sorted(Path(folder).iterdir()):
-        if not path.is_file() or path.name.startswith("."):
-            continue
-        stem, ending = split_file_ending(path.name)
-        if ending.lower() not in IMAGE_FILE_ENDINGS:
-            continue
-        m = _CHANNEL.match(stem)
-        case, channel = (m["case"], int(m["channel"])) if m else (stem, 0)
-        if channel in cases.setdefault(case, {}):
-            raise ReCoKDError(f"{folder} has two files for case {case!r} channel {channel}; keep one")
-        cases[case][channel] = path
-    out: dict[str, list[Path]] = {}
-    for case, channels in sorted(cases.items()):
-        if sorted(channels) != list(range(len(channels))):
-            raise ReCoKDError(f"case {case!r} in {folder} has channels {sorted(channels)}; number them _0000, _0001, ... without gaps")
-        out[case] = [channels[c] for c in sorted(channels)]
-    return out

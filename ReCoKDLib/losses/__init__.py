@@ -1,7 +1,7 @@
 """Losses: segmentation (Dice + CE, deep supervision), ReCo-KD's MS-SARD and MS-CA, and KD baselines."""
 
 from .baselines import ChannelWiseDistillationLoss, FitNetLoss, LogitKDLoss, PairwiseAffinityLoss
-from .checks import level_weights
+from .msard import level_weights
 from .msard import MSSARDLoss, channel_attention, region_masks, region_terms, resize_labels, spatial_attention
 from .msca import AffinityContextLoss, GlobalContextBlock, GlobalContextLoss, affinity, affinity_mse, pooled_grid
 from .registry import KD_METHODS, KD_TERMS, KDContext, build_kd_terms, register_kd_term, resolve_method

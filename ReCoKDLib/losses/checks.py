@@ -47,16 +47,6 @@ def require_labels(labels: torch.Tensor, num_classes: int, what: str = "labels")
         )
 
 
-def level_weights(num_levels: int, alpha: float = 0.4) -> list[float]:
-    """ReCo-KD's level weights ``w_k ∝ r^k`` with ``r = 2^(-3α)``, normalised to sum 1 (level 0 = full res)."""
-    if num_levels < 1:
-        raise ReCoKDError("need at least one feature level")
-    r = 2.0 ** (-3.0 * alpha)
-    raw = [r**k for k in range(num_levels)]
-    total = sum(raw)
-    return [w / total for w in raw]
-
-
 def check_levels(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], weights: Sequence[float]) -> None:
     if len(student) != len(teacher):
         raise ReCoKDError(f"{len(student)} student feature levels but {len(teacher)} teacher levels; tap as many")

@@ -200,3 +200,13 @@ class MSSARDLoss(nn.Module):
             for key, value in terms.items():
                 totals[key] = totals[key] + w * self.coefficients[key] * value
         return {"msard_fg": totals["foreground"], "msard_bg": totals["background"], "msard_att": totals["attention"]}
+
+
+def level_weights(num_levels: int, alpha: float = 0.4) -> list[float]:
+    """ReCo-KD's level weights ``w_k ∝ r^k`` with ``r = 2^(-3α)``, normalised to sum 1 (level 0 = full res)."""
+    if num_levels < 1:
+        raise ReCoKDError("need at least one feature level")
+    r = 2.0 ** (-3.0 * alpha)
+    raw = [r**k for k in range(num_levels)]
+    total = sum(raw)
+    return [w / total for w in raw]
