@@ -13,9 +13,6 @@ rank draws its own batches; rank 0 alone validates and writes, the others wait a
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import os
 import time
@@ -32,11 +29,11 @@ from tqdm.auto import tqdm
 from ..data.loader import PatchBatches, batch_loader
 from ..distill.distiller import Distiller
 from ..errors import ReCoKDError
-from ..utils.io import atomic_write_text
 from ..inference.sliding_window import predict_labels
 from ..losses.segmentation import DeepSupervisedDiceCELoss
 from ..models.weights import save_weights
 from .checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
+from .logger import RunLogger
 from .metrics import dice_per_class
 
 CHECKPOINT_FORMAT = 1
@@ -175,6 +172,12 @@ def _dist_info() -> tuple[int, int, int]:
 class EpochTrainer:
     """Train ``module`` on ``data`` for ``config.epochs × config.iters_per_epoch`` iterations.
 
+    The steps a subclass may override, in the order they run: :meth:`configure_optimizers`,
+    :meth:`learning_rate` / :meth:`ema_decay` (schedules), :meth:`train_step` (one iteration),
+    :meth:`validate` (EMA Dice on the validation cases), :meth:`on_epoch_end` (epoch means, best
+    weights, logs, checkpoints). The loss is the ``module``'s (``SegTrainModule``: Dice+CE with deep
+    supervision; ``DistillTrainModule``: plus the KD terms); the files are the :class:`RunLogger`'s.
+
     Args:
         module: a :class:`SegTrainModule` or :class:`DistillTrainModule`.
         network: the network that is validated and exported (the teacher or the student).
@@ -226,7 +229,7 @@ class EpochTrainer:
         for p in self.ema_net.parameters():
             p.requires_grad_(False)
         self.params = [p for p in module.parameters() if p.requires_grad]
-        self.optimizer = self._build_optimizer()
+        self.optimizer = self.configure_optimizers()
         self.use_amp = bool(config.amp and self.device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         if self.world > 1:
@@ -240,10 +243,11 @@ class EpochTrainer:
         self.epoch_sums: dict[str, float] = {}
         self.epoch_count = 0
         self.epoch_seconds = 0.0
-        self._tb = None
+        self.logger = RunLogger(self.run_dir, name)
 
     # -- pieces -------------------------------------------------------------------------------
-    def _build_optimizer(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """The optimiser over the trainable parameters (SGD Nesterov or AdamW, from the config)."""
         c = self.config
         if c.optimizer == "sgd":
             return torch.optim.SGD(self.params, lr=c.lr, momentum=c.momentum, nesterov=True, weight_decay=c.weight_decay)
@@ -365,80 +369,17 @@ class EpochTrainer:
         self.epoch_count = int(ckpt["epoch_count"])
         self.epoch_seconds = float(ckpt["epoch_seconds"])
 
-    # -- logs -----------------------------------------------------------------------------------
-    def _write_logs(self) -> None:
-        keys: list[str] = []
-        for row in self.history:
-            keys += [k for k in row if k not in keys]
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=keys, restval="")
-        writer.writeheader()
-        for row in self.history:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        atomic_write_text(self.run_dir / "log.csv", buf.getvalue())
-        row = self.history[-1]
-        tb = self._tensorboard()
-        if tb is not None:
-            for k, v in row.items():
-                if k != "epoch" and isinstance(v, (int, float)) and math.isfinite(v):
-                    tb.add_scalar(k.replace("loss_", "loss/").replace("dice_", "dice/"), v, row["epoch"])
-            tb.flush()
-
-    def _tensorboard(self):
-        if self._tb is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard not installed: CSV only
-                self._tb = False
-                return None
-            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=int(self.history[-1]["epoch"]))
-        return self._tb or None
-
+    # -- logs (the RunLogger owns the files) ---------------------------------------------------
     def write_run_json(self) -> None:
         if self.is_main:
-            info = dict(self.run_info)
-            info["metrics"] = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                               for k, v in self.best.items() if not k.startswith("_")}
-            if "dice_per_class" in info["metrics"]:
-                info["metrics"]["dice_per_class"] = {
-                    k: (v if math.isfinite(v) else None) for k, v in info["metrics"]["dice_per_class"].items()}
-            atomic_write_text(self.run_dir / "run.json", json.dumps(info, indent=2) + "\n")
+            self.logger.write_run_json(self.run_info, self.best)
 
     def plot_curves(self) -> Path | None:
-        """``curves.png`` (losses and validation Dice per epoch) where matplotlib exists, else None:
-        3D Slicer has no matplotlib and plots ``log.csv`` with its own plot nodes."""
-        if not self.history:
-            return None
-        try:
-            import matplotlib
-        except ImportError:
-            return None
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        epochs = [r["epoch"] for r in self.history]
-        fig, (ax_l, ax_d) = plt.subplots(1, 2, figsize=(11, 4))
-        for k in self.history[0]:
-            if k.startswith("loss_"):
-                ax_l.plot(epochs, [r.get(k, float("nan")) for r in self.history], label=k[5:])
-            if k.startswith("dice_"):
-                ax_d.plot(epochs, [r.get(k, float("nan")) for r in self.history], label=k[5:],
-                          linewidth=2.5 if k == "dice_mean" else 1.2)
-        ax_l.set(xlabel="epoch", ylabel="training loss (epoch mean)", title=f"{self.name}: losses")
-        ax_d.set(xlabel="epoch", ylabel="validation Dice (EMA)", title=f"{self.name}: validation", ylim=(0, 1))
-        for ax in (ax_l, ax_d):
-            if ax.lines:
-                ax.legend(fontsize=7)
-            ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = self.run_dir / "curves.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        return self.logger.plot_curves(self.history)
 
     # -- the loop -----------------------------------------------------------------------------
-    def _end_epoch(self, epoch: int, lr: float) -> None:
+    def on_epoch_end(self, epoch: int, lr: float) -> None:
+        """Epoch means of the loss terms, validation (and the best weights), logs and checkpoints."""
         c = self.config
         if self.world > 1 and self.epoch_sums:  # the epoch's loss means over every rank's batches
             keys = sorted(self.epoch_sums)
@@ -463,7 +404,7 @@ class EpochTrainer:
         self.history.append(row)
         self.epoch_sums, self.epoch_count, self.epoch_seconds = {}, 0, 0.0
         if self.is_main:
-            self._write_logs()
+            self.logger.log_epochs(self.history)
             self.save_checkpoint("latest")
             if getattr(self, "_pending_best", False):
                 self.save_checkpoint("best")
@@ -503,7 +444,7 @@ class EpochTrainer:
             bar.set_postfix_str(f"ep {epoch + 1}/{c.epochs} " + " ".join(f"{k} {v:.3g}" for k, v in terms.items()),
                                 refresh=False)
             if self.step % ipe == 0:
-                self._end_epoch(epoch, lr)
+                self.on_epoch_end(epoch, lr)
             elif c.checkpoint_every and self.step % c.checkpoint_every == 0:
                 self.save_checkpoint("latest")
             tick = time.perf_counter()
@@ -520,7 +461,6 @@ class EpochTrainer:
                 self.save_checkpoint("best")
             self.write_run_json()
             self.plot_curves()
-        if self._tb:
-            self._tb.close()
+        self.logger.close()
         if self.world > 1:
             dist.barrier()
