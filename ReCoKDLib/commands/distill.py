@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from .train import add_run_arguments
+from ..errors import ReCoKDError
+from .train import add_run_arguments, run_role
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training.splits import parse_fold
-    from ..workflows.runs import RunSpec, run_training
-
     if not args.resume and not args.teacher:
-        from ..errors import ReCoKDError
-
         raise ReCoKDError("distill needs --teacher RUN (a folder written by `recokd train`)")
-    args.fold = parse_fold(args.fold)
-    return run_training(RunSpec.from_args(args, "student"))
+    return run_role(args, "student")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

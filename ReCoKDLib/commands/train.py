@@ -48,12 +48,17 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
 
 
-def run(args: argparse.Namespace) -> int:
+def run_role(args: argparse.Namespace, role: str) -> int:
+    """``recokd train`` (``teacher``) or ``distill`` (``student``): the arguments as a RunSpec, then the run."""
     from ..training.splits import parse_fold
     from ..workflows.runs import RunSpec, run_training
 
     args.fold = parse_fold(args.fold)
-    return run_training(RunSpec.from_args(args, "teacher"))
+    return run_training(RunSpec.from_args(args, role))
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_role(args, "teacher")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
