@@ -37,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--lambda-max", dest="lambda_max", type=float, help="final KD weight λ (default: the method's)")
     demo.add_argument("--width-factor", dest="width_factor", type=float, help="student width divisor R (default 4)")
     demo.add_argument("--taps", choices=["encoder", "decoder"], help="feature levels to distil (default encoder)")
+    demo.add_argument("--augment", action="store_true", default=None,
+                      help="augment the training patches as recokd train does (default: off; the README says why)")
     demo.add_argument("--seed", type=int, help="random seed (default 0)")
     demo.add_argument("--device", help="auto (default), cpu or cuda")
     demo.add_argument("--threads", type=int, help="CPU threads (default: torch's, i.e. the physical cores)")
