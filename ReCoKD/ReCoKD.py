@@ -234,10 +234,6 @@ class ReCoKDLogic(_logic.ReCoKDLogic):
         return ReCoKDParameterNode(super().getParameterNode())
 
 
-def _loadVolumeNoGui(scene, path):
-    return _logic._loadVolumeNoGui(scene, path)
-
-
 #
 # Widget
 #

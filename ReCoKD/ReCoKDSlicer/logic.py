@@ -41,7 +41,6 @@ except ImportError:  # no library: library.error() says so, and nothing can be t
 log = logging.getLogger("ReCoKD")
 
 DEVICES = ("auto", "cpu", "cuda")
-MAX_CHANNELS = 4
 SAMPLE_NAME = "ReCoKDPhantom"
 SAMPLE_MODEL = "phantom-abdomen"
 
