@@ -10,8 +10,8 @@ they may import each other (ARCHITECTURE.md):
 - ``distill``     the ``Distiller`` that binds teacher, student, taps, adapters and losses
 - ``deployment``  model bundles and the model registry
 - ``inference``   sliding-window prediction, the bundle predictor, export, the Slicer bridge
+- ``evaluation``  the one Dice, HD95, surface Dice
 - ``training``    the epoch loop, checkpoints, splits
-- ``evaluation``  Dice, HD95, surface Dice
 - ``benchmarks``  training and inference benchmarks
 - ``workflows``   train/distill runs, the demo, the study and its report
 - ``commands``    the ``recokd`` command line (``cli``)

@@ -20,7 +20,6 @@ LABELS3 = {"background": 0, "organ": 1, "kidney": 2}
 
 def tiny_plans(num_classes: int = 3, patch=(16, 16, 16), spacing=(1.0, 1.0, 1.0), channels: int = 1) -> Plans:
     labels = LABELS3 if num_classes == 3 else {"background": 0, **{f"c{i}": i for i in range(1, num_classes)}}
-    spec = isotropic_spec(channels, num_classes, num_levels=3, filters=[8, 16, 32])
     return Plans(
         dataset_name="Tiny",
         channel_names={i: f"MRI{i}" for i in range(channels)},
@@ -28,13 +27,13 @@ def tiny_plans(num_classes: int = 3, patch=(16, 16, 16), spacing=(1.0, 1.0, 1.0)
         target_spacing=spacing,
         normalisation=tuple(ChannelNormalisation("zscore") for _ in range(channels)),
         patch_size=patch,
-        network=spec.to_dict(),
     )
 
 
 def tiny_network(plans: Plans, seed: int = 0):
+    """A 3-level U-Net for ``plans`` (8/16/32 filters), seeded."""
     torch.manual_seed(seed)
-    return build_unet(plans.unet_spec).eval()
+    return build_unet(isotropic_spec(plans.num_channels, plans.num_classes, num_levels=3, filters=[8, 16, 32])).eval()
 
 
 def make_run(folder: Path, role: str = "student", method: str = "recokd", seed: int = 0, plans: Plans | None = None) -> Path:

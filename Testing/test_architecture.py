@@ -12,8 +12,8 @@ LIB = ROOT / "ReCoKDLib"
 
 #: the rooms in dependency order (a room may import itself and the rooms before it); ARCHITECTURE.md
 #: lists the same order. ``foundation`` is the top-level helpers every room may use.
-ROOMS = ["foundation", "models", "data", "losses", "distill", "deployment", "inference", "training",
-         "evaluation", "benchmarks", "workflows", "interface"]
+ROOMS = ["foundation", "models", "data", "losses", "distill", "deployment", "inference", "evaluation",
+         "training", "benchmarks", "workflows", "interface"]
 FOUNDATION = {"errors", "utils", "resources", "kd_methods", "__init__"}
 INTERFACE = {"commands", "cli"}
 

@@ -35,7 +35,7 @@ def test_export_contents_and_schema(exported):
     b = load_bundle(path)
     assert b.name == "run" and b.role == "student" and b.num_classes == 3
     assert b.labels == {"background": 0, "organ": 1, "kidney": 2}
-    assert b.colors["organ"] == pytest.approx(PHANTOM_COLORS["organ"])  # phantom labels get the phantom palette
+    assert b.labels.colors["organ"] == pytest.approx(PHANTOM_COLORS["organ"])  # phantom labels get the phantom palette
     assert b.provenance["method"] == "recokd" and b.provenance["teacher"] == "teacher"
     assert b.provenance["metrics"]["best_dice_mean"] == 0.5
     assert b.plans.patch_size == (16, 16, 16) and b.channel_names == {0: "MRI0"}

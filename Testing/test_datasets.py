@@ -91,7 +91,7 @@ def test_open_la2018(shared_data: Path) -> None:
     assert len(ds.training) == 80 and len(ds.test) == 10
     assert ds.num_channels == 1 and ds.channel_names == {0: "LGE-MRI"}
     assert ds.labels == LA_LABELS
-    assert ds.num_classes == 2 and ds.label_names() == ["background", "left_atrium"]
+    assert ds.num_classes == 2 and ds.labels.names == ["background", "left_atrium"]
     assert all(r.label_file is not None and r.label_file.is_file() for r in ds.training + ds.test)
     assert all(len(r.image_files) == 1 and r.image_files[0].is_file() for r in ds.training + ds.test)
     assert [r.case_id for r in ds.training] == sorted(r.case_id for r in ds.training)
@@ -103,7 +103,7 @@ def test_open_acdc(shared_data: Path) -> None:
     assert len(ds.training) == 48 and ds.test == ()
     assert ds.num_channels == 1
     assert ds.num_classes == 4
-    assert ds.label_names() == ["background", "right_ventricle", "myocardium", "left_ventricle"]
+    assert ds.labels.names == ["background", "right_ventricle", "myocardium", "left_ventricle"]
 
 
 def test_open_brats(shared_data: Path) -> None:
@@ -126,8 +126,9 @@ def test_load_la2018_case(shared_data: Path) -> None:
     assert case.label is not None and case.label.dtype == np.uint8 and case.label.shape == case.image.shape[1:]
     assert set(np.unique(case.label)) <= {0, 1} and case.label.any()
     np.testing.assert_array_equal(case.image[0], sitk.GetArrayFromImage(ref))
-    assert case.spacing == pytest.approx(tuple(reversed(ref.GetSpacing())))
-    assert case.origin == pytest.approx(ref.GetOrigin()) and case.direction == pytest.approx(ref.GetDirection())
+    g = case.geometry
+    assert g.spacing == pytest.approx(ref.GetSpacing()) and g.spacing_dhw == pytest.approx(tuple(reversed(ref.GetSpacing())))
+    assert g.origin == pytest.approx(ref.GetOrigin()) and g.direction == pytest.approx(ref.GetDirection())
     test_case = load_case(ds.test[0], ds)
     assert test_case.label is not None and test_case.label.shape == test_case.image.shape[1:]
 
@@ -148,7 +149,7 @@ def test_load_brats_case_two_channels(shared_data: Path) -> None:
     assert case.label is not None and case.label.shape == (155, 240, 240) and case.label.dtype == np.uint8
     assert set(np.unique(case.label)) <= set(BRATS_LABELS.values())
     assert not np.array_equal(case.image[0], case.image[1])  # FLAIR and T1c are different channels
-    assert case.spacing == pytest.approx((1.0, 1.0, 1.0))
+    assert case.geometry.spacing == pytest.approx((1.0, 1.0, 1.0))
 
 
 def test_la2018_validates_clean(shared_data: Path) -> None:
@@ -245,10 +246,10 @@ def test_msd_layout_reads_like_nnunet(tmp_path: Path, brats_crops) -> None:
         assert b.image.shape == (2, 32, 32, 32) and b.image.dtype == np.float32
         np.testing.assert_array_equal(a.image, b.image)
         np.testing.assert_array_equal(a.label, b.label)
-        assert a.spacing == pytest.approx(b.spacing)
-        assert a.origin == pytest.approx(b.origin, abs=1e-4)
-        assert a.direction == pytest.approx(b.direction)
-        assert len(b.origin) == 3 and len(b.direction) == 9
+        assert a.geometry.spacing == pytest.approx(b.geometry.spacing)
+        assert a.geometry.origin == pytest.approx(b.geometry.origin, abs=1e-4)
+        assert a.geometry.direction == pytest.approx(b.geometry.direction)
+        assert len(b.geometry.origin) == 3 and len(b.geometry.direction) == 9
     case_id, channels, _ = test[0]
     loaded = load_case(msd.test[0], msd)
     assert loaded.label is None
@@ -295,8 +296,9 @@ def test_formats_and_axis_order(tmp_path: Path, ending: str) -> None:
     assert ds.file_ending == ending and len(ds.training) == 1
     case = load_case(ds.training[0], ds)
     assert case.image.shape == (1, 4, 6, 8)
-    assert case.spacing == pytest.approx((2.0, 0.75, 0.5))  # numpy axis order
-    assert case.origin == pytest.approx((10.0, -5.0, 3.0))
+    assert case.geometry.spacing_dhw == pytest.approx((2.0, 0.75, 0.5))  # numpy axis order
+    assert case.geometry.spacing == pytest.approx((0.5, 0.75, 2.0))  # the file's (x, y, z)
+    assert case.geometry.origin == pytest.approx((10.0, -5.0, 3.0))
     np.testing.assert_allclose(case.image[0], arr)
     np.testing.assert_array_equal(case.label, lab)
     assert validate_dataset(ds, progress=False) == []
@@ -342,8 +344,8 @@ def test_labels_normalised_and_ignore_label(tmp_path: Path) -> None:
     )
     ds = open_dataset(tmp_path)
     assert ds.channel_names == {0: "T1", 1: "T2"}
-    assert ds.ignore_label == 4 and ds.num_classes == 4
-    assert ds.label_names() == ["background", "a", "label_2", "c"]
+    assert ds.labels.ignore_label == 4 and ds.num_classes == 4
+    assert ds.labels.names == ["background", "a", "label_2", "c"]
 
 
 # --------------------------------------------------------------------------------------------------

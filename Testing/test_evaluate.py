@@ -180,7 +180,7 @@ def test_evaluate_json_goes_into_an_exported_bundle(tmp_path, capsys):
     assert main(["export", str(run), "-o", str(tmp_path / "m.recokd"), "--test-metrics", str(tmp_path / "test.json"),
                  "--terminology", str(tmp_path / "terms.json"), "--license", "research use only"]) == 0
     bundle = load_bundle(tmp_path / "m.recokd")
-    assert bundle.terminology == terms and bundle.provenance["license"] == "research use only"
+    assert bundle.labels.terminology == terms and bundle.provenance["license"] == "research use only"
     assert bundle.provenance["test_metrics"]["dice_mean"] == pytest.approx(0.75)
     (tmp_path / "bad.json").write_text(json.dumps({"liver": terms["organ"]}))
     capsys.readouterr()

@@ -17,6 +17,7 @@ from ReCoKDLib.data.phantom import (
     save_dataset_nnunet,
 )
 from ReCoKDLib.errors import ReCoKDError
+from ReCoKDLib.utils.geometry import ImageGeometry
 
 ORGAN, KIDNEY, VESSEL, LESION = (PHANTOM_LABELS[k] for k in ("organ", "kidney", "vessel", "lesion"))
 
@@ -79,7 +80,7 @@ def test_case_arrays(cases):
         assert isinstance(case, PhantomCase)
         assert case.image.dtype == np.float32 and case.image.shape == (1, 64, 64, 64)
         assert case.label.dtype == np.uint8 and case.label.shape == (64, 64, 64)
-        assert case.spacing == (1.0, 1.0, 1.0)
+        assert case.geometry.spacing == (1.0, 1.0, 1.0)
         assert np.isfinite(case.image).all()
         assert abs(float(case.image.mean())) < 1e-3
         assert abs(float(case.image.std()) - 1.0) < 1e-3
@@ -150,7 +151,7 @@ def test_save_dataset_nnunet(cases, tmp_path):
 def test_save_keeps_axis_order_and_spacing(tmp_path):
     label = np.zeros((32, 40, 48), dtype=np.uint8)
     label[1, 2, 3] = 4
-    case = PhantomCase(np.zeros((1, 32, 40, 48), np.float32), label, (2.0, 1.5, 1.0), "axes")
+    case = PhantomCase(np.zeros((1, 32, 40, 48), np.float32), label, ImageGeometry.from_spacing_dhw((2.0, 1.5, 1.0)), "axes")
     out = save_dataset_nnunet([case], tmp_path)
     read = sitk.ReadImage(str(out / "labelsTr" / "axes.nii.gz"))
     assert read.GetSize() == (48, 40, 32)  # (x=W, y=H, z=D)

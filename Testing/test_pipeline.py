@@ -187,7 +187,7 @@ def test_rotated_patches_are_resampled_from_a_larger_crop():
 @pytest.mark.parametrize("role", ["teacher", "student"])
 def test_the_run_plan_is_the_trained_one_and_prediction_reproduces_validation_dice(runs, role, tmp_path):
     """One owner for the patch: the run's plans.json holds the patch it trained with (here --patch-size,
-    not the planned one) and its own network; so the exported bundle predicts with the training window,
+    not the planned one), and network.json alone describes its network; so the exported bundle predicts with the training window,
     and `recokd predict` + `recokd evaluate` on the validation case give the validation Dice of run.json."""
     from ReCoKDLib.data.planning import Plans
     from ReCoKDLib.deployment.bundle import export_run, load_bundle
@@ -196,7 +196,8 @@ def test_the_run_plan_is_the_trained_one_and_prediction_reproduces_validation_di
     info = json.loads((run / "run.json").read_text())
     plans = Plans.load(run / "plans.json")
     assert list(plans.patch_size) == info["config"]["patch_size"] == [16, 32, 32]
-    assert plans.unet_spec == UNetSpec.from_json((run / "network.json").read_text())
+    assert "network" not in json.loads((run / "plans.json").read_text())  # network.json is the only description
+    UNetSpec.from_json((run / "network.json").read_text())
     assert list(Plans.load(runs["cache"] / "plans.json").patch_size) != [16, 32, 32]  # the planned one differs
     bundle = load_bundle(export_run(run, tmp_path / f"{role}.recokd"))
     assert list(bundle.plans.patch_size) == [16, 32, 32]

@@ -17,6 +17,7 @@ import SimpleITK as sitk
 
 import ReCoKDLib.data.preprocessing as prep
 from ReCoKDLib.data.datasets import LoadedCase, load_case, open_dataset
+from ReCoKDLib.utils.geometry import ImageGeometry
 from ReCoKDLib.data.fingerprint import CaseFingerprint, Fingerprint, IntensityStats, compute_fingerprint
 from ReCoKDLib.data.phantom import generate_case
 from ReCoKDLib.data.planning import (
@@ -64,7 +65,7 @@ def write_dataset(root: Path, cases: dict[str, tuple[np.ndarray, np.ndarray]], c
         lab = sitk.GetImageFromArray(label.astype(np.uint8))
         lab.SetSpacing(tuple(reversed(spacing)))
         sitk.WriteImage(lab, str(root / "labelsTr" / f"{case}.nii.gz"))
-    meta = {"name": root.name, "channel_names": {str(k): v for k, v in channels.items()}, "labels": labels,
+    meta = {"name": root.name, "channel_names": {str(k): v for k, v in channels.items()}, "labels": dict(labels),
             "numTraining": len(cases), "file_ending": ".nii.gz"}
     (root / "dataset.json").write_text(json.dumps(meta))
     return root
@@ -91,13 +92,23 @@ def acdc_fingerprint(acdc):
 
 
 @pytest.fixture(scope="module")
-def la_plans(la_fingerprint):
+def la_experiment(la_fingerprint):
     return plan_experiment(la_fingerprint)
 
 
 @pytest.fixture(scope="module")
-def acdc_plans(acdc_fingerprint):
+def la_plans(la_experiment):
+    return la_experiment.plans
+
+
+@pytest.fixture(scope="module")
+def acdc_experiment(acdc_fingerprint):
     return plan_experiment(acdc_fingerprint)
+
+
+@pytest.fixture(scope="module")
+def acdc_plans(acdc_experiment):
+    return acdc_experiment.plans
 
 
 @pytest.fixture
@@ -112,9 +123,9 @@ def tiny_la(la, tmp_path):
     return open_dataset(write_dataset(tmp_path / "tinyLA", cases, la.channel_names, la.labels, (1.25,) * 3))
 
 
-def check_plan(plans: Plans, fingerprint: Fingerprint, min_feature_size: int = 4) -> UNetSpec:
-    """Invariants every plan must satisfy."""
-    spec = plans.unet_spec
+def check_plan(experiment, fingerprint: Fingerprint, min_feature_size: int = 4) -> UNetSpec:
+    """Invariants every plan and its teacher network must satisfy."""
+    plans, spec = experiment
     assert len(spec.kernel_sizes) == len(spec.strides) == len(spec.filters) == spec.num_levels >= 3
     assert spec.strides[0] == (1, 1, 1)
     assert all(p % d == 0 for p, d in zip(plans.patch_size, spec.divisor))
@@ -172,9 +183,9 @@ def test_fingerprint_sampling_is_seeded(tiny_la):
 # planning
 
 
-def test_plans_la(la_fingerprint, la_plans):
-    p = la_plans
-    spec = check_plan(p, la_fingerprint)
+def test_plans_la(la_fingerprint, la_experiment):
+    p = la_experiment.plans
+    spec = check_plan(la_experiment, la_fingerprint)
     assert p.target_spacing == (1.25, 1.25, 1.25)
     assert p.median_shape == (44, 71, 96)
     assert [n.scheme for n in p.normalisation] == ["zscore"]
@@ -183,9 +194,9 @@ def test_plans_la(la_fingerprint, la_plans):
     build_unet(spec)  # the plan describes a buildable network
 
 
-def test_plans_acdc_thin_axis(acdc_fingerprint, acdc_plans):
-    p = acdc_plans
-    spec = check_plan(p, acdc_fingerprint)
+def test_plans_acdc_thin_axis(acdc_fingerprint, acdc_experiment):
+    p = acdc_experiment.plans
+    spec = check_plan(acdc_experiment, acdc_fingerprint)
     assert p.target_spacing == (1.0, 1.0, 1.0)  # the (lost, identity) spacing
     slices = acdc_fingerprint.median_shape[0]
     assert p.patch_size[0] <= slices <= 17
@@ -196,7 +207,7 @@ def test_plans_acdc_thin_axis(acdc_fingerprint, acdc_plans):
 
 
 def test_plans_stable_and_json_round_trip(la_fingerprint, la_plans, tmp_path):
-    assert plan_experiment(la_fingerprint).to_json() == la_plans.to_json()
+    assert plan_experiment(la_fingerprint).plans.to_json() == la_plans.to_json()
     path = tmp_path / "plans.json"
     la_plans.save(path)
     text = path.read_text()
@@ -206,7 +217,7 @@ def test_plans_stable_and_json_round_trip(la_fingerprint, la_plans, tmp_path):
     assert loaded.plans_hash() == la_plans.plans_hash()
     # planning from a reloaded fingerprint gives the same plan
     la_fingerprint.save(tmp_path / "fp.json")
-    assert plan_experiment(Fingerprint.load(tmp_path / "fp.json")).to_json() == la_plans.to_json()
+    assert plan_experiment(Fingerprint.load(tmp_path / "fp.json")) == plan_experiment(la_fingerprint)
 
 
 def test_plans_hash_covers_preprocessing_only(la_plans):
@@ -224,8 +235,8 @@ def test_plans_anisotropic():
     n = [20, 22, 18, 25, 40, 21, 17, 19, 20, 33]
     cases = tuple(CaseFingerprint(f"c{i}", (s, 0.7, 0.7), (k, 512, 512), (k, 400, 420)) for i, (s, k) in enumerate(zip(z, n)))
     fp = Fingerprint("aniso", {0: "MRI"}, {"background": 0, "a": 1}, cases, (IntensityStats(0),))
-    p = plan_experiment(fp)
-    spec = check_plan(p, fp)
+    p, spec = plan_experiment(fp)
+    check_plan((p, spec), fp)
     assert p.target_spacing[1:] == (0.7, 0.7)
     assert p.target_spacing[0] == pytest.approx(np.percentile(z, 10))  # not the 5 mm median
     # the high-resolution axes are down-sampled first, with 1x3x3 kernels while z is coarser
@@ -252,7 +263,6 @@ def test_plans_load_errors(la_plans, tmp_path):
     data = la_plans.to_dict()
     for key, value, message in [
         ("version", 0, "version"),
-        ("patch_size", [41, 64, 96], "not divisible"),
         ("normalisation", [{"scheme": "minmax"}], "unknown normalisation"),
         ("target_spacing", [1, 1], "target_spacing"),
     ]:
@@ -260,9 +270,12 @@ def test_plans_load_errors(la_plans, tmp_path):
         with pytest.raises(ReCoKDError, match=message) as info:
             Plans.load(path)
         assert "\n" not in str(info.value)
-    path.write_text(json.dumps({k: v for k, v in data.items() if k != "network"}))
-    with pytest.raises(ReCoKDError, match="network"):
+    path.write_text(json.dumps({k: v for k, v in data.items() if k != "labels"}))
+    with pytest.raises(ReCoKDError, match="labels"):
         Plans.load(path)
+    assert "network" not in data  # network.json is the only network description
+    path.write_text(json.dumps({**data, "network": {"ignored": True}}))  # plans written before it: still read
+    assert Plans.load(path) == la_plans
 
 
 def test_normalisation_scheme_names():
@@ -282,7 +295,7 @@ def test_ct_normalisation(tmp_path):
         mri = rng.normal(100 * (i + 1), 20, label.shape)
         cases[f"case{i}"] = (np.stack([ct, mri]).astype(np.float32), label)
     ds = open_dataset(write_dataset(tmp_path / "ct", cases, {0: "CT", 1: "T2"}, {"background": 0, "organ": 1}))
-    plans = plan_experiment(compute_fingerprint(ds, progress=False), patch_budget_voxels=16**3)
+    plans, _ = plan_experiment(compute_fingerprint(ds, progress=False), patch_budget_voxels=16**3)
     ct_norm, mr_norm = plans.normalisation
     assert (ct_norm.scheme, mr_norm.scheme) == ("ct", "zscore")
     foreground = np.concatenate([img[0][lab == 1] for img, lab in cases.values()]).astype(np.float64)
@@ -391,7 +404,7 @@ def test_preprocess_and_restore_exact_la(la, la_plans):
     assert out.image.dtype == np.float32 and out.label.dtype == np.uint8
     assert out.image.shape == (1, *props["shape_after_resampling"]) and out.label.shape == out.image.shape[1:]
     assert props["original_shape"] == list(case.label.shape)
-    assert props["original_spacing"] == [1.25] * 3 and props["direction"] == list(case.direction)
+    assert props["geometry"]["spacing"] == [1.25] * 3 and props["geometry"]["direction"] == list(case.geometry.direction)
     assert abs(float(out.image.mean())) < 1e-3 and abs(float(out.image.std()) - 1) < 1e-3
     json.dumps(props)  # JSON-ready
     restored = restore_label(out.label, props)
@@ -410,7 +423,7 @@ def test_preprocess_and_restore_with_resampling(la, la_plans):
     case = load_case(la.training[2], la)
     out = preprocess_case(case, plans)
     crop = out.properties["shape_after_crop"]
-    assert out.properties["shape_after_resampling"] == list(resampled_shape(crop, case.spacing, plans.target_spacing))
+    assert out.properties["shape_after_resampling"] == list(resampled_shape(crop, case.geometry.spacing_dhw, plans.target_spacing))
     restored = restore_label(out.label, out.properties)
     assert restored.shape == case.label.shape
     assert dice(case.label, restored, 1) >= 0.98
@@ -420,7 +433,7 @@ def test_preprocess_and_restore_with_resampling(la, la_plans):
 
 
 def test_preprocess_case_channel_mismatch(la_plans):
-    case = LoadedCase(np.zeros((2, 8, 8, 8), np.float32), None, (1.0, 1.0, 1.0), (0.0,) * 3, (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0), "x")
+    case = LoadedCase(np.zeros((2, 8, 8, 8), np.float32), None, ImageGeometry((1.0, 1.0, 1.0)), "x")
     with pytest.raises(ReCoKDError, match="2 channel") as info:
         preprocess_case(case, la_plans)
     assert "\n" not in str(info.value)
@@ -431,7 +444,7 @@ def test_preprocess_case_channel_mismatch(la_plans):
 
 
 def test_cache_runs_once_and_per_plan(tiny_la, tmp_path, monkeypatch):
-    plans = plan_experiment(compute_fingerprint(tiny_la, progress=False))
+    plans, _ = plan_experiment(compute_fingerprint(tiny_la, progress=False))
     cache = tmp_path / "cache"
     folder = preprocess_dataset(tiny_la, plans, cache, progress=False)
     assert folder == cache / plans.plans_hash()
@@ -465,7 +478,7 @@ def test_cache_runs_once_and_per_plan(tiny_la, tmp_path, monkeypatch):
 
 
 def test_cache_refuses_pickles_and_partial_writes(tiny_la, tmp_path, monkeypatch):
-    plans = plan_experiment(compute_fingerprint(tiny_la, progress=False))
+    plans, _ = plan_experiment(compute_fingerprint(tiny_la, progress=False))
     cache = tmp_path / "cache"
     folder = cache / plans.plans_hash()
     first = tiny_la.training[0].case_id

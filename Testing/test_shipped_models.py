@@ -46,8 +46,8 @@ def test_registry_and_bundles_verify(registry, tmp_path):
         assert round(p["test_metrics"]["dice_mean"], 4) == entry["test_dice"]
         assert entry["channels"] == [bundle.channel_names[k] for k in sorted(bundle.channel_names)]
         foreground = {n for n, v in bundle.labels.items() if v > 0}
-        assert set(bundle.terminology) == foreground  # every structure carries standard codes
-        assert all(t["type"][0] == "SCT" and t["category"][0] == "SCT" for t in bundle.terminology.values())
+        assert set(bundle.labels.terminology) == foreground  # every structure carries standard codes
+        assert all(t["type"][0] == "SCT" and t["category"][0] == "SCT" for t in bundle.labels.terminology.values())
         # fetched by name into a cache, verified on the way
         fetched = fetch_model(reg[entry["name"]], cache_dir=tmp_path / "cache", base=reg.base)
         assert sha256_file(fetched) == entry["sha256"]

@@ -128,7 +128,7 @@ def test_segment_matches_predictor_in_volume_geometry(env):
     assert names == ["organ", "kidney"]
     for name, value in (("organ", 1), ("kidney", 2)):
         segment = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(name))
-        assert np.allclose(segment.GetColor(), env["bundle"].colors[name], atol=1e-6)
+        assert np.allclose(segment.GetColor(), env["bundle"].labels.colors[name], atol=1e-6)
         got = _segment_on_volume_grid(env["scene"], node, segmentation.GetSegmentIdBySegmentName(name), volume)
         assert got.shape == expected.shape
         want = expected == value

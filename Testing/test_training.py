@@ -11,7 +11,8 @@ from ReCoKDLib.data.phantom import generate_dataset
 from ReCoKDLib.data.loader import AugmentConfig, PatchBatches
 from ReCoKDLib.distill import Distiller
 from ReCoKDLib.models import build_pair, dynunet_tap_names, isotropic_spec
-from ReCoKDLib.training import DistillTrainModule, EpochTrainer, RunConfig, SegTrainModule, ValCase, dice_per_class
+from ReCoKDLib.evaluation import dice_per_class
+from ReCoKDLib.training import DistillTrainModule, EpochTrainer, RunConfig, SegTrainModule, ValCase
 
 
 def test_dice_per_class_values():

@@ -12,7 +12,6 @@ import numpy as np
 __all__ = ["ijkToRasArray", "volumeNodeToImage", "imageOnVolumeGrid", "orientedImageFromArray"]
 
 
-
 def ijkToRasArray(volumeNode) -> np.ndarray:
     """The node's IJK-to-RAS matrix as a 4x4 numpy array."""
     import vtk
@@ -39,21 +38,15 @@ def volumeNodeToImage(volumeNode):
         raise ValueError(f"volume '{name}' has shape {array.shape}; the models segment 3D volumes")
     if not np.issubdtype(array.dtype, np.integer):
         array = array.astype(np.float32)
-    image = sitk.GetImageFromArray(array)
-    from ReCoKDLib.utils.geometry import lps_geometry_from_ijk_to_ras  # the one RAS<->LPS conversion
+    from ReCoKDLib.utils.geometry import ImageGeometry  # the one RAS<->LPS conversion
 
-    spacing, origin, direction = lps_geometry_from_ijk_to_ras(ijkToRasArray(volumeNode))
-    image.SetSpacing(spacing)
-    image.SetOrigin(origin)
-    image.SetDirection(direction)
-    return image
+    return ImageGeometry.from_ijk_to_ras(ijkToRasArray(volumeNode)).apply_to(sitk.GetImageFromArray(array))
 
 
-def _sameGrid(a, b, tol: float = 1e-4) -> bool:
-    return (a.GetSize() == b.GetSize()
-            and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol * 10)
-            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol))
+def _sameGrid(a, b) -> bool:
+    from ReCoKDLib.utils.geometry import ImageGeometry
+
+    return a.GetSize() == b.GetSize() and ImageGeometry.of(a).matches(ImageGeometry.of(b))
 
 
 def imageOnVolumeGrid(image, reference, interpolator: str = "linear"):

@@ -504,15 +504,13 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
                 node.SetAndObserveTransformNodeID(volume.GetParentTransformNode().GetID())
             node.CreateDefaultDisplayNodes()
             segmentation = node.GetSegmentation()
-            for name, value in sorted(info.labels.items(), key=lambda kv: kv[1]):
-                if value == 0 or name == "ignore":
-                    continue
+            for name, value in info.labels.foreground():
                 mask = (labels == value).astype(np.uint8)
                 image = geometry.orientedImageFromArray(mask, ijkToRas)
-                segment_id = node.AddSegmentFromBinaryLabelmapRepresentation(image, name, list(info.colors[name]))
+                segment_id = node.AddSegmentFromBinaryLabelmapRepresentation(image, name, list(info.labels.colors[name]))
                 if not segment_id:
                     raise ReCoKDError(f"could not add segment {name}")
-                codes = info.terminology.get(name)
+                codes = info.labels.terminology.get(name)
                 if codes:
                     segment = segmentation.GetSegment(segment_id)
                     segment.SetTag(segment.GetTerminologyEntryTagName(), terminology.entryString(codes))
@@ -720,9 +718,9 @@ def _loadVolumeNoGui(scene, path: Path):
     import SimpleITK as sitk
 
     image = sitk.ReadImage(str(path))
-    from ReCoKDLib.utils.geometry import ijk_to_ras_from_lps_geometry
+    from ReCoKDLib.utils.geometry import ImageGeometry
 
-    ijkToRas = ijk_to_ras_from_lps_geometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    ijkToRas = ImageGeometry.of(image).ijk_to_ras()
     previous = getattr(slicer, "mrmlScene", None)
     slicer.mrmlScene = scene
     try:

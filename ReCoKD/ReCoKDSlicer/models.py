@@ -59,10 +59,8 @@ class BundleInfo:
     """What the module needs to know about a bundle without loading the network."""
 
     name: str
-    labels: dict[str, int]
-    colors: dict[str, tuple[float, float, float]]
+    labels: Any  # ReCoKDLib.utils.labels.LabelSet (names, values, colours, terminology); None when not known yet
     channelNames: list[str]
-    terminology: dict[str, dict] = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
 
     @property
@@ -116,9 +114,17 @@ def registryInfo(source: "ModelSource") -> BundleInfo | None:
     channels = source.entry.get("channels")
     if not isinstance(channels, list) or not channels:
         return None
-    labels = source.entry.get("labels") if isinstance(source.entry.get("labels"), dict) else {}
-    return BundleInfo(name=source.name, labels={str(k): int(v) for k, v in labels.items()}, colors={},
+    labels = source.entry.get("labels")
+    return BundleInfo(name=source.name, labels=_labelSet(labels, f"registry entry {source.name}") if labels else None,
                       channelNames=[str(c) for c in channels])
+
+
+def _labelSet(labels, where: str, colors=None, terminology=None):
+    """ReCoKDLib's LabelSet (torch-free), or ValueError naming ``where``."""
+    from ReCoKDLib.utils.labels import LabelSet
+
+    return LabelSet(labels, colors if isinstance(colors, dict) else None,
+                    terminology if isinstance(terminology, dict) else None, source=where)
 
 
 def _entrySchema() -> dict | None:
@@ -233,20 +239,10 @@ def readBundleInfo(path: str | Path) -> BundleInfo:
         raise ValueError(f"{path} is not a ReCoKD model bundle ({exc}); export one with recokd export") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("labels"), dict) or not manifest["labels"]:
         raise ValueError(f"{path} has no labels in its manifest; re-export it with recokd export")
-    labels = {str(k): int(v) for k, v in manifest["labels"].items()}
-    colors_in = manifest.get("colors") or {}
-    defaults: dict = {}
-    if any(k not in colors_in for k in labels):  # only run folders lack colours; bundles always have them
-        try:
-            from ReCoKDLib.deployment.bundle import default_colors  # imports torch: avoided for bundles
-
-            defaults = default_colors(labels)
-        except Exception:  # noqa: BLE001 - torch missing: grey
-            defaults = {}
-    colors = {k: tuple(float(c) for c in (colors_in.get(k) or defaults.get(k) or (0.5, 0.5, 0.5)))[:3] for k in labels}
+    # run folders lack colours (they get the defaults); bundles always carry them
+    labels = _labelSet(manifest["labels"], str(path), manifest.get("colors"), manifest.get("terminology"))
     channels = manifest.get("channel_names") or {"0": "image"}
     channelNames = [str(channels[k]) for k in sorted(channels, key=lambda s: int(s))]
-    terminology = manifest.get("terminology") if isinstance(manifest.get("terminology"), dict) else {}
     provenance = manifest.get("provenance") if isinstance(manifest.get("provenance"), dict) else {}
-    return BundleInfo(name=str(manifest.get("name") or path.stem), labels=labels, colors=colors,  # type: ignore[arg-type]
-                      channelNames=channelNames, terminology=terminology, provenance=provenance)
+    return BundleInfo(name=str(manifest.get("name") or path.stem), labels=labels, channelNames=channelNames,
+                      provenance=provenance)

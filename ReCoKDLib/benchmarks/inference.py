@@ -34,7 +34,8 @@ from ..data.datasets import group_cases
 from ..inference.predictor import Predictor
 from ..models import count_parameters
 from ..utils.io import json_safe
-from ..evaluation.metrics import score_case, summarise
+from ..evaluation.metrics import read_label_map, score_case, summarise
+from ..utils.geometry import ImageGeometry
 
 __all__ = ["ModelResult", "count_flops", "run_benchmark", "benchmark_table", "benchmark_chart", "parse_models"]
 
@@ -182,14 +183,14 @@ def run_benchmark(
     loaded = []
     for case in ids:
         imgs = [read_image(p) for p in cases[case]]
-        ref = read_image(label_files[case])
-        loaded.append((case, imgs, sitk.GetArrayFromImage(ref).astype(np.int64), tuple(reversed(ref.GetSpacing()))))
+        ref, ref_geometry = read_label_map(label_files[case])
+        loaded.append((case, imgs, ref, ref_geometry.spacing_dhw))
     results: list[ModelResult] = []
     for name, source in models.items():
         bundle = source if isinstance(source, Bundle) else open_model(source)
         predictor = Predictor(bundle, device=device, overlap=overlap, progress=False, threads=threads)
         network = predictor.network
-        names = bundle.label_names
+        names = bundle.labels.names
         per_case, scores = [], []
         for case, imgs, ref, spacing in loaded:
             pred = sitk.GetArrayFromImage(predictor.predict_image(imgs, name=case))
@@ -203,9 +204,9 @@ def run_benchmark(
         ours, plains = [], []
         for _, imgs, _, _ in loaded:
             ours.append(_time(lambda: predictor.predict_image(imgs, name="timing"), repeats))
-            ref_img = imgs[0]
+            geometry = ImageGeometry.of(imgs[0])
             array = np.stack([sitk.GetArrayFromImage(i).astype(np.float32) for i in imgs])
-            _, pre = predictor.preprocess(array, ref_img.GetSpacing(), ref_img.GetOrigin(), ref_img.GetDirection())
+            _, pre = predictor.preprocess(array, geometry.spacing, geometry.origin, geometry.direction)
             raw = torch.from_numpy(pre.image)[None]
 
             def plain() -> None:

@@ -5,6 +5,15 @@ from __future__ import annotations
 
 import argparse
 
+from . import add_command
+
+
+DESCRIPTION = (
+    "Plans each dataset, trains the teachers, distils every student variant for every seed, runs "
+    "the ablations and a latency benchmark, then writes report.md, results.json and figures into -o. "
+    "Finished jobs are skipped; interrupted runs resume from their last checkpoint: run the same command again."
+)
+
 
 def run(args: argparse.Namespace) -> int:
     from ..workflows.study import build_report, load_config, plan_jobs, run_study
@@ -25,16 +34,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "benchmark-study", help="run a distillation study from a JSON config (resumable) and report it",
-        description="Plans each dataset, trains the teachers, distils every student variant for every seed, runs "
-        "the ablations and a latency benchmark, then writes report.md, results.json and figures into -o. "
-        "Finished jobs are skipped; interrupted runs resume from their last checkpoint: run the same command again.",
-    )
+    p = add_command(sub, "benchmark-study", run, help="run a distillation study from a JSON config (resumable) and report it", description=DESCRIPTION)
     p.add_argument("config", help="study config JSON (see configs/study.json)")
     p.add_argument("-o", "--output", default="recokd_study", help="study folder (default ./recokd_study)")
     p.add_argument("--jobs", type=int, help="jobs in parallel (default: the config's)")
     p.add_argument("--only", nargs="+", help="run only jobs with these names or prefixes (e.g. LA2018-lowres/)")
     p.add_argument("--list", action="store_true", help="list the jobs and whether they are done, run nothing")
     p.add_argument("--report-only", dest="report_only", action="store_true", help="only rebuild the report")
-    p.set_defaults(func=run)

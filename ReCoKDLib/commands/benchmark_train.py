@@ -4,6 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from . import add_command
+
+
+DESCRIPTION = (
+    "Times optimiser steps of teacher training, student training without KD and distillation "
+    "with each KD method on a fixed random batch shaped as the dataset's plan (or phantom-sized when no "
+    "dataset is given), and reports the KD overhead ratio distill / (student step + teacher forward)."
+)
+
 
 def run(args: argparse.Namespace) -> int:
     import torch
@@ -18,9 +27,9 @@ def run(args: argparse.Namespace) -> int:
         from ..data.datasets import open_dataset
         from ..workflows.runs import PlannerOptions, prepare_plans
 
-        plans, _, _ = prepare_plans(open_dataset(args.dataset), args.cache, PlannerOptions(), progress=False,
-                                      preprocess=False)
-        spec, patch, batch = plans.unet_spec, tuple(plans.patch_size), plans.batch_size
+        plans, spec, _, _ = prepare_plans(open_dataset(args.dataset), args.cache, PlannerOptions(), progress=False,
+                                          preprocess=False)
+        patch, batch = tuple(plans.patch_size), plans.batch_size
         source = f"dataset {plans.dataset_name}"
     else:
         spec = isotropic_spec(1, 5, num_levels=args.levels)
@@ -38,12 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "benchmark-train", help="measure training iterations/s and peak memory, with and without KD",
-        description="Times optimiser steps of teacher training, student training without KD and distillation "
-        "with each KD method on a fixed random batch shaped as the dataset's plan (or phantom-sized when no "
-        "dataset is given), and reports the KD overhead ratio distill / (student step + teacher forward).",
-    )
+    p = add_command(sub, "benchmark-train", run, help="measure training iterations/s and peak memory, with and without KD", description=DESCRIPTION)
     p.add_argument("dataset", nargs="?", help="dataset folder (its plan sets network, patch and batch)")
     p.add_argument("--cache", help="plan/cache folder (as for `recokd plan`)")
     p.add_argument("--patch-size", dest="patch_size", type=int, nargs=3, metavar=("D", "H", "W"))
@@ -59,4 +63,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int)
     p.add_argument("--no-amp", dest="no_amp", action="store_true")
-    p.set_defaults(func=run)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ReCoKDError
-from .train import add_run_arguments, run_role
+from .train import add_run_parser, run_role
+
+
+DESCRIPTION = (
+    "Trains a student (the teacher's topology, channels / R) with labels plus a distillation "
+    "method; the teacher comes from a `recokd train` run folder and stays frozen."
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -17,12 +23,7 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     from ..kd_methods import DEFAULT_METHOD, KD_METHODS
 
-    p = sub.add_parser(
-        "distill", help="distil a trained teacher into a compact student",
-        description="Trains a student (the teacher's topology, channels / R) with labels plus a distillation "
-        "method; the teacher comes from a `recokd train` run folder and stays frozen.",
-    )
-    add_run_arguments(p)
+    p = add_run_parser(sub, "distill", help="distil a trained teacher into a compact student", description=DESCRIPTION, func=run)
     p.add_argument("--teacher", help="teacher run folder (from `recokd train`)")
     p.add_argument("--method", default=DEFAULT_METHOD, choices=list(KD_METHODS),
                    help="distillation method (default recokd; none = labels only; defaults justified in docs/results.md)")
@@ -33,4 +34,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--taps", choices=["encoder", "decoder"], default="encoder", help="feature levels (default encoder)")
     p.add_argument("--width-factor", dest="width_factor", type=float, default=4.0,
                    help="student channels = teacher's / R, at least 8 (default 4)")
-    p.set_defaults(func=run)

@@ -15,7 +15,7 @@ def run_export(args: argparse.Namespace) -> int:
     if args.reference_image:
         from ..data.datasets import read_header
 
-        reference = read_header(args.reference_image).direction
+        reference = read_header(args.reference_image).geometry.direction
     extras = {"terminology": _read_json_option(args.terminology, "--terminology"),
               "test_metrics": _read_json_option(args.test_metrics, "--test-metrics"),
               "license": args.license}

@@ -11,10 +11,10 @@ def run(args: argparse.Namespace) -> int:
 
     dataset = open_dataset(args.dataset)
     planner = PlannerOptions(args.patch_budget, args.max_levels, args.base_filters, args.max_filters)
-    plans, root, folder = prepare_plans(dataset, args.cache, planner, replan=True, progress=not args.no_progress,
+    plans, network, root, folder = prepare_plans(dataset, args.cache, planner, replan=True, progress=not args.no_progress,
                                         num_workers=args.workers)
-    print(plan_summary(dataset, plans, folder))
-    print(f"plan written to {root / 'plans.json'}")
+    print(plan_summary(dataset, plans, network, folder))
+    print(f"plan written to {root / 'plans.json'}, the teacher network to {root / 'network.json'}")
     return 0
 
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from . import add_command
 from .plan import add_cache_argument, add_planner_arguments
+
+
+DESCRIPTION = (
+    "Plans and preprocesses the dataset when needed, then trains the planned teacher U-Net on "
+    "patches (foreground oversampling, augmentation), validating its EMA each epoch. Runs under torchrun too."
+)
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,13 +68,15 @@ def run(args: argparse.Namespace) -> int:
     return run_role(args, "teacher")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train", help="train a teacher network on a dataset",
-        description="Plans and preprocesses the dataset when needed, then trains the planned teacher U-Net on "
-        "patches (foreground oversampling, augmentation), validating its EMA each epoch. Runs under torchrun too.",
-    )
+def add_run_parser(sub: argparse._SubParsersAction, name: str, help: str, description: str,
+                   func) -> argparse.ArgumentParser:
+    """A ``train`` / ``distill`` sub-command with the options both share; the caller adds its own."""
+    p = add_command(sub, name, func, help=help, description=description)
     add_run_arguments(p)
-    p.add_argument("--plans", help="use this plans.json instead of planning")
+    return p
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_run_parser(sub, "train", help="train a teacher network on a dataset", description=DESCRIPTION, func=run)
+    p.add_argument("--plans", help="use this plans.json (and the network.json beside it, the teacher network) instead of planning")
     add_planner_arguments(p)
-    p.set_defaults(func=run)

@@ -34,6 +34,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import ReCoKDError
+from ..utils.geometry import ImageGeometry
+from ..utils.labels import LabelSet
 
 __all__ = [
     "CaseRecord",
@@ -108,7 +110,7 @@ class DatasetInfo:
     name: str
     layout: str
     channel_names: dict[int, str]
-    labels: dict[str, int]
+    labels: LabelSet
     file_ending: str
     training: tuple[CaseRecord, ...]
     test: tuple[CaseRecord, ...]
@@ -116,25 +118,14 @@ class DatasetInfo:
     unexpected_files: tuple[Path, ...] = ()
 
     @property
-    def ignore_label(self) -> int | None:
-        """The value of nnU-Net's ``ignore`` label, or ``None`` when the dataset declares none."""
-        return self.labels.get("ignore")
-
-    @property
     def num_classes(self) -> int:
-        """Number of output classes: the largest label value + 1 (an ``ignore`` label is not a class)."""
-        values = [v for k, v in self.labels.items() if k != "ignore"]
-        return max(values) + 1
+        """Number of output classes (the label set's)."""
+        return self.labels.num_classes
 
     @property
     def num_channels(self) -> int:
         """Number of input channels."""
         return len(self.channel_names)
-
-    def label_names(self) -> list[str]:
-        """Class names indexed by label value; values without a name are called ``label_<v>``."""
-        by_value = {v: k for k, v in self.labels.items() if k != "ignore"}
-        return [by_value.get(v, f"label_{v}") for v in range(self.num_classes)]
 
 
 @dataclass
@@ -144,17 +135,14 @@ class LoadedCase:
     Attributes:
         image: float32 array (C, D, H, W).
         label: uint8 (or int16 when values exceed 255) array (D, H, W), or ``None``.
-        spacing: voxel size in numpy axis order (D, H, W), i.e. SimpleITK's spacing reversed.
-        origin: SimpleITK origin (x, y, z) in mm.
-        direction: SimpleITK direction cosines, row-major 3x3 (9 values).
+        geometry: the first image file's :class:`~ReCoKDLib.utils.geometry.ImageGeometry` ((x, y, z),
+            LPS); ``geometry.spacing_dhw`` is the voxel size in the arrays' order.
         case_id: the case identifier.
     """
 
     image: np.ndarray
     label: np.ndarray | None
-    spacing: tuple[float, float, float]
-    origin: tuple[float, float, float]
-    direction: tuple[float, ...]
+    geometry: ImageGeometry
     case_id: str
 
 
@@ -162,16 +150,14 @@ class LoadedCase:
 class ImageHeader:
     """Geometry of an image file, read without its voxels (see :func:`read_header`).
 
-    ``size`` is in SimpleITK order (x, y, z[, c]); ``spacing``, ``origin`` and ``direction`` keep
-    only the first three (spatial) dimensions, in SimpleITK convention.
+    ``size`` is in SimpleITK order (x, y, z[, c]); ``geometry`` keeps only the first (up to three)
+    spatial dimensions.
     """
 
     path: Path
     dimension: int
     size: tuple[int, ...]
-    spacing: tuple[float, ...]
-    origin: tuple[float, ...]
-    direction: tuple[float, ...]
+    geometry: ImageGeometry
     components: int
     pixel_type: str
 
@@ -241,15 +227,6 @@ def read_image(path: str | Path) -> sitk.Image:
         raise failure.to_error() from failure.__cause__
 
 
-def _spatial_geometry(
-    dimension: int, spacing: Sequence[float], origin: Sequence[float], direction: Sequence[float]
-) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
-    """Spacing, origin and direction of the first min(dimension, 3) dimensions."""
-    n = min(dimension, 3)
-    sub = tuple(float(direction[r * dimension + c]) for r in range(n) for c in range(n))
-    return tuple(float(s) for s in spacing[:n]), tuple(float(o) for o in origin[:n]), sub
-
-
 def _read_header(path: Path) -> ImageHeader:
     if not path.is_file():
         raise _ReadFailure(path, "file not found")
@@ -259,17 +236,11 @@ def _read_header(path: Path) -> ImageHeader:
         reader.ReadImageInformation()
     except Exception as exc:
         raise _ReadFailure(path, _sitk_reason(exc)) from exc
-    dim = reader.GetDimension()
-    spacing, origin, direction = _spatial_geometry(
-        dim, reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
-    )
     return ImageHeader(
         path=path,
-        dimension=dim,
+        dimension=reader.GetDimension(),
         size=tuple(int(s) for s in reader.GetSize()),
-        spacing=spacing,
-        origin=origin,
-        direction=direction,
+        geometry=ImageGeometry.of(reader),
         components=int(reader.GetNumberOfComponents()),
         pixel_type=sitk.GetPixelIDValueAsString(reader.GetPixelID()),
     )
@@ -342,55 +313,14 @@ def _parse_channels(raw: Any, key: str, json_path: Path) -> dict[int, str]:
     return dict(sorted(channels.items()))
 
 
-def _as_label_value(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
-        return int(value)
-    return None
-
-
-def _parse_labels(raw: Any, json_path: Path) -> dict[str, int]:
-    """Normalise ``labels`` to name -> value from either name -> value (nnU-Net) or value -> name (MSD)."""
-    if not isinstance(raw, dict) or not raw:
-        raise ReCoKDError(
-            f'{json_path}: "labels" must be a non-empty object, e.g. {{"background": 0, "tumour": 1}}; fix dataset.json'
-        )
-    if any(isinstance(v, (list, tuple)) for v in raw.values()):
-        raise ReCoKDError(
-            f"{json_path}: region-based labels (lists of values) are not supported; give each label one integer value"
-        )
-    keys_are_values = all(_as_label_value(k) is not None for k in raw) and all(
-        isinstance(v, str) and _as_label_value(v) is None for v in raw.values()
-    )
-    labels: dict[str, int] = {}
-    for k, v in raw.items():
-        name, value = (str(v), _as_label_value(k)) if keys_are_values else (str(k), _as_label_value(v))
-        if value is None:
-            raise ReCoKDError(
-                f'{json_path}: label {k!r}: {v!r} has no integer value; write labels as "name": value (nnU-Net) or "value": "name" (MSD)'
-            )
-        if value < 0:
-            raise ReCoKDError(f"{json_path}: label {name!r} has negative value {value}; label values start at 0")
-        if name in labels:
-            raise ReCoKDError(f"{json_path}: label name {name!r} appears twice; give every label its own name")
-        labels[name] = value
-    values = list(labels.values())
-    if len(set(values)) != len(values):
-        dupes = sorted({v for v in values if values.count(v) > 1})
-        raise ReCoKDError(f"{json_path}: label values {dupes} are used by more than one name; give each value one name")
-    if 0 not in values:
-        raise ReCoKDError(f'{json_path}: "labels" lacks the background value 0; add "background": 0')
-    return dict(sorted(labels.items(), key=lambda kv: kv[1]))
-
-
-def _optional_int(meta: dict[str, Any], key: str) -> int | None:
-    value = meta.get(key)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+def _dataset_info(root: Path, meta: dict[str, Any], layout: str, channels: dict[int, str], labels: LabelSet,
+                  ending: str, training: Sequence[CaseRecord], test: Sequence[CaseRecord],
+                  unexpected: Sequence[Path] = ()) -> DatasetInfo:
+    declared = meta.get("numTraining")
+    return DatasetInfo(root=root, name=str(meta.get("name") or root.name), layout=layout, channel_names=channels,
+                       labels=labels, file_ending=ending, training=tuple(training), test=tuple(test),
+                       num_training_declared=declared if isinstance(declared, int) and not isinstance(declared, bool) else None,
+                       unexpected_files=tuple(unexpected))
 
 
 def _resolve(root: Path, rel: Any, json_path: Path, what: str) -> Path:
@@ -480,7 +410,7 @@ def _infer_file_ending(root: Path, json_path: Path) -> str:
 
 def _open_nnunet(root: Path, meta: dict[str, Any], json_path: Path) -> DatasetInfo:
     channels = _parse_channels(meta.get("channel_names"), "channel_names", json_path)
-    labels = _parse_labels(meta.get("labels"), json_path)
+    labels = LabelSet.parse(meta.get("labels"), str(json_path))
     ending = meta.get("file_ending")
     if ending is None:
         ending = _infer_file_ending(root, json_path)
@@ -516,23 +446,12 @@ def _open_nnunet(root: Path, meta: dict[str, Any], json_path: Path) -> DatasetIn
         training, unexpected = _nnunet_split(root, "imagesTr", "labelsTr", ending, len(channels), True)
     test, stray = _nnunet_split(root, "imagesTs", "labelsTs", ending, len(channels), False)
     unexpected += stray
-    return DatasetInfo(
-        root=root,
-        name=str(meta.get("name") or root.name),
-        layout="nnunet",
-        channel_names=channels,
-        labels=labels,
-        file_ending=ending,
-        training=training,
-        test=test,
-        num_training_declared=_optional_int(meta, "numTraining"),
-        unexpected_files=tuple(unexpected),
-    )
+    return _dataset_info(root, meta, "nnunet", channels, labels, ending, training, test, unexpected)
 
 
 def _open_msd(root: Path, meta: dict[str, Any], json_path: Path) -> DatasetInfo:
     channels = _parse_channels(meta.get("modality"), "modality", json_path)
-    labels = _parse_labels(meta.get("labels"), json_path)
+    labels = LabelSet.parse(meta.get("labels"), str(json_path))
     entries = meta.get("training")
     if not isinstance(entries, list):
         raise ReCoKDError(
@@ -573,17 +492,7 @@ def _open_msd(root: Path, meta: dict[str, Any], json_path: Path) -> DatasetInfo:
     file_ending = meta.get("file_ending") if isinstance(meta.get("file_ending"), str) else None
     if file_ending is None:
         file_ending = max(set(endings), key=endings.count) if endings else ".nii.gz"
-    return DatasetInfo(
-        root=root,
-        name=str(meta.get("name") or root.name),
-        layout="msd",
-        channel_names=channels,
-        labels=labels,
-        file_ending=file_ending,
-        training=tuple(training),
-        test=tuple(test),
-        num_training_declared=_optional_int(meta, "numTraining"),
-    )
+    return _dataset_info(root, meta, "msd", channels, labels, file_ending, training, test)
 
 
 def open_dataset(root: str | Path) -> DatasetInfo:
@@ -674,9 +583,7 @@ def load_case(record: CaseRecord, dataset: DatasetInfo) -> LoadedCase:
         image = read_image(path)
         arr = _channels_of(image, path)
         if geometry is None:
-            geometry = _spatial_geometry(
-                image.GetDimension(), image.GetSpacing(), image.GetOrigin(), image.GetDirection()
-            )
+            geometry = ImageGeometry.of(image)
         elif arr.shape[1:] != arrays[0].shape[1:]:
             raise ReCoKDError(
                 f"{path} has shape {arr.shape[1:]} (D, H, W) but {record.image_files[0].name} has "
@@ -699,15 +606,13 @@ def load_case(record: CaseRecord, dataset: DatasetInfo) -> LoadedCase:
                 f"{image_array.shape[1:]}; the label must share the image's voxel grid"
             )
     assert geometry is not None
-    spacing, origin, direction = geometry
-    return LoadedCase(
-        image=image_array,
-        label=label,
-        spacing=tuple(reversed(spacing)),  # type: ignore[arg-type]
-        origin=origin,  # type: ignore[arg-type]
-        direction=direction,
-        case_id=record.case_id,
-    )
+    return LoadedCase(image=image_array, label=label, geometry=geometry, case_id=record.case_id)
+
+
+def dataset_fields(name: str, channel_names: dict[int, str], labels: LabelSet) -> dict[str, Any]:
+    """What a fingerprint or plan records of its dataset, as JSON: name, channels and labels."""
+    return {"dataset_name": name, "channel_names": {str(k): v for k, v in channel_names.items()},
+            "labels": labels.to_json()}
 
 
 def select_cases(dataset_path: str | Path, cases: str | Sequence[str]):

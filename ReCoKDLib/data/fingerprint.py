@@ -26,8 +26,9 @@ from tqdm import tqdm
 
 from ..errors import ReCoKDError
 from ..utils.io import JSONDocument, read_json
+from ..utils.labels import LabelSet
 from .preprocessing import crop_bbox
-from .datasets import DatasetInfo, load_case
+from .datasets import DatasetInfo, dataset_fields, load_case
 
 __all__ = [
     "FINGERPRINT_VERSION",
@@ -158,7 +159,7 @@ class Fingerprint(JSONDocument):
     Attributes:
         dataset_name: ``dataset.json``'s name.
         channel_names: channel index -> name.
-        labels: label name -> value, background included.
+        labels: the dataset's :class:`~ReCoKDLib.utils.labels.LabelSet`.
         cases: per-case geometry, in the dataset's case order.
         foreground_intensity: per channel, statistics of the foreground intensities.
         max_foreground_samples: the per-case sample cap used.
@@ -168,7 +169,7 @@ class Fingerprint(JSONDocument):
 
     dataset_name: str
     channel_names: dict[int, str]
-    labels: dict[str, int]
+    labels: LabelSet
     cases: tuple[CaseFingerprint, ...]
     foreground_intensity: tuple[IntensityStats, ...]
     max_foreground_samples: int = 10000
@@ -176,6 +177,8 @@ class Fingerprint(JSONDocument):
     version: int = field(default=FINGERPRINT_VERSION)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.labels, LabelSet):
+            object.__setattr__(self, "labels", LabelSet(self.labels, source=f"fingerprint of '{self.dataset_name}'"))
         if not self.cases:
             raise ReCoKDError(f"fingerprint of '{self.dataset_name}' has no cases; the dataset needs training cases")
 
@@ -231,9 +234,7 @@ class Fingerprint(JSONDocument):
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": self.version,
-            "dataset_name": self.dataset_name,
-            "channel_names": {str(k): v for k, v in self.channel_names.items()},
-            "labels": dict(self.labels),
+            **dataset_fields(self.dataset_name, self.channel_names, self.labels),
             "max_foreground_samples": self.max_foreground_samples,
             "seed": self.seed,
             "summary": self.summary(),  # derived; ignored when reading
@@ -249,21 +250,17 @@ class Fingerprint(JSONDocument):
                 f"fingerprint version {version!r} is not the supported version {FINGERPRINT_VERSION}; "
                 "compute the fingerprint again"
             )
-        try:
+        with cls.reading("fingerprint", "compute the fingerprint again"):
             return cls(
                 dataset_name=str(d["dataset_name"]),
                 channel_names={int(k): str(v) for k, v in d["channel_names"].items()},
-                labels={str(k): int(v) for k, v in d["labels"].items()},
+                labels=LabelSet(d["labels"], source="fingerprint"),
                 cases=tuple(CaseFingerprint.from_dict(c) for c in d["cases"]),
                 foreground_intensity=tuple(IntensityStats.from_dict(s) for s in d["foreground_intensity"]),
                 max_foreground_samples=int(d.get("max_foreground_samples", 10000)),
                 seed=int(d.get("seed", 0)),
                 version=int(version),
             )
-        except KeyError as exc:
-            raise ReCoKDError(f"fingerprint lacks the key {exc.args[0]!r}; compute the fingerprint again") from None
-        except (TypeError, ValueError, AttributeError) as exc:
-            raise ReCoKDError(f"malformed fingerprint ({exc}); compute the fingerprint again") from None
 
     @classmethod
     def load(cls, path: str | Path) -> "Fingerprint":
@@ -297,7 +294,7 @@ def compute_fingerprint(
         raise ReCoKDError(f"dataset '{dataset.name}' ({dataset.root}) has no training cases to fingerprint")
     if max_foreground_samples < 1:
         raise ReCoKDError(f"max_foreground_samples must be >= 1, got {max_foreground_samples}")
-    ignore = dataset.ignore_label
+    ignore = dataset.labels.ignore_label
     cases: list[CaseFingerprint] = []
     samples: list[np.ndarray] = []  # per case, (C, n) sampled foreground intensities
     for record in tqdm(dataset.training, desc=f"fingerprint {dataset.name}", disable=not progress, leave=False):
@@ -306,7 +303,7 @@ def compute_fingerprint(
         cases.append(
             CaseFingerprint(
                 case_id=case.case_id,
-                spacing=_floats(case.spacing),  # type: ignore[arg-type]
+                spacing=_floats(case.geometry.spacing_dhw),  # type: ignore[arg-type]
                 shape=_ints(case.image.shape[1:]),  # type: ignore[arg-type]
                 shape_after_crop=tuple(hi - lo for lo, hi in box),  # type: ignore[arg-type]
             )
@@ -325,7 +322,7 @@ def compute_fingerprint(
     return Fingerprint(
         dataset_name=dataset.name,
         channel_names=dict(dataset.channel_names),
-        labels=dict(dataset.labels),
+        labels=dataset.labels,
         cases=tuple(cases),
         foreground_intensity=tuple(IntensityStats.of(pooled[c]) for c in range(num_channels)),
         max_foreground_samples=int(max_foreground_samples),

@@ -26,6 +26,8 @@ from typing import Dict, List, Sequence, Tuple, Union
 import numpy as np
 
 from ..errors import ReCoKDError
+from ..utils.geometry import ImageGeometry
+from ..utils.labels import LabelSet
 
 __all__ = [
     "PHANTOM_COLORS",
@@ -36,16 +38,10 @@ __all__ = [
     "save_dataset_nnunet",
 ]
 
-PHANTOM_LABELS: Dict[str, int] = {"background": 0, "organ": 1, "kidney": 2, "vessel": 3, "lesion": 4}
-"""Class name -> label value of the phantom's label maps."""
+PHANTOM_LABELS = LabelSet({"background": 0, "organ": 1, "kidney": 2, "vessel": 3, "lesion": 4}, source="phantom")
+"""The phantom's classes (a :class:`~ReCoKDLib.utils.labels.LabelSet`; colours from its ``NAMED_COLORS``)."""
 
-PHANTOM_COLORS: Dict[str, Tuple[float, float, float]] = {
-    "background": (0.0, 0.0, 0.0),
-    "organ": (0.69, 0.33, 0.26),  # brownish red, liver-like
-    "kidney": (0.95, 0.60, 0.24),  # orange
-    "vessel": (0.76, 0.16, 0.42),  # blue-ish red
-    "lesion": (0.98, 0.86, 0.28),  # yellow
-}
+PHANTOM_COLORS: Dict[str, Tuple[float, float, float]] = PHANTOM_LABELS.colors
 """Class name -> RGB colour (floats in 0..1) for overlays and 3D Slicer segment colours."""
 
 _REFERENCE_SIZE = 64  # the grid size the structure sizes below were tuned for
@@ -59,13 +55,14 @@ class PhantomCase:
     Attributes:
         image: float32 array of shape (1, D, H, W) (channel-first, one channel), z-scored.
         label: uint8 array of shape (D, H, W) with values in :data:`PHANTOM_LABELS`.
-        spacing: voxel spacing in mm in array axis order (D, H, W); nominally 1.0 mm isotropic.
+        geometry: where the voxels lie (:class:`~ReCoKDLib.utils.geometry.ImageGeometry`); 1.0 mm
+            isotropic, origin 0, identity direction unless given.
         name: case identifier, e.g. ``"phantom_007"``; used as the file stem when saved.
     """
 
     image: np.ndarray
     label: np.ndarray
-    spacing: Tuple[float, float, float]
+    geometry: ImageGeometry
     name: str
 
 
@@ -352,7 +349,7 @@ def generate_case(seed: int, shape: Tuple[int, int, int] = (64, 64, 64)) -> Phan
     return PhantomCase(
         image=image[None].astype(np.float32, copy=False),
         label=label,
-        spacing=(1.0, 1.0, 1.0),
+        geometry=ImageGeometry((1.0, 1.0, 1.0)),
         name=f"phantom_{seed:03d}",
     )
 
@@ -421,19 +418,16 @@ def save_dataset_nnunet(
     (root / "imagesTr").mkdir(parents=True, exist_ok=True)
     (root / "labelsTr").mkdir(parents=True, exist_ok=True)
     for case in cases:
-        sitk_spacing = tuple(float(s) for s in reversed(case.spacing))  # (D, H, W) -> (x, y, z)
-        image = sitk.GetImageFromArray(np.ascontiguousarray(case.image[0], dtype=np.float32))
-        image.SetSpacing(sitk_spacing)
+        image = case.geometry.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(case.image[0], dtype=np.float32)))
         sitk.WriteImage(image, str(root / "imagesTr" / f"{case.name}_0000.nii.gz"), useCompression=True)
-        label = sitk.GetImageFromArray(np.ascontiguousarray(case.label, dtype=np.uint8))
-        label.SetSpacing(sitk_spacing)
+        label = case.geometry.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(case.label, dtype=np.uint8)))
         sitk.WriteImage(label, str(root / "labelsTr" / f"{case.name}.nii.gz"), useCompression=True)
 
     dataset_json = {
         "name": dataset_name,
         "description": "ReCoKD synthetic phantom (organ, paired kidneys, vessel, lesions)",
         "channel_names": {"0": "MRI"},
-        "labels": dict(PHANTOM_LABELS),
+        "labels": PHANTOM_LABELS.to_json(),
         "numTraining": len(cases),
         "file_ending": ".nii.gz",
     }
@@ -465,10 +459,8 @@ def write_sample_volume(path: Union[str, Path], label_path: Union[str, Path, Non
     if all(p.is_file() for p, _ in targets):
         return path
     case = sample_case()
-    spacing = tuple(float(s) for s in reversed(case.spacing))
     for target, what in targets:
         array = case.image[0].astype(np.float32) if what == "image" else case.label.astype(np.uint8)
-        image = sitk.GetImageFromArray(np.ascontiguousarray(array))
-        image.SetSpacing(spacing)
+        image = case.geometry.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(array)))
         atomic_write(target, lambda tmp, image=image: sitk.WriteImage(image, str(tmp), useCompression=True))
     return path

@@ -1,4 +1,10 @@
-"""Experiment planning: from a dataset :class:`~ReCoKDLib.data.fingerprint.Fingerprint` to :class:`Plans`.
+"""Experiment planning: from a dataset :class:`~ReCoKDLib.data.fingerprint.Fingerprint` to :class:`Plans`
+and the teacher network.
+
+:func:`plan_experiment` returns both: the :class:`Plans` (preprocessing, patch, batch) and the teacher's
+:class:`~ReCoKDLib.models.unet.UNetSpec`. They are stored apart, as ``plans.json`` and
+``network.json``: a network is described in ``network.json`` only, so a student's run and bundle
+describe the student, never the teacher it came from.
 
 The rules follow nnU-Net's 3D full-resolution planner (Isensee et al., Nature Methods 2021),
 re-implemented here; all shapes and spacings are in numpy axis order (D, H, W).
@@ -51,13 +57,15 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 import numpy as np
 
 from ..errors import ReCoKDError
 from ..models.unet import UNetSpec, nnunet_filters
 from ..utils.io import JSONDocument, read_json
+from ..utils.labels import LabelSet
+from .datasets import dataset_fields
 
 if TYPE_CHECKING:  # a type only: planning reads a fingerprint, it never builds one
     from .fingerprint import Fingerprint
@@ -67,6 +75,7 @@ __all__ = [
     "DEFAULT_PATCH_BUDGET",
     "ChannelNormalisation",
     "Plans",
+    "PlannedExperiment",
     "plan_experiment",
     "plan_target_spacing",
     "plan_topology",
@@ -144,16 +153,15 @@ class ChannelNormalisation:
 
 @dataclass(frozen=True)
 class Plans(JSONDocument):
-    """Everything training and inference need to preprocess data and build the teacher.
+    """Everything training and inference need to preprocess data and cut training patches.
 
     Attributes:
         dataset_name: the dataset the plan was made for.
         channel_names: channel index -> name.
-        labels: label name -> value, background included.
+        labels: the dataset's :class:`~ReCoKDLib.utils.labels.LabelSet`.
         target_spacing: spacing (D, H, W) in mm that every case is resampled to.
         normalisation: one :class:`ChannelNormalisation` per channel.
         patch_size: training patch (D, H, W), divisible by the network's total stride.
-        network: the teacher's :meth:`UNetSpec.to_dict` (see :attr:`unet_spec`).
         batch_size: training batch size.
         median_shape: the median case shape (D, H, W) after cropping and resampling.
         resampling: ``{"image_order": 3 | 1, "label": "linear" | "nearest"}``.
@@ -164,11 +172,10 @@ class Plans(JSONDocument):
 
     dataset_name: str
     channel_names: dict[int, str]
-    labels: dict[str, int]
+    labels: LabelSet
     target_spacing: tuple[float, float, float]
     normalisation: tuple[ChannelNormalisation, ...]
     patch_size: Triple
-    network: dict[str, Any]
     batch_size: int = 2
     median_shape: Triple = (0, 0, 0)
     resampling: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_RESAMPLING))
@@ -177,6 +184,8 @@ class Plans(JSONDocument):
     version: int = PLANS_VERSION
 
     def __post_init__(self) -> None:
+        if not isinstance(self.labels, LabelSet):
+            object.__setattr__(self, "labels", LabelSet(self.labels, source=f"plan for '{self.dataset_name}'"))
         object.__setattr__(self, "target_spacing", tuple(float(s) for s in self.target_spacing))
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
         object.__setattr__(self, "median_shape", tuple(int(p) for p in self.median_shape))
@@ -197,33 +206,27 @@ class Plans(JSONDocument):
             raise ReCoKDError(
                 f"plan resampling {self.resampling} is not supported; use image_order 0, 1 or 3 and label 'linear' or 'nearest'"
             )
-        spec = self.unet_spec
-        if spec.in_channels != len(self.channel_names) or spec.out_channels != self.num_classes:
+
+    # -- derived ------------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        """Output classes, background included (the label set's)."""
+        return self.labels.num_classes
+
+    def check_network(self, spec: UNetSpec, where: str = "plan") -> None:
+        """Raise :class:`ReCoKDError` unless ``spec`` takes the plan's channels, predicts its classes and
+        tiles its patch (every patch axis a multiple of the network's total stride)."""
+        if spec.in_channels != self.num_channels or spec.out_channels != self.num_classes:
             raise ReCoKDError(
-                f"plan network has {spec.in_channels} inputs / {spec.out_channels} outputs but the plan has "
-                f"{len(self.channel_names)} channels / {self.num_classes} classes; fix the plan"
+                f"{where}: the network has {spec.in_channels} input(s) / {spec.out_channels} output(s) but the plan has "
+                f"{self.num_channels} channel(s) / {self.num_classes} classes; plan the experiment again"
             )
         bad = [p for p, d in zip(self.patch_size, spec.divisor) if p % d]
         if bad:
             raise ReCoKDError(
-                f"plan patch_size {list(self.patch_size)} is not divisible by the network's total stride "
+                f"{where}: patch size {list(self.patch_size)} is not divisible by the network's total stride "
                 f"{list(spec.divisor)}; choose multiples of it"
             )
-
-    # -- derived ------------------------------------------------------------------------------
-    @property
-    def unet_spec(self) -> UNetSpec:
-        """The teacher architecture."""
-        return UNetSpec.from_dict(self.network)
-
-    @property
-    def num_classes(self) -> int:
-        """Output classes, background included (an ``ignore`` label is not a class)."""
-        return max(v for k, v in self.labels.items() if k != "ignore") + 1
-
-    @property
-    def ignore_label(self) -> int | None:
-        return self.labels.get("ignore")
 
     @property
     def num_channels(self) -> int:
@@ -236,7 +239,7 @@ class Plans(JSONDocument):
             "target_spacing": list(self.target_spacing),
             "normalisation": [n.to_dict() for n in self.normalisation],
             "channel_names": {str(k): v for k, v in self.channel_names.items()},
-            "labels": dict(self.labels),
+            "labels": self.labels.to_json(),
             "resampling": dict(self.resampling),
         }
 
@@ -249,37 +252,36 @@ class Plans(JSONDocument):
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": self.version,
-            "dataset_name": self.dataset_name,
-            "channel_names": {str(k): v for k, v in self.channel_names.items()},
-            "labels": dict(self.labels),
+            **dataset_fields(self.dataset_name, self.channel_names, self.labels),
             "target_spacing": list(self.target_spacing),
             "normalisation": [n.to_dict() for n in self.normalisation],
             "resampling": dict(self.resampling),
             "patch_size": list(self.patch_size),
             "batch_size": self.batch_size,
             "median_shape": list(self.median_shape),
-            "network": self.network,
             "planner": dict(self.planner),
             "fingerprint": dict(self.fingerprint),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "plans") -> "Plans":
-        """Build a plan from :meth:`to_dict` output; raises :class:`ReCoKDError` naming ``source``."""
+        """Build a plan from :meth:`to_dict` output; raises :class:`ReCoKDError` naming ``source``.
+
+        A ``network`` key (plans written before ``network.json`` became the only network description)
+        is ignored here; :func:`~ReCoKDLib.workflows.runs.planned_network` still reads it."""
         version = d.get("version")
         if version != PLANS_VERSION:
             raise ReCoKDError(
                 f"{source} has version {version!r} but this ReCoKD reads version {PLANS_VERSION}; plan the experiment again"
             )
-        try:
+        with cls.reading(source, "fix it or plan the experiment again"):
             return cls(
                 dataset_name=str(d["dataset_name"]),
                 channel_names={int(k): str(v) for k, v in d["channel_names"].items()},
-                labels={str(k): int(v) for k, v in d["labels"].items()},
+                labels=LabelSet(d["labels"], source=source),
                 target_spacing=tuple(d["target_spacing"]),  # type: ignore[arg-type]
                 normalisation=tuple(ChannelNormalisation.from_dict(n) for n in d["normalisation"]),
                 patch_size=tuple(d["patch_size"]),  # type: ignore[arg-type]
-                network=dict(d["network"]),
                 batch_size=int(d.get("batch_size", 2)),
                 median_shape=tuple(d.get("median_shape", (0, 0, 0))),  # type: ignore[arg-type]
                 resampling=dict(d.get("resampling", DEFAULT_RESAMPLING)),
@@ -287,12 +289,6 @@ class Plans(JSONDocument):
                 planner=dict(d.get("planner", {})),
                 version=int(version),
             )
-        except ReCoKDError as exc:
-            raise ReCoKDError(f"{source}: {exc}") from None
-        except KeyError as exc:
-            raise ReCoKDError(f"{source} lacks the key {exc.args[0]!r}; plan the experiment again") from None
-        except (TypeError, ValueError, AttributeError) as exc:
-            raise ReCoKDError(f"{source} is malformed ({exc}); fix it or plan the experiment again") from None
 
     @classmethod
     def load(cls, path: str | Path) -> "Plans":
@@ -301,7 +297,7 @@ class Plans(JSONDocument):
         return cls.from_dict(read_json(path, "plans file"), source=f"plans file {path}")
 
     def with_target_spacing(self, spacing: Sequence[float]) -> "Plans":
-        """A copy with another target spacing (the patch and network are kept)."""
+        """A copy with another target spacing (the patch is kept)."""
         return replace(self, target_spacing=tuple(float(s) for s in spacing))  # type: ignore[arg-type]
 
 
@@ -407,6 +403,13 @@ def plan_patch_size(
     return tuple(patch), kernels, strides  # type: ignore[return-value]
 
 
+class PlannedExperiment(NamedTuple):
+    """What :func:`plan_experiment` returns: the plan and the teacher network it was planned with."""
+
+    plans: Plans
+    network: UNetSpec
+
+
 def plan_experiment(
     fingerprint: Fingerprint,
     *,
@@ -417,8 +420,11 @@ def plan_experiment(
     min_feature_size: int = 4,
     batch_size: int = 2,
     target_spacing: Sequence[float] | None = None,
-) -> Plans:
+) -> PlannedExperiment:
     """Plan preprocessing and the teacher network for a fingerprinted dataset (nnU-Net's rules).
+
+    Returns:
+        ``(plans, network)``: the :class:`Plans` and the teacher's :class:`~ReCoKDLib.models.unet.UNetSpec`.
 
     Args:
         fingerprint: from :func:`~ReCoKDLib.data.fingerprint.compute_fingerprint`.
@@ -483,10 +489,9 @@ def plan_experiment(
             )
         )
 
-    num_classes = max(v for k, v in fingerprint.labels.items() if k != "ignore") + 1
     spec = UNetSpec(
         in_channels=len(fingerprint.channel_names),
-        out_channels=num_classes,
+        out_channels=fingerprint.labels.num_classes,
         kernel_sizes=tuple(kernels),
         strides=tuple(strides),
         filters=tuple(nnunet_filters(len(strides), base=base_filters, cap=max_filters)),
@@ -494,14 +499,13 @@ def plan_experiment(
     )
     summary = fingerprint.summary()
     summary["foreground_intensity"] = [s.to_dict() for s in fingerprint.foreground_intensity]
-    return Plans(
+    plans = Plans(
         dataset_name=name,
         channel_names=dict(sorted(fingerprint.channel_names.items())),
-        labels=dict(fingerprint.labels),
+        labels=fingerprint.labels,
         target_spacing=spacing,  # type: ignore[arg-type]
         normalisation=tuple(normalisation),
         patch_size=patch,
-        network=spec.to_dict(),
         batch_size=batch_size,
         median_shape=median_shape,  # type: ignore[arg-type]
         resampling=dict(DEFAULT_RESAMPLING),
@@ -515,3 +519,5 @@ def plan_experiment(
             "target_spacing_override": target_spacing is not None,
         },
     )
+    plans.check_network(spec)
+    return PlannedExperiment(plans, spec)

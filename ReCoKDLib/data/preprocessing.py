@@ -47,6 +47,7 @@ from tqdm import tqdm
 from ..errors import ReCoKDError
 from .datasets import CaseRecord, DatasetInfo, LoadedCase, load_case
 from ..utils.io import atomic_write, atomic_write_text, read_json
+from ..utils.geometry import IDENTITY_DIRECTION, dhw_to_xyz
 from .planning import Plans
 
 #: a crop box, one (start, stop) per axis in numpy order (D, H, W)
@@ -81,10 +82,10 @@ class PreprocessedCase:
         case_id: the case identifier.
         image: float32 (C, D, H, W), normalised and resampled.
         label: uint8 (D, H, W), or ``None`` for an unlabelled case.
-        properties: JSON-ready dict: ``original_spacing``, ``origin``, ``direction``,
-            ``original_shape``, ``bbox``, ``shape_after_crop``, ``shape_after_resampling``,
-            ``target_spacing``, ``plans_hash`` (shapes and spacings in (D, H, W) order; origin and
-            direction in SimpleITK convention).
+        properties: JSON-ready dict: ``geometry`` (the original
+            :class:`~ReCoKDLib.utils.geometry.ImageGeometry`, (x, y, z)), ``original_shape``, ``bbox``,
+            ``shape_after_crop``, ``shape_after_resampling``, ``target_spacing``, ``plans_hash``
+            (shapes, boxes and the target spacing in array order (D, H, W)).
     """
 
     case_id: str
@@ -157,12 +158,12 @@ def resize_image(image: np.ndarray, out_shape: Sequence[int], order: int = 3) ->
         src = sitk.GetImageFromArray(np.ascontiguousarray(image[c], dtype=np.float32))
         dst = sitk.Resample(
             src,
-            list(reversed(out_shape)),  # SimpleITK is (x, y, z) = (W, H, D)
+            dhw_to_xyz(out_shape),
             sitk.Transform(),
             _SITK_INTERPOLATORS[order],
-            list(reversed(out_origin)),
-            list(reversed(out_spacing)),
-            (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+            dhw_to_xyz(out_origin),
+            dhw_to_xyz(out_spacing),
+            IDENTITY_DIRECTION,
             0.0,
             sitk.sitkFloat32,
             True,  # nearest-neighbour extrapolation: the outermost half voxel never reads as 0
@@ -306,16 +307,14 @@ def preprocess_case(case: LoadedCase, plans: Plans) -> PreprocessedCase:
     shape_after_crop = tuple(int(n) for n in image.shape[1:])
     # normalise before resampling (as nnU-Net): the statistics are those of the original voxels
     image = normalise(image, plans)
-    out_shape = resampled_shape(shape_after_crop, case.spacing, plans.target_spacing)
+    out_shape = resampled_shape(shape_after_crop, case.geometry.spacing_dhw, plans.target_spacing)
     image = resize_image(image, out_shape, int(plans.resampling["image_order"]))
     if label is not None:
         label = _label_uint8(resize_label(_label_uint8(label, case.case_id), out_shape, plans.resampling["label"]), case.case_id)
     properties = {
         "case_id": case.case_id,
         "plans_hash": plans.plans_hash(),
-        "original_spacing": [float(s) for s in case.spacing],
-        "origin": [float(o) for o in case.origin],
-        "direction": [float(d) for d in case.direction],
+        "geometry": case.geometry.to_json(),
         "original_shape": [int(n) for n in case.image.shape[1:]],
         "bbox": [[int(lo), int(hi)] for lo, hi in bbox],
         "shape_after_crop": list(shape_after_crop),
@@ -338,7 +337,7 @@ def restore_label(label: np.ndarray, properties: dict[str, Any], mode: str = "li
 
     Returns:
         (D, H, W) of ``properties["original_shape"]``, same dtype as ``label``; its geometry is
-        ``original_spacing`` / ``origin`` / ``direction``.
+        ``properties["geometry"]``.
     """
     try:
         expected = tuple(properties["shape_after_resampling"])

@@ -286,24 +286,25 @@ class _CaseChecker:
                 f"size {_fmt_size(h.spatial_size)} differs from {ref.path.name}'s "
                 f"{_fmt_size(ref.spatial_size)}; {fix}",
             )
-        if any(abs(a - b) > tol * max(abs(a), abs(b)) for a, b in zip(h.spacing, ref.spacing)):
+        g, r = h.geometry, ref.geometry
+        if any(abs(a - b) > tol * max(abs(a), abs(b)) for a, b in zip(g.spacing, r.spacing)):
             self.add(
                 h.path,
-                f"spacing {_fmt(h.spacing)} differs from {ref.path.name}'s {_fmt(ref.spacing)} by more than "
+                f"spacing {_fmt(g.spacing)} differs from {ref.path.name}'s {_fmt(r.spacing)} by more than "
                 f"{tol:g} (relative); {fix} or correct the header",
             )
-        if any(abs(a - b) > tol for a, b in zip(h.origin, ref.origin)):
+        if any(abs(a - b) > tol for a, b in zip(g.origin, r.origin)):
             self.add(
                 h.path,
-                f"origin {_fmt(h.origin)} mm differs from {ref.path.name}'s {_fmt(ref.origin)} by more than "
+                f"origin {_fmt(g.origin)} mm differs from {ref.path.name}'s {_fmt(r.origin)} by more than "
                 f"{tol:g} mm; {fix} or correct the header",
             )
-        if len(h.direction) != len(ref.direction) or any(
-            abs(a - b) > tol for a, b in zip(h.direction, ref.direction)
+        if len(g.direction) != len(r.direction) or any(
+            abs(a - b) > tol for a, b in zip(g.direction, r.direction)
         ):
             self.add(
                 h.path,
-                f"direction {_fmt(h.direction)} differs from {ref.path.name}'s {_fmt(ref.direction)} by more than "
+                f"direction {_fmt(g.direction)} differs from {ref.path.name}'s {_fmt(r.direction)} by more than "
                 f"{tol:g}; reorient it to match or correct the header",
             )
 

@@ -39,6 +39,7 @@ from .. import __version__
 from ..data.planning import Plans
 from ..errors import ReCoKDError
 from ..utils.io import atomic_write, read_json
+from ..utils.labels import LabelSet
 from ..models import SegUNet, UNetSpec, build_unet, load_weights, save_weights
 
 __all__ = [
@@ -49,7 +50,6 @@ __all__ = [
     "load_bundle",
     "bundle_from_run",
     "export_run",
-    "default_colors",
     "validate_manifest",
 ]
 
@@ -62,43 +62,12 @@ MANIFEST = "bundle.json"
 MEMBERS = ("network.json", "plans.json", "weights.safetensors")
 ALLOWED_SUFFIXES = (".json", ".safetensors")
 
-#: Colours for labels without one (RGB in 0..1), cycled; background is always black.
-DEFAULT_PALETTE: tuple[tuple[float, float, float], ...] = (
-    (0.89, 0.10, 0.11),
-    (0.22, 0.49, 0.72),
-    (0.30, 0.69, 0.29),
-    (0.60, 0.31, 0.64),
-    (1.00, 0.50, 0.00),
-    (1.00, 1.00, 0.20),
-    (0.65, 0.34, 0.16),
-    (0.97, 0.51, 0.75),
-    (0.40, 0.76, 0.65),
-    (0.55, 0.63, 0.80),
-)
 # a fixed timestamp makes identical bundles byte-identical (reproducible builds, stable sha256)
 _ZIP_DATE = (2020, 1, 1, 0, 0, 0)
 
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def default_colors(labels: Mapping[str, int]) -> dict[str, list[float]]:
-    """Colours for ``labels``: the phantom's palette when the names are the phantom's, else a fixed
-    palette in label-value order (background black)."""
-    from ..data.phantom import PHANTOM_COLORS
-
-    if set(labels) <= set(PHANTOM_COLORS):
-        return {name: [float(c) for c in PHANTOM_COLORS[name]] for name in labels}
-    colors: dict[str, list[float]] = {}
-    i = 0
-    for name, value in sorted(labels.items(), key=lambda kv: kv[1]):
-        if value == 0:
-            colors[name] = [0.0, 0.0, 0.0]
-        else:
-            colors[name] = list(DEFAULT_PALETTE[i % len(DEFAULT_PALETTE)])
-            i += 1
-    return colors
 
 
 def validate_manifest(manifest: Any, source: str = "bundle") -> None:
@@ -156,22 +125,14 @@ class Bundle:
         return str(self.manifest["role"])
 
     @property
-    def labels(self) -> dict[str, int]:
-        """Label name -> value, background included."""
-        return {str(k): int(v) for k, v in self.manifest["labels"].items()}
-
-    @property
-    def colors(self) -> dict[str, tuple[float, float, float]]:
-        return {k: tuple(float(c) for c in v) for k, v in self.manifest["colors"].items()}  # type: ignore[misc]
+    def labels(self) -> LabelSet:
+        """The model's classes: name -> value (background included), colours and terminology."""
+        m = self.manifest
+        return LabelSet(m["labels"], m.get("colors"), m.get("terminology"), source=f"bundle {self.name}")
 
     @property
     def channel_names(self) -> dict[int, str]:
         return {int(k): str(v) for k, v in self.manifest["channel_names"].items()}
-
-    @property
-    def terminology(self) -> dict[str, Any]:
-        """Per label name, standard codes (``category``, ``type``, ...), where the bundle records them."""
-        return dict(self.manifest.get("terminology") or {})
 
     @property
     def provenance(self) -> dict[str, Any]:
@@ -186,12 +147,6 @@ class Bundle:
     @property
     def num_classes(self) -> int:
         return self.spec.out_channels
-
-    @property
-    def label_names(self) -> list[str]:
-        """Class names indexed by value (``label_<v>`` for values without a name)."""
-        by_value = {v: k for k, v in self.labels.items() if k != "ignore"}
-        return [by_value.get(v, f"label_{v}") for v in range(self.num_classes)]
 
     def describe(self) -> str:
         p = self.provenance
@@ -393,11 +348,9 @@ def _check_consistency(bundle: Bundle, where: str) -> None:
         raise ReCoKDError(f"bundle {where}: the network takes {spec.in_channels} channel(s) but the plan has {plans.num_channels}; re-export the model")
     if spec.out_channels != plans.num_classes:
         raise ReCoKDError(f"bundle {where}: the network has {spec.out_channels} outputs but the plan {plans.num_classes} classes; re-export the model")
-    if bundle.labels != dict(plans.labels):
-        raise ReCoKDError(f"bundle {where}: labels {bundle.labels} differ from the plan's {dict(plans.labels)}; re-export the model")
-    bad = [p for p, d in zip(plans.patch_size, spec.divisor) if p % d]
-    if bad:
-        raise ReCoKDError(f"bundle {where}: patch size {list(plans.patch_size)} is not divisible by the network's stride {list(spec.divisor)}")
+    if bundle.labels != plans.labels:
+        raise ReCoKDError(f"bundle {where}: labels {dict(bundle.labels)} differ from the plan's {dict(plans.labels)}; re-export the model")
+    plans.check_network(spec, f"bundle {where}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -420,7 +373,7 @@ def _reference_direction_of_run(run: dict[str, Any]) -> list[float] | None:
         info = open_dataset(dataset)
         if not info.training:
             return None
-        return [float(v) for v in read_header(info.training[0].image_files[0]).direction]
+        return list(read_header(info.training[0].image_files[0]).geometry.direction)
     except Exception:  # best effort: a missing dataset only loses the reorientation hint
         return None
 
@@ -470,9 +423,8 @@ def bundle_from_run(
         raise ReCoKDError(f"{weights_path} does not exist; the run has not finished (or pass --weights final)")
     # fail at export, not on the user's machine, when the weights do not fit
     load_weights(build_unet(spec), weights_path)
-    labels = {str(k): int(v) for k, v in (run.get("labels") or plans.labels).items()}
-    channel_names = {str(k): str(v) for k, v in (run.get("channel_names") or plans.channel_names).items()}
-    colors = run.get("colors") or default_colors(labels)
+    labels = LabelSet(run.get("labels") or plans.labels, run.get("colors"), terminology, source=f"run {run_dir}")
+    channel_names = run.get("channel_names") or plans.channel_names
     if reference_direction is None:
         reference_direction = _reference_direction_of_run(run)
     provenance = {
@@ -493,36 +445,34 @@ def bundle_from_run(
         provenance["test_metrics"] = dict(test_metrics)
     if license:
         provenance["license"] = str(license)
-    manifest: dict[str, Any] = {
-        "format": BUNDLE_FORMAT,
-        "version": BUNDLE_VERSION,
-        "name": name or run_dir.resolve().name,
-        "description": description or f"{role} trained on {provenance['dataset_name']}"
-        + (f" with {provenance['method']}" if provenance["method"] else ""),
-        "recokd_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
-        "role": role,
-        "labels": labels,
-        "colors": {k: [float(c) for c in v] for k, v in colors.items()},
-        "channel_names": channel_names,
-        "reference_direction": None if reference_direction is None else [float(v) for v in reference_direction],
-        "files": {m: "0" * 64 for m in MEMBERS},  # filled in when written
-        "provenance": provenance,
-    }
-    if terminology:
-        manifest["terminology"] = _checked_terminology(terminology, labels)
+    description = description or f"{role} trained on {provenance['dataset_name']}" + (
+        f" with {provenance['method']}" if provenance["method"] else "")
+    manifest = _manifest(name or run_dir.resolve().name, role, labels, channel_names, reference_direction,
+                         provenance, description)
     bundle = Bundle(manifest=manifest, spec=spec, plans=plans, weights=weights_path.read_bytes(), source=None)
     validate_manifest(manifest, f"the bundle of run {run_dir}")
     _check_consistency(bundle, str(run_dir))
     return bundle
 
 
-def _checked_terminology(terminology: Mapping[str, Any], labels: Mapping[str, int]) -> dict[str, Any]:
-    unknown = sorted(set(terminology) - set(labels))
-    if unknown:
-        raise ReCoKDError(f"terminology names label(s) {unknown} that the model does not have (labels: "
-                          f"{', '.join(labels)}); use the label names")
-    return {str(k): dict(v) for k, v in terminology.items()}
+def _manifest(name: str, role: str, labels: LabelSet, channel_names: Mapping[Any, str], reference_direction: Any,
+              provenance: Mapping[str, Any], description: str | None = None) -> dict[str, Any]:
+    """A bundle manifest (its member checksums are filled in when it is written)."""
+    manifest: dict[str, Any] = {
+        "format": BUNDLE_FORMAT,
+        "version": BUNDLE_VERSION,
+        "name": name,
+        **({"description": description} if description else {}),
+        "recokd_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "role": role,
+        **labels.display_json(),
+        "channel_names": {str(k): str(v) for k, v in channel_names.items()},
+        "reference_direction": None if reference_direction is None else [float(v) for v in reference_direction],
+        "files": {m: "0" * 64 for m in MEMBERS},
+        "provenance": dict(provenance),
+    }
+    return manifest
 
 
 def bundle_from_network(
@@ -538,23 +488,8 @@ def bundle_from_network(
     """Assemble a bundle from a network in memory (used by tests and notebooks)."""
     with tempfile.TemporaryDirectory(prefix="recokd-") as tmp:
         weights = save_weights(network, Path(tmp) / "w.safetensors").read_bytes()
-    labels = dict(plans.labels)
-    manifest = {
-        "format": BUNDLE_FORMAT,
-        "version": BUNDLE_VERSION,
-        "name": name,
-        "recokd_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
-        "role": role,
-        "labels": labels,
-        "colors": {k: [float(c) for c in v] for k, v in (colors or default_colors(labels)).items()},
-        "channel_names": {str(k): v for k, v in plans.channel_names.items()},
-        "reference_direction": None if reference_direction is None else [float(v) for v in reference_direction],
-        "files": {m: "0" * 64 for m in MEMBERS},
-        "provenance": dict(provenance or {}),
-    }
-    if terminology:
-        manifest["terminology"] = _checked_terminology(terminology, labels)
+    labels = plans.labels.with_display(colors=colors, terminology=terminology)
+    manifest = _manifest(name, role, labels, plans.channel_names, reference_direction, provenance or {})
     bundle = Bundle(manifest=manifest, spec=network.spec, plans=plans, weights=weights)
     validate_manifest(manifest, f"bundle {name}")
     _check_consistency(bundle, name)

@@ -14,7 +14,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -22,8 +22,11 @@ from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surf
 from monai.networks.utils import one_hot
 
 from ..errors import ReCoKDError
+from ..utils.geometry import ImageGeometry
+from ..utils.io import read_json
+from ..utils.labels import LabelSet
 
-__all__ = ["METRICS", "CaseScores", "FolderEvaluation", "score_case", "summarise", "evaluate_folders", "write_csv", "format_table"]
+__all__ = ["METRICS", "CaseScores", "FolderEvaluation", "dice_per_class", "read_label_map", "score_case", "summarise", "evaluate_folders", "write_csv", "format_table"]
 
 METRICS = ("dice", "hd95", "nsd")
 
@@ -34,6 +37,35 @@ class CaseScores:
 
     case_id: str
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def _one_hot(labels: torch.Tensor | np.ndarray, num_classes: int) -> torch.Tensor:
+    """(D, H, W) integer labels -> (1, K, D, H, W) one-hot."""
+    tensor = torch.from_numpy(labels.astype(np.int64)) if isinstance(labels, np.ndarray) else labels.long()
+    return one_hot(tensor[None, None], num_classes)
+
+
+def dice_per_class(prediction: torch.Tensor | np.ndarray, reference: torch.Tensor | np.ndarray,
+                   num_classes: int) -> np.ndarray:
+    """Dice of each foreground class: the one Dice of ReCoKD (training's validation, ``recokd evaluate``,
+    the benchmarks and the study all call it).
+
+    ``Dice_k = 2 |P_k ∩ R_k| / (|P_k| + |R_k|)`` (MONAI ``compute_dice``) for the voxels ``P_k`` / ``R_k``
+    labelled ``k`` in the prediction / reference: 0 when the class is in only one of them, NaN when it
+    is in neither (nothing to score; left out of means).
+
+    Args:
+        prediction, reference: integer label maps (D, H, W) on the same grid (torch or numpy).
+        num_classes: K, background included; values must be below K.
+
+    Returns:
+        (K − 1,) float64.
+    """
+    pred, ref = _one_hot(prediction, num_classes), _one_hot(reference, num_classes)
+    dice = compute_dice(pred, ref, include_background=False, ignore_empty=False)[0].double()
+    empty = (ref[0, 1:].flatten(1).sum(1) == 0) & (pred[0, 1:].flatten(1).sum(1) == 0)
+    dice[empty] = float("nan")
+    return dice.numpy()
 
 
 def score_case(
@@ -57,10 +89,9 @@ def score_case(
     top = int(max(prediction.max(initial=0), reference.max(initial=0)))
     if top >= k:
         raise ReCoKDError(f"case {case_id!r} has label value {top} but only {k} classes are known; pass the dataset's labels")
-    pred = one_hot(torch.from_numpy(prediction.astype(np.int64))[None, None], k)
-    ref = one_hot(torch.from_numpy(reference.astype(np.int64))[None, None], k)
+    pred, ref = _one_hot(prediction, k), _one_hot(reference, k)
     sp = [float(s) for s in spacing]
-    dice = compute_dice(pred, ref, include_background=False, ignore_empty=False)[0].double().numpy()
+    dice = dice_per_class(prediction, reference, k)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MONAI warns about empty classes; handled below
         hd = compute_hausdorff_distance(pred, ref, include_background=False, percentile=95, spacing=sp)[0].double().numpy()
@@ -71,12 +102,12 @@ def score_case(
     out = CaseScores(case_id, {m: {} for m in METRICS})
     for i, name in enumerate(class_names[1:]):
         if not in_pred[i] and not in_ref[i]:
-            d = h = n = math.nan
+            h = n = math.nan
         elif in_pred[i] != in_ref[i]:
-            d, h, n = 0.0, math.nan, 0.0
+            h, n = math.nan, 0.0
         else:
-            d, h, n = float(dice[i]), float(hd[i]), float(nsd[i])
-        out.scores["dice"][name], out.scores["hd95"][name], out.scores["nsd"][name] = d, h, n
+            h, n = float(hd[i]), float(nsd[i])
+        out.scores["dice"][name], out.scores["hd95"][name], out.scores["nsd"][name] = float(dice[i]), h, n
     return out
 
 
@@ -97,12 +128,6 @@ def summarise(cases: Sequence[CaseScores]) -> dict[str, dict[str, float]]:
     return out
 
 
-def _label_names(labels: dict[str, int]) -> list[str]:
-    k = max(v for n, v in labels.items() if n != "ignore") + 1
-    by_value = {v: n for n, v in labels.items() if n != "ignore"}
-    return [by_value.get(v, f"label_{v}") for v in range(k)]
-
-
 def _case_files(folder: Path) -> dict[str, Path]:
     from ..data.datasets import IMAGE_FILE_ENDINGS, split_file_ending
 
@@ -116,7 +141,10 @@ def _case_files(folder: Path) -> dict[str, Path]:
     return out
 
 
-def _read_labels(path: Path):
+def read_label_map(path: str | Path) -> tuple[np.ndarray, ImageGeometry]:
+    """A reference or predicted label map as (D, H, W) int64 and its geometry (``geometry.spacing_dhw``
+    is what :func:`score_case` takes). Raises :class:`ReCoKDError` naming the file when it is not a 3D
+    map of non-negative integers."""
     import SimpleITK as sitk
 
     from ..data.datasets import read_image
@@ -130,7 +158,7 @@ def _read_labels(path: Path):
             raise ReCoKDError(f"{path} has non-integer voxels; it is not a label map")
     if array.size and array.min() < 0:
         raise ReCoKDError(f"{path} has negative label values; it is not a label map")
-    return image, array.astype(np.int64)
+    return array.astype(np.int64), ImageGeometry.of(image)
 
 
 @dataclass
@@ -153,7 +181,7 @@ class FolderEvaluation:
 def evaluate_folders(
     pred_dir: str | Path,
     gt_dir: str | Path,
-    labels: dict[str, int] | None = None,
+    labels: Mapping[str, int] | None = None,
     tolerance_mm: float = 2.0,
 ) -> FolderEvaluation:
     """Score every prediction in ``pred_dir`` against the same-named reference in ``gt_dir``.
@@ -167,32 +195,28 @@ def evaluate_folders(
     if not common:
         raise ReCoKDError(f"no prediction in {pred_dir} has a same-named reference in {gt_dir}; name them alike (case.nii.gz)")
     missing = sorted(set(refs) - set(preds))
-    if labels is None:
-        import json
-
+    label_set = None if labels is None else LabelSet(labels, source="labels")
+    if label_set is None:
         for candidate in (gt_dir / "dataset.json", gt_dir.parent / "dataset.json"):
             if candidate.is_file():
                 try:
-                    raw = json.loads(candidate.read_text())["labels"]
-                    labels = {str(k): int(v) for k, v in raw.items()} if all(
-                        isinstance(v, int) for v in raw.values()) else {str(v): int(k) for k, v in raw.items()}
+                    label_set = LabelSet.parse(read_json(candidate, "dataset description").get("labels"), str(candidate))
                     break
-                except (KeyError, ValueError, TypeError, json.JSONDecodeError):
-                    labels = None
+                except ReCoKDError:
+                    label_set = None  # not a dataset description with labels: name them by value
     loaded = []
     top = 0
     for case in common:
-        p_img, p = _read_labels(preds[case])
-        r_img, r = _read_labels(refs[case])
-        if p.shape != r.shape or not np.allclose(p_img.GetSpacing(), r_img.GetSpacing(), rtol=1e-4) or not np.allclose(
-            p_img.GetOrigin(), r_img.GetOrigin(), atol=1e-3):
-            raise ReCoKDError(f"{preds[case]} is not on the voxel grid of {refs[case]} (shape/spacing/origin differ); "
+        p, p_geometry = read_label_map(preds[case])
+        r, r_geometry = read_label_map(refs[case])
+        if p.shape != r.shape or not p_geometry.matches(r_geometry):
+            raise ReCoKDError(f"{preds[case]} is not on the voxel grid of {refs[case]} (shape/spacing/origin/direction differ); "
                               "predict on the reference images")
-        loaded.append((case, p, r, tuple(reversed(r_img.GetSpacing()))))
+        loaded.append((case, p, r, r_geometry.spacing_dhw))
         top = max(top, int(p.max(initial=0)), int(r.max(initial=0)))
-    if labels is None:
-        labels = {"background": 0, **{f"label_{v}": v for v in range(1, top + 1)}}
-    names = _label_names(labels)
+    if label_set is None:
+        label_set = LabelSet({"background": 0, **{f"label_{v}": v for v in range(1, top + 1)}})
+    names = label_set.names
     cases = [score_case(p, r, sp, names, tolerance_mm, case) for case, p, r, sp in loaded]
     return FolderEvaluation(cases, summarise(cases), names[1:], missing)
 

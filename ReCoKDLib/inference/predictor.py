@@ -15,8 +15,9 @@ Pipeline (:meth:`Predictor.predict_array`), mirroring training's preprocessing e
    inverse reorientation: the label array has the input's shape, and files are written with the
    input's exact spacing, origin and direction.
 
-Geometry conventions: arrays are numpy order (D, H, W) = SimpleITK (z, y, x); ``spacing``,
-``origin`` and ``direction`` are in SimpleITK's (x, y, z) order and LPS convention, as
+Geometry conventions (:mod:`ReCoKDLib.utils.geometry`): arrays are numpy order (D, H, W) = SimpleITK
+(z, y, x); ``spacing``, ``origin`` and ``direction`` are an
+:class:`~ReCoKDLib.utils.geometry.ImageGeometry`'s, SimpleITK's (x, y, z) order and LPS convention, as
 ``image.GetSpacing()``, ``GetOrigin()`` and ``GetDirection()`` return them. (3D Slicer works in
 RAS; :func:`geometry_from_ijk_to_ras` converts a volume's IJK-to-RAS matrix.)
 """
@@ -39,6 +40,7 @@ from ..deployment.bundle import Bundle, open_model
 from ..data.datasets import LoadedCase, read_image, split_file_ending
 from ..data.preprocessing import preprocess_case, restore_label
 from ..errors import ReCoKDError
+from ..utils.geometry import IDENTITY_DIRECTION, ImageGeometry
 from ..utils.geometry import lps_geometry_from_ijk_to_ras as geometry_from_ijk_to_ras
 from ..utils.io import atomic_write
 from .sliding_window import predict_logits
@@ -57,7 +59,6 @@ __all__ = [
 ProgressFn = Callable[[float], None]
 #: Two-file (header + data) formats and the single-file format outputs use instead.
 TWO_FILE_ENDINGS = {".mhd": ".mha", ".nhdr": ".nrrd"}
-_IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -374,18 +375,15 @@ class Predictor:
         sp = np.asarray(spacing, dtype=np.float64).ravel()
         if sp.size != 3 or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
             raise ReCoKDError(f"{name} spacing must be 3 positive numbers (x, y, z), got {list(sp)}")
-        direction = tuple(direction) if direction is not None else _IDENTITY
-        _direction_matrix(direction, f"{name} direction")
-        orient = orientation_to(direction, self.bundle.reference_direction)
-        array = orient.apply(array)
-        case = LoadedCase(
-            image=array,
-            label=None,
-            spacing=orient.spacing(tuple(float(s) for s in sp[::-1])),
-            origin=tuple(float(o) for o in (origin if origin is not None else (0.0, 0.0, 0.0))),
-            direction=direction,
-            case_id=name,
-        )
+        geometry = ImageGeometry(tuple(sp), tuple(origin) if origin is not None else (0.0, 0.0, 0.0),
+                                 tuple(direction) if direction is not None else IDENTITY_DIRECTION)
+        _direction_matrix(geometry.direction, f"{name} direction")
+        orient = orientation_to(geometry.direction, self.bundle.reference_direction)
+        # the reoriented array's geometry matters only through its voxel size (preprocessing resamples
+        # voxel to voxel); the permuted spacing is that of the transposed array
+        reoriented = ImageGeometry.from_spacing_dhw(orient.spacing(geometry.spacing_dhw), geometry.origin,
+                                                    geometry.direction)
+        case = LoadedCase(image=orient.apply(array), label=None, geometry=reoriented, case_id=name)
         return orient, preprocess_case(case, self.plans)
 
     def predict_image(self, image: sitk.Image | Sequence[sitk.Image], name: str = "image",
@@ -407,16 +405,10 @@ class Predictor:
                 raise ReCoKDError(f"{name}: channel {i} has shape {arrays[-1].shape[1:]} but channel 0 has {arrays[0].shape[1:]}; "
                                   "all channels must share one voxel grid")
         array = np.concatenate(arrays, axis=0)
-        ref = images[0]
-        spacing, origin, direction = ref.GetSpacing()[:3], ref.GetOrigin()[:3], ref.GetDirection()
-        if ref.GetDimension() == 4:
-            direction = tuple(direction[r * 4 + c] for r in range(3) for c in range(3))
-        labels = self.predict_array(array, spacing, origin, direction, progress=progress, name=name)
-        out = sitk.GetImageFromArray(labels)
-        out.SetSpacing(tuple(float(s) for s in spacing))
-        out.SetOrigin(tuple(float(o) for o in origin))
-        out.SetDirection(tuple(float(d) for d in direction))
-        return out
+        geometry = ImageGeometry.of(images[0])
+        labels = self.predict_array(array, geometry.spacing, geometry.origin, geometry.direction,
+                                    progress=progress, name=name)
+        return geometry.apply_to(sitk.GetImageFromArray(labels))
 
     def predict_files(self, inputs: Sequence[str | Path], output: str | Path,
                       progress: bool | ProgressFn | None = None) -> Path:

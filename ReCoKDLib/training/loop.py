@@ -34,7 +34,7 @@ from ..losses.segmentation import DeepSupervisedDiceCELoss
 from ..models.weights import save_weights
 from .checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
 from .logger import RunLogger
-from .metrics import dice_per_class
+from ..evaluation.metrics import dice_per_class
 
 CHECKPOINT_FORMAT = 1
 

@@ -7,7 +7,8 @@ import math
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
@@ -68,7 +69,24 @@ def json_safe(value: Any) -> Any:
 
 
 class JSONDocument:
-    """``to_json`` and an atomic ``save`` for a class that has ``to_dict()`` (plans, fingerprints)."""
+    """``to_json`` and an atomic ``save`` for a class that has ``to_dict()`` (plans, fingerprints), and
+    :meth:`reading`, which turns what a hand-edited or damaged document breaks into one line."""
+
+    @staticmethod
+    @contextmanager
+    def reading(source: str, fix: str) -> Iterator[None]:
+        """Around ``from_dict``: a missing key or a malformed value becomes one
+        :class:`~ReCoKDLib.errors.ReCoKDError` naming ``source`` and ending with ``fix``."""
+        from ..errors import ReCoKDError
+
+        try:
+            yield
+        except ReCoKDError as exc:
+            raise ReCoKDError(str(exc) if str(exc).startswith(source) else f"{source}: {exc}") from None
+        except KeyError as exc:
+            raise ReCoKDError(f"{source} lacks the key {exc.args[0]!r}; {fix}") from None
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ReCoKDError(f"{source} is malformed ({exc}); {fix}") from None
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)  # type: ignore[attr-defined]

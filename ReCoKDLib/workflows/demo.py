@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..data.loader import AugmentConfig, PatchBatches
-from ..data.phantom import PHANTOM_COLORS, PHANTOM_LABELS, generate_dataset
+from ..data.phantom import PHANTOM_LABELS, generate_dataset
 from ..distill import Distiller
 from ..errors import ReCoKDError
 from ..inference import predict_labels
@@ -175,8 +175,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     device = resolve_device(cfg.device)
     started = time.perf_counter()
 
-    label_names = [n for n, v in sorted(PHANTOM_LABELS.items(), key=lambda kv: kv[1]) if v != 0]
-    num_classes = len(label_names) + 1
+    label_names = PHANTOM_LABELS.foreground_names
+    num_classes = PHANTOM_LABELS.num_classes
     phantoms = generate_dataset(cfg.train_cases + cfg.test_cases, seed=cfg.seed, shape=(cfg.size,) * 3)
     cases = _to_cases(phantoms)
     train, test = cases[: cfg.train_cases], cases[cfg.train_cases :]
@@ -233,7 +233,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from .reporting import demo_figure  # matplotlib only when a figure is drawn
 
     figure = out / "demo.png"
-    demo_figure(figure, test, predictions, results, label_names, [PHANTOM_COLORS[n] for n in label_names])
+    demo_figure(figure, test, predictions, results, label_names, [PHANTOM_LABELS.colors[n] for n in label_names])
     summary = {
         "config": {**asdict(cfg), "filters": list(cfg.filters), "lambda_max": lambda_max},
         "device": str(device),

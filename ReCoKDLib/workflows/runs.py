@@ -30,7 +30,7 @@ from ..errors import ReCoKDError
 from ..losses.registry import KD_METHODS, resolve_method
 from ..models.unet import UNetSpec, build_unet, dynunet_tap_names
 from ..models.weights import load_weights
-from ..utils.io import read_json
+from ..utils.io import atomic_write_text, read_json
 from ..utils.runtime import configure_cpu, resolve_device
 from ..training.loop import DistillTrainModule, EpochTrainer, RunConfig, SegTrainModule, ValCase
 from ..training.splits import fixed_split, kfold_split
@@ -102,12 +102,12 @@ def prepare_plans(
     progress: bool = True,
     num_workers: int = 0,
     preprocess: bool = True,
-) -> tuple[Plans, Path, Path]:
+) -> tuple[Plans, UNetSpec, Path, Path]:
     """Validate, fingerprint, plan and preprocess ``dataset`` (rank 0; the others wait and read).
 
-    ``<root>/plans.json`` is reused when present unless ``replan`` or planner options are given;
-    ``preprocess=False`` only plans.
-    Returns (plans, results root, folder of the preprocessed cases).
+    ``<root>/plans.json`` and ``<root>/network.json`` (the planned teacher) are reused when present
+    unless ``replan`` or planner options are given; ``preprocess=False`` only plans.
+    Returns (plans, teacher network, results root, folder of the preprocessed cases).
     """
     root = results_root(dataset.name, cache)
     plans_path = root / "plans.json"
@@ -118,20 +118,36 @@ def prepare_plans(
             require_valid(dataset, check_test=False, progress=progress)
             fingerprint = compute_fingerprint(dataset, progress=progress)
             fingerprint.save(root / "fingerprint.json")
-            plans = plan_experiment(fingerprint, **planner.kwargs())
+            plans, network = plan_experiment(fingerprint, **planner.kwargs())
             plans.save(plans_path)
+            atomic_write_text(root / "network.json", network.to_json() + "\n")
         if preprocess:
             preprocess_dataset(dataset, Plans.load(plans_path), root, num_workers=num_workers, progress=progress)
     _barrier()
     plans = Plans.load(plans_path)
-    return plans, root, root / plans.plans_hash()
+    return plans, planned_network(plans_path, plans), root, root / plans.plans_hash()
 
 
-def plan_summary(dataset: DatasetInfo, plans: Plans, folder: Path) -> str:
-    spec = plans.unet_spec
+def planned_network(plans_path: str | Path, plans: Plans) -> UNetSpec:
+    """The teacher network planned with ``plans_path``: the ``network.json`` beside it (or, for a plan
+    written before that file existed, the plan's own ``network`` entry), checked against the plan."""
+    plans_path = Path(plans_path)
+    network_path = plans_path.parent / "network.json"
+    if network_path.is_file():
+        spec = UNetSpec.from_dict(_read_json(network_path, "network description"))
+    else:
+        legacy = _read_json(plans_path, "plans file").get("network")
+        if not isinstance(legacy, dict):
+            raise ReCoKDError(f"{plans_path} has no network.json beside it; plan the experiment again (recokd plan)")
+        spec = UNetSpec.from_dict(legacy)
+    plans.check_network(spec, str(network_path))
+    return spec
+
+
+def plan_summary(dataset: DatasetInfo, plans: Plans, spec: UNetSpec, folder: Path) -> str:
     lines = [
         f"dataset      {dataset.name} ({len(dataset.training)} training cases, {dataset.num_channels} channel(s), "
-        f"{plans.num_classes - 1} foreground class(es): {', '.join(dataset.label_names()[1:])})",
+        f"{plans.num_classes - 1} foreground class(es): {', '.join(dataset.labels.foreground_names)})",
         f"spacing      {[round(s, 3) for s in plans.target_spacing]} mm (target)",
         f"median shape {list(plans.median_shape)} voxels after resampling",
         f"patch        {list(plans.patch_size)}, batch {plans.batch_size}",
@@ -144,11 +160,6 @@ def plan_summary(dataset: DatasetInfo, plans: Plans, folder: Path) -> str:
 
 # --------------------------------------------------------------------------------------------------
 # training
-
-
-def _label_names(plans: Plans) -> list[str]:
-    by_value = {v: k for k, v in plans.labels.items() if k != "ignore"}
-    return [by_value.get(v, f"label_{v}") for v in range(1, plans.num_classes)]
 
 
 def _check_patch(patch: tuple[int, ...], spec: UNetSpec) -> None:
@@ -286,13 +297,13 @@ def _run(run_spec: RunSpec, device: torch.device, rank: int, world: int) -> int:
     else:
         if run_spec.plans_file:
             plans = Plans.load(run_spec.plans_file)
+            teacher_spec = planned_network(run_spec.plans_file, plans)
             root = results_root(dataset.name, run_spec.cache)
             if _is_main():
                 preprocess_dataset(dataset, plans, root, progress=progress)
             _barrier()
         else:
-            plans, root, _ = prepare_plans(dataset, run_spec.cache, run_spec.planner, progress=progress)
-        teacher_spec = plans.unet_spec
+            plans, teacher_spec, root, _ = prepare_plans(dataset, run_spec.cache, run_spec.planner, progress=progress)
     if dataset.num_channels != plans.num_channels or dataset.labels != plans.labels:
         raise ReCoKDError(f"the plan (labels {plans.labels}) does not fit dataset '{dataset.name}' (labels {dataset.labels})")
 
@@ -373,13 +384,13 @@ def _run(run_spec: RunSpec, device: torch.device, rank: int, world: int) -> int:
     }
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        # the run's plan is the one it trained with: its patch (the window the predictor and the ONNX export
-        # use) and its own network (a student's, not the teacher's), so plans.json and network.json agree
-        replace(plans, patch_size=tuple(config.patch_size), network=spec.to_dict()).save(out / "plans.json")
+        # the run's plan is the one it trained with: its patch is the window the predictor and the ONNX
+        # export use; its network (a student's, not the teacher's) is network.json alone
+        replace(plans, patch_size=tuple(config.patch_size)).save(out / "plans.json")
         (out / "network.json").write_text(spec.to_json() + "\n")
     _barrier()
     trainer = EpochTrainer(
-        module, network, lambda: build_unet(spec), data, val_cases, num_classes, _label_names(plans), config, out,
+        module, network, lambda: build_unet(spec), data, val_cases, num_classes, plans.labels.foreground_names, config, out,
         run_info, name=f"{role} {method}" if role == "student" else "teacher", progress=progress, device=device,
     )
     if run_spec.resume and (out / "checkpoint_latest.pt").is_file():

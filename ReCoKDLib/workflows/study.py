@@ -316,7 +316,7 @@ def evaluate_run(run_dir: str | Path, dataset_path: str, cases: str | Sequence[s
     from ..deployment.bundle import bundle_from_run
     from ..data.datasets import read_image
     from ..inference.predictor import Predictor
-    from ..evaluation.metrics import score_case, summarise
+    from ..evaluation.metrics import read_label_map, score_case, summarise
 
     import SimpleITK as sitk
 
@@ -327,9 +327,8 @@ def evaluate_run(run_dir: str | Path, dataset_path: str, cases: str | Sequence[s
     tick = time.perf_counter()
     for r in records:
         pred = sitk.GetArrayFromImage(predictor.predict_image([read_image(p) for p in r.image_files], name=r.case_id))
-        ref_img = read_image(r.label_file)
-        ref = sitk.GetArrayFromImage(ref_img).astype(np.int64)
-        s = score_case(pred, ref, tuple(reversed(ref_img.GetSpacing())), bundle.label_names, tolerance_mm, r.case_id)
+        ref, ref_geometry = read_label_map(r.label_file)
+        s = score_case(pred, ref, ref_geometry.spacing_dhw, bundle.labels.names, tolerance_mm, r.case_id)
         scores.append(s)
         per_case.append({"case": r.case_id, **s.scores})
     run = json.loads((Path(run_dir) / "run.json").read_text())

@@ -260,7 +260,7 @@ def _slice_panel(dname: str, data: dict, names: dict[str, str], jobs, cases_of) 
         scores = [2 * ((pred == v) & (ref[z] == v)).sum() / max((pred == v).sum() + (ref[z] == v).sum(), 1)
                   for v in np.unique(ref[z]) if v > 0]
         dice[label] = float(np.mean(scores)) if scores else float(fg_p.sum() == fg_r.sum() == 0)
-    classes = next(iter(bundles.values())).label_names[1:]
+    classes = next(iter(bundles.values())).labels.foreground_names
     return {"title": f"{dname} {pick} slice {z}", "image": image, "reference": ref[z], "predictions": preds,
             "dice": dice, "classes": classes}
 
