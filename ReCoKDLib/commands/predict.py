@@ -10,45 +10,52 @@ from ..errors import ReCoKDError
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.datasets import split_file_ending
-    from ..data.datasets import group_cases
-    from ..inference.predictor import TWO_FILE_ENDINGS, Predictor
+    from ..data.datasets import group_cases, split_file_ending
+    from ..inference.predictor import Predictor, check_label_outputs, label_output_ending
     from ..deployment.registry import resolve_model
 
-    model = resolve_model(args.model, registry=args.registry)
-    predictor = Predictor(model, device=args.device, overlap=args.overlap, sw_batch_size=args.sw_batch,
-                          mirror_tta=args.tta, threads=args.threads, progress=not args.no_progress)
     inputs = [Path(p) for p in args.input]
     output = Path(args.output)
-    if len(inputs) == 1 and inputs[0].is_dir():
+    folder_mode = len(inputs) == 1 and inputs[0].is_dir()
+    # where every label map goes is settled and checked before the model is loaded
+    if folder_mode:
         cases = group_cases(inputs[0])
         if not cases:
             raise ReCoKDError(f"{inputs[0]} holds no image files (.nii.gz, .nrrd, .mha, ...); check the folder")
         if output.exists() and not output.is_dir():
             raise ReCoKDError(f"{output} is a file; give a folder as -o when -i is a folder")
+        jobs = [(files, output / f"{case}{label_output_ending(files[0].name)}") for case, files in cases.items()]
+        # an output folder equal to the input folder is refused only where a name would collide
+        check_label_outputs([(sorted(p for p in inputs[0].iterdir() if p.is_file()), out) for _, out in jobs])
+    else:
+        for p in inputs:
+            if p.is_dir():
+                raise ReCoKDError(f"{p} is a folder; give one folder alone, or the channel files of one case")
+        if output.is_dir() or not split_file_ending(output.name)[1]:
+            stem = split_file_ending(inputs[0].name)[0]
+            case = stem[:-5] if len(inputs) > 1 or (len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit()) else stem
+            output = output / f"{case}{label_output_ending(inputs[0].name)}"
+        jobs = [(inputs, output)]
+        check_label_outputs(jobs)
+
+    model = resolve_model(args.model, registry=args.registry)
+    predictor = Predictor(model, device=args.device, overlap=args.overlap, sw_batch_size=args.sw_batch,
+                          mirror_tta=args.tta, threads=args.threads, progress=not args.no_progress)
+    if folder_mode:
         failed = 0
-        for case, files in cases.items():
-            ending = split_file_ending(files[0].name)[1] or ".nii.gz"
-            ending = TWO_FILE_ENDINGS.get(ending.lower(), ending)
+        for files, target in jobs:
+            case = target.name
             try:
-                written = predictor.predict_files(files, output / f"{case}{ending}")
+                written = predictor.predict_files(files, target)
             except ReCoKDError as exc:  # one bad case should not cost the others; each failure is one line
                 failed += 1
                 print(f"error: {exc}", file=sys.stderr)
                 continue
-            print(f"{case}: {written}")
+            print(f"{split_file_ending(case)[0]}: {written}")
         if failed:
-            raise ReCoKDError(f"{failed} of {len(cases)} case(s) failed (see above); the others were written to {output}")
+            raise ReCoKDError(f"{failed} of {len(jobs)} case(s) failed (see above); the others were written to {output}")
         return 0
-    for p in inputs:
-        if p.is_dir():
-            raise ReCoKDError(f"{p} is a folder; give one folder alone, or the channel files of one case")
-    if output.is_dir() or not split_file_ending(output.name)[1]:
-        stem, ending = split_file_ending(inputs[0].name)
-        case = stem[:-5] if len(inputs) > 1 or (len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit()) else stem
-        ending = TWO_FILE_ENDINGS.get(ending.lower(), ending) if ending else ".nii.gz"
-        output = output / f"{case}{ending}"
-    print(predictor.predict_files(inputs, output))
+    print(predictor.predict_files(*jobs[0]))
     return 0
 
 

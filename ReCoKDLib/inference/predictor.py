@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,12 +54,16 @@ __all__ = [
     "resolve_device",
     "write_label",
     "count_windows",
+    "check_label_outputs",
+    "label_output_ending",
     "geometry_from_ijk_to_ras",
 ]
 
 ProgressFn = Callable[[float], None]
 #: Two-file (header + data) formats and the single-file format outputs use instead.
 TWO_FILE_ENDINGS = {".mhd": ".mha", ".nhdr": ".nrrd"}
+#: Formats a label map is written in: 3D, one file (so that the write is one atomic rename).
+LABEL_OUTPUT_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".tif", ".tiff")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -424,16 +429,60 @@ class Predictor:
         return write_label(labels, output)
 
 
+def label_output_ending(input_name: str) -> str:
+    """The ending of a label map written for the image ``input_name``: its own when that is an output
+    format, else the one-file equivalent (``.mhd`` -> ``.mha``, ``.nhdr`` / ``.nrrd.gz`` -> ``.nrrd``), else ``.nii.gz``."""
+    ending = split_file_ending(input_name)[1].lower()
+    if ending in LABEL_OUTPUT_ENDINGS:
+        return split_file_ending(input_name)[1]
+    return {**TWO_FILE_ENDINGS, ".nrrd.gz": ".nrrd"}.get(ending, ".nii.gz")
+
+
+def _check_output_ending(output: Path) -> None:
+    ending = split_file_ending(output.name)[1].lower()
+    if not ending:
+        raise ReCoKDError(f"output {output} has no file ending; use one of {', '.join(LABEL_OUTPUT_ENDINGS)}")
+    if ending in TWO_FILE_ENDINGS:
+        # header + data files cannot be renamed into place atomically (the header names the data file)
+        raise ReCoKDError(f"output {output} is a two-file format; use {TWO_FILE_ENDINGS[ending]} (one file) instead")
+    if ending not in LABEL_OUTPUT_ENDINGS:
+        raise ReCoKDError(f"output {output} is a {ending} file, which cannot hold a 3D label map; "
+                          f"use one of {', '.join(LABEL_OUTPUT_ENDINGS)}")
+
+
+def check_label_outputs(jobs: Sequence[tuple[Sequence[str | Path], str | Path]]) -> None:
+    """Check where label maps will go, before any work: each output is a 3D one-file format, is none of
+    the input files (``-o`` equal to ``-i`` would replace the scan with its labels), and lies in a folder
+    that exists or can be made and is writable.
+
+    Args:
+        jobs: ``(input files, output file)`` per case.
+
+    Raises:
+        ReCoKDError: one line naming the output and the fix.
+    """
+    inputs = {Path(p).resolve(): Path(p) for files, _ in jobs for p in files}
+    for _, output in jobs:
+        output = Path(output)
+        _check_output_ending(output)
+        source = inputs.get(output.resolve())
+        if source is not None:
+            raise ReCoKDError(f"output {output} is the input image {source}; writing it would replace the scan with "
+                              "its labels, choose another -o")
+        folder = output.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise ReCoKDError(f"cannot write {output}: {folder} is a file, not a folder; choose another -o")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ReCoKDError(f"cannot write {output}: {folder} is not writable; choose a writable -o")
+
+
 def write_label(image: sitk.Image, output: str | Path) -> Path:
     """Write a label image via a temporary file in the same folder and a rename (no partial output)."""
     output = Path(output)
+    _check_output_ending(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    stem, ending = split_file_ending(output.name)
-    if not ending:
-        raise ReCoKDError(f"output {output} has no file ending; use e.g. .nii.gz, .nrrd or .mha")
-    if ending.lower() in TWO_FILE_ENDINGS:
-        # header + data files cannot be renamed into place atomically (the header names the data file)
-        raise ReCoKDError(f"output {output} is a two-file format; use {TWO_FILE_ENDINGS[ending.lower()]} (one file) instead")
     try:
         return atomic_write(output, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True))
     except RuntimeError as exc:

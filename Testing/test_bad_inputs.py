@@ -1,0 +1,120 @@
+"""The bad-input suite: one row per case a careful user might try (issue 13).
+
+Every row runs the real command line in-process and checks four things: the exit code, a one-line
+``error:`` message holding the expected fragment, that no output or partial file was left behind, and
+that no input file changed (sha256 of every file before and after).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from bundle_helpers import phantom_volume, threshold_bundle, write_image
+from ReCoKDLib.cli import main
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    argv: Callable[[Path], list[str]]  # tmp folder (holds model.recokd, scan.nii.gz, scans/) -> arguments
+    exit_code: int
+    fragment: str  # in the one error line ("" for a success row)
+
+
+def _scan(tmp: Path, name: str = "scan.nii.gz") -> str:
+    return str(write_image(phantom_volume((16, 16, 16)), tmp / name))
+
+
+def _two_d(tmp: Path) -> str:
+    return str(write_image(np.ones((16, 16), np.float32), tmp / "slice.nii.gz"))
+
+
+def _corrupt(tmp: Path) -> str:
+    path = tmp / "corrupt.nii.gz"
+    path.write_bytes(b"\x1f\x8b" + os.urandom(200))
+    return str(path)
+
+
+def _scans_folder(tmp: Path) -> str:
+    folder = tmp / "scans"
+    write_image(phantom_volume((16, 16, 16)), folder / "a.nii.gz")  # one channel, no _0000: output name collides
+    write_image(phantom_volume((16, 16, 16), seed=1), folder / "b_0000.nii.gz")
+    return str(folder)
+
+
+def _predict(inputs: Callable[[Path], str | list[str]], output: Callable[[Path], str]) -> Callable[[Path], list[str]]:
+    def argv(tmp: Path) -> list[str]:
+        given = inputs(tmp)
+        return ["predict", "-m", str(tmp / "model.recokd"), "-i", *([given] if isinstance(given, str) else given),
+                "-o", output(tmp), "--device", "cpu", "--no-progress"]
+    return argv
+
+
+def _file_under_a_file(tmp: Path) -> str:
+    (tmp / "blocker").write_text("a file where a folder should be")
+    return str(tmp / "blocker" / "out.nii.gz")
+
+
+CASES = [
+    # data loss: the output is an input
+    Case("predict -o equal to -i", _predict(_scan, lambda t: str(t / "scan.nii.gz")), 2, "would replace the scan"),
+    Case("predict -o through a relative path to -i", _predict(_scan, lambda t: str(t / "scans" / ".." / "scan.nii.gz")),
+         2, "would replace the scan"),
+    Case("predict -i DIR -o DIR, a name collides", _predict(_scans_folder, lambda t: str(t / "scans")), 2,
+         "would replace the scan"),
+    # outputs that cannot hold a 3D label map
+    Case("predict -o seg.png", _predict(_scan, lambda t: str(t / "seg.png")), 2, "cannot hold a 3D label map"),
+    Case("predict -o seg.jpg", _predict(_scan, lambda t: str(t / "seg.jpg")), 2, "cannot hold a 3D label map"),
+    Case("predict -o two-file .mhd", _predict(_scan, lambda t: str(t / "seg.mhd")), 2, "two-file format"),
+    Case("predict -o below a file", _predict(_scan, _file_under_a_file), 2, "is a file, not a folder"),
+    # unreadable or unsuitable inputs
+    Case("predict a missing file", _predict(lambda t: str(t / "absent.nii.gz"), lambda t: str(t / "out.nii.gz")), 2,
+         "absent.nii.gz"),
+    Case("predict a corrupt file", _predict(_corrupt, lambda t: str(t / "out.nii.gz")), 2, "corrupt.nii.gz"),
+    Case("predict a 2D image", _predict(_two_d, lambda t: str(t / "out.nii.gz")), 2, "3D"),
+    Case("predict an empty folder", _predict(lambda t: str((t / "empty").mkdir() or t / "empty"),
+                                             lambda t: str(t / "out")), 2, "holds no image files"),
+    # the same commands done right succeed (the suite's control rows)
+    Case("predict -o elsewhere", _predict(_scan, lambda t: str(t / "out" / "seg.nii.gz")), 0, ""),
+    Case("predict -i DIR -o DIR without collisions", _predict(
+        lambda t: (write_image(phantom_volume((16, 16, 16)), t / "own" / "c_0000.nii.gz"), str(t / "own"))[1],
+        lambda t: str(t / "own")), 0, ""),
+]
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return threshold_bundle().save(tmp_path_factory.mktemp("model") / "model.recokd")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input(case: Case, model: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "model.recokd").write_bytes(model.read_bytes())
+    argv = case.argv(tmp_path)  # writes the inputs
+    before = _digests(tmp_path)
+    code = main(argv)
+    err = capsys.readouterr().err
+    after = _digests(tmp_path)
+    assert code == case.exit_code, err
+    changed = sorted(k for k in before if after.get(k) != before[k])
+    assert changed == [], f"input file(s) changed or removed: {changed}"
+    added = sorted(set(after) - set(before))
+    if case.exit_code:
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and case.fragment in lines[0], err
+        assert "Traceback" not in err
+        assert added == [], f"left behind: {added}"
+    else:
+        assert added and all(a.endswith(".nii.gz") and not Path(a).name.startswith(".") for a in added), added
