@@ -62,6 +62,18 @@ def _file_under_a_file(tmp: Path) -> str:
     return str(tmp / "blocker" / "out.nii.gz")
 
 
+def _dataset_listing_a_case_twice(tmp: Path) -> list[str]:
+    root = tmp / "ds"
+    for case in ("c1", "c2"):
+        write_image(phantom_volume((16, 16, 16)), root / "imagesTr" / f"{case}_0000.nii.gz")
+        write_image((phantom_volume((16, 16, 16)) > 1).astype(np.uint8), root / "labelsTr" / f"{case}.nii.gz")
+    entry = '{"images": ["imagesTr/%s_0000.nii.gz"], "label": "labelsTr/%s.nii.gz"}'
+    (root / "dataset.json").write_text(
+        '{"channel_names": {"0": "MRI"}, "labels": {"background": 0, "fg": 1}, "numTraining": 2, '
+        '"file_ending": ".nii.gz", "dataset": {"c1": %s, "c1": %s}}' % (entry % ("c1", "c1"), entry % ("c2", "c2")))
+    return ["plan", str(root), "--cache", str(tmp / "cache"), "--no-progress"]
+
+
 CASES = [
     # data loss: the output is an input
     Case("predict -o equal to -i", _predict(_scan, lambda t: str(t / "scan.nii.gz")), 2, "would replace the scan"),
@@ -81,6 +93,8 @@ CASES = [
     Case("predict a 2D image", _predict(_two_d, lambda t: str(t / "out.nii.gz")), 2, "3D"),
     Case("predict an empty folder", _predict(lambda t: str((t / "empty").mkdir() or t / "empty"),
                                              lambda t: str(t / "out")), 2, "holds no image files"),
+    # datasets
+    Case("plan a dataset.json listing a case id twice", _dataset_listing_a_case_twice, 2, "'c1' twice"),
     # the same commands done right succeed (the suite's control rows)
     Case("predict -o elsewhere", _predict(_scan, lambda t: str(t / "out" / "seg.nii.gz")), 0, ""),
     Case("predict -i DIR -o DIR without collisions", _predict(

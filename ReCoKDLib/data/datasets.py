@@ -279,8 +279,17 @@ def _load_json(root: Path) -> dict[str, Any]:
             f"{root} has no dataset.json; a dataset folder needs one in the nnU-Net v2 "
             "(channel_names, labels, file_ending) or Medical Segmentation Decathlon (modality, labels, training) layout"
         )
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        # json keeps the last of two equal keys: a case listed twice would silently drop one
+        keys = [k for k, _ in pairs]
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise ReCoKDError(f"{path} names {', '.join(repr(k) for k in repeated[:5])} twice in one object; "
+                              "give every case, label and channel one entry")
+        return dict(pairs)
+
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
     except json.JSONDecodeError as exc:
         raise ReCoKDError(
             f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); fix the file"
