@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,6 +27,7 @@ class Case:
     argv: Callable[[Path], list[str]]  # tmp folder (holds model.recokd, scan.nii.gz, scans/) -> arguments
     exit_code: int
     fragment: str  # in the one error line ("" for a success row)
+    needs: str = "model"  # what the tmp folder starts with: "model" (model.recokd) or "runs" (ds/, runs/ of a training)
 
 
 def _scan(tmp: Path, name: str = "scan.nii.gz") -> str:
@@ -40,6 +42,22 @@ def _corrupt(tmp: Path) -> str:
     path = tmp / "corrupt.nii.gz"
     path.write_bytes(b"\x1f\x8b" + os.urandom(200))
     return str(path)
+
+
+def _truncated(tmp: Path) -> str:
+    whole = Path(_scan(tmp, "whole.nii"))
+    path = tmp / "truncated.nii.gz"
+    import gzip
+
+    path.write_bytes(gzip.compress(whole.read_bytes()[: 352 + 16 * 16 * 8 * 4]))  # header + half the voxels
+    whole.unlink()
+    return str(path)
+
+
+def _with_nan(tmp: Path, value: float) -> str:
+    volume = phantom_volume((16, 16, 16))
+    volume[3:5, 3:5, 3:5] = value
+    return str(write_image(volume, tmp / "holes.nii.gz"))
 
 
 def _scans_folder(tmp: Path) -> str:
@@ -74,6 +92,13 @@ def _dataset_listing_a_case_twice(tmp: Path) -> list[str]:
     return ["plan", str(root), "--cache", str(tmp / "cache"), "--no-progress"]
 
 
+def _resume(role: str, *options: str) -> Callable[[Path], list[str]]:
+    def argv(tmp: Path) -> list[str]:
+        return ["train" if role == "teacher" else "distill", str(tmp / "ds"), "-o", str(tmp / "runs" / role),
+                "--cache", str(tmp / "cache"), "--resume", "--no-progress", *options]
+    return argv
+
+
 CASES = [
     # data loss: the output is an input
     Case("predict -o equal to -i", _predict(_scan, lambda t: str(t / "scan.nii.gz")), 2, "would replace the scan"),
@@ -90,11 +115,29 @@ CASES = [
     Case("predict a missing file", _predict(lambda t: str(t / "absent.nii.gz"), lambda t: str(t / "out.nii.gz")), 2,
          "absent.nii.gz"),
     Case("predict a corrupt file", _predict(_corrupt, lambda t: str(t / "out.nii.gz")), 2, "corrupt.nii.gz"),
+    Case("predict a truncated .nii.gz", _predict(_truncated, lambda t: str(t / "out.nii.gz")), 2, "truncated"),
+    Case("predict a NIfTI with NaN voxels", _predict(lambda t: _with_nan(t, np.nan), lambda t: str(t / "out.nii.gz")),
+         2, "8 NaN"),
+    Case("predict a NIfTI with Inf voxels", _predict(lambda t: _with_nan(t, np.inf), lambda t: str(t / "out.nii.gz")),
+         2, "8 infinite"),
+    Case("predict an all-NaN NIfTI", _predict(lambda t: str(write_image(np.full((16, 16, 16), np.nan, np.float32),
+                                                                          t / "nan.nii.gz")),
+                                              lambda t: str(t / "out.nii.gz")), 2, "4096 NaN"),
     Case("predict a 2D image", _predict(_two_d, lambda t: str(t / "out.nii.gz")), 2, "3D"),
     Case("predict an empty folder", _predict(lambda t: str((t / "empty").mkdir() or t / "empty"),
                                              lambda t: str(t / "out")), 2, "holds no image files"),
     # datasets
     Case("plan a dataset.json listing a case id twice", _dataset_listing_a_case_twice, 2, "'c1' twice"),
+    # --resume with options that would make the weights no longer one run's
+    Case("train --resume --lr", _resume("teacher", "--lr", "0.5"), 2, "--lr 0.5 (run: 0.01)", "runs"),
+    Case("train --resume --epochs", _resume("teacher", "--epochs", "9"), 2, "--epochs 9 (run: 1)", "runs"),
+    Case("train --resume --no-augment", _resume("teacher", "--no-augment"), 2, "--no-augment (run: True)", "runs"),
+    Case("train --resume --fold", _resume("teacher", "--fold", "1"), 2, "--fold 1 (run: 0)", "runs"),
+    Case("train --resume --patch-size", _resume("teacher", "--patch-size", "32", "32", "32"), 2, "--patch-size", "runs"),
+    Case("train --resume --base-filters", _resume("teacher", "--base-filters", "16"), 2, "--base-filters 16 (run: 8)", "runs"),
+    Case("distill --resume --method", _resume("student", "--method", "logit"), 2, "--method logit (run: recokd)", "runs"),
+    Case("distill --resume --width-factor", _resume("student", "--width-factor", "2"), 2, "--width-factor 2.0 (run: 4.0)",
+         "runs"),
     # the same commands done right succeed (the suite's control rows)
     Case("predict -o elsewhere", _predict(_scan, lambda t: str(t / "out" / "seg.nii.gz")), 0, ""),
     Case("predict -i DIR -o DIR without collisions", _predict(
@@ -113,9 +156,31 @@ def model(tmp_path_factory) -> Path:
     return threshold_bundle().save(tmp_path_factory.mktemp("model") / "model.recokd")
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """A phantom dataset with a finished (tiny) teacher run and a student distilled from it."""
+    from ReCoKDLib.data.phantom import generate_dataset, save_dataset_nnunet
+
+    base = tmp_path_factory.mktemp("runs")
+    save_dataset_nnunet(generate_dataset(4, seed=3, shape=(32, 32, 32)), base / "ds")
+    common = ["--cache", str(base / "cache"), "--epochs", "1", "--iters-per-epoch", "1", "--patch-size", "16", "32", "32",
+              "--workers", "0", "--threads", "1", "--no-progress", "--val-max-cases", "1"]
+    assert main(["train", str(base / "ds"), "-o", str(base / "runs" / "teacher"), *common,
+                 "--patch-budget", "32768", "--base-filters", "8", "--max-filters", "32"]) == 0
+    assert main(["distill", str(base / "ds"), "-o", str(base / "runs" / "student"), *common,
+                 "--teacher", str(base / "runs" / "teacher")]) == 0
+    return base
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_input(case: Case, model: Path, tmp_path: Path, capsys) -> None:
-    (tmp_path / "model.recokd").write_bytes(model.read_bytes())
+def test_bad_input(case: Case, tmp_path: Path, capsys, request) -> None:
+    if case.needs == "model":
+        (tmp_path / "model.recokd").write_bytes(request.getfixturevalue("model").read_bytes())
+    else:
+        base = request.getfixturevalue("runs")
+        for part in ("ds", "runs"):
+            shutil.copytree(base / part, tmp_path / part)
+    capsys.readouterr()
     argv = case.argv(tmp_path)  # writes the inputs
     before = _digests(tmp_path)
     code = main(argv)
@@ -132,3 +197,13 @@ def test_bad_input(case: Case, model: Path, tmp_path: Path, capsys) -> None:
         assert added == [], f"left behind: {added}"
     else:
         assert added and all(a.endswith(".nii.gz") and not Path(a).name.startswith(".") for a in added), added
+
+
+def test_resume_accepts_the_runs_own_values_and_the_resumable_options(runs: Path, tmp_path: Path, capsys) -> None:
+    for part in ("ds", "runs"):
+        shutil.copytree(runs / part, tmp_path / part)
+    same = ["--lr", "0.01", "--epochs", "1", "--patch-size", "16", "32", "32", "--fold", "0"]
+    resumable = ["--threads", "2", "--workers", "1", "--device", "cpu"]
+    assert main(_resume("teacher", *same, *resumable)(tmp_path)) == 0
+    assert "finished already" in capsys.readouterr().out
+    assert main(_resume("student", "--method", "recokd", "--width-factor", "4", *resumable)(tmp_path)) == 0

@@ -21,16 +21,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..kd_methods import DEFAULT_METHOD, KD_METHODS
+    from ..kd_methods import KD_METHODS
 
     p = add_run_parser(sub, "distill", help="distil a trained teacher into a compact student", description=DESCRIPTION, func=run)
     p.add_argument("--teacher", help="teacher run folder (from `recokd train`)")
-    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(KD_METHODS),
+    p.add_argument("--method", choices=list(KD_METHODS),
                    help="distillation method (default recokd; none = labels only; defaults justified in docs/results.md)")
     p.add_argument("--lambda-max", dest="lambda_max", type=float, help="final KD weight λ (default: the method's)")
     p.add_argument("--temperature", type=float, help="temperature of the attention / softmax terms (default: the term's)")
-    p.add_argument("--warmup-fraction", dest="warmup_fraction", type=float, default=0.6,
+    p.add_argument("--warmup-fraction", dest="warmup_fraction", type=float,
                    help="share of training over which λ rises from 0 (default 0.6)")
-    p.add_argument("--taps", choices=["encoder", "decoder"], default="encoder", help="feature levels (default encoder)")
-    p.add_argument("--width-factor", dest="width_factor", type=float, default=4.0,
+    p.add_argument("--taps", choices=["encoder", "decoder"], help="feature levels (default encoder)")
+    p.add_argument("--width-factor", dest="width_factor", type=float,
                    help="student channels = teacher's / R, at least 8 (default 4)")

@@ -21,7 +21,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset", help="dataset folder (holds dataset.json)")
     p.add_argument("-o", "--output", required=True, help="run folder to write (or to continue with --resume)")
     add_cache_argument(p)
-    p.add_argument("--fold", default="0", help="cross-validation fold 0-4, or 'all' (default 0)")
+    p.add_argument("--fold", help="cross-validation fold 0-4, or 'all' (default 0)")
     p.add_argument("--val-cases", dest="val_cases", help="file of validation case ids, one per line (instead of folds)")
     p.add_argument("--epochs", type=int, help=f"epochs (default {D.epochs})")
     p.add_argument("--iters-per-epoch", dest="iters_per_epoch", type=int,
@@ -60,7 +60,7 @@ def run_role(args: argparse.Namespace, role: str) -> int:
     from ..training.splits import parse_fold
     from ..workflows.runs import RunSpec, run_training
 
-    args.fold = parse_fold(args.fold)
+    args.fold = parse_fold(args.fold) if args.fold is not None else None
     return run_training(RunSpec.from_args(args, role))
 
 

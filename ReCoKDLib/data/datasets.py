@@ -24,8 +24,12 @@ every problem of a dataset at once.
 
 from __future__ import annotations
 
+import gzip
 import json
+import math
 import re
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -216,15 +220,92 @@ def _read_image(path: Path) -> sitk.Image:
         raise _ReadFailure(path, _sitk_reason(exc)) from exc
 
 
-def read_image(path: str | Path) -> sitk.Image:
+@dataclass(frozen=True)
+class NiftiScan:
+    """What a direct read of a single-file NIfTI found (see :func:`scan_nifti`); ``error`` is one
+    line without the path or the fix."""
+
+    error: str | None = None
+    n_nan: int = 0
+    n_inf: int = 0
+
+
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype code -> numpy float kind
+
+
+def scan_nifti(path: Path) -> NiftiScan | None:
+    """Read a single-file NIfTI (``.nii``/``.nii.gz``) directly, without ITK.
+
+    ITK silently zero-fills data missing from a truncated file and, through niftilib, replaces
+    NaN/Inf floats by 0 when reading; this scan sees the file as written. Returns ``None`` for
+    other formats (or a NIfTI header it does not understand).
+    """
+    name = path.name.lower()
+    compressed = name.endswith(".nii.gz")
+    if not (compressed or name.endswith(".nii")):
+        return None
+    try:
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as fh:
+            content = fh.read()
+    except (EOFError, OSError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        return NiftiScan(error=f"corrupt compressed data ({reason})")
+    if len(content) < 348:
+        return None
+    for endian in "<>":
+        sizeof_hdr = struct.unpack(endian + "i", content[:4])[0]
+        if sizeof_hdr in (348, 540):
+            break
+    else:
+        return None
+    if sizeof_hdr == 348:
+        if content[344:348] != b"n+1\0":
+            return None
+        dims = struct.unpack(endian + "8h", content[40:56])
+        datatype, bitpix = struct.unpack(endian + "2h", content[70:74])
+        vox_offset = int(struct.unpack(endian + "f", content[108:112])[0])
+    else:
+        if len(content) < 540 or content[4:8] != b"n+2\0":
+            return None
+        datatype, bitpix = struct.unpack(endian + "2h", content[12:16])
+        dims = struct.unpack(endian + "8q", content[16:80])
+        vox_offset = int(struct.unpack(endian + "q", content[168:176])[0])
+    ndim = dims[0]
+    if not 1 <= ndim <= 7 or bitpix <= 0:
+        return None
+    nvox = math.prod(max(int(d), 1) for d in dims[1 : ndim + 1])
+    needed = vox_offset + nvox * bitpix // 8
+    if len(content) < needed:
+        return NiftiScan(error=f"truncated: holds {len(content)} bytes but its header needs {needed}")
+    kind = _NIFTI_FLOAT_TYPES.get(datatype)
+    if kind is None:
+        return NiftiScan()
+    data = np.frombuffer(content, dtype=np.dtype(endian + kind), count=nvox, offset=vox_offset)
+    if np.isfinite(data).all():
+        return NiftiScan()
+    return NiftiScan(n_nan=int(np.isnan(data).sum()), n_inf=int(np.isinf(data).sum()))
+
+
+
+def read_image(path: str | Path, verify: bool = False) -> sitk.Image:
     """Read an image with SimpleITK, turning any failure into a one-line :class:`ReCoKDError`.
 
     The message is ``cannot read <path>: <reason>; check the file is a valid NIfTI/NRRD/MHA image``.
+    ``verify`` also reads a NIfTI file directly (:func:`scan_nifti`), because ITK zero-fills a truncated
+    file and turns NaN/Inf voxels into 0 without a word: both become errors (prediction uses it).
     """
+    path = Path(path)
     try:
-        return _read_image(Path(path))
+        image = _read_image(path)
     except _ReadFailure as failure:
         raise failure.to_error() from failure.__cause__
+    scan = scan_nifti(path) if verify else None
+    if scan is not None and scan.error is not None:
+        raise ReCoKDError(f"cannot read {path}: {scan.error}; {_READ_HINT} (re-export or re-copy it)")
+    if scan is not None and (scan.n_nan or scan.n_inf):
+        raise ReCoKDError(f"{path} holds {scan.n_nan} NaN and {scan.n_inf} infinite voxel value(s), which ITK would "
+                          "read as 0; replace them with finite values before segmenting")
+    return image
 
 
 def _read_header(path: Path) -> ImageHeader:

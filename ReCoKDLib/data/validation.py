@@ -14,10 +14,6 @@ missing from a truncated file and replaces NaN/Inf floats by 0, so neither shows
 
 from __future__ import annotations
 
-import gzip
-import math
-import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -36,6 +32,8 @@ from .datasets import (
     _read_header,
     _read_image,
     _ReadFailure,
+    NiftiScan,
+    scan_nifti,
     split_file_ending,
 )
 
@@ -100,71 +98,6 @@ def _fmt_values(values: Sequence[int | float]) -> str:
     if len(values) > _MAX_LISTED_VALUES:
         shown += f", ... ({len(values)} values in all)"
     return shown
-
-
-@dataclass(frozen=True)
-class _NiftiScan:
-    """What a direct read of a single-file NIfTI found (see :func:`_scan_nifti`)."""
-
-    error: str | None = None
-    n_nan: int = 0
-    n_inf: int = 0
-
-
-_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype code -> numpy float kind
-
-
-def _scan_nifti(path: Path) -> _NiftiScan | None:
-    """Read a single-file NIfTI (``.nii``/``.nii.gz``) directly, without ITK.
-
-    ITK silently zero-fills data missing from a truncated file and, through niftilib, replaces
-    NaN/Inf floats by 0 when reading; this scan sees the file as written. Returns ``None`` for
-    other formats (or a NIfTI header it does not understand).
-    """
-    name = path.name.lower()
-    compressed = name.endswith(".nii.gz")
-    if not (compressed or name.endswith(".nii")):
-        return None
-    try:
-        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as fh:
-            content = fh.read()
-    except (EOFError, OSError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        return _NiftiScan(error=f"corrupt compressed data ({reason}); {_READ_FIX}")
-    if len(content) < 348:
-        return None
-    for endian in "<>":
-        sizeof_hdr = struct.unpack(endian + "i", content[:4])[0]
-        if sizeof_hdr in (348, 540):
-            break
-    else:
-        return None
-    if sizeof_hdr == 348:
-        if content[344:348] != b"n+1\0":
-            return None
-        dims = struct.unpack(endian + "8h", content[40:56])
-        datatype, bitpix = struct.unpack(endian + "2h", content[70:74])
-        vox_offset = int(struct.unpack(endian + "f", content[108:112])[0])
-    else:
-        if len(content) < 540 or content[4:8] != b"n+2\0":
-            return None
-        datatype, bitpix = struct.unpack(endian + "2h", content[12:16])
-        dims = struct.unpack(endian + "8q", content[16:80])
-        vox_offset = int(struct.unpack(endian + "q", content[168:176])[0])
-    ndim = dims[0]
-    if not 1 <= ndim <= 7 or bitpix <= 0:
-        return None
-    nvox = math.prod(max(int(d), 1) for d in dims[1 : ndim + 1])
-    needed = vox_offset + nvox * bitpix // 8
-    if len(content) < needed:
-        return _NiftiScan(error=f"truncated: holds {len(content)} bytes but its header needs {needed}; {_READ_FIX}")
-    kind = _NIFTI_FLOAT_TYPES.get(datatype)
-    if kind is None:
-        return _NiftiScan()
-    data = np.frombuffer(content, dtype=np.dtype(endian + kind), count=nvox, offset=vox_offset)
-    if np.isfinite(data).all():
-        return _NiftiScan()
-    return _NiftiScan(n_nan=int(np.isnan(data).sum()), n_inf=int(np.isinf(data).sum()))
 
 
 def _label_values(arr: np.ndarray) -> np.ndarray:
@@ -310,21 +243,21 @@ class _CaseChecker:
 
     # -- voxels -----------------------------------------------------------------------------------
 
-    def read_voxels(self, path: Path) -> tuple[sitk.Image, _NiftiScan | None] | None:
+    def read_voxels(self, path: Path) -> tuple[sitk.Image, NiftiScan | None] | None:
         """The image read by SimpleITK and, for NIfTI, the direct scan; None (problem added) on failure."""
         try:
             image = _read_image(path)
         except _ReadFailure as failure:
             self.add(path, f"unreadable: {failure.reason}; {_READ_FIX}")
             return None
-        scan = _scan_nifti(path)
+        scan = scan_nifti(path)
         if scan is not None and scan.error is not None:
-            self.add(path, scan.error)
+            self.add(path, f"{scan.error}; {_READ_FIX}")
             return None
         return image, scan
 
     @staticmethod
-    def _non_finite(image: sitk.Image, scan: _NiftiScan | None) -> tuple[int, int]:
+    def _non_finite(image: sitk.Image, scan: NiftiScan | None) -> tuple[int, int]:
         if scan is not None:  # SimpleITK has already turned a NIfTI's NaN/Inf into 0
             return scan.n_nan, scan.n_inf
         arr = sitk.GetArrayViewFromImage(image)

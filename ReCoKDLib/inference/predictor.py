@@ -420,7 +420,7 @@ class Predictor:
         """Segment one case (one file per channel, or one 4D file) and write the labels to ``output``
         atomically, with the input's exact spacing, origin and direction."""
         inputs = [Path(p) for p in inputs]
-        images = [read_image(p) for p in inputs]
+        images = [read_image(p, verify=True) for p in inputs]  # a truncated or NaN NIfTI is an error
         try:
             labels = self.predict_image(images, name=str(inputs[0]), progress=progress)
         except ReCoKDError as exc:

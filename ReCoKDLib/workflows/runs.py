@@ -27,6 +27,7 @@ from ..data.preprocessing import load_preprocessed, preprocess_dataset
 from ..data.validation import require_valid
 from ..distill.distiller import Distiller
 from ..errors import ReCoKDError
+from ..kd_methods import DEFAULT_METHOD
 from ..losses.registry import KD_METHODS, resolve_method
 from ..models.unet import UNetSpec, build_unet, dynunet_tap_names
 from ..models.weights import load_weights
@@ -175,8 +176,13 @@ _CLI_TO_CONFIG = {"epochs": "epochs", "iters_per_epoch": "iters_per_epoch", "bat
                   "val_every": "val_every", "val_max_cases": "val_max_cases", "checkpoint_every": "checkpoint_every",
                   "seed": "seed", "device": "device", "deterministic": "deterministic", "threads": "num_threads"}
 _CLI_NEGATED = {"no_augment": "augment", "no_amp": "amp"}
-#: what a resumed run may change (applied and recorded); everything else comes from its run.json
+#: what a resumed run may change (applied and recorded); everything else comes from its run.json, and
+#: giving it another value with --resume is refused (the weights would no longer be one run's)
 RESUMABLE_OPTIONS = ("device", "num_workers", "num_threads")
+#: student channels = teacher's / R (``--width-factor``)
+DEFAULT_WIDTH_FACTOR = 4.0
+_CONFIG_TO_FLAG = {**{name: "--" + cli.replace("_", "-") for cli, name in _CLI_TO_CONFIG.items()},
+                   **{name: "--" + cli.replace("_", "-") for cli, name in _CLI_NEGATED.items()}}
 
 
 @dataclass
@@ -209,6 +215,7 @@ class RunSpec:
     resume: bool = False
     stop_after_epochs: int | None = None
     progress: bool = True
+    given: frozenset[str] = frozenset()  # the run-identity fields set on the command line (checked on resume)
 
     @classmethod
     def from_args(cls, args: Any, role: str) -> "RunSpec":
@@ -218,31 +225,98 @@ class RunSpec:
         for flag in ("elastic", "deterministic"):  # store_true flags: only when given
             if not getattr(args, flag, False):
                 training.pop(flag, None)
-        spec = cls(role=role, dataset=args.dataset, output=args.output, cache=args.cache, fold=args.fold,
-                   val_cases_file=args.val_cases, training=training, resume=args.resume,
-                   stop_after_epochs=args.stop_after_epochs, progress=not args.no_progress)
+        identity = {"fold": args.fold, "val_cases_file": args.val_cases}
+        if role == "student":
+            identity.update(teacher=args.teacher, method=args.method, taps=args.taps, width_factor=args.width_factor,
+                            lambda_max=args.lambda_max, temperature=args.temperature,
+                            warmup_fraction=args.warmup_fraction)
+        given = {k: v for k, v in identity.items() if v is not None}
+        spec = cls(role=role, dataset=args.dataset, output=args.output, cache=args.cache, training=training,
+                   resume=args.resume, stop_after_epochs=args.stop_after_epochs, progress=not args.no_progress,
+                   given=frozenset(given), **given)
         if role == "teacher":
             spec.plans_file = args.plans
             spec.planner = PlannerOptions(args.patch_budget, args.max_levels, args.base_filters, args.max_filters)
-        else:
-            spec.teacher, spec.method, spec.taps = args.teacher, args.method, args.taps
-            spec.width_factor, spec.lambda_max = args.width_factor, args.lambda_max
-            spec.temperature, spec.warmup_fraction = args.temperature, args.warmup_fraction
+        else:  # the student's defaults, for what was not given
+            spec.method = given.get("method", DEFAULT_METHOD)
+            spec.width_factor = given.get("width_factor", DEFAULT_WIDTH_FACTOR)
         return spec
 
     def resumed_from(self, saved: dict[str, Any]) -> "RunSpec":
         """This invocation continuing the run described by ``saved`` (its ``run.json``): the run's own
-        settings, plus what may change on resume (:data:`RESUMABLE_OPTIONS`, ``--stop-after-epochs``)."""
+        settings, plus what may change on resume (:data:`RESUMABLE_OPTIONS`, ``--stop-after-epochs``).
+
+        Raises:
+            ReCoKDError: an option given now differs from the run's; the line lists each (flag, value
+                given, value of the run).
+        """
         kd = saved.get("kd_options") or {}
+        changed = self._changes_from(saved)
+        if changed:
+            raise ReCoKDError(f"{self.output} was started with other settings ({'; '.join(changed)}); resume with the "
+                              f"run's values (or without these options), or start a new run in another -o folder. "
+                              f"Only {', '.join(_CONFIG_TO_FLAG[o] for o in RESUMABLE_OPTIONS)} may change on resume")
         resumable = {k: v for k, v in self.training.items() if k in RESUMABLE_OPTIONS}
         resumable.setdefault("device", "auto")  # the device is this invocation's, never the saved one's
+        # a teacher continues with the plan and network it started with: its own plans.json and network.json
+        own_plans = str(Path(self.output) / "plans.json") if self.role == "teacher" else self.plans_file
         return replace(
-            self, fold=saved["fold"], val_cases_file=saved.get("val_cases_file"),
+            self, plans_file=own_plans, planner=PlannerOptions(),
+            fold=saved["fold"], val_cases_file=saved.get("val_cases_file"),
             teacher=saved.get("teacher_run"), method=saved.get("method") or "none", taps=saved.get("taps") or "encoder",
             width_factor=saved.get("width_factor"), lambda_max=saved.get("lambda_max"),
             temperature=kd.get("temperature"), warmup_fraction=kd.get("warmup_fraction", 0.6),
             training={**saved["config"], **resumable},
         )
+
+    def _changes_from(self, saved: dict[str, Any]) -> list[str]:
+        """``--flag given (run: saved)`` for every option given now that differs from the saved run."""
+        def same(a: Any, b: Any) -> bool:
+            norm = (lambda v: list(v) if isinstance(v, (tuple, list)) else v)
+            return norm(a) == norm(b)
+
+        kd = saved.get("kd_options") or {}
+        saved_identity = {
+            "fold": saved.get("fold"), "val_cases_file": saved.get("val_cases_file"),
+            "teacher": saved.get("teacher_run"), "method": saved.get("method"), "taps": saved.get("taps"),
+            "width_factor": saved.get("width_factor"), "lambda_max": saved.get("lambda_max"),
+            "temperature": kd.get("temperature"), "warmup_fraction": kd.get("warmup_fraction"),
+        }
+        flags = {"val_cases_file": "--val-cases", "width_factor": "--width-factor", "lambda_max": "--lambda-max",
+                 "warmup_fraction": "--warmup-fraction"}
+        changed = []
+        for name in sorted(self.given):
+            mine, theirs = getattr(self, name), saved_identity.get(name)
+            if name in ("teacher", "val_cases_file") and mine is not None and theirs is not None:
+                mine, theirs = str(Path(mine).resolve()), str(Path(theirs).resolve())
+            if not same(mine, theirs):
+                changed.append(f"{flags.get(name, '--' + name)} {mine} (run: {theirs})")
+        if self.role == "teacher":
+            changed += self._plan_changes()
+        config = saved.get("config") or {}
+        for name, value in sorted(self.training.items()):
+            if name not in RESUMABLE_OPTIONS and name in config and not same(value, config[name]):
+                flag = _CONFIG_TO_FLAG.get(name, name)
+                shown = "" if flag.startswith("--no-") or isinstance(value, bool) else f" {value}"
+                changed.append(f"{flag}{shown} (run: {config[name]})")
+        return changed
+
+    def _plan_changes(self) -> list[str]:
+        """A resumed teacher's planner options or ``--plans`` that would plan another network or preprocessing."""
+        own = Path(self.output) / "plans.json"
+        if not own.is_file():
+            return []
+        recorded = _read_json(own, "plans file").get("planner") or {}
+        flags = {"patch_budget_voxels": "--patch-budget", "max_levels": "--max-levels", "base_filters": "--base-filters",
+                 "max_filters": "--max-filters"}
+        changed = [f"{flags[k]} {v} (run: {recorded.get(k)})" for k, v in self.planner.kwargs().items()
+                   if recorded.get(k) != v]
+        if self.plans_file and Path(self.plans_file).resolve() != own.resolve():
+            given, mine = Plans.load(self.plans_file), Plans.load(own)
+            if (given.plans_hash() != mine.plans_hash()
+                    or planned_network(self.plans_file, given) != planned_network(own, mine)):
+                changed.append(f"--plans {self.plans_file} (run: another plan or network)")
+        return changed
 
     def config(self, plans: Plans) -> RunConfig:
         """The run's :class:`RunConfig`: the explicit options, else the plan's patch and batch size and the
