@@ -99,6 +99,30 @@ def _resume(role: str, *options: str) -> Callable[[Path], list[str]]:
     return argv
 
 
+def _dataset_with_an_undeclared_label(tmp: Path) -> list[str]:
+    root = tmp / "ds"
+    for case, value in (("c1", 1), ("c2", 7)):  # 7 is not in dataset.json
+        write_image(phantom_volume((16, 16, 16)), root / "imagesTr" / f"{case}_0000.nii.gz")
+        write_image((phantom_volume((16, 16, 16)) > 1).astype(np.uint8) * value, root / "labelsTr" / f"{case}.nii.gz")
+    (root / "dataset.json").write_text('{"channel_names": {"0": "MRI"}, "labels": {"background": 0, "fg": 1}, '
+                                       '"numTraining": 2, "file_ending": ".nii.gz"}')
+    return ["plan", str(root), "--cache", str(tmp / "cache" / "ds"), "--no-progress"]
+
+
+_HELD: list = []  # locks a row holds while its command runs
+
+
+def _while_another_run_holds(role: str) -> Callable[[Path], list[str]]:
+    from ReCoKDLib.utils.locks import LOCK_NAME, try_lock
+
+    def argv(tmp: Path) -> list[str]:
+        handle = try_lock(tmp / "runs" / role / LOCK_NAME)
+        assert handle is not None
+        _HELD.append(handle)
+        return _resume(role)(tmp)
+    return argv
+
+
 CASES = [
     # data loss: the output is an input
     Case("predict -o equal to -i", _predict(_scan, lambda t: str(t / "scan.nii.gz")), 2, "would replace the scan"),
@@ -127,6 +151,8 @@ CASES = [
     Case("predict an empty folder", _predict(lambda t: str((t / "empty").mkdir() or t / "empty"),
                                              lambda t: str(t / "out")), 2, "holds no image files"),
     # datasets
+    Case("plan a dataset whose label holds an undeclared value (no cache folder left)", _dataset_with_an_undeclared_label,
+         2, "has 1 problem"),  # validation lists each problem on its own line below
     Case("plan a dataset.json listing a case id twice", _dataset_listing_a_case_twice, 2, "'c1' twice"),
     # --resume with options that would make the weights no longer one run's
     Case("train --resume --lr", _resume("teacher", "--lr", "0.5"), 2, "--lr 0.5 (run: 0.01)", "runs"),
@@ -138,6 +164,11 @@ CASES = [
     Case("distill --resume --method", _resume("student", "--method", "logit"), 2, "--method logit (run: recokd)", "runs"),
     Case("distill --resume --width-factor", _resume("student", "--width-factor", "2"), 2, "--width-factor 2.0 (run: 4.0)",
          "runs"),
+    # two processes on one run folder
+    Case("train --resume while another process trains in the folder", _while_another_run_holds("teacher"), 2,
+         f"is in use by another run (pid {os.getpid()}", "runs"),
+    Case("distill --resume while another process distils in the folder", _while_another_run_holds("student"), 2,
+         "is in use by another run", "runs"),
     # the same commands done right succeed (the suite's control rows)
     Case("predict -o elsewhere", _predict(_scan, lambda t: str(t / "out" / "seg.nii.gz")), 0, ""),
     Case("predict -i DIR -o DIR without collisions", _predict(
@@ -147,8 +178,11 @@ CASES = [
 
 
 def _digests(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    """sha256 of every file below ``root``; a run folder's lock file is bookkeeping (it records its last
+    holder) and left out."""
+    return {str(p.relative_to(root)) + ("/" if p.is_dir() else ""):
+            hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+            for p in sorted(root.rglob("*")) if p.name != ".recokd.lock"}
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +220,8 @@ def test_bad_input(case: Case, tmp_path: Path, capsys, request) -> None:
     code = main(argv)
     err = capsys.readouterr().err
     after = _digests(tmp_path)
+    while _HELD:
+        _HELD.pop().close()
     assert code == case.exit_code, err
     changed = sorted(k for k in before if after.get(k) != before[k])
     assert changed == [], f"input file(s) changed or removed: {changed}"
@@ -196,7 +232,8 @@ def test_bad_input(case: Case, tmp_path: Path, capsys, request) -> None:
         assert "Traceback" not in err
         assert added == [], f"left behind: {added}"
     else:
-        assert added and all(a.endswith(".nii.gz") and not Path(a).name.startswith(".") for a in added), added
+        files = [a for a in added if not a.endswith("/")]
+        assert files and all(a.endswith(".nii.gz") and not Path(a).name.startswith(".") for a in files), added
 
 
 def test_resume_accepts_the_runs_own_values_and_the_resumable_options(runs: Path, tmp_path: Path, capsys) -> None:
@@ -207,3 +244,31 @@ def test_resume_accepts_the_runs_own_values_and_the_resumable_options(runs: Path
     assert main(_resume("teacher", *same, *resumable)(tmp_path)) == 0
     assert "finished already" in capsys.readouterr().out
     assert main(_resume("student", "--method", "recokd", "--width-factor", "4", *resumable)(tmp_path)) == 0
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(runs: Path, tmp_path: Path, capsys) -> None:
+    from ReCoKDLib.utils.locks import LOCK_NAME
+
+    for part in ("ds", "runs"):
+        shutil.copytree(runs / part, tmp_path / part)
+    lock = tmp_path / "runs" / "teacher" / LOCK_NAME
+    lock.write_text('{"pid": 999999, "host": "crashed-node", "since": "2026-01-01T00:00:00"}')  # kill -9 leaves this
+    assert main(_resume("teacher")(tmp_path)) == 0
+    assert "finished already" in capsys.readouterr().out
+    assert str(os.getpid()) in lock.read_text()
+
+
+def test_a_refused_start_leaves_no_folder(tmp_path: Path, capsys) -> None:
+    """A run that fails before writing anything removes the folder (and lock) it created."""
+    code = main(["distill", str(tmp_path / "ds"), "-o", str(tmp_path / "new" / "run"), "--teacher", str(tmp_path / "none")])
+    assert code == 2 and "error:" in capsys.readouterr().err
+    assert not (tmp_path / "new" / "run").exists()
+
+
+def test_resume_removes_what_a_killed_checkpoint_write_left(runs: Path, tmp_path: Path, capsys) -> None:
+    for part in ("ds", "runs"):
+        shutil.copytree(runs / part, tmp_path / part)
+    partial = tmp_path / "runs" / "teacher" / ".0badc0de.partial.checkpoint_latest.pt"
+    partial.write_bytes(b"half a checkpoint")
+    assert main(_resume("teacher")(tmp_path)) == 0
+    assert not partial.exists()

@@ -163,7 +163,7 @@ def test_a_job_already_running_elsewhere_is_refused(study):
     job_file = out / "logs" / "ph__recokd_s0.job.json"
     with open(job.folder / ".job.lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(ReCoKDError, match="already running in another process"):
+        with pytest.raises(ReCoKDError, match="already running"):
             execute_job(job_file)
 
 

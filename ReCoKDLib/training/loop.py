@@ -405,10 +405,12 @@ class EpochTrainer:
         self.epoch_sums, self.epoch_count, self.epoch_seconds = {}, 0, 0.0
         if self.is_main:
             self.logger.log_epochs(self.history)
-            self.save_checkpoint("latest")
+            # best before latest: a kill between the two resumes from the previous latest, whose epoch is
+            # re-run (bit-exact) and writes both again; the other order could lose checkpoint_best for good
             if getattr(self, "_pending_best", False):
                 self.save_checkpoint("best")
                 self._pending_best = False
+            self.save_checkpoint("latest")
             self.write_run_json()
             if "dice_mean" in row:
                 tqdm.write(f"{self.name} epoch {epoch + 1}/{c.epochs}: loss {row.get('loss_total', float('nan')):.4f}, "

@@ -32,6 +32,39 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     return path
 
 
+#: what :func:`atomic_write` names its temporary files: ``.<8 hex>.partial.<final name>``
+PARTIAL_PATTERN = ".????????.partial.*"
+
+
+def remove_partial_files(folder: str | Path) -> list[Path]:
+    """Remove the temporary files a killed :func:`atomic_write` left in ``folder`` (call it only while no
+    other process writes there, e.g. holding the folder's lock). Returns what was removed."""
+    removed = []
+    for path in sorted(Path(folder).glob(PARTIAL_PATTERN)):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+@contextmanager
+def new_folder(folder: str | Path) -> Iterator[Path]:
+    """Create ``folder`` (and its parents) for the ``with`` block; when the block raises, remove the
+    folders this call created that are still empty, so a failed start leaves nothing behind."""
+    folder = Path(folder)
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
+    except BaseException:
+        for path in missing:  # deepest first
+            try:
+                path.rmdir()
+            except OSError:
+                break  # not empty (or not ours to remove): stop climbing
+        raise
+
+
 def read_json(path: str | Path, what: str, hint: str = "fix or recreate it", kind: type | None = dict) -> Any:
     """The JSON document in ``path``; any failure (missing, unreadable, not JSON, not a ``kind``) is one
     :class:`~ReCoKDLib.errors.ReCoKDError` line naming ``what`` and the file, ending with ``hint``."""

@@ -31,7 +31,8 @@ from ..kd_methods import DEFAULT_METHOD
 from ..losses.registry import KD_METHODS, resolve_method
 from ..models.unet import UNetSpec, build_unet, dynunet_tap_names
 from ..models.weights import load_weights
-from ..utils.io import atomic_write_text, read_json
+from ..utils.io import atomic_write_text, new_folder, read_json, remove_partial_files
+from ..utils.locks import locked_folder
 from ..utils.runtime import configure_cpu, resolve_device
 from ..training.loop import DistillTrainModule, EpochTrainer, RunConfig, SegTrainModule, ValCase
 from ..training.splits import fixed_split, kfold_split
@@ -114,14 +115,14 @@ def prepare_plans(
     plans_path = root / "plans.json"
     planner = planner or PlannerOptions()
     if _is_main():
-        root.mkdir(parents=True, exist_ok=True)
         if replan or planner.kwargs() or not plans_path.is_file():
-            require_valid(dataset, check_test=False, progress=progress)
-            fingerprint = compute_fingerprint(dataset, progress=progress)
-            fingerprint.save(root / "fingerprint.json")
-            plans, network = plan_experiment(fingerprint, **planner.kwargs())
-            plans.save(plans_path)
-            atomic_write_text(root / "network.json", network.to_json() + "\n")
+            with new_folder(root):  # a dataset that fails validation or planning leaves no cache folder
+                require_valid(dataset, check_test=False, progress=progress)
+                fingerprint = compute_fingerprint(dataset, progress=progress)
+                plans, network = plan_experiment(fingerprint, **planner.kwargs())
+                fingerprint.save(root / "fingerprint.json")
+                plans.save(plans_path)
+                atomic_write_text(root / "network.json", network.to_json() + "\n")
         if preprocess:
             preprocess_dataset(dataset, Plans.load(plans_path), root, num_workers=num_workers, progress=progress)
     _barrier()
@@ -338,7 +339,10 @@ def run_training(run_spec: RunSpec) -> int:
     device, rank, world = init_distributed(run_spec.training.get("device", "auto"))
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        return _run(run_spec, device, rank, world)
+        if rank != 0:
+            return _run(run_spec, device, rank, world)
+        with locked_folder(run_spec.output):  # one process per run folder (the others are refused, naming it)
+            return _run(run_spec, device, rank, world)
     finally:
         torch.use_deterministic_algorithms(deterministic)
         if world > 1 and dist.is_initialized():
@@ -347,6 +351,8 @@ def run_training(run_spec: RunSpec) -> int:
 
 def _run(run_spec: RunSpec, device: torch.device, rank: int, world: int) -> int:
     out, role, progress = Path(run_spec.output), run_spec.role, run_spec.progress
+    if rank == 0:
+        remove_partial_files(out)  # left by a kill during a checkpoint write; this process holds the folder
     saved = _read_json(out / "run.json", "run file") if run_spec.resume and (out / "run.json").is_file() else None
     if not run_spec.resume and (out / "checkpoint_latest.pt").is_file():
         raise ReCoKDError(f"{out} already holds a run; add --resume to continue it or choose another -o folder")

@@ -40,6 +40,7 @@ import numpy as np
 
 from ..errors import ReCoKDError
 from ..utils.io import atomic_write_text, json_safe
+from ..utils.locks import lock_owner, try_lock
 from ..data.datasets import select_cases
 from .study_report import build_report
 
@@ -347,31 +348,15 @@ def _log_rows(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _lock(path: Path):
-    """An exclusive advisory lock on ``path`` (released by the OS when the process exits), or None
-    when another process holds it. Without ``fcntl`` (Windows) no locking is done."""
-    try:
-        import fcntl
-    except ImportError:
-        return open(path, "a")
-    handle = open(path, "a")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        return None
-    return handle
-
-
 def execute_job(job_file: str | Path) -> int:
     """Run one job described by a JSON file (the study's subprocess entry point); ``recokd`` itself runs
     as a child process (``python -m ReCoKDLib.cli``), so the study never imports the command line."""
     job = json.loads(Path(job_file).read_text())
     kind, folder, spec = job["kind"], Path(job["folder"]), job["spec"]
     folder.mkdir(parents=True, exist_ok=True)
-    lock = _lock(folder / ".job.lock")  # held until this process ends, however it ends
+    lock = try_lock(folder / ".job.lock")  # held until this process ends, however it ends
     if lock is None:
-        raise ReCoKDError(f"{job['name']} is already running in another process (lock {folder / '.job.lock'}); "
+        raise ReCoKDError(f"{job['name']} is already running ({lock_owner(folder / '.job.lock')}); "
                           "wait for it or stop it first")
     if kind in ("plan", "train"):
         rc = subprocess.run([sys.executable, "-m", "ReCoKDLib.cli", *map(str, spec["argv"])]).returncode
