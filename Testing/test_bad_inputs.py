@@ -54,6 +54,12 @@ def _truncated(tmp: Path) -> str:
     return str(path)
 
 
+def _truncate(path: str) -> str:
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: len(data) // 2])
+    return path
+
+
 def _with_nan(tmp: Path, value: float) -> str:
     volume = phantom_volume((16, 16, 16))
     volume[3:5, 3:5, 3:5] = value
@@ -109,6 +115,65 @@ def _dataset_with_an_undeclared_label(tmp: Path) -> list[str]:
     return ["plan", str(root), "--cache", str(tmp / "cache" / "ds"), "--no-progress"]
 
 
+def _damaged_bundle(tmp: Path) -> None:
+    """Flip one byte inside the weights' data of model.recokd (its CRC no longer matches)."""
+    import zipfile
+
+    path = tmp / "model.recokd"
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo("weights.safetensors")
+    data = bytearray(path.read_bytes())
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    data[start + info.compress_size // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _lying_bundle(tmp: Path) -> None:
+    """model.recokd whose weights member's central-directory sizes claim one byte less than it holds."""
+    import struct
+    import zipfile
+
+    path = tmp / "model.recokd"
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo("weights.safetensors")
+    data = bytearray(path.read_bytes())
+    pos = 0
+    while True:
+        pos = data.find(b"PK\x01\x02", pos)
+        name_len = struct.unpack_from("<H", data, pos + 28)[0]
+        if data[pos + 46:pos + 46 + name_len] == b"weights.safetensors":
+            break
+        pos += 4
+    struct.pack_into("<I", data, pos + 24, info.file_size - 1)  # uncompressed size
+    path.write_bytes(bytes(data))
+
+
+def _zip_bomb(tmp: Path) -> None:
+    """A 100 MiB member of zeros that deflates to about 100 kB, as model.recokd."""
+    import zipfile
+
+    path = tmp / "model.recokd"
+    path.unlink()
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("bundle.json", "{}")
+        with zf.open("weights.safetensors", "w", force_zip64=True) as f:
+            for _ in range(100):
+                f.write(bytes(1024**2))
+
+
+def _with_model(damage: Callable[[Path], None]) -> Callable[[Path], str]:
+    def inputs(tmp: Path) -> str:
+        damage(tmp)
+        return _scan(tmp)
+    return inputs
+
+
+def _unwritable_cache(tmp: Path) -> list[str]:
+    (tmp / "home").write_text("a file where the model cache folder should be")
+    os.environ["RECOKD_HOME"] = str(tmp / "home")  # restored by the test
+    return ["predict", "-m", "phantom-abdomen", "-i", _scan(tmp), "-o", str(tmp / "out.nii.gz"), "--no-progress"]
+
+
 _HELD: list = []  # locks a row holds while its command runs
 
 
@@ -147,9 +212,25 @@ CASES = [
     Case("predict an all-NaN NIfTI", _predict(lambda t: str(write_image(np.full((16, 16, 16), np.nan, np.float32),
                                                                           t / "nan.nii.gz")),
                                               lambda t: str(t / "out.nii.gz")), 2, "4096 NaN"),
+    Case("predict a 1000 mm spacing (a header in micrometres)", _predict(
+        lambda t: str(write_image(phantom_volume((16, 16, 16)), t / "huge.nii.gz", spacing=(1000.0, 1000.0, 1000.0))),
+        lambda t: str(t / "out.nii.gz")), 2, "GiB"),
+    Case("predict a 0.01 mm spacing (a header in metres)", _predict(
+        lambda t: str(write_image(phantom_volume((16, 16, 16)), t / "tiny.nii.gz", spacing=(0.01, 0.01, 0.01))),
+        lambda t: str(t / "out.nii.gz")), 2, "far smaller than one training patch"),
+    Case("predict a truncated .mha", _predict(lambda t: _truncate(_scan(t, "scan.mha")), lambda t: str(t / "out.nii.gz")),
+         2, "damaged or truncated"),
     Case("predict a 2D image", _predict(_two_d, lambda t: str(t / "out.nii.gz")), 2, "3D"),
     Case("predict an empty folder", _predict(lambda t: str((t / "empty").mkdir() or t / "empty"),
                                              lambda t: str(t / "out")), 2, "holds no image files"),
+    # damaged or hostile model bundles, an unusable model cache
+    Case("predict with a bundle whose weights fail their CRC", _predict(_with_model(_damaged_bundle),
+                                                                        lambda t: str(t / "out.nii.gz")), 2, "is damaged"),
+    Case("predict with a bundle whose declared size is false", _predict(_with_model(_lying_bundle),
+                                                                        lambda t: str(t / "out.nii.gz")), 2, "model.recokd"),
+    Case("predict with a zip bomb as bundle", _predict(_with_model(_zip_bomb), lambda t: str(t / "out.nii.gz")), 2,
+         "zip bomb"),
+    Case("predict a registry model into an unwritable cache", _unwritable_cache, 2, "set RECOKD_HOME to a writable"),
     # datasets
     Case("plan a dataset whose label holds an undeclared value (no cache folder left)", _dataset_with_an_undeclared_label,
          2, "has 1 problem"),  # validation lists each problem on its own line below
@@ -207,7 +288,8 @@ def runs(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_input(case: Case, tmp_path: Path, capsys, request) -> None:
+def test_bad_input(case: Case, tmp_path: Path, capsys, request, monkeypatch) -> None:
+    monkeypatch.setenv("RECOKD_HOME", str(tmp_path / "recokd_home"))  # rows may point it elsewhere
     if case.needs == "model":
         (tmp_path / "model.recokd").write_bytes(request.getfixturevalue("model").read_bytes())
     else:
@@ -272,3 +354,9 @@ def test_resume_removes_what_a_killed_checkpoint_write_left(runs: Path, tmp_path
     partial.write_bytes(b"half a checkpoint")
     assert main(_resume("teacher")(tmp_path)) == 0
     assert not partial.exists()
+
+
+def test_force_segments_an_odd_spacing_anyway(model: Path, tmp_path: Path) -> None:
+    scan = write_image(phantom_volume((16, 16, 16)), tmp_path / "tiny.nii.gz", spacing=(0.01, 0.01, 0.01))
+    args = ["predict", "-m", str(model), "-i", str(scan), "-o", str(tmp_path / "seg.nii.gz"), "--no-progress"]
+    assert main(args) == 2 and main(args + ["--force"]) == 0 and (tmp_path / "seg.nii.gz").is_file()

@@ -10,7 +10,7 @@ import jsonschema
 import numpy as np
 import pytest
 
-from bundle_helpers import make_run, phantom_volume, rewrite_zip
+from bundle_helpers import make_run, phantom_volume, rewrite_zip, tiny_network, tiny_plans
 from ReCoKDLib.deployment.bundle import bundle_from_run, export_run, load_bundle
 from ReCoKDLib.cli import main
 from ReCoKDLib.data.phantom import PHANTOM_COLORS
@@ -138,3 +138,25 @@ def test_export_cli(tmp_path, capsys):
     assert main(["export", str(run), "-o", str(tmp_path / "t.recokd"), "--name", "teacher-x"]) == 0
     b = load_bundle(tmp_path / "t.recokd")
     assert b.name == "teacher-x" and b.role == "teacher"
+
+
+def test_the_same_weights_give_the_same_bytes_and_the_same_bundle(tmp_path):
+    """Reproducible exports: weights files and bundles depend on their content alone (no per-process
+    metadata order, no export time), so their sha256 is stable; and every file gets one mode."""
+    import hashlib
+    import os
+
+    from ReCoKDLib.deployment.bundle import export_run
+    from ReCoKDLib.models import save_weights
+
+    net = tiny_network(tiny_plans())
+    digests = {hashlib.sha256(save_weights(net, tmp_path / f"w{i}.safetensors").read_bytes()).hexdigest() for i in range(3)}
+    assert len(digests) == 1
+    run = make_run(tmp_path / "run")
+    first = export_run(run, tmp_path / "a.recokd").read_bytes()
+    second = export_run(run, tmp_path / "b.recokd").read_bytes()
+    assert hashlib.sha256(first).hexdigest() == hashlib.sha256(second).hexdigest()
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (tmp_path / "w0.safetensors", tmp_path / "a.recokd", run / "model_best.safetensors"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path

@@ -207,7 +207,7 @@ def test_weights_that_do_not_fit_are_refused(tmp_path):
     path = good.save(tmp_path / "mismatch.recokd")
     with pytest.raises(ReCoKDError, match="do not fit this network") as info:
         Predictor(load_bundle(path), device="cpu")
-    assert "mismatch.recokd" in str(info.value)
+    assert "mismatch.recokd" in str(info.value) and ": its weights do not fit" in str(info.value)
 
 
 def test_folder_with_a_bad_case_writes_the_others(tmp_path, model_path, capsys):

@@ -11,6 +11,7 @@ from ..errors import ReCoKDError
 
 def run(args: argparse.Namespace) -> int:
     from ..benchmarks.inference import benchmark_chart, benchmark_table, parse_models, results_json, run_benchmark
+    from ..utils.io import atomic_write_text
 
     config = {}
     if args.config:
@@ -28,8 +29,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     table = benchmark_table(results)
-    (out / "benchmark.md").write_text(table + "\n")
-    (out / "benchmark.json").write_text(results_json(results) + "\n")
+    atomic_write_text(out / "benchmark.md", table + "\n")
+    atomic_write_text(out / "benchmark.json", results_json(results) + "\n")
     benchmark_chart(results, out / "benchmark.png")
     print(table)
     print(f"\nwritten to {out}")

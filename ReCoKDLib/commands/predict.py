@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
 
     model = resolve_model(args.model, registry=args.registry)
     predictor = Predictor(model, device=args.device, overlap=args.overlap, sw_batch_size=args.sw_batch,
-                          mirror_tta=args.tta, threads=args.threads, progress=not args.no_progress)
+                          mirror_tta=args.tta, threads=args.threads, progress=not args.no_progress,
+                          check_spacing=not args.force)
     if folder_mode:
         failed = 0
         for files, target in jobs:
@@ -73,4 +74,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     p.add_argument("--registry", help="model registry JSON (for a model given by name; default $RECOKD_REGISTRY)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--force", action="store_true",
+                   help="segment images whose spacing would resample them to an absurd size (normally refused)")
     p.set_defaults(func=run)

@@ -193,8 +193,8 @@ def _sitk_reason(exc: BaseException) -> str:
         if marker in text:
             text = text.rsplit(marker, 1)[1].strip()
             break
-    if len(text) > 200:
-        text = text[:197] + "..."
+    if len(text) > 200:  # cut at a word boundary, never mid-word
+        text = text[:197].rsplit(" ", 1)[0] + " ..."
     return text or type(exc).__name__
 
 
@@ -217,7 +217,10 @@ def _read_image(path: Path) -> sitk.Image:
     try:
         return sitk.ReadImage(str(path))
     except Exception as exc:  # SimpleITK raises RuntimeError; anything else is just as fatal
-        raise _ReadFailure(path, _sitk_reason(exc)) from exc
+        reason = _sitk_reason(exc)
+        if "No such file or directory" in reason:  # ITK reports a stale errno for a file it could not read whole
+            reason = f"the file is damaged or truncated ({path.stat().st_size} bytes; ITK could not read all its voxels)"
+        raise _ReadFailure(path, reason) from exc
 
 
 @dataclass(frozen=True)

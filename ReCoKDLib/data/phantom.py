@@ -28,6 +28,7 @@ import numpy as np
 from ..errors import ReCoKDError
 from ..utils.geometry import ImageGeometry
 from ..utils.labels import LabelSet
+from ..utils.io import atomic_write_text
 
 __all__ = [
     "PHANTOM_COLORS",
@@ -431,7 +432,7 @@ def save_dataset_nnunet(
         "numTraining": len(cases),
         "file_ending": ".nii.gz",
     }
-    (root / "dataset.json").write_text(json.dumps(dataset_json, indent=4) + "\n")
+    atomic_write_text(root / "dataset.json", json.dumps(dataset_json, indent=4) + "\n")
     return root
 
 

@@ -28,9 +28,11 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import os
 import stat
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
@@ -58,6 +60,9 @@ BUNDLE_FORMAT = "recokd-bundle"
 BUNDLE_VERSION = 1
 #: Default bound on the total uncompressed size of a bundle's members (zip-bomb guard).
 MAX_BUNDLE_BYTES = 2 * 1024**3
+# zip-bomb guard: a member above this size may not inflate more than this ratio (weights hardly compress)
+_BOMB_MIN_BYTES = 64 * 1024**2
+_BOMB_RATIO = 100
 MANIFEST = "bundle.json"
 MEMBERS = ("network.json", "plans.json", "weights.safetensors")
 ALLOWED_SUFFIXES = (".json", ".safetensors")
@@ -167,7 +172,8 @@ class Bundle:
                 load_weights(network, path)
             except ReCoKDError as exc:
                 where = self.source or self.name
-                raise ReCoKDError(f"bundle {where}: {str(exc).replace(str(path), 'its weights')}") from None
+                text = str(exc).replace(f"weights file {path}", "its weights").replace(f"weights {path}", "its weights")
+                raise ReCoKDError(f"bundle {where}: {text.replace(str(path), 'its weights')}") from None
         network.eval()
         return network.to(device) if device is not None else network
 
@@ -256,14 +262,24 @@ def _read_zip(path: Path, max_bytes: int) -> dict[str, bytes]:
                 f"bundle {path} would unpack to {declared} bytes, above the limit of {max_bytes}; "
                 "refusing a possible zip bomb (raise max_bytes if the model really is that large)"
             )
+        for info in infos:  # weights barely compress: a large member that inflates 100-fold is a bomb
+            if info.file_size > _BOMB_MIN_BYTES and info.file_size > _BOMB_RATIO * max(info.compress_size, 1):
+                raise ReCoKDError(
+                    f"bundle {path} member {info.filename!r} would inflate {info.compress_size} bytes to "
+                    f"{info.file_size}; refusing a possible zip bomb, download or export the model again"
+                )
         out: dict[str, bytes] = {}
         total = 0
         for info in infos:
             if info.filename not in (MANIFEST, *MEMBERS):
                 continue  # unknown .json/.safetensors members (future additions) are not read
             # the declared size can lie: read at most what is left of the budget, plus one byte
-            with zf.open(info) as f:
-                data = f.read(max_bytes - total + 1)
+            try:
+                with zf.open(info) as f:
+                    data = f.read(max_bytes - total + 1)
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:  # CRC error, false sizes, truncation
+                raise ReCoKDError(f"bundle {path} is damaged (member {info.filename!r}: {' '.join(str(exc).split())}); "
+                                  "download or export the model again") from None
             total += len(data)
             if total > max_bytes or len(data) != info.file_size:
                 raise ReCoKDError(
@@ -448,15 +464,24 @@ def bundle_from_run(
     description = description or f"{role} trained on {provenance['dataset_name']}" + (
         f" with {provenance['method']}" if provenance["method"] else "")
     manifest = _manifest(name or run_dir.resolve().name, role, labels, channel_names, reference_direction,
-                         provenance, description)
+                         provenance, description, created=weights_path.stat().st_mtime)
     bundle = Bundle(manifest=manifest, spec=spec, plans=plans, weights=weights_path.read_bytes(), source=None)
     validate_manifest(manifest, f"the bundle of run {run_dir}")
     _check_consistency(bundle, str(run_dir))
     return bundle
 
 
+def _created(when: float | None) -> str:
+    """The manifest's ``created`` time: ``$SOURCE_DATE_EPOCH`` (reproducible builds) when set, else
+    ``when`` (e.g. the weights file's time, so that exporting a run twice gives one file), else now."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    seconds = float(epoch) if epoch and epoch.strip().isdigit() else when
+    moment = _dt.datetime.now(_dt.timezone.utc) if seconds is None else _dt.datetime.fromtimestamp(seconds, _dt.timezone.utc)
+    return moment.replace(microsecond=0).isoformat()
+
+
 def _manifest(name: str, role: str, labels: LabelSet, channel_names: Mapping[Any, str], reference_direction: Any,
-              provenance: Mapping[str, Any], description: str | None = None) -> dict[str, Any]:
+              provenance: Mapping[str, Any], description: str | None = None, created: float | None = None) -> dict[str, Any]:
     """A bundle manifest (its member checksums are filled in when it is written)."""
     manifest: dict[str, Any] = {
         "format": BUNDLE_FORMAT,
@@ -464,7 +489,7 @@ def _manifest(name: str, role: str, labels: LabelSet, channel_names: Mapping[Any
         "name": name,
         **({"description": description} if description else {}),
         "recokd_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "created": _created(created),
         "role": role,
         **labels.display_json(),
         "channel_names": {str(k): str(v) for k, v in channel_names.items()},

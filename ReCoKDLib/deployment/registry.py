@@ -150,12 +150,17 @@ def fetch_model(
         ``cache_dir/<name>-<sha256[:12]>.recokd``.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
     target = cache / f"{entry.name}-{entry.sha256[:12]}.recokd"
-    if target.is_file():
-        if sha256_file(target) == entry.sha256:
-            return target
-        target.unlink()  # a damaged cache entry is simply fetched again
+    if target.is_file() and sha256_file(target) == entry.sha256:
+        return target  # a read-only cache that already holds the model is fine
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        target.unlink(missing_ok=True)  # a damaged cache entry is simply fetched again
+        if not os.access(cache, os.W_OK | os.X_OK):
+            raise PermissionError(f"{cache} is not writable")
+    except OSError as exc:
+        raise ReCoKDError(f"cannot store model {entry.name!r} in the model cache {cache} ({exc.strerror or exc}); "
+                          "set RECOKD_HOME to a writable folder") from None
     limit = max_bytes or (entry.size + 1 if entry.size else None)
 
     def download(tmp: Path) -> None:  # a raise leaves nothing behind (atomic_write removes tmp)

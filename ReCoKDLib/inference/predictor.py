@@ -191,6 +191,8 @@ class Predictor:
         network: run this module instead of the bundle's network (same inputs and outputs; e.g. an
             ONNX Runtime session wrapper, see :mod:`ReCoKDLib.inference.export`).
         log: where messages go (default: print to stderr).
+        check_spacing: refuse inputs whose spacing would resample them to an absurd size for the model
+            (:meth:`check_resampled_size`); ``False`` (``recokd predict --force``) segments them anyway.
 
     Example::
 
@@ -211,6 +213,7 @@ class Predictor:
         progress: bool | ProgressFn = False,
         network: Any = None,
         log: Callable[[str], None] | None = None,
+        check_spacing: bool = True,
     ):
         self.bundle = model if isinstance(model, Bundle) else open_model(model)
         if not 0 <= overlap < 1:
@@ -229,6 +232,7 @@ class Predictor:
         self.mirror_axes = tuple(mirror_axes) if mirror_tta else ()
         self.progress = progress
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.check_spacing = bool(check_spacing)
         self.network = network if network is not None else self.bundle.build_network()
         if isinstance(self.network, nn.Module):
             self.network.eval()
@@ -389,7 +393,32 @@ class Predictor:
         reoriented = ImageGeometry.from_spacing_dhw(orient.spacing(geometry.spacing_dhw), geometry.origin,
                                                     geometry.direction)
         case = LoadedCase(image=orient.apply(array), label=None, geometry=reoriented, case_id=name)
+        if self.check_spacing:
+            self.check_resampled_size(case.image.shape[1:], reoriented.spacing_dhw, name)
         return orient, preprocess_case(case, self.plans)
+
+    def check_resampled_size(self, shape: Sequence[int], spacing: Sequence[float], name: str = "image") -> None:
+        """Refuse, before anything is allocated, an image that resampling to the model's spacing would make
+        absurdly large (more than 64x the training cases' median volume, and more than 256^3 voxels: e.g.
+        a spacing in micrometres) or tiny (under 1/1000 of a training patch: e.g. a spacing in metres).
+
+        Args:
+            shape, spacing: the (D, H, W) voxel grid and voxel size (mm) of the input, in the model's axis order.
+        """
+        target = self.plans.target_spacing
+        out = [max(int(round(n * s / t)), 1) for n, s, t in zip(shape, spacing, target)]
+        voxels = math.prod(out)
+        median = math.prod(self.plans.median_shape)
+        patch = math.prod(self.plans.patch_size)
+        shown = f"{name} ({'x'.join(map(str, shape))} voxels of {' x '.join(f'{s:g}' for s in spacing)} mm)"
+        fix = "check the spacing in its header, or pass --force to segment it anyway"
+        if voxels > max(64 * median, 256**3):
+            gib = voxels * 4 * self.plans.num_channels / 2**30
+            raise ReCoKDError(f"{shown} would become {'x'.join(map(str, out))} voxels ({gib:.0f} GiB) at the model's "
+                              f"{' x '.join(f'{t:g}' for t in target)} mm; {fix}")
+        if voxels * 1000 < patch:
+            raise ReCoKDError(f"{shown} would become only {'x'.join(map(str, out))} voxel(s) at the model's "
+                              f"{' x '.join(f'{t:g}' for t in target)} mm, far smaller than one training patch; {fix}")
 
     def predict_image(self, image: sitk.Image | Sequence[sitk.Image], name: str = "image",
                       progress: bool | ProgressFn | None = None) -> sitk.Image:

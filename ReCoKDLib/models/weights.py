@@ -4,21 +4,39 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file
 from torch import nn
 
 from ..errors import ReCoKDError
 from ..utils.io import atomic_write
 
 
+def unique_tensors(network: nn.Module) -> dict[str, torch.Tensor]:
+    """``network``'s state with every shared tensor once, under the first of its names in sorted order.
+
+    MONAI's ``DynUNet`` registers each block twice (``skip_layers`` aliases the named blocks); safetensors
+    stores no aliases, and ``load_model`` finds them again from the network (the names kept are the
+    ones ``safetensors.torch.save_model`` keeps, so files of either writer load alike).
+    """
+    state = network.state_dict()
+    groups: dict[tuple, list[str]] = {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
+        groups.setdefault(key, []).append(name)
+    kept = sorted(min(names) for names in groups.values())
+    return {name: state[name].contiguous() for name in kept}
+
+
 def save_weights(network: nn.Module, path: str | Path) -> Path:
     """Write ``network``'s weights to ``path`` (safetensors) via a temporary file and a rename.
 
-    MONAI's ``DynUNet`` registers each block twice (``skip_layers`` aliases the named blocks);
-    ``save_model`` stores every shared tensor once.
+    The bytes depend on the weights alone: no metadata is written (safetensors orders a metadata map
+    differently in every process), so the same weights always give the same file and sha256.
     """
-    return atomic_write(path, lambda tmp: save_model(network, str(tmp)))
+    tensors = unique_tensors(network)
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 def load_weights(network: nn.Module, path: str | Path) -> nn.Module:

@@ -11,13 +11,17 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 
+_UMASK = os.umask(0o022)  # read the process umask once (os.umask can only read it by setting it)
+os.umask(_UMASK)
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` to fill a temporary file next to ``path``, then rename it onto ``path``.
 
     The temporary name ends with ``path``'s own name, so writers that choose the format by extension
     (SimpleITK, safetensors, numpy's ``.npz``) behave as for the final file. The data is flushed to
     disk before the rename, so a crash cannot leave an empty file under the final name. On any failure
-    the temporary file is removed.
+    the temporary file is removed. The file gets the usual mode (0666 less the umask, e.g. 0644).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -26,6 +30,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        # one mode for every file ReCoKD writes, whatever the writer (safetensors creates 0600): the umask's
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -227,8 +227,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     table = format_table(results, label_names, recovered)
     for name, run in (("teacher", t_run), ("student_nokd", s_run), ("student_recokd", k_run)):
         save_weights(run.ema_net, out / f"{name}.safetensors")
-    (out / "teacher_spec.json").write_text(spec.to_json())
-    (out / "student_spec.json").write_text(spec.student(cfg.width_factor).to_json())
+    atomic_write_text(out / "teacher_spec.json", spec.to_json())
+    atomic_write_text(out / "student_spec.json", spec.student(cfg.width_factor).to_json())
 
     from .reporting import demo_figure  # matplotlib only when a figure is drawn
 

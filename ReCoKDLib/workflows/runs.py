@@ -467,7 +467,7 @@ def _run(run_spec: RunSpec, device: torch.device, rank: int, world: int) -> int:
         # the run's plan is the one it trained with: its patch is the window the predictor and the ONNX
         # export use; its network (a student's, not the teacher's) is network.json alone
         replace(plans, patch_size=tuple(config.patch_size)).save(out / "plans.json")
-        (out / "network.json").write_text(spec.to_json() + "\n")
+        atomic_write_text(out / "network.json", spec.to_json() + "\n")
     _barrier()
     trainer = EpochTrainer(
         module, network, lambda: build_unet(spec), data, val_cases, num_classes, plans.labels.foreground_names, config, out,
