@@ -360,3 +360,18 @@ def test_force_segments_an_odd_spacing_anyway(model: Path, tmp_path: Path) -> No
     scan = write_image(phantom_volume((16, 16, 16)), tmp_path / "tiny.nii.gz", spacing=(0.01, 0.01, 0.01))
     args = ["predict", "-m", str(model), "-i", str(scan), "-o", str(tmp_path / "seg.nii.gz"), "--no-progress"]
     assert main(args) == 2 and main(args + ["--force"]) == 0 and (tmp_path / "seg.nii.gz").is_file()
+
+
+def test_a_run_killed_after_its_last_checkpoint_finishes_on_resume(runs: Path, tmp_path: Path, capsys) -> None:
+    """kill -9 between the last checkpoint and the final weights: --resume writes them (it used to say
+    "finished already" and leave the run without model_final)."""
+    import torch
+    from safetensors.torch import load_file
+
+    for part in ("ds", "runs"):
+        shutil.copytree(runs / part, tmp_path / part)
+    final = tmp_path / "runs" / "teacher" / "model_final.safetensors"
+    final.unlink()
+    assert main(_resume("teacher")(tmp_path)) == 0
+    original, written = load_file(runs / "runs" / "teacher" / "model_final.safetensors"), load_file(final)
+    assert original.keys() == written.keys() and all(torch.equal(original[k], written[k]) for k in original)

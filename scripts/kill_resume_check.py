@@ -59,6 +59,9 @@ def _same_run(a: Path, b: Path) -> list[str]:
     cb = dict(_tensors(torch.load(b / "checkpoint_latest.pt", weights_only=True)))
     diffs += [k for k in ca if k not in cb or not torch.equal(ca[k], cb[k])]
     for name in ("model_best.safetensors", "model_final.safetensors"):
+        if not (b / name).is_file():
+            diffs.append(f"{name} missing")
+            continue
         wa, wb = load_file(a / name), load_file(b / name)
         diffs += [f"{name}:{k}" for k in wa if k not in wb or not torch.equal(wa[k], wb[k])]
     return diffs

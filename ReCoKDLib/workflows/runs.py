@@ -482,6 +482,8 @@ def _run(run_spec: RunSpec, device: torch.device, rank: int, world: int) -> int:
         print(f"no checkpoint in {out}; starting from the beginning", flush=True)
     trainer.write_run_json()
     if trainer.step >= config.total_steps:
+        if not (out / "model_final.safetensors").is_file():  # killed after the last checkpoint, before the end
+            trainer.finish()
         if rank == 0:
             print(f"{out} has finished already ({config.total_steps} iterations)")
         return 0
