@@ -178,9 +178,9 @@ _HELD: list = []  # locks a row holds while its command runs
 
 
 def _while_another_run_holds(role: str) -> Callable[[Path], list[str]]:
-    from ReCoKDLib.utils.locks import LOCK_NAME, try_lock
-
     def argv(tmp: Path) -> list[str]:
+        from ReCoKDLib.utils.locks import LOCK_NAME, try_lock
+
         handle = try_lock(tmp / "runs" / role / LOCK_NAME)
         assert handle is not None
         _HELD.append(handle)
@@ -375,3 +375,29 @@ def test_a_run_killed_after_its_last_checkpoint_finishes_on_resume(runs: Path, t
     assert main(_resume("teacher")(tmp_path)) == 0
     original, written = load_file(runs / "runs" / "teacher" / "model_final.safetensors"), load_file(final)
     assert original.keys() == written.keys() and all(torch.equal(original[k], written[k]) for k in original)
+
+
+def test_an_interrupt_between_the_two_checkpoint_writes_keeps_checkpoint_best(runs: Path, tmp_path: Path, monkeypatch,
+                                                                              capsys) -> None:
+    """The epoch end writes checkpoint_best before checkpoint_latest: stopped between the two, the resumed
+    run repeats that epoch and writes both (in the other order checkpoint_best could be lost for good)."""
+    from ReCoKDLib.training.loop import EpochTrainer
+
+    real = EpochTrainer.save_checkpoint
+    calls: list[str] = []
+
+    def interrupted_once(self, which="latest"):
+        calls.append(which)
+        if len(calls) == 2:  # the second write of the first validated epoch end
+            raise KeyboardInterrupt
+        real(self, which)
+
+    argv = ["train", str(runs / "ds"), "-o", str(tmp_path / "run"), "--cache", str(tmp_path / "cache"), "--epochs", "2",
+            "--iters-per-epoch", "1", "--patch-size", "16", "32", "32", "--workers", "0", "--threads", "1",
+            "--no-progress", "--val-max-cases", "1", "--patch-budget", "32768", "--base-filters", "8", "--max-filters", "32"]
+    monkeypatch.setattr(EpochTrainer, "save_checkpoint", interrupted_once)
+    assert main(argv) == 130
+    monkeypatch.setattr(EpochTrainer, "save_checkpoint", real)
+    assert (tmp_path / "run" / "checkpoint_best.pt").is_file()  # written first
+    assert main(argv + ["--resume"]) == 0
+    assert (tmp_path / "run" / "checkpoint_best.pt").is_file() and (tmp_path / "run" / "model_final.safetensors").is_file()
