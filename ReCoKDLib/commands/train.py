@@ -36,7 +36,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-clip", dest="grad_clip", type=float, help=f"gradient-norm clip (default {D.grad_clip:g}; 0: off)")
     p.add_argument("--ema-decay", dest="ema_decay", type=float,
                    help=f"EMA decay of the weights validated and exported (default {D.ema_decay})")
-    p.add_argument("--no-augment", dest="no_augment", action="store_true", help="no data augmentation")
+    p.add_argument("--augment", choices=["none", "light", "nnunet"],
+                   help=f"data augmentation: none, light (in-plane rotation/scaling, mild intensity) or nnunet "
+                   f"(default {D.augment}; thin-slab patches are rotated in-plane only)")
+    p.add_argument("--no-augment", dest="no_augment", action="store_true", help="the same as --augment none")
     p.add_argument("--elastic", action="store_true", help="add elastic deformation (slow on CPU)")
     p.add_argument("--workers", type=int, help=f"background data-loading processes (default {D.num_workers})")
     p.add_argument("--val-every", dest="val_every", type=int, help=f"validate every N epochs (default {D.val_every})")

@@ -22,19 +22,31 @@ from ..errors import ReCoKDError
 MAX_CENTRES_PER_CLASS = 20000
 
 
+#: the augmentation presets of ``--augment`` (see :meth:`AugmentConfig.preset`)
+AUGMENT_PRESETS = ("none", "light", "nnunet")
+#: a patch whose in-plane extent exceeds this many times its depth is a thin slab (nnU-Net's rule for
+#: its "dummy 2D" augmentation): it is rotated and scaled in-plane only
+THIN_SLAB_RATIO = 3.0
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     """Which augmentations run and how strong (nnU-Net-like, lighter where CPU time matters).
 
-    Probabilities are per patch. ``elastic`` is off by default (slow on a CPU).
+    Probabilities are per patch. ``elastic`` is off by default (slow on a CPU). ``in_plane_only`` rotates
+    and scales about the depth axis only (thin slabs: a 3D rotation of an 8-slice slab would fill most
+    of the patch with padding); ``mirror_axes`` are the axes (0 = D, 1 = H, 2 = W) mirrored at
+    ``flip_prob`` each.
     """
 
     enabled: bool = True
     rotate_degrees: float = 30.0
     scale_range: float = 0.15
     affine_prob: float = 0.2
+    in_plane_only: bool = False
     elastic: bool = False
     elastic_prob: float = 0.2
+    mirror_axes: tuple[int, ...] = (0, 1, 2)
     flip_prob: float = 0.5
     intensity_scale: float = 0.1
     intensity_shift: float = 0.1
@@ -45,6 +57,21 @@ class AugmentConfig:
     noise_prob: float = 0.1
     lowres_zoom: tuple[float, float] = (0.5, 1.0)
     lowres_prob: float = 0.25
+
+    @classmethod
+    def preset(cls, name: str, patch_size: Sequence[int] | None = None, elastic: bool = False) -> "AugmentConfig":
+        """``none`` (no augmentation), ``light`` (small in-plane rotation and scaling, mild intensity
+        changes; no mirroring, noise or resolution loss) or ``nnunet`` (the nnU-Net-like set above).
+        A thin-slab ``patch_size`` is rotated and scaled in-plane only, whatever the preset."""
+        if name not in AUGMENT_PRESETS:
+            raise ReCoKDError(f"augmentation {name!r} is not one of {', '.join(AUGMENT_PRESETS)}")
+        thin = patch_size is not None and max(patch_size[1:]) > THIN_SLAB_RATIO * patch_size[0]
+        if name == "none":
+            return cls(enabled=False)
+        if name == "light":
+            return cls(rotate_degrees=15.0, scale_range=0.1, affine_prob=0.2, in_plane_only=True, elastic=elastic,
+                       mirror_axes=(), intensity_prob=0.15, gamma_prob=0.15, noise_prob=0.0, lowres_prob=0.0)
+        return cls(in_plane_only=thin, elastic=elastic)
 
 
 def build_augmentation(config: AugmentConfig, patch_size: Sequence[int] | None = None):
@@ -60,9 +87,12 @@ def build_augmentation(config: AugmentConfig, patch_size: Sequence[int] | None =
 
     keys = ["image", "label"]
     rad = float(np.deg2rad(config.rotate_degrees))
+    scale = float(config.scale_range)
     spatial = mt.RandAffined(
         keys, prob=1.0, spatial_size=tuple(patch_size) if patch_size is not None else None,
-        rotate_range=(rad,) * 3, scale_range=(config.scale_range,) * 3,
+        # MONAI's first angle turns about the first spatial axis (D): an in-plane rotation
+        rotate_range=(rad, 0.0, 0.0) if config.in_plane_only else (rad,) * 3,
+        scale_range=(0.0, scale, scale) if config.in_plane_only else (scale,) * 3,
         mode=("bilinear", "nearest"), padding_mode="zeros",
     )
     steps = []
@@ -71,10 +101,8 @@ def build_augmentation(config: AugmentConfig, patch_size: Sequence[int] | None =
             mt.Rand3DElasticd(keys, sigma_range=(5, 7), magnitude_range=(50, 150), prob=config.elastic_prob,
                               mode=("bilinear", "nearest"), padding_mode="zeros")
         )
+    steps += [mt.RandFlipd(keys, prob=config.flip_prob, spatial_axis=axis) for axis in config.mirror_axes]
     steps += [
-        mt.RandFlipd(keys, prob=config.flip_prob, spatial_axis=0),
-        mt.RandFlipd(keys, prob=config.flip_prob, spatial_axis=1),
-        mt.RandFlipd(keys, prob=config.flip_prob, spatial_axis=2),
         mt.RandScaleIntensityd("image", factors=config.intensity_scale, prob=config.intensity_prob),
         mt.RandShiftIntensityd("image", offsets=config.intensity_shift, prob=config.intensity_prob),
         mt.RandAdjustContrastd("image", gamma=config.gamma, prob=config.gamma_prob),
@@ -170,8 +198,10 @@ class PatchBatches(Dataset):
     def _affine_margin(self) -> list[int]:
         """Per-side margin of the crop that rotated/scaled patches are resampled from: the box holds
         the patch's circumscribed sphere at the largest zoom-out, so no output voxel falls outside."""
-        radius = 0.5 * float(np.linalg.norm(self.patch)) * (1 + self.augment_config.scale_range)
-        return [max(int(np.ceil(radius - p / 2)), 0) + 1 for p in self.patch]
+        in_plane = self.augment_config.in_plane_only
+        radius = 0.5 * float(np.linalg.norm(self.patch[1:] if in_plane else self.patch)) * (1 + self.augment_config.scale_range)
+        margins = [max(int(np.ceil(radius - p / 2)), 0) + 1 for p in self.patch]
+        return [0, *margins[1:]] if in_plane else margins  # in-plane turns never reach other slices
 
     def _corner(self, rng: np.random.Generator, case: int, force_foreground: bool) -> tuple[int, ...]:
         shape = self.labels[case].shape

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data.loader import PatchBatches, batch_loader
+from ..data.loader import AUGMENT_PRESETS, PatchBatches, batch_loader
 from ..distill.distiller import Distiller
 from ..errors import ReCoKDError
 from ..inference.sliding_window import predict_labels
@@ -37,6 +37,15 @@ from .logger import RunLogger
 from ..evaluation.metrics import dice_per_class
 
 CHECKPOINT_FORMAT = 1
+
+
+def augment_name(value: bool | str) -> str:
+    """An augmentation preset's name; ``True`` / ``False`` (``run.json`` before presets) are ``nnunet`` / ``none``."""
+    if isinstance(value, bool):
+        return "nnunet" if value else "none"
+    if value not in AUGMENT_PRESETS:
+        raise ReCoKDError(f"augmentation {value!r} is not one of {', '.join(AUGMENT_PRESETS)}")
+    return value
 
 
 @dataclass
@@ -59,7 +68,7 @@ class RunConfig:
     grad_clip: float = 12.0
     ema_decay: float = 0.999
     foreground_fraction: float = 1 / 3
-    augment: bool = True
+    augment: str = "nnunet"  # none | light | nnunet (data.loader.AugmentConfig.preset); True/False read as nnunet/none
     elastic: bool = False
     num_workers: int = 2
     val_every: int = 1
@@ -70,6 +79,9 @@ class RunConfig:
     deterministic: bool = False
     amp: bool = True
     num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        self.augment = augment_name(self.augment)
 
     def to_dict(self) -> dict:
         d = asdict(self)

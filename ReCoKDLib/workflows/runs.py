@@ -34,7 +34,7 @@ from ..models.weights import load_weights
 from ..utils.io import atomic_write_text, new_folder, read_json, remove_partial_files
 from ..utils.locks import locked_folder
 from ..utils.runtime import configure_cpu, resolve_device
-from ..training.loop import DistillTrainModule, EpochTrainer, RunConfig, SegTrainModule, ValCase
+from ..training.loop import DistillTrainModule, EpochTrainer, RunConfig, SegTrainModule, ValCase, augment_name
 from ..training.splits import fixed_split, kfold_split
 
 RUN_VERSION = 1
@@ -175,8 +175,9 @@ _CLI_TO_CONFIG = {"epochs": "epochs", "iters_per_epoch": "iters_per_epoch", "bat
                   "patch_size": "patch_size", "optimizer": "optimizer", "lr": "lr", "weight_decay": "weight_decay",
                   "grad_clip": "grad_clip", "ema_decay": "ema_decay", "elastic": "elastic", "workers": "num_workers",
                   "val_every": "val_every", "val_max_cases": "val_max_cases", "checkpoint_every": "checkpoint_every",
-                  "seed": "seed", "device": "device", "deterministic": "deterministic", "threads": "num_threads"}
-_CLI_NEGATED = {"no_augment": "augment", "no_amp": "amp"}
+                  "seed": "seed", "device": "device", "deterministic": "deterministic", "threads": "num_threads",
+                  "augment": "augment"}
+_CLI_NEGATED = {"no_amp": "amp"}
 #: what a resumed run may change (applied and recorded); everything else comes from its run.json, and
 #: giving it another value with --resume is refused (the weights would no longer be one run's)
 RESUMABLE_OPTIONS = ("device", "num_workers", "num_threads")
@@ -226,6 +227,10 @@ class RunSpec:
         for flag in ("elastic", "deterministic"):  # store_true flags: only when given
             if not getattr(args, flag, False):
                 training.pop(flag, None)
+        if getattr(args, "no_augment", False):  # --no-augment: --augment none
+            if training.get("augment", "none") != "none":
+                raise ReCoKDError("give --augment or --no-augment, not both")
+            training["augment"] = "none"
         identity = {"fold": args.fold, "val_cases_file": args.val_cases}
         if role == "student":
             identity.update(teacher=args.teacher, method=args.method, taps=args.taps, width_factor=args.width_factor,
@@ -296,10 +301,11 @@ class RunSpec:
             changed += self._plan_changes()
         config = saved.get("config") or {}
         for name, value in sorted(self.training.items()):
-            if name not in RESUMABLE_OPTIONS and name in config and not same(value, config[name]):
+            saved_value = augment_name(config[name]) if name == "augment" and name in config else config.get(name)
+            if name not in RESUMABLE_OPTIONS and name in config and not same(value, saved_value):
                 flag = _CONFIG_TO_FLAG.get(name, name)
                 shown = "" if flag.startswith("--no-") or isinstance(value, bool) else f" {value}"
-                changed.append(f"{flag}{shown} (run: {config[name]})")
+                changed.append(f"{flag}{shown} (run: {saved_value})")
         return changed
 
     def _plan_changes(self) -> list[str]:
@@ -438,7 +444,7 @@ def _run(run_spec: RunSpec, device: torch.device, rank: int, world: int) -> int:
     data = PatchBatches(
         [cases[i].image for i in train_ids], [cases[i].label for i in train_ids], config.patch_size,
         batch_size=config.batch_size, foreground_fraction=config.foreground_fraction, seed=config.seed, rank=rank,
-        augment=AugmentConfig(enabled=config.augment, elastic=config.elastic), length=config.total_steps,
+        augment=AugmentConfig.preset(config.augment, config.patch_size, elastic=config.elastic), length=config.total_steps,
     )
     run_info = {
         "version": RUN_VERSION,

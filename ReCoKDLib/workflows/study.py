@@ -207,7 +207,8 @@ def _train_options(config: StudyConfig, epochs: int, seed: int) -> list[str]:
             "--val-every", str(epochs), "--val-max-cases", str(t.get("val_max_cases", 2)),
             "--workers", str(t.get("workers", 1)), "--threads", str(config.threads_per_job),
             "--device", str(t.get("device", "auto")), "--no-progress", "--resume"]
-    for key, flag in (("lr", "--lr"), ("batch_size", "--batch-size"), ("weight_decay", "--weight-decay")):
+    for key, flag in (("lr", "--lr"), ("batch_size", "--batch-size"), ("weight_decay", "--weight-decay"),
+                      ("augment", "--augment")):
         if key in t:
             opts += [flag, str(t[key])]
     return opts
