@@ -121,3 +121,33 @@ def test_augment_presets_and_old_run_files():
     assert light.mirror_axes == () and light.in_plane_only and light.noise_prob == 0
     assert AugmentConfig.preset("nnunet", (32, 32, 32)) == AugmentConfig()  # the default is unchanged
     assert RunConfig.from_dict({"augment": True}).augment == "nnunet" and RunConfig.from_dict({"augment": False}).augment == "none"
+
+
+def test_students_of_every_method_start_alike(tmp_path, monkeypatch):
+    """The paired design of a study: with one seed, every KD method's student starts from the same
+    weights and sees the same batches as the no-KD student, so their difference is the method's."""
+    from ReCoKDLib.data.loader import batch_loader
+    from ReCoKDLib.data.phantom import save_dataset_nnunet
+    from ReCoKDLib.training.loop import EpochTrainer
+
+    data = save_dataset_nnunet(generate_dataset(4, seed=3, shape=(32, 32, 32)), tmp_path / "ds")
+    common = ["--cache", str(tmp_path / "cache"), "--epochs", "1", "--iters-per-epoch", "1", "--patch-size", "16", "32", "32",
+              "--workers", "0", "--threads", "1", "--no-progress", "--val-max-cases", "1", "--seed", "4"]
+    assert main(["train", str(data), "-o", str(tmp_path / "teacher"), *common, "--patch-budget", "32768",
+                 "--base-filters", "8", "--max-filters", "32"]) == 0
+    seen = {}
+
+    def record_start(self, stop_after_epochs=None):
+        images, labels = next(iter(batch_loader(self.data, 0, 1)))
+        seen[self.name] = ({k: v.clone() for k, v in self.network.state_dict().items()}, images, labels)
+        return []
+
+    monkeypatch.setattr(EpochTrainer, "fit", record_start)
+    for method in ("none", "recokd", "logit", "cwd"):
+        assert main(["distill", str(data), "-o", str(tmp_path / method), "--teacher", str(tmp_path / "teacher"),
+                     "--method", method, *common]) == 0
+    base_state, base_images, base_labels = seen.pop("student none")
+    assert len(seen) == 3
+    for name, (state, images, labels) in seen.items():
+        assert state.keys() == base_state.keys() and all(torch.equal(state[k], base_state[k]) for k in state), name
+        assert torch.equal(images, base_images) and torch.equal(labels, base_labels), name
