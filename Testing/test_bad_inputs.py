@@ -238,8 +238,9 @@ CASES = [
     # --resume with options that would make the weights no longer one run's
     Case("train --resume --lr", _resume("teacher", "--lr", "0.5"), 2, "--lr 0.5 (run: 0.01)", "runs"),
     Case("train --resume --epochs", _resume("teacher", "--epochs", "9"), 2, "--epochs 9 (run: 1)", "runs"),
-    Case("train --resume --no-augment", _resume("teacher", "--no-augment"), 2, "--augment none (run: nnunet)", "runs"),
-    Case("train --resume --augment light", _resume("teacher", "--augment", "light"), 2, "--augment light (run: nnunet)",
+    Case("train --resume --augment nnunet", _resume("teacher", "--augment", "nnunet"), 2, "--augment nnunet (run: none)",
+         "runs"),
+    Case("train --resume --augment light", _resume("teacher", "--augment", "light"), 2, "--augment light (run: none)",
          "runs"),
     Case("train --resume --fold", _resume("teacher", "--fold", "1"), 2, "--fold 1 (run: 0)", "runs"),
     Case("train --resume --patch-size", _resume("teacher", "--patch-size", "32", "32", "32"), 2, "--patch-size", "runs"),

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The augmentation presets at CPU schedules (docs/results.md, "Augmentation at CPU schedules"), one variable at
+# a time: LA2018-lowres teachers (1000 iterations, seeds 0-2: none / light, seed 0: nnunet) scored on the test
+# cases, ACDC-subset fold-0 teachers (800 iterations, seed 0: none / light / nnunet) scored on the held-out
+# cases. Resumable: run it again to continue. Usage: bash scripts/measure_augment.sh [WORK_FOLDER]
+set -uo pipefail
+R=$(cd "$(dirname "$0")/.." && pwd); W=$(realpath -m "${1:-augment_measure}"); DATA=$R/../shared/data
+source "$R/.venv/bin/activate"; mkdir -p "$W/acdc"
+planner="--no-progress --patch-budget 65536 --base-filters 16 --max-filters 128"
+train="--optimizer adamw --lr 0.003 --batch-size 2 --iters-per-epoch 100 --val-max-cases 2 --workers 1 --threads 1 --device cpu --no-progress --resume"
+score() {  # model, images, labels, name
+  recokd predict -m "$1" -i "$2" -o "$W/pred_$4" --device cpu --threads 1 --no-progress > /dev/null 2>&1 \
+  && recokd evaluate "$W/pred_$4" "$3" --json "$W/eval_$4.json" | grep "| mean" | sed "s/^/$4 /"
+}
+la() {  # preset, seed
+  local D=$DATA/LA2018-lowres n=la_$1_s$2
+  recokd train "$D" -o "$W/$n" --cache "$W/la_cache" --plans "$W/la_cache/plans.json" --fold all --epochs 10 --val-every 10 \
+    --seed "$2" --augment "$1" $train > "$W/$n.log" 2>&1 && score "$W/$n" "$D/imagesTs" "$D/labelsTs" "$n"
+}
+acdc() {  # preset
+  local D=$DATA/ACDC-subset n=acdc_$1_s0
+  recokd train "$D" -o "$W/$n" --cache "$W/acdc_cache" --plans "$W/acdc_cache/plans.json" --val-cases "$W/acdc/fold0.txt" \
+    --epochs 8 --val-every 8 --seed 0 --augment "$1" $train > "$W/$n.log" 2>&1 \
+  && score "$W/$n" "$W/acdc/val_images" "$W/acdc/val_labels" "$n"
+}
+[ -f "$W/la_cache/plans.json" ] || recokd plan "$DATA/LA2018-lowres" --cache "$W/la_cache" $planner > /dev/null
+[ -f "$W/acdc_cache/plans.json" ] || recokd plan "$DATA/ACDC-subset" --cache "$W/acdc_cache" $planner > /dev/null
+python - "$DATA/ACDC-subset" "$W/acdc" <<'PY'
+import sys
+from pathlib import Path
+from ReCoKDLib.data.datasets import open_dataset
+from ReCoKDLib.workflows.study import cv_folds
+ds, out = open_dataset(sys.argv[1]), Path(sys.argv[2])
+fold0 = cv_folds([r.case_id for r in ds.training], 3, r"^(patient\d+)")[0]  # the study's fold 0
+(out / "fold0.txt").write_text("\n".join(fold0) + "\n")
+for r in ds.training:
+    if r.case_id in fold0:
+        for p, sub in [(p, "val_images") for p in r.image_files] + [(r.label_file, "val_labels")]:
+            (out / sub).mkdir(exist_ok=True)
+            if not (out / sub / p.name).exists():
+                (out / sub / p.name).symlink_to(p)
+PY
+la none 0 & la light 0 & wait
+la none 1 & la light 1 & wait
+la none 2 & la light 2 & wait
+la nnunet 0 & acdc nnunet & wait
+acdc none & acdc light & wait
