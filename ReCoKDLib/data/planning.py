@@ -213,19 +213,19 @@ class Plans(JSONDocument):
         """Output classes, background included (the label set's)."""
         return self.labels.num_classes
 
-    def check_network(self, spec: UNetSpec, where: str = "plan") -> None:
-        """Raise :class:`ReCoKDError` unless ``spec`` takes the plan's channels, predicts its classes and
-        tiles its patch (every patch axis a multiple of the network's total stride)."""
+    def check_network(self, spec: UNetSpec, where: str = "plan", fix: str = "plan the experiment again") -> None:
+        """Raise :class:`ReCoKDError` (naming ``where``, ending with ``fix``) unless ``spec`` takes the plan's
+        channels, predicts its classes and tiles its patch (each axis a multiple of the total stride)."""
         if spec.in_channels != self.num_channels or spec.out_channels != self.num_classes:
             raise ReCoKDError(
                 f"{where}: the network has {spec.in_channels} input(s) / {spec.out_channels} output(s) but the plan has "
-                f"{self.num_channels} channel(s) / {self.num_classes} classes; plan the experiment again"
+                f"{self.num_channels} channel(s) / {self.num_classes} classes; {fix}"
             )
         bad = [p for p, d in zip(self.patch_size, spec.divisor) if p % d]
         if bad:
             raise ReCoKDError(
                 f"{where}: patch size {list(self.patch_size)} is not divisible by the network's total stride "
-                f"{list(spec.divisor)}; choose multiples of it"
+                f"{list(spec.divisor)}; {fix}"
             )
 
     @property

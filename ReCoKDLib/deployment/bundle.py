@@ -359,14 +359,10 @@ def load_bundle(path: str | Path, max_bytes: int = MAX_BUNDLE_BYTES) -> Bundle:
 
 
 def _check_consistency(bundle: Bundle, where: str) -> None:
-    spec, plans = bundle.spec, bundle.plans
-    if spec.in_channels != plans.num_channels:
-        raise ReCoKDError(f"bundle {where}: the network takes {spec.in_channels} channel(s) but the plan has {plans.num_channels}; re-export the model")
-    if spec.out_channels != plans.num_classes:
-        raise ReCoKDError(f"bundle {where}: the network has {spec.out_channels} outputs but the plan {plans.num_classes} classes; re-export the model")
+    plans = bundle.plans
+    plans.check_network(bundle.spec, f"bundle {where}", fix="re-export the model")
     if bundle.labels != plans.labels:
         raise ReCoKDError(f"bundle {where}: labels {dict(bundle.labels)} differ from the plan's {dict(plans.labels)}; re-export the model")
-    plans.check_network(spec, f"bundle {where}")
 
 
 # --------------------------------------------------------------------------------------------------
