@@ -117,3 +117,29 @@ def test_bad_input_gives_one_line_errors():
         d(images[0], labels)
     with pytest.raises(ReCoKDError, match="5D"):
         d(images, labels[:, 0])
+
+
+def test_term_gradients_split_levels_and_match_the_training_loss():
+    from ReCoKDLib.distill.diagnostics import term_gradients
+
+    d = _distiller("recokd").train()
+    images, labels = _batch(3)
+    saved = [list(t.level_weights) for t in d.kd_terms.values()]
+    rows = term_gradients(d, images, labels)
+    assert [list(t.level_weights) for t in d.kd_terms.values()] == saved  # restored
+    assert rows[0].term == "seg" and rows[0].level is None
+    levels = len(dynunet_tap_names(SPEC))
+    for key in ("msard_fg", "msard_bg", "msard_att", "msca"):
+        per_level = [r for r in rows if r.term == key and r.level is not None]
+        total = next(r for r in rows if r.term == key and r.level is None)
+        assert [r.level for r in per_level] == list(range(levels))
+        assert sum(r.loss for r in per_level) == pytest.approx(total.loss, rel=1e-5)  # linear in level weights
+        assert all(r.grad_norm > 0 for r in per_level)
+
+    # the summed rows are the norms of the gradients the training step back-propagates
+    out = d(images, labels)
+    params = list(d.student.parameters())
+    for key in ("seg", "msard_fg", "msca"):
+        grads = torch.autograd.grad(out.terms[key], params, retain_graph=True, allow_unused=True)
+        norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None)))
+        assert next(r for r in rows if r.term == key and r.level is None).grad_norm == pytest.approx(norm, rel=1e-4)

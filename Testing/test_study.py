@@ -133,7 +133,14 @@ def test_report_aggregates_the_runs(study):
     report = (out / "report.md").read_text()
     for text in ("## ph", "## phcv", "## Ablations", "msard-only", "| teacher |", "Wall time"):
         assert text in report
-    for png in ("dice_ph.png", "dice_phcv.png", "contours.png"):
+    # the paired difference to no-KD: same seed (and fold), mean of the per-pair differences
+    none_seeds = [json.loads((out / "runs" / "phcv" / f"none_s{s}" / "eval.json").read_text())["summary"]["dice"]["mean"]
+                  for s in (0, 1)]
+    paired = results["paired"]["phcv"]["recokd"]
+    assert paired["reference"] == "none" and paired["dice"]["mean"]["n"] == 2
+    assert paired["dice"]["mean"]["mean"] == pytest.approx(np.mean(np.subtract(per_seed, none_seeds)))
+    assert "Paired differences" in report and "msard-only" in json.dumps(results["ablations_paired"])
+    for png in ("dice_ph.png", "dice_phcv.png", "contours.png", "paired_ph.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -183,3 +190,25 @@ def test_a_failed_teacher_skips_its_students_and_keeps_going(tmp_path):
     assert [j.name for j in jobs if j.done()] == ["ph/plan"]
     assert "invalid choice: 'bogus'" in (tmp_path / "out" / "logs" / "ph__teacher.log").read_text()
     assert "Not finished yet" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_paired_difference_pairs_by_seed_and_fold_with_a_t_interval():
+    from scipy import stats
+
+    from ReCoKDLib.workflows.study_report import paired_difference, reference_of
+
+    def run(seed, dice, fold=None):
+        return {"seed": seed, "fold": fold, "summary": {"dice": {"mean": dice}}}
+
+    variant = [run(0, 0.80), run(1, 0.74), run(2, 0.90), run(7, 0.10)]  # seed 7 has no no-KD partner
+    none = [run(0, 0.78), run(1, 0.75), run(2, 0.85), run(3, 0.99)]
+    d = paired_difference(variant, none)
+    diffs = [0.02, -0.01, 0.05]
+    half = stats.t.ppf(0.975, 2) * np.std(diffs, ddof=1) / np.sqrt(3)
+    assert d["n"] == 3 and d["wins"] == 2
+    assert d["mean"] == pytest.approx(np.mean(diffs))
+    assert (d["low"], d["high"]) == pytest.approx((np.mean(diffs) - half, np.mean(diffs) + half))
+    assert paired_difference([run(0, 0.8, fold=1)], [run(0, 0.7, fold=0)])["n"] == 0  # other fold: no pair
+    variants = {"none": {"method": "none"}, "kd": {"method": "recokd"}, "none-R8": {"method": "none", "width_factor": 8},
+                "kd-R8": {"method": "recokd", "width_factor": 8}}
+    assert reference_of("kd", variants) == "none" and reference_of("kd-R8", variants) == "none-R8"

@@ -74,7 +74,108 @@ def _gap(v: float, none: float, teacher: float) -> float:
     return (v - none) / (teacher - none) if all(map(math.isfinite, (v, none, teacher))) and abs(teacher - none) > 1e-9 else math.nan
 
 
-def main_table(dname: str, data: dict[str, Any], latency: list[dict] | None, expected: Sequence[str]) -> tuple[str, dict]:
+def width_of(variant: dict[str, Any]) -> float:
+    """A variant's width factor R (the study's default is 4)."""
+    return float(variant.get("width_factor", 4))
+
+
+def reference_of(name: str, variants: dict[str, dict[str, Any]]) -> str | None:
+    """The no-KD variant a variant is compared with: the one of method ``none`` at the same width R."""
+    r = width_of(variants[name])
+    return next((n for n, v in variants.items() if v["method"] == "none" and width_of(v) == r), None)
+
+
+def paired_difference(runs: list[dict], reference: list[dict], cls: str = "mean", metric: str = "dice",
+                      confidence: float = 0.95) -> dict[str, float]:
+    """Mean paired difference ``D_variant − D_reference`` over the runs both have (same seed and fold),
+    with a two-sided Student-t interval: ``d̄ ± t_{n−1} · s_d / √n``.
+
+    Returns ``{"mean", "low", "high", "n", "wins"}`` (``wins``: runs where the variant is higher); the
+    interval is NaN with fewer than two pairs.
+    """
+    from scipy import stats
+
+    ref = {(r.get("seed"), r.get("fold")): r["summary"][metric].get(cls) for r in reference}
+    diffs = [r["summary"][metric].get(cls) - ref[key] for r in runs
+             if (key := (r.get("seed"), r.get("fold"))) in ref and r["summary"][metric].get(cls) is not None
+             and ref[key] is not None and math.isfinite(r["summary"][metric][cls]) and math.isfinite(ref[key])]
+    n = len(diffs)
+    if not n:
+        return {"mean": math.nan, "low": math.nan, "high": math.nan, "n": 0, "wins": 0}
+    mean = float(np.mean(diffs))
+    half = (float(stats.t.ppf(0.5 + confidence / 2, n - 1) * np.std(diffs, ddof=1) / math.sqrt(n))
+            if n > 1 else math.nan)
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n, "wins": int(sum(d > 0 for d in diffs))}
+
+
+def paired_table(data: dict[str, Any], variants: dict[str, dict[str, Any]], group: str = "main",
+                 baseline: dict[str, Any] | None = None) -> tuple[str, dict]:
+    """Markdown table of every distillation variant's paired Dice difference to no-KD at the same width
+    (per class and mean, 95 % interval over seeds), and its numbers.
+
+    ``baseline``: the ``main`` group's data and variants, for an ablation group without its own no-KD runs.
+    """
+    runs_of = data.get(group, {})
+    all_variants = dict(variants)
+    base_runs = dict(runs_of)
+    if baseline is not None:
+        for n, v in baseline["variants"].items():
+            if v["method"] == "none" and n not in all_variants:
+                all_variants[n], base_runs[n] = v, baseline["runs"].get(n, [])
+    some = next((r for r in base_runs.values() if r), None)
+    if not some:
+        return "No paired runs yet.\n", {}
+    classes = ["mean", *_class_names(some)]
+    head = ["variant", "R", "pairs", *[f"Δ Dice {c} (95 % CI)" for c in classes], "seeds better"]
+    rows, numbers = [], {}
+    for name, v in variants.items():
+        ref = reference_of(name, all_variants)
+        if v["method"] == "none" or ref is None:
+            continue
+        diffs = {c: paired_difference(runs_of.get(name, []), base_runs.get(ref, []), c) for c in classes}
+        numbers[name] = {"reference": ref, "width_factor": width_of(v), "dice": diffs}
+        m = diffs["mean"]
+        cells = [f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if d["n"] > 1 else
+                 (f"{d['mean']:+.3f}" if d["n"] else "–") for d in diffs.values()]
+        rows.append([name, f"{width_of(v):g}", str(m["n"]), *cells, f"{m['wins']}/{m['n']}" if m["n"] else "–"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n", numbers
+
+
+def paired_figure(numbers: dict[str, dict], title: str, path: Path) -> Path | None:
+    """One panel per class: each variant's paired difference to no-KD with its 95 % interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, e in numbers.items() if e["dice"]["mean"]["n"]]
+    if not names:
+        return None
+    classes = list(numbers[names[0]]["dice"])
+    fig, axes = plt.subplots(1, len(classes), figsize=(2.9 * len(classes) + 1.2, 0.45 * len(names) + 1.4),
+                             sharey=True, squeeze=False)
+    y = np.arange(len(names))[::-1]
+    for ax, c in zip(axes[0], classes):
+        for yi, n in zip(y, names):
+            d = numbers[n]["dice"][c]
+            color = "tab:red" if n.startswith("recokd") else "tab:blue"
+            if math.isfinite(d["low"]):
+                ax.plot([d["low"], d["high"]], [yi, yi], color=color, linewidth=2)
+            ax.plot([d["mean"]], [yi], "o", color=color)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_title(f"Dice {c}", fontsize=9)
+        ax.set_xlabel("Δ vs no-KD (same R)", fontsize=8)
+    axes[0][0].set_yticks(y, [f"{n} (R={numbers[n]['width_factor']:g})" for n in names], fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path
+
+
+def main_table(dname: str, data: dict[str, Any], latency: list[dict] | None, expected: Sequence[str],
+               variants: dict[str, dict[str, Any]] | None = None) -> tuple[str, dict]:
     """Markdown table of the teacher and the main student variants of one dataset, and its numbers."""
     teacher = data.get("teacher", {}).get("teacher", [])
     main = data.get("main", {})
@@ -83,8 +184,12 @@ def main_table(dname: str, data: dict[str, Any], latency: list[dict] | None, exp
         return f"No finished runs for {dname} yet.\n", {}
     classes = _class_names(some)
     t_means = {c: aggregate(teacher, "dice", c)[0] for c in ["mean", *classes]} if teacher else {}
-    none = main.get("none", [])
-    n_means = {c: aggregate(none, "dice", c)[0] for c in ["mean", *classes]} if none else {}
+    variants = variants or {n: {"method": "none" if n == "none" else n} for n in expected}
+    reference_means = {}
+    for n in expected:
+        ref = reference_of(n, variants) if n in variants and variants[n]["method"] != "none" else None
+        runs = main.get(ref, []) if ref else []
+        reference_means[n] = {c: aggregate(runs, "dice", c)[0] for c in ["mean", *classes]} if runs else {}
     lat = {r["name"]: r for r in (latency or [])}
     head = ["model", "runs", "mean Dice", *[f"Dice {c}" for c in classes], "HD95 (mm)", "NSD", "gap recovered",
             *[f"gap {c}" for c in classes], "params", "GFLOPs/patch", "s/volume (CPU)", "speed-up"]
@@ -97,11 +202,13 @@ def main_table(dname: str, data: dict[str, Any], latency: list[dict] | None, exp
         d = aggregate(runs, "dice")
         entry = {"runs": len(runs), "dice": {c: aggregate(runs, "dice", c)[:2] for c in ["mean", *classes]},
                  "hd95": aggregate(runs, "hd95")[:2], "nsd": aggregate(runs, "nsd")[:2]}
+        n_means = reference_means.get(name, {})
         if name != "teacher" and t_means and n_means:
             entry["gap"] = {c: _gap(entry["dice"][c][0], n_means[c], t_means[c]) for c in ["mean", *classes]}
         gaps = entry.get("gap", {})
         lt, tl = lat.get(name), lat.get("teacher")
-        same = lat.get("none") if name != "teacher" else None  # every main student shares one architecture
+        ref = reference_of(name, variants) if name in variants else None
+        same = lat.get(ref) if ref else None  # students of one width share one architecture
         speed = tl["seconds_per_volume"] / lt["seconds_per_volume"] if lt and tl and name != "teacher" else math.nan
         entry.update({"parameters": lt["parameters"] if lt else None, "flops": lt["flops"] if lt else None,
                       "seconds_per_volume": lt["seconds_per_volume"] if lt else None, "speedup": speed})
@@ -109,8 +216,8 @@ def main_table(dname: str, data: dict[str, Any], latency: list[dict] | None, exp
         rows.append([
             name, str(len(runs)), f"**{_fmt(*d[:2])}**" if name == "recokd" else _fmt(*d[:2]),
             *[_fmt(*entry["dice"][c]) for c in classes], _fmt(*entry["hd95"], digits=2), _fmt(*entry["nsd"]),
-            "" if name in ("teacher", "none") else _pct(gaps.get("mean")),
-            *["" if name in ("teacher", "none") else _pct(gaps.get(c)) for c in classes],
+            "" if "gap" not in entry else _pct(gaps.get("mean")),
+            *["" if "gap" not in entry else _pct(gaps.get(c)) for c in classes],
             f"{(lt or same)['parameters']:,}" if (lt or same) else "–",
             f"{(lt or same)['flops'] / 1e9:.2f}" if (lt or same) else "–",
             f"{lt['seconds_per_volume']:.3f}" if lt else "–", f"{speed:.1f}×" if math.isfinite(speed) else "–"])
@@ -285,18 +392,27 @@ def build_report(config, out: str | Path, jobs, log: Callable[[str], None] = pri
     for dname, d in config.datasets.items():
         data = found.get(dname, {})
         latency = _read(out / "latency" / dname / "benchmark.json")
-        table, numbers = main_table(dname, data, latency, list(config.students))
+        table, numbers = main_table(dname, data, latency, list(config.students), config.students)
+        paired, paired_numbers = paired_table(data, config.students)
         results["datasets"][dname] = numbers
+        results.setdefault("paired", {})[dname] = paired_numbers
         how = ("its test cases (imagesTs)" if d.evaluate_on == "test" else
                f"{d.folds}-fold cross-validation (run i: seed i, fold i; scores on the held-out fold)")
         parts += [f"## {dname}\n", f"Scored on {how}; mean ± std over runs. "
                   "Gap recovered = (D − D_noKD) / (D_teacher − D_noKD). Latency: "
                   f"{config.latency.get('threads', 2)} CPU thread(s), whole predictor per volume, median of "
-                  f"{config.latency.get('repeats', 3)} repeats.\n", table]
+                  f"{config.latency.get('repeats', 3)} repeats.\n", table,
+                  "Paired differences to the no-KD student of the same width R (same seed, initial weights and "
+                  "batch order; under cross-validation also the same fold): mean over pairs [95 % Student-t "
+                  "interval].\n", paired]
         if figures and numbers:
-            chart = dice_chart(numbers, f"{dname}: students (R = 4) vs teacher", out / f"dice_{dname}.png")
+            chart = dice_chart(numbers, f"{dname}: students vs teacher", out / f"dice_{dname}.png")
             if chart:
                 parts.append(f"![{dname} Dice]({chart.name})\n")
+            forest = paired_figure(paired_numbers, f"{dname}: paired Dice difference to no-KD (95 % CI)",
+                                   out / f"paired_{dname}.png")
+            if forest:
+                parts.append(f"![{dname} paired differences]({forest.name})\n")
             try:
                 panel = _slice_panel(dname, data, {"teacher": "teacher", "no-KD": "none", "ReCo-KD": "recokd"}, jobs,
                                      select_cases)
@@ -308,8 +424,12 @@ def build_report(config, out: str | Path, jobs, log: Callable[[str], None] = pri
     if config.ablations:
         data = found.get(config.ablation_dataset, {})
         table, numbers = ablation_table(data, config.ablations, config.students)
+        paired, paired_numbers = paired_table(data, config.ablations, group="ablation",
+                                              baseline={"variants": config.students, "runs": data.get("main", {})})
         results["ablations"] = numbers
-        parts += [f"## Ablations ({config.ablation_dataset}, seeds {config.ablation_seeds})\n", table]
+        results["ablations_paired"] = paired_numbers
+        parts += [f"## Ablations ({config.ablation_dataset}, seeds {config.ablation_seeds})\n", table,
+                  "Paired differences to the main no-KD student of the same width and seed:\n", paired]
     if figures and panels:
         fig = contour_figure(panels, out / "contours.png")
         parts.append(f"![contours]({fig.name})\n")
