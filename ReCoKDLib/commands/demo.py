@@ -5,14 +5,23 @@ from __future__ import annotations
 import argparse
 
 
+#: flags that set the demo's training (a RunConfig field each); the rest are DemoConfig fields
+TRAINING_FLAGS = {"seed": "seed", "device": "device", "threads": "num_threads", "augment": "augment"}
+
+
 def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from ..workflows.demo import DemoConfig, run_demo
 
     make = DemoConfig.quick if args.quick else DemoConfig
-    overrides = {k: v for k, v in vars(args).items() if k in DemoConfig.__dataclass_fields__ and v is not None}
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    overrides = {k: v for k, v in given.items() if k in DemoConfig.__dataclass_fields__ and k != "training"}
     if args.no_progress:
         overrides["progress"] = False
-    summary = run_demo(make(**overrides))
+    cfg = make(**overrides)
+    training = {field: given[flag] for flag, field in TRAINING_FLAGS.items() if flag in given}
+    summary = run_demo(replace(cfg, training=replace(cfg.training, **training)) if training else cfg)
     print()
     print(summary["table"])
     print(f"\nResults, weights and figure written to {summary['output']} "
@@ -21,6 +30,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..data.loader import AUGMENT_PRESETS
+    from ..workflows.demo import DemoConfig
+
     demo = sub.add_parser(
         "demo",
         help="train a teacher, a plain student and a ReCo-KD student on the built-in phantom and compare them",
@@ -29,16 +41,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "and a figure.",
     )
     demo.add_argument("-o", "--output", help="output folder (default: ./recokd_demo_output)")
-    demo.add_argument("--teacher-steps", dest="teacher_steps", type=int, help="teacher training steps (default 300)")
-    demo.add_argument("--student-steps", dest="student_steps", type=int, help="steps per student (default 400)")
+    demo.add_argument("--steps", type=int, help=f"training steps of the teacher and of each student (default {DemoConfig.steps})")
     demo.add_argument("--train-cases", dest="train_cases", type=int, help="phantom training cases (default 16)")
     demo.add_argument("--test-cases", dest="test_cases", type=int, help="phantom test cases (default 6)")
     demo.add_argument("--method", help="KD method for the distilled student (default recokd)")
     demo.add_argument("--lambda-max", dest="lambda_max", type=float, help="final KD weight λ (default: the method's)")
     demo.add_argument("--width-factor", dest="width_factor", type=float, help="student width divisor R (default 4)")
     demo.add_argument("--taps", choices=["encoder", "decoder"], help="feature levels to distil (default encoder)")
-    demo.add_argument("--augment", action="store_true", default=None,
-                      help="augment the training patches as recokd train does (default: off; the README says why)")
+    demo.add_argument("--augment", choices=AUGMENT_PRESETS,
+                      help="augmentation preset, as recokd train (default none; the README says why)")
     demo.add_argument("--seed", type=int, help="random seed (default 0)")
     demo.add_argument("--device", help="auto (default), cpu or cuda")
     demo.add_argument("--threads", type=int, help="CPU threads (default: torch's, i.e. the physical cores)")

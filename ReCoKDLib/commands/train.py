@@ -17,6 +17,7 @@ DESCRIPTION = (
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by ``train`` and ``distill``. The training options default to None: their defaults
     live in one place, :class:`~ReCoKDLib.training.loop.RunConfig`, and are quoted from it here."""
+    from ..data.loader import AUGMENT_PRESETS
     from ..training.loop import RunConfig as D  # the defaults
     p.add_argument("dataset", help="dataset folder (holds dataset.json)")
     p.add_argument("-o", "--output", required=True, help="run folder to write (or to continue with --resume)")
@@ -36,7 +37,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-clip", dest="grad_clip", type=float, help=f"gradient-norm clip (default {D.grad_clip:g}; 0: off)")
     p.add_argument("--ema-decay", dest="ema_decay", type=float,
                    help=f"EMA decay of the weights validated and exported (default {D.ema_decay})")
-    p.add_argument("--augment", choices=["none", "light", "nnunet"],
+    p.add_argument("--augment", choices=AUGMENT_PRESETS,
                    help=f"data augmentation: none, light (in-plane rotation/scaling, mild intensity) or nnunet "
                    f"(default {D.augment}; thin-slab patches are rotated in-plane only)")
     p.add_argument("--no-augment", dest="no_augment", action="store_true", help="the same as --augment none")
