@@ -221,3 +221,52 @@ def test_folder_with_a_bad_case_writes_the_others(tmp_path, model_path, capsys):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.mha"]
     with pytest.raises(ReCoKDError, match="two-file format; use .mha"):
         Predictor(model_path, device="cpu").predict_files([inp / "good_0000.mha"], tmp_path / "x.mhd")
+
+
+def test_largest_component_postprocessing():
+    from ReCoKDLib.inference.postprocessing import postprocess_labels
+
+    labels = np.zeros((20, 20, 20), np.uint8)
+    labels[2:10, 2:10, 2:10] = 1      # the structure
+    labels[4:8, 4:8, 10:14] = 2       # a class touching it
+    labels[15:17, 15:17, 15:17] = 1   # a stray island of class 1
+    labels[16:18, 2:4, 16:18] = 2     # a stray island of class 2, smaller than its main piece
+    fg = postprocess_labels(labels, "largest-foreground")
+    assert fg[15:17, 15:17, 15:17].max() == 0 and fg[16:18, 2:4, 16:18].max() == 0
+    assert (fg[2:10, 2:10, 2:10] == 1).all() and (fg[4:8, 4:8, 10:14] == 2).all()  # touching classes kept together
+    per_class = postprocess_labels(labels, "largest-per-class")
+    assert np.array_equal(per_class, fg)
+    assert postprocess_labels(labels, "none") is labels
+    # per class differs from foreground when a class is split by another: class 2 in two pieces, both on the organ
+    split = labels.copy()
+    split[4:8, 4:8, 10:14] = 0
+    split[3:5, 3:5, 10:12] = 2
+    split[7:9, 7:9, 10:13] = 2
+    assert (postprocess_labels(split, "largest-foreground") == 2).sum() == 4 * 2 + 4 * 3
+    assert (postprocess_labels(split, "largest-per-class") == 2).sum() == 4 * 3
+    with pytest.raises(ReCoKDError, match="not one of none, largest-foreground"):
+        postprocess_labels(labels, "smooth")
+
+
+def test_predictor_postprocesses_as_the_bundle_says(tmp_path, model_path):
+    from ReCoKDLib.deployment.bundle import load_bundle
+
+    image = np.full((24, 24, 24), -1.0, np.float32)
+    image[2:14, 2:14, 2:14] = 1.0
+    image[19:22, 19:22, 19:22] = 1.0  # a far, small bright island: a false positive of the threshold net
+    bundle = threshold_bundle(target_spacing=(1.0, 1.0, 1.0))
+    raw = Predictor(bundle, device="cpu", network=ThresholdNet()).predict_array(image, (1.0, 1.0, 1.0))
+    assert raw[20, 20, 20] == 1 and raw[5, 5, 5] == 1
+    cleaned = Predictor(bundle, device="cpu", network=ThresholdNet(), postprocess="largest-foreground").predict_array(
+        image, (1.0, 1.0, 1.0))
+    assert cleaned[20, 20, 20] == 0 and np.array_equal(cleaned[:16, :16, :16], raw[:16, :16, :16])
+    bundle.manifest["postprocessing"] = "largest-foreground"
+    by_default = Predictor(bundle, device="cpu", network=ThresholdNet()).predict_array(image, (1.0, 1.0, 1.0))
+    assert np.array_equal(by_default, cleaned)
+    # recorded at export, kept through save and load (the schema checks the value)
+    path = export_run(make_run(tmp_path / "run", plans=tiny_plans(num_classes=3)), tmp_path / "pp.recokd",
+                      postprocessing="largest-per-class")
+    assert load_bundle(path).postprocessing == "largest-per-class"
+    assert load_bundle(model_path).postprocessing == "none"
+    with pytest.raises(ReCoKDError, match="post-processing 'blur' is not one of"):
+        Predictor(model_path, device="cpu", postprocess="blur")

@@ -18,7 +18,7 @@ def run_export(args: argparse.Namespace) -> int:
         reference = read_header(args.reference_image).geometry.direction
     extras = {"terminology": _read_json_option(args.terminology, "--terminology"),
               "test_metrics": _read_json_option(args.test_metrics, "--test-metrics"),
-              "license": args.license}
+              "license": args.license, "postprocessing": args.postprocess}
     bundle = bundle_from_run(args.run, name=args.name, weights=args.weights, reference_direction=reference,
                              description=args.description, **extras)
     path = bundle.save(args.output)
@@ -81,6 +81,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test-metrics", dest="test_metrics",
                    help="JSON from `recokd evaluate --json` on held-out cases, recorded in the bundle's provenance")
     p.add_argument("--license", help="terms of use of the model (follow its training data's), recorded in the bundle")
+    p.add_argument("--postprocess", choices=["none", "largest-foreground", "largest-per-class"],
+                   help="label post-processing the model's predictions get by default (choose it on held-out cases "
+                   "with recokd predict --postprocess; default: none recorded)")
     p.add_argument("--onnx", action="store_true", help="also write NAME.onnx")
     p.add_argument("--torchscript", action="store_true", help="also write NAME.torchscript.pt")
     p.set_defaults(func=run_export)

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     model = resolve_model(args.model, registry=args.registry)
     predictor = Predictor(model, device=args.device, overlap=args.overlap, sw_batch_size=args.sw_batch,
                           mirror_tta=args.tta, threads=args.threads, progress=not args.no_progress,
-                          check_spacing=not args.force)
+                          check_spacing=not args.force, postprocess=args.postprocess)
     if folder_mode:
         failed = 0
         for files, target in jobs:
@@ -71,6 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
     p.add_argument("--sw-batch", dest="sw_batch", type=int, default=2, help="windows per forward pass (default 2)")
     p.add_argument("--tta", action="store_true", help="mirror test-time augmentation (8x slower)")
+    p.add_argument("--postprocess", choices=["none", "largest-foreground", "largest-per-class"],
+                   help="keep only the largest connected component of the foreground or of each class "
+                   "(default: the bundle's choice, else none)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     p.add_argument("--registry", help="model registry JSON (for a model given by name; default $RECOKD_REGISTRY)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -144,6 +144,11 @@ class Bundle:
         return dict(self.manifest.get("provenance", {}))
 
     @property
+    def postprocessing(self) -> str:
+        """The label post-processing the predictor applies unless told otherwise (``none`` if unrecorded)."""
+        return str(self.manifest.get("postprocessing", "none"))
+
+    @property
     def reference_direction(self) -> tuple[float, ...] | None:
         """The training images' direction cosines (SimpleITK, row-major 3x3), when recorded."""
         d = self.manifest.get("reference_direction")
@@ -399,6 +404,7 @@ def bundle_from_run(
     terminology: Mapping[str, Any] | None = None,
     test_metrics: Mapping[str, Any] | None = None,
     license: str | None = None,
+    postprocessing: str | None = None,
 ) -> Bundle:
     """Assemble a bundle from a training run folder (``run.json``, ``plans.json``, ``network.json``,
     ``model_best.safetensors`` / ``model_final.safetensors``).
@@ -413,6 +419,8 @@ def bundle_from_run(
         terminology: per label name, standard codes (``category``, ``type``, ... as [scheme, value, meaning]).
         test_metrics: scores on held-out cases (``recokd evaluate --json``), kept in the provenance.
         license: the model's terms of use (those of its training data), kept in the provenance.
+        postprocessing: the label post-processing predictions of this model get by default
+            (:mod:`~ReCoKDLib.inference.postprocessing`; choose it on held-out cases); not recorded: none.
 
     Raises:
         ReCoKDError: a file is missing or malformed, or the weights do not fit the network.
@@ -461,6 +469,8 @@ def bundle_from_run(
         f" with {provenance['method']}" if provenance["method"] else "")
     manifest = _manifest(name or run_dir.resolve().name, role, labels, channel_names, reference_direction,
                          provenance, description, created=weights_path.stat().st_mtime)
+    if postprocessing is not None:
+        manifest["postprocessing"] = postprocessing
     bundle = Bundle(manifest=manifest, spec=spec, plans=plans, weights=weights_path.read_bytes(), source=None)
     validate_manifest(manifest, f"the bundle of run {run_dir}")
     _check_consistency(bundle, str(run_dir))

@@ -44,6 +44,7 @@ from ..errors import ReCoKDError
 from ..utils.geometry import IDENTITY_DIRECTION, ImageGeometry
 from ..utils.geometry import lps_geometry_from_ijk_to_ras as geometry_from_ijk_to_ras
 from ..utils.io import atomic_write
+from .postprocessing import POSTPROCESSING, postprocess_labels
 from .sliding_window import predict_logits
 from ..utils.runtime import resolve_device
 
@@ -193,6 +194,8 @@ class Predictor:
         log: where messages go (default: print to stderr).
         check_spacing: refuse inputs whose spacing would resample them to an absurd size for the model
             (:meth:`check_resampled_size`); ``False`` (``recokd predict --force``) segments them anyway.
+        postprocess: one of :data:`~ReCoKDLib.inference.postprocessing.POSTPROCESSING`; ``None`` (default):
+            the bundle's choice (``none`` for bundles that record none).
 
     Example::
 
@@ -214,8 +217,12 @@ class Predictor:
         network: Any = None,
         log: Callable[[str], None] | None = None,
         check_spacing: bool = True,
+        postprocess: str | None = None,
     ):
         self.bundle = model if isinstance(model, Bundle) else open_model(model)
+        self.postprocess = self.bundle.postprocessing if postprocess is None else postprocess
+        if self.postprocess not in POSTPROCESSING:
+            raise ReCoKDError(f"post-processing {self.postprocess!r} is not one of {', '.join(POSTPROCESSING)}")
         if not 0 <= overlap < 1:
             raise ReCoKDError(f"overlap must be in [0, 1), got {overlap}")
         if sw_batch_size < 1:
@@ -364,7 +371,7 @@ class Predictor:
         dtype = np.uint8 if self.bundle.num_classes <= 256 else np.int16
         labels = logits.argmax(0).numpy().astype(dtype)
         restored = restore_label(labels, pre.properties, mode=self.plans.resampling.get("label", "linear"))
-        return orient.invert(restored)
+        return orient.invert(postprocess_labels(restored, self.postprocess))
 
     def preprocess(
         self,
