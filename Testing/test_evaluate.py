@@ -9,6 +9,7 @@ import json
 import jsonschema
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from bundle_helpers import make_run, phantom_volume, tiny_plans, write_image
 from ReCoKDLib.deployment.bundle import export_run, load_bundle
@@ -187,3 +188,23 @@ def test_evaluate_json_goes_into_an_exported_bundle(tmp_path, capsys):
     assert main(["export", str(run), "-o", str(tmp_path / "bad.recokd"), "--terminology", str(tmp_path / "bad.json")]) == 2
     assert "terminology names label(s) ['liver']" in capsys.readouterr().err
     assert not (tmp_path / "bad.recokd").exists()
+
+
+def test_evaluate_can_score_postprocessed_predictions(tmp_path, capsys):
+    ref = _ball((24, 24, 24), (12, 12, 12), 6)
+    pred = ref.copy()
+    pred[0:3, 0:3, 0:3] = 1  # a stray island far from the organ
+    for folder, array in (("pred", pred), ("gt", ref)):
+        (tmp_path / folder).mkdir()
+        write_image(array, tmp_path / folder / "case1.nii.gz")
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"background": 0, "organ": 1}))
+    for mode, perfect in (("none", False), ("largest-foreground", True)):
+        out = tmp_path / f"{mode}.json"
+        assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "--labels", str(labels),
+                     "--postprocess", mode, "--json", str(out)]) == 0
+        record = json.loads(out.read_text())
+        assert (record["dice_mean"] == 1.0) == perfect and record["postprocess"] == mode
+        assert ("--postprocess" in record["command"]) == (mode != "none")
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "pred" / "case1.nii.gz")))
+    assert np.array_equal(written, pred)  # the files are not changed

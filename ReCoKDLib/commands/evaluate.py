@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
             labels = {str(k): int(v) for k, v in raw.items()}
         except (OSError, ValueError, AttributeError) as exc:
             raise ReCoKDError(f"cannot read labels from {args.labels}: {exc}; give a JSON {{name: value}} or a dataset.json") from None
-    result = evaluate_folders(args.pred, args.gt, labels=labels, tolerance_mm=args.tolerance)
+    result = evaluate_folders(args.pred, args.gt, labels=labels, tolerance_mm=args.tolerance, postprocess=args.postprocess)
     csv_path = Path(args.csv or Path(args.pred) / "evaluation.csv")
     write_csv(csv_path, result.cases, result.summary, result.class_names)
     if args.json:
@@ -42,8 +42,10 @@ def evaluation_record(result, args: argparse.Namespace) -> dict:
     the number of cases, mean Dice/HD95/NSD per class and mean Dice per case."""
     return {
         # the last two parts of each folder: a shipped bundle should not carry the scorer's local paths
-        "command": "recokd evaluate " + " ".join("/".join(Path(f).resolve().parts[-2:]) for f in (args.pred, args.gt)),
+        "command": "recokd evaluate " + " ".join("/".join(Path(f).resolve().parts[-2:]) for f in (args.pred, args.gt))
+        + (f" --postprocess {args.postprocess}" if args.postprocess != "none" else ""),
         "num_cases": len(result.cases),
+        "postprocess": args.postprocess,
         "tolerance_mm": args.tolerance,
         "mean": {metric: dict(values) for metric, values in result.summary.items()},
         "dice_mean": result.summary["dice"]["mean"],
@@ -60,4 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tolerance", type=float, default=2.0, help="surface Dice tolerance in mm (default 2)")
     p.add_argument("--csv", help="CSV output (default PRED/evaluation.csv)")
     p.add_argument("--json", help="also write the summary as JSON (for recokd export --test-metrics)")
+    p.add_argument("--postprocess", choices=["none", "largest-foreground", "largest-per-class"], default="none",
+                   help="post-process the predictions before scoring (files unchanged), to choose a model's "
+                   "recokd export --postprocess on held-out cases (default none)")
     p.set_defaults(func=run)

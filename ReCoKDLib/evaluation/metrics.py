@@ -183,12 +183,17 @@ def evaluate_folders(
     gt_dir: str | Path,
     labels: Mapping[str, int] | None = None,
     tolerance_mm: float = 2.0,
+    postprocess: str = "none",
 ) -> FolderEvaluation:
     """Score every prediction in ``pred_dir`` against the same-named reference in ``gt_dir``.
 
     Labels default to ``dataset.json`` in ``gt_dir`` or its parent, else ``label_<v>`` for the values
-    seen. Spacing is the reference's (physical units, mm).
+    seen. Spacing is the reference's (physical units, mm). ``postprocess`` applies a
+    :mod:`~ReCoKDLib.inference.postprocessing` mode to each prediction before scoring (to choose a
+    model's post-processing on held-out predictions without predicting again); the files are not changed.
     """
+    from ..inference.postprocessing import postprocess_labels
+
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     preds, refs = _case_files(pred_dir), _case_files(gt_dir)
     common = sorted(set(preds) & set(refs))
@@ -208,6 +213,7 @@ def evaluate_folders(
     top = 0
     for case in common:
         p, p_geometry = read_label_map(preds[case])
+        p = postprocess_labels(p, postprocess)
         r, r_geometry = read_label_map(refs[case])
         if p.shape != r.shape or not p_geometry.matches(r_geometry):
             raise ReCoKDError(f"{preds[case]} is not on the voxel grid of {refs[case]} (shape/spacing/origin/direction differ); "
