@@ -164,3 +164,14 @@ def test_demo_table_reports_the_gap_per_class_where_there_is_one():
     last = text.splitlines()[-1]
     assert "recovered by logit: 46.8 %" in last
     assert "lesion 50 % of 0.230" in last and "organ" not in last  # the organ's 0.005 gap is not a gap
+
+
+def test_foreground_fraction_is_a_checked_training_option():
+    from ReCoKDLib.errors import ReCoKDError
+    from ReCoKDLib.training.loop import RunConfig
+    from ReCoKDLib.workflows.runs import _CLI_TO_CONFIG
+
+    assert _CLI_TO_CONFIG["foreground_fraction"] == "foreground_fraction"  # --foreground-fraction reaches RunConfig
+    assert RunConfig(foreground_fraction=1.0).foreground_fraction == 1.0
+    with pytest.raises(ReCoKDError, match="--foreground-fraction must be between 0 and 1, got 1.5"):
+        RunConfig(foreground_fraction=1.5)

@@ -42,6 +42,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    f"(default {D.augment}; thin-slab patches are rotated in-plane only)")
     p.add_argument("--no-augment", dest="no_augment", action="store_true", help="the same as --augment none")
     p.add_argument("--elastic", action="store_true", help="add elastic deformation (slow on CPU)")
+    p.add_argument("--foreground-fraction", dest="foreground_fraction", type=float,
+                   help=f"share of each batch's patches centred on a labelled voxel (default {D.foreground_fraction:.3g})")
     p.add_argument("--workers", type=int, help=f"background data-loading processes (default {D.num_workers})")
     p.add_argument("--val-every", dest="val_every", type=int, help=f"validate every N epochs (default {D.val_every})")
     p.add_argument("--val-max-cases", dest="val_max_cases", type=int,

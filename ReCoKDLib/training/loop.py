@@ -85,6 +85,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self.augment = augment_name(self.augment)
+        if not 0.0 <= self.foreground_fraction <= 1.0:
+            raise ReCoKDError(f"--foreground-fraction must be between 0 and 1, got {self.foreground_fraction}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
