@@ -5,8 +5,8 @@
 #
 #   bash scripts/ship_models.sh [WORK_DIR]     (default ./recokd_ship; resumable: re-run to continue)
 #
-# About 45 minutes on 2 CPU cores. Needs ../shared/data/LA2018-lowres (research-use data: the LA2018
-# model may be redistributed for research use only, as its bundle and registry entry say).
+# About 90 minutes on 2 CPU cores. Needs ../shared/data/LA2018-lowres and ACDC-subset (research-use data: those
+# models may be redistributed for research use only, as their bundles and registry entries say).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$root/scripts/setup_env.sh"
@@ -19,23 +19,53 @@ common="--fold all --iters-per-epoch 100 --optimizer adamw --lr 0.003 --batch-si
         --val-every 5 --val-max-cases 2 --workers 1 --threads 1 --device cpu --no-progress --resume"
 planner="--patch-budget 65536 --base-filters 16 --max-filters 128"
 
-# ship NAME DATASET RUNS TEACHER_EPOCHS STUDENT_EPOCHS TEST_IMAGES TEST_LABELS DESCRIPTION LICENSE
+# ship NAME DATASET RUNS TEACHER_EPOCHS STUDENT_EPOCHS TEST_IMAGES TEST_LABELS DESCRIPTION LICENSE [SPLIT...]
+# SPLIT: the training split (default --fold all, scored on a test set; --val-cases FILE: scored on the
+# held-out cases, i.e. a cross-validation fold). Predictions keep the largest foreground component
+# (docs/results.md, "Post-processing"), which the bundle records.
 ship() {
-  local name=$1 data=$2 runs=$3 images=$6 labels=$7
+  local name=$1 data=$2 runs=$3 images=$6 labels=$7 split=("${@:10}")
+  [ ${#split[@]} -gt 0 ] || split=(--fold all)
   recokd plan "$data" --cache "$runs/cache" --no-progress $planner
-  recokd train "$data" -o "$runs/teacher" --cache "$runs/cache" --plans "$runs/cache/plans.json" --epochs "$4" $common
+  recokd train "$data" -o "$runs/teacher" --cache "$runs/cache" --plans "$runs/cache/plans.json" --epochs "$4" \
+    "${split[@]}" $common
   recokd distill "$data" -o "$runs/student_recokd" --cache "$runs/cache" --teacher "$runs/teacher" --epochs "$5" \
-    --method recokd $common
-  recokd predict -m "$runs/student_recokd" -i "$images" -o "$runs/pred" --device cpu --no-progress
+    --method recokd "${split[@]}" $common
+  recokd predict -m "$runs/student_recokd" -i "$images" -o "$runs/pred" --device cpu --no-progress \
+    --postprocess largest-foreground
   recokd evaluate "$runs/pred" "$labels" --json "$runs/test.json"
   recokd export "$runs/student_recokd" -o "$OUT/$name.recokd" --name "$name" --description "$8" \
-    --terminology "$TERMS/$name.json" --test-metrics "$runs/test.json" --license "$9"
+    --terminology "$TERMS/$name.json" --test-metrics "$runs/test.json" --license "$9" --postprocess largest-foreground
 }
 
 # -- LA2018-lowres: left atrium, 80 training cases, scored on the 10 test cases --------------------
 ship la2018-left-atrium "$LA" "$W/la2018" 15 15 "$LA/imagesTs" "$LA/labelsTs" \
   "Left atrium in 3D LGE-MRI (1.25 mm); ReCo-KD student (R = 4) of a 16-128-filter U-Net" \
   "Research use only, not for clinical use: trained on the 2018 Atrial Segmentation Challenge data (LA2018, via the UA-MT repository; cite Xiong et al., Medical Image Analysis 2021)."
+
+# -- ACDC-subset: right ventricle, myocardium, left ventricle; trained on folds 1-2 of the study's
+# patient-grouped 3 folds, scored on fold 0's held-out cases (cross-validation Dice) -----------------
+A="$W/acdc"; ACDC="${RECOKD_SHARED_DATA:-$root/../shared/data}/ACDC-subset"
+python - "$ACDC" "$A" <<'PY'
+import sys
+from pathlib import Path
+from ReCoKDLib.data.datasets import open_dataset
+from ReCoKDLib.workflows.study import cv_folds
+ds, out = open_dataset(sys.argv[1]), Path(sys.argv[2])
+fold0 = cv_folds([r.case_id for r in ds.training], 3, r"^(patient\d+)")[0]  # the study's fold 0
+out.mkdir(parents=True, exist_ok=True)
+(out / "fold0.txt").write_text("\n".join(fold0) + "\n")
+for r in ds.training:
+    if r.case_id in fold0:
+        for p, sub in [(p, "heldout_images") for p in r.image_files] + [(r.label_file, "heldout_labels")]:
+            (out / sub).mkdir(exist_ok=True)
+            if not (out / sub / p.name).exists():
+                (out / sub / p.name).symlink_to(p)
+PY
+ship acdc-heart "$ACDC" "$A" 16 16 "$A/heldout_images" "$A/heldout_labels" \
+  "Heart in cine-MRI (ACDC): right ventricle, myocardium, left ventricle; ReCo-KD student (R = 4) of a 16-128-filter U-Net" \
+  "Research and non-commercial use only, not for clinical use: trained on ACDC challenge data (Bernard et al., IEEE TMI 2018), whose terms apply." \
+  --val-cases "$A/fold0.txt"
 
 # -- the built-in phantom: 40 training cases (seed 0); scored on 10 held-out cases and the sample ---
 P="$W/phantom"
@@ -75,7 +105,7 @@ from ReCoKDLib.deployment.registry import make_entry, validate_registry
 
 out = Path(sys.argv[1])
 models = []
-for name in ("la2018-left-atrium", "phantom-abdomen"):
+for name in ("la2018-left-atrium", "acdc-heart", "phantom-abdomen"):
     path = out / f"{name}.recokd"
     bundle = load_bundle(path)  # checks schema and checksums
     p = bundle.provenance
