@@ -41,6 +41,9 @@ def _config(tmp: Path, data: Path) -> Path:
             "ph": {"path": str(data), "evaluate_on": "test", "teacher_epochs": 1, "student_epochs": 1},
             "phcv": {"path": str(data), "evaluate_on": "cv", "folds": 2, "group_pattern": "^(patient\\d+)",
                      "teacher_epochs": 1, "student_epochs": 1},
+            # the demo's phantom, written by the study itself; only the no-KD student runs on it
+            "builtin": {"phantom": {"train_cases": 3, "test_cases": 1, "size": 32}, "evaluate_on": "test",
+                        "teacher_epochs": 1, "student_epochs": 1, "students": ["none"]},
         },
         "planner": {"patch_budget": 16384, "base_filters": 8, "max_filters": 32},
         "training": {"iters_per_epoch": 2, "workers": 0, "val_max_cases": 1},
@@ -88,6 +91,12 @@ def test_config_errors_name_the_problem(tmp_path):
     bad.write_text(json.dumps({"datasets": {"a": {"path": "nowhere"}}, "students": {"s": {"method": "none"}}}))
     with pytest.raises(ReCoKDError, match="'a': nowhere is not a folder"):
         load_config(bad)
+    bad.write_text(json.dumps({"datasets": {"a": {"phantom": {}, "students": ["magic"]}}, "students": {"s": {"method": "none"}}}))
+    with pytest.raises(ReCoKDError, match="'students' must list names from 'students'"):
+        load_config(bad)
+    bad.write_text(json.dumps({"datasets": {"a": {"phantom": {"cases": 3}}}, "students": {"s": {"method": "none"}}}))
+    with pytest.raises(ReCoKDError, match="'phantom' takes"):
+        load_config(bad)
     bad.write_text("{not json")
     with pytest.raises(ReCoKDError, match="not readable JSON"):
         load_config(bad)
@@ -114,6 +123,13 @@ def test_study_runs_every_job_and_scores_held_out_cases(study):
     # with a test split, every run is scored on imagesTs
     ev = json.loads((out / "runs" / "ph" / "recokd_s0" / "eval.json").read_text())
     assert {c["case"] for c in ev["cases"]} == {"test01", "test02"}
+    # a dataset runs only the students it lists; a phantom dataset is written into the study folder
+    assert {n for n in names if n.startswith("builtin/")} == {
+        "builtin/plan", "builtin/teacher", "builtin/none_s0", "builtin/none_s1", "builtin/latency"}
+    phantom = out / "data" / "builtin"
+    assert len(list((phantom / "imagesTr").iterdir())) == 3 and len(list((phantom / "labelsTs").iterdir())) == 1
+    ev = json.loads((out / "runs" / "builtin" / "none_s0" / "eval.json").read_text())
+    assert [c["case"] for c in ev["cases"]] == ["phantom_003"]
 
 
 def test_report_aggregates_the_runs(study):

@@ -8,8 +8,12 @@ What runs (see ``configs/study.json`` for a full config):
   scores on ``imagesTs``/``labelsTs``; ``evaluate_on: "cv"`` cuts the training cases into ``folds``
   groups (cases sharing ``group_pattern``'s first match, e.g. one patient's ED and ES frames, stay
   together), trains one teacher per fold and scores each fold's held-out cases;
-- per dataset, every student variant × every seed (seed ``i`` uses fold ``i mod folds`` under CV, so
-  three seeds are a three-fold cross-validation);
+- per dataset, every student variant (or the dataset's ``students`` list) × every seed (seed ``i`` uses
+  fold ``i mod folds`` under CV, so three seeds are a three-fold cross-validation); every student of a
+  seed starts from the same weights and sees the same batches, so each is paired with the no-KD
+  student of its width;
+- a dataset given as ``"phantom": {...}`` instead of a ``path`` is the demo's phantom, written into
+  ``DIR/data/`` on first use (``train_cases`` for training, ``test_cases`` as its test set);
 - ablation variants on one dataset; a latency benchmark per dataset (run alone, nothing in parallel).
 
 Every job is ``recokd train``/``recokd distill … --resume`` in a subprocess, followed by scoring the
@@ -57,12 +61,53 @@ METHOD_KEYS = {"method", "lambda_max", "taps", "width_factor", "temperature", "w
 @dataclass
 class DatasetEntry:
     name: str
-    path: Path
+    path: Path | None  # None: the built-in phantom, written into the study folder (``phantom``)
     evaluate_on: str  # "test" or "cv"
     folds: int = 1
     group_pattern: str | None = None
     teacher_epochs: int = 10
     student_epochs: int = 4
+    students: list[str] | None = None  # the student variants run on this dataset (None: all)
+    phantom: dict[str, int] | None = None  # {"train_cases", "test_cases", "size", "seed"}
+
+    def runs(self, variant: str) -> bool:
+        return self.students is None or variant in self.students
+
+    def resolve(self, out: Path) -> Path:
+        """The dataset folder; a phantom entry writes its cases (as the demo generates them: one seeded
+        series, the first ``train_cases`` for training, the rest as the test set) on first use."""
+        if self.path is not None:
+            return self.path
+        folder = out / "data" / self.name
+        if not (folder / "dataset.json").is_file():
+            write_phantom_dataset(folder, **(self.phantom or {}))
+        return folder
+
+
+PHANTOM_DEFAULTS = {"train_cases": 16, "test_cases": 6, "size": 64, "seed": 0}
+
+
+def write_phantom_dataset(folder: Path, train_cases: int = 16, test_cases: int = 6, size: int = 64, seed: int = 0) -> Path:
+    """The demo's phantom cases in the nnU-Net raw layout with a labelled test set (imagesTs/labelsTs)."""
+    import shutil
+    import tempfile
+
+    from ..data.phantom import generate_dataset, save_dataset_nnunet
+
+    cases = generate_dataset(train_cases + test_cases, seed=seed, shape=(size,) * 3)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:  # complete or absent: renamed into place
+        d = save_dataset_nnunet(cases, Path(tmp) / folder.name, "Dataset998_ReCoKDPhantomStudy")
+        for sub in ("imagesTs", "labelsTs"):
+            (d / sub).mkdir()
+        for c in cases[train_cases:]:
+            shutil.move(str(d / "imagesTr" / f"{c.name}_0000.nii.gz"), d / "imagesTs")
+            shutil.move(str(d / "labelsTr" / f"{c.name}.nii.gz"), d / "labelsTs")
+        info = json.loads((d / "dataset.json").read_text())
+        info["numTraining"] = train_cases
+        (d / "dataset.json").write_text(json.dumps(info, indent=1))
+        d.rename(folder)
+    return folder
 
 
 @dataclass
@@ -119,16 +164,29 @@ def load_config(path: str | Path) -> StudyConfig:
         folds = int(d.get("folds", 1 if ev == "test" else 3))
         if ev == "cv" and folds < 2:
             raise ReCoKDError(f"{where}: dataset {name!r}: cross-validation needs folds >= 2")
-        if "path" not in d:
-            raise ReCoKDError(f"{where}: dataset {name!r} needs a 'path' (the folder that holds dataset.json)")
-        p = Path(os.path.expandvars(str(d["path"])))
-        if not (p if p.is_absolute() else path.parent / p).is_dir():
-            raise ReCoKDError(f"{where}: dataset {name!r}: {p} is not a folder; fix its 'path' "
-                              "(a relative path is relative to the config file)")
+        wanted = d.get("students")
+        if wanted is not None and (not isinstance(wanted, list) or set(wanted) - set(raw["students"])):
+            raise ReCoKDError(f"{where}: dataset {name!r}: 'students' must list names from 'students' "
+                              f"({', '.join(raw['students'])}), got {wanted!r}")
+        phantom = d.get("phantom")
+        if phantom is not None:
+            if not isinstance(phantom, dict) or set(phantom) - set(PHANTOM_DEFAULTS):
+                raise ReCoKDError(f"{where}: dataset {name!r}: 'phantom' takes {sorted(PHANTOM_DEFAULTS)}, got {phantom!r}")
+            resolved = None
+        elif "path" not in d:
+            raise ReCoKDError(f"{where}: dataset {name!r} needs a 'path' (the folder that holds dataset.json) "
+                              "or a 'phantom' ({} for the demo's phantom)")
+        else:
+            p = Path(os.path.expandvars(str(d["path"])))
+            if not (p if p.is_absolute() else path.parent / p).is_dir():
+                raise ReCoKDError(f"{where}: dataset {name!r}: {p} is not a folder; fix its 'path' "
+                                  "(a relative path is relative to the config file)")
+            resolved = p if p.is_absolute() else (path.parent / p).resolve()
         datasets[name] = DatasetEntry(
-            name, p if p.is_absolute() else (path.parent / p).resolve(), ev, folds if ev == "cv" else 1,
+            name, resolved, ev, folds if ev == "cv" else 1,
             d.get("group_pattern"), int(d.get("teacher_epochs", raw.get("teacher_epochs", 10))),
-            int(d.get("student_epochs", raw.get("student_epochs", 4))))
+            int(d.get("student_epochs", raw.get("student_epochs", 4))), wanted,
+            {**PHANTOM_DEFAULTS, **phantom} if phantom is not None else None)
     students = {k: _variant(k, v, where) for k, v in raw["students"].items()}
     abl = raw.get("ablations") or {}
     ablations = {k: _variant(k, v, where) for k, v in (abl.get("variants") or {}).items()}
@@ -233,8 +291,9 @@ def plan_jobs(config: StudyConfig, out: str | Path) -> list[Job]:
     teachers: dict[tuple[str, int], Job] = {}
     eval_of: dict[tuple[str, int], dict[str, Any]] = {}
     student_jobs: list[Job] = []
+    paths = {dname: d.resolve(out) for dname, d in config.datasets.items()}
     for dname, d in config.datasets.items():
-        dataset = open_dataset(d.path)
+        dataset = open_dataset(paths[dname])
         cache = out / "cache" / dname
         planner = []
         for key, flag in (("patch_budget", "--patch-budget"), ("base_filters", "--base-filters"),
@@ -242,12 +301,12 @@ def plan_jobs(config: StudyConfig, out: str | Path) -> list[Job]:
             if key in config.planner:
                 planner += [flag, str(config.planner[key])]
         plan = Job(f"{dname}/plan", "plan", out / "runs" / dname,
-                   {"argv": ["plan", str(d.path), "--cache", str(cache), "--no-progress", *planner]})
+                   {"argv": ["plan", str(paths[dname]), "--cache", str(cache), "--no-progress", *planner]})
         jobs.append(plan)
         base = ["--cache", str(cache)]
         if d.evaluate_on == "test":
             if not dataset.test or any(r.label_file is None for r in dataset.test):
-                raise ReCoKDError(f"dataset {dname} ({d.path}) has no labelled test cases (imagesTs + labelsTs); "
+                raise ReCoKDError(f"dataset {dname} ({paths[dname]}) has no labelled test cases (imagesTs + labelsTs); "
                                   "use evaluate_on: cv")
             splits = [(0, ["--fold", "all"], {"cases": "test"})]
         else:
@@ -262,9 +321,9 @@ def plan_jobs(config: StudyConfig, out: str | Path) -> list[Job]:
                 splits.append((k, ["--val-cases", str(split_file)], {"cases": held_out}))
         for k, split_opts, ev in splits:
             folder = out / "runs" / dname / (f"teacher_f{k}" if d.evaluate_on == "cv" else "teacher")
-            argv = ["train", str(d.path), "-o", str(folder), *base, "--plans", str(cache / "plans.json"), *split_opts,
+            argv = ["train", str(paths[dname]), "-o", str(folder), *base, "--plans", str(cache / "plans.json"), *split_opts,
                     *_train_options(config, d.teacher_epochs, k)]
-            evaluation = {"dataset": str(d.path), **ev}
+            evaluation = {"dataset": str(paths[dname]), **ev}
             t = Job(f"{dname}/{folder.name}", "train", folder, {"argv": argv, "eval": evaluation}, deps=[plan.name])
             teachers[(dname, k)], eval_of[(dname, k)] = t, (split_opts, evaluation)
             jobs.append(t)
@@ -275,7 +334,7 @@ def plan_jobs(config: StudyConfig, out: str | Path) -> list[Job]:
         teacher = teachers[(dname, k)]
         split_opts, evaluation = eval_of[(dname, k)]
         folder = out / "runs" / dname / f"{vname}_s{seed}"
-        argv = ["distill", str(d.path), "-o", str(folder), "--cache", str(out / "cache" / dname),
+        argv = ["distill", str(paths[dname]), "-o", str(folder), "--cache", str(out / "cache" / dname),
                 "--teacher", str(teacher.folder), *split_opts, *_train_options(config, d.student_epochs, seed),
                 *_variant_options(v)]
         spec = {"argv": argv, "eval": evaluation, "variant": vname, "group": group, "seed": seed, "fold": k}
@@ -284,7 +343,8 @@ def plan_jobs(config: StudyConfig, out: str | Path) -> list[Job]:
     for i, seed in enumerate(config.seeds):
         for dname in config.datasets:
             for vname, v in config.students.items():
-                student_jobs.append(student(dname, vname, v, i, seed, "main"))
+                if config.datasets[dname].runs(vname):
+                    student_jobs.append(student(dname, vname, v, i, seed, "main"))
     jobs += student_jobs
     if config.ablations:
         for i, seed in enumerate(config.ablation_seeds):
@@ -299,7 +359,7 @@ def plan_jobs(config: StudyConfig, out: str | Path) -> list[Job]:
                         and j.name.startswith(f"{dname}/") and j.spec.get("seed") == config.seeds[0] \
                         and j.spec.get("fold") == 0:
                     models[j.spec["variant"]] = j
-            spec = {"models": {n: str(j.folder) for n, j in models.items()}, "dataset": str(d.path),
+            spec = {"models": {n: str(j.folder) for n, j in models.items()}, "dataset": str(paths[dname]),
                     "cases": eval_of[(dname, 0)][1]["cases"], "threads": int(config.latency.get("threads", 2)),
                     "repeats": int(config.latency.get("repeats", 3)), "max_cases": int(config.latency.get("max_cases", 4))}
             jobs.append(Job(f"{dname}/latency", "latency", out / "latency" / dname, spec,

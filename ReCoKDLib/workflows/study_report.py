@@ -392,8 +392,9 @@ def build_report(config, out: str | Path, jobs, log: Callable[[str], None] = pri
     for dname, d in config.datasets.items():
         data = found.get(dname, {})
         latency = _read(out / "latency" / dname / "benchmark.json")
-        table, numbers = main_table(dname, data, latency, list(config.students), config.students)
-        paired, paired_numbers = paired_table(data, config.students)
+        students = {n: v for n, v in config.students.items() if d.runs(n)}
+        table, numbers = main_table(dname, data, latency, list(students), students)
+        paired, paired_numbers = paired_table(data, students)
         results["datasets"][dname] = numbers
         results.setdefault("paired", {})[dname] = paired_numbers
         how = ("its test cases (imagesTs)" if d.evaluate_on == "test" else
