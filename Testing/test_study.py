@@ -95,7 +95,7 @@ def test_config_errors_name_the_problem(tmp_path):
     with pytest.raises(ReCoKDError, match="'students' must list names from 'students'"):
         load_config(bad)
     bad.write_text(json.dumps({"datasets": {"a": {"phantom": {"cases": 3}}}, "students": {"s": {"method": "none"}}}))
-    with pytest.raises(ReCoKDError, match="'phantom' takes"):
+    with pytest.raises(ReCoKDError, match=r"'phantom' \(instead of a 'path'\) takes positive integers"):
         load_config(bad)
     bad.write_text("{not json")
     with pytest.raises(ReCoKDError, match="not readable JSON"):
@@ -130,6 +130,13 @@ def test_study_runs_every_job_and_scores_held_out_cases(study):
     assert len(list((phantom / "imagesTr").iterdir())) == 3 and len(list((phantom / "labelsTs").iterdir())) == 1
     ev = json.loads((out / "runs" / "builtin" / "none_s0" / "eval.json").read_text())
     assert [c["case"] for c in ev["cases"]] == ["phantom_003"]
+    # other phantom settings would silently reuse these cases: refused, in one line
+    changed = json.loads(config.source.read_text())
+    changed["datasets"]["builtin"]["phantom"]["size"] = 48
+    other = config.source.parent / "changed.json"
+    other.write_text(json.dumps(changed))
+    with pytest.raises(ReCoKDError, match="holds a phantom made with .* but the config asks for"):
+        plan_jobs(load_config(other), out)
 
 
 def test_report_aggregates_the_runs(study):

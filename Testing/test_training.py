@@ -175,3 +175,22 @@ def test_foreground_fraction_is_a_checked_training_option():
     assert RunConfig(foreground_fraction=1.0).foreground_fraction == 1.0
     with pytest.raises(ReCoKDError, match="--foreground-fraction must be between 0 and 1, got 1.5"):
         RunConfig(foreground_fraction=1.5)
+
+
+def test_demo_options_reach_the_demo_and_its_training(monkeypatch):
+    import ReCoKDLib.workflows.demo as demo
+
+    seen = {}
+
+    def fake_run_demo(cfg):
+        seen["cfg"] = cfg
+        return {"table": "", "output": "x", "wall_seconds": 0.0, "device": "cpu", "torch_threads": 1}
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    assert main(["demo", "--steps", "7", "--seed", "3", "--threads", "1", "--augment", "light", "--device", "cpu",
+                 "--width-factor", "8", "--no-progress"]) == 0
+    cfg = seen["cfg"]
+    assert (cfg.steps, cfg.width_factor, cfg.progress) == (7, 8, False)
+    t = cfg.training
+    assert (t.seed, t.num_threads, t.augment, t.device) == (3, 1, "light", "cpu")
+    assert t.optimizer == "adamw" and t.patch_size == (48, 48, 48)  # the demo's own training defaults stay

@@ -66,19 +66,20 @@ def main() -> None:
             student = build_unet(s_spec)
             if weights:
                 load_weights(student, weights)
-            distiller = Distiller(teacher, student, dynunet_tap_names(t_spec), dynunet_tap_names(s_spec),
-                                  plans.num_classes, method, lambda_max=args.lambda_max)
-            distiller.train()
             rows = defaultdict(list)
-            for images, labels in batches:
-                for r in term_gradients(distiller, images, labels):
-                    rows[(r.term, r.level)].append(r)
+            with Distiller(teacher, student, dynunet_tap_names(t_spec), dynunet_tap_names(s_spec),
+                           plans.num_classes, method, lambda_max=args.lambda_max) as distiller:  # hooks removed after
+                distiller.train()
+                lambda_max = distiller.lambda_max
+                for images, labels in batches:
+                    for r in term_gradients(distiller, images, labels):
+                        rows[(r.term, r.level)].append(r)
             seg = statistics.mean(r.grad_norm for r in rows[("seg", None)])
             for (term, level), rs in rows.items():
                 if term == "seg" and method != args.methods.split(",")[0]:
                     continue
                 g = statistics.mean(r.grad_norm for r in rs)
-                ratio = "" if term == "seg" else f"{distiller.lambda_max * g / seg:.3g}"
+                ratio = "" if term == "seg" else f"{lambda_max * g / seg:.3g}"
                 print(f"| {method} | {state} | {term} | {'all' if level is None else level} | "
                       f"{statistics.mean(r.loss for r in rs):.4g} | {g:.3g} | {ratio} |", flush=True)
 

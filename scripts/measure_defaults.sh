@@ -16,7 +16,8 @@ la() {  # name, seed, extra options...
   recokd train "$D" -o "$W/$n" --cache "$W/la_cache" --plans "$W/la_cache/plans.json" --seed "$seed" $train "$@" \
       > "$W/$n.log" 2>&1 \
   && recokd predict -m "$W/$n" -i "$D/imagesTs" -o "$W/pred_$n" --device cpu --threads 1 --no-progress > /dev/null 2>&1 \
-  && recokd evaluate "$W/pred_$n" "$D/labelsTs" --json "$W/eval_$n.json" | grep "| mean" | sed "s/^/$n /"
+  && recokd evaluate "$W/pred_$n" "$D/labelsTs" --json "$W/eval_$n.json" | grep "| mean" | sed "s/^/$n /" \
+  || echo "$n failed; see $W/$n.log"
 }
 [ -f "$W/la_cache/plans.json" ] || recokd plan "$D" --cache "$W/la_cache" --no-progress --patch-budget 65536 \
     --base-filters 16 --max-filters 128 > /dev/null

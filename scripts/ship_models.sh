@@ -15,33 +15,34 @@ W="$(mkdir -p "${1:-recokd_ship}" && cd "${1:-recokd_ship}" && pwd)"
 LA="${RECOKD_SHARED_DATA:-$root/../shared/data}/LA2018-lowres"
 OUT="$root/ReCoKDLib/resources/models"
 TERMS="$root/configs/terminology"
-common="--fold all --iters-per-epoch 100 --optimizer adamw --lr 0.003 --batch-size 2 --no-augment --seed 0
+common="--iters-per-epoch 100 --optimizer adamw --lr 0.003 --batch-size 2 --no-augment --seed 0
         --val-every 5 --val-max-cases 2 --workers 1 --threads 1 --device cpu --no-progress --resume"
 planner="--patch-budget 65536 --base-filters 16 --max-filters 128"
 
-# ship NAME DATASET RUNS TEACHER_EPOCHS STUDENT_EPOCHS TEST_IMAGES TEST_LABELS DESCRIPTION LICENSE [SPLIT...]
+# ship NAME DATASET RUNS TEACHER_EPOCHS STUDENT_EPOCHS TEST_IMAGES TEST_LABELS DESCRIPTION LICENSE POSTPROCESS [SPLIT...]
+# POSTPROCESS: what the bundle records (docs/results.md, "Post-processing"): largest-foreground where the
+# anatomy is one connected structure, none where it is not (the phantom's kidneys and lesions are apart).
 # SPLIT: the training split (default --fold all, scored on a test set; --val-cases FILE: scored on the
-# held-out cases, i.e. a cross-validation fold). Predictions keep the largest foreground component
-# (docs/results.md, "Post-processing"), which the bundle records.
+# held-out cases, i.e. a cross-validation fold).
 ship() {
-  local name=$1 data=$2 runs=$3 images=$6 labels=$7 split=("${@:10}")
+  local name=$1 data=$2 runs=$3 images=$6 labels=$7 post=${10} split=("${@:11}")
   [ ${#split[@]} -gt 0 ] || split=(--fold all)
   recokd plan "$data" --cache "$runs/cache" --no-progress $planner
   recokd train "$data" -o "$runs/teacher" --cache "$runs/cache" --plans "$runs/cache/plans.json" --epochs "$4" \
     "${split[@]}" $common
   recokd distill "$data" -o "$runs/student_recokd" --cache "$runs/cache" --teacher "$runs/teacher" --epochs "$5" \
     --method recokd "${split[@]}" $common
-  recokd predict -m "$runs/student_recokd" -i "$images" -o "$runs/pred" --device cpu --no-progress \
-    --postprocess largest-foreground
-  recokd evaluate "$runs/pred" "$labels" --json "$runs/test.json"
+  recokd predict -m "$runs/student_recokd" -i "$images" -o "$runs/pred" --device cpu --no-progress --postprocess "$post"
+  recokd evaluate "$runs/pred" "$labels" --labels "$data/dataset.json" --json "$runs/test.json"
   recokd export "$runs/student_recokd" -o "$OUT/$name.recokd" --name "$name" --description "$8" \
-    --terminology "$TERMS/$name.json" --test-metrics "$runs/test.json" --license "$9" --postprocess largest-foreground
+    --terminology "$TERMS/$name.json" --test-metrics "$runs/test.json" --license "$9" --postprocess "$post"
 }
 
 # -- LA2018-lowres: left atrium, 80 training cases, scored on the 10 test cases --------------------
 ship la2018-left-atrium "$LA" "$W/la2018" 15 15 "$LA/imagesTs" "$LA/labelsTs" \
   "Left atrium in 3D LGE-MRI (1.25 mm); ReCo-KD student (R = 4) of a 16-128-filter U-Net" \
-  "Research use only, not for clinical use: trained on the 2018 Atrial Segmentation Challenge data (LA2018, via the UA-MT repository; cite Xiong et al., Medical Image Analysis 2021)."
+  "Research use only, not for clinical use: trained on the 2018 Atrial Segmentation Challenge data (LA2018, via the UA-MT repository; cite Xiong et al., Medical Image Analysis 2021)." \
+  largest-foreground
 
 # -- ACDC-subset: right ventricle, myocardium, left ventricle; trained on folds 1-2 of the study's
 # patient-grouped 3 folds, scored on fold 0's held-out cases (cross-validation Dice) -----------------
@@ -65,7 +66,7 @@ PY
 ship acdc-heart "$ACDC" "$A" 16 16 "$A/heldout_images" "$A/heldout_labels" \
   "Heart in cine-MRI (ACDC): right ventricle, myocardium, left ventricle; ReCo-KD student (R = 4) of a 16-128-filter U-Net" \
   "Research and non-commercial use only, not for clinical use: trained on ACDC challenge data (Bernard et al., IEEE TMI 2018), whose terms apply." \
-  --val-cases "$A/fold0.txt"
+  largest-foreground --val-cases "$A/fold0.txt"
 
 # -- the built-in phantom: 40 training cases (seed 0); scored on 10 held-out cases and the sample ---
 P="$W/phantom"
@@ -92,7 +93,7 @@ if not (test / "dataset.json").is_file():
 PY
 ship phantom-abdomen "$P/Dataset900_ReCoKDPhantom" "$P" 10 20 "$P/heldout/imagesTs" "$P/heldout/labelsTs" \
   "ReCoKD's synthetic abdomen phantom (organ, kidneys, vessel, lesions); ReCo-KD student (R = 4); for trying the module" \
-  "Apache-2.0 (trained on ReCoKD's synthetic phantom, no patient data). Not for clinical use."
+  "Apache-2.0 (trained on ReCoKD's synthetic phantom, no patient data). Not for clinical use." none
 
 # -- the registry ---------------------------------------------------------------------------------
 python - "$OUT" <<'PY'

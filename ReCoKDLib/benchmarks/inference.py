@@ -188,7 +188,9 @@ def run_benchmark(
     results: list[ModelResult] = []
     for name, source in models.items():
         bundle = source if isinstance(source, Bundle) else open_model(source)
-        predictor = Predictor(bundle, device=device, overlap=overlap, progress=False, threads=threads)
+        # the networks are compared as they are: a bundle's recorded post-processing is not applied (run
+        # folders have none), so that every model is scored and timed alike
+        predictor = Predictor(bundle, device=device, overlap=overlap, progress=False, threads=threads, postprocess="none")
         network = predictor.network
         names = bundle.labels.names
         per_case, scores = [], []

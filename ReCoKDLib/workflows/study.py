@@ -79,8 +79,14 @@ class DatasetEntry:
         if self.path is not None:
             return self.path
         folder = out / "data" / self.name
+        settings = dict(self.phantom or {})
         if not (folder / "dataset.json").is_file():
-            write_phantom_dataset(folder, **(self.phantom or {}))
+            write_phantom_dataset(folder, **settings)
+        stamp = folder / "phantom.json"
+        written = json.loads(stamp.read_text()) if stamp.is_file() else None
+        if written != settings:
+            raise ReCoKDError(f"{folder} holds a phantom made with {written} but the config asks for {settings}; "
+                              "restore the config's 'phantom' settings or start the study in a new folder")
         return folder
 
 
@@ -106,6 +112,8 @@ def write_phantom_dataset(folder: Path, train_cases: int = 16, test_cases: int =
         info = json.loads((d / "dataset.json").read_text())
         info["numTraining"] = train_cases
         (d / "dataset.json").write_text(json.dumps(info, indent=1))
+        settings = {"train_cases": train_cases, "test_cases": test_cases, "size": size, "seed": seed}
+        (d / "phantom.json").write_text(json.dumps(settings) + "\n")  # what resolve() checks on every use
         d.rename(folder)
     return folder
 
@@ -165,13 +173,16 @@ def load_config(path: str | Path) -> StudyConfig:
         if ev == "cv" and folds < 2:
             raise ReCoKDError(f"{where}: dataset {name!r}: cross-validation needs folds >= 2")
         wanted = d.get("students")
-        if wanted is not None and (not isinstance(wanted, list) or set(wanted) - set(raw["students"])):
+        if wanted is not None and (not isinstance(wanted, list) or not all(isinstance(w, str) for w in wanted)
+                                   or set(wanted) - set(raw["students"])):
             raise ReCoKDError(f"{where}: dataset {name!r}: 'students' must list names from 'students' "
                               f"({', '.join(raw['students'])}), got {wanted!r}")
         phantom = d.get("phantom")
         if phantom is not None:
-            if not isinstance(phantom, dict) or set(phantom) - set(PHANTOM_DEFAULTS):
-                raise ReCoKDError(f"{where}: dataset {name!r}: 'phantom' takes {sorted(PHANTOM_DEFAULTS)}, got {phantom!r}")
+            if (not isinstance(phantom, dict) or set(phantom) - set(PHANTOM_DEFAULTS)
+                    or not all(isinstance(v, int) and v > 0 for v in phantom.values()) or "path" in d):
+                raise ReCoKDError(f"{where}: dataset {name!r}: 'phantom' (instead of a 'path') takes positive integers "
+                                  f"{sorted(PHANTOM_DEFAULTS)}, got {phantom!r}")
             resolved = None
         elif "path" not in d:
             raise ReCoKDError(f"{where}: dataset {name!r} needs a 'path' (the folder that holds dataset.json) "

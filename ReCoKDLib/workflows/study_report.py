@@ -5,7 +5,9 @@ Aggregation: a run's score is the mean over its evaluation cases (per class; ``m
 classes). A variant's figure is the mean ± sample std over its runs (seeds, or folds under
 cross-validation). The teacher's figure is the mean over its runs (one per fold). The share of the
 teacher–student gap a variant recovers is ``(D_variant − D_noKD) / (D_teacher − D_noKD)`` on those
-means, per class and overall.
+means, per class and overall, with D_noKD the no-KD student of the same width R and D_teacher the mean
+of the teachers of the variant's runs' folds. The paired table gives each variant's difference to that
+no-KD student run by run (same seed and fold), with a 95 % Student-t interval.
 """
 
 from __future__ import annotations
@@ -57,8 +59,11 @@ def collect(jobs, out: Path) -> dict[str, Any]:
         dname = j.name.split("/")[0]
         group = j.spec.get("group", "teacher")
         variant = j.spec.get("variant", "teacher")
+        fold = j.spec.get("fold")
+        if variant == "teacher":  # teacher_f<k> under cross-validation, else the one teacher (fold 0)
+            fold = int(j.name.rsplit("_f", 1)[1]) if "/teacher_f" in j.name else 0
         found.setdefault(dname, {}).setdefault(group, {}).setdefault(variant, []).append(
-            {**ev, "job": j.name, "seed": j.spec.get("seed"), "fold": j.spec.get("fold")})
+            {**ev, "job": j.name, "seed": j.spec.get("seed"), "fold": fold})
     return found
 
 
@@ -204,7 +209,12 @@ def main_table(dname: str, data: dict[str, Any], latency: list[dict] | None, exp
                  "hd95": aggregate(runs, "hd95")[:2], "nsd": aggregate(runs, "nsd")[:2]}
         n_means = reference_means.get(name, {})
         if name != "teacher" and t_means and n_means:
-            entry["gap"] = {c: _gap(entry["dice"][c][0], n_means[c], t_means[c]) for c in ["mean", *classes]}
+            # the teacher each run learnt from (its fold's), so that folds of unequal difficulty do not
+            # bias the gap when the seeds do not cover the folds evenly
+            t_of = {r["fold"]: r for r in teacher}
+            matched = [t_of[r["fold"]] for r in runs if r["fold"] in t_of] or teacher
+            entry["gap"] = {c: _gap(entry["dice"][c][0], n_means[c], aggregate(matched, "dice", c)[0])
+                            for c in ["mean", *classes]}
         gaps = entry.get("gap", {})
         lt, tl = lat.get(name), lat.get("teacher")
         ref = reference_of(name, variants) if name in variants else None
@@ -398,9 +408,10 @@ def build_report(config, out: str | Path, jobs, log: Callable[[str], None] = pri
         results["datasets"][dname] = numbers
         results.setdefault("paired", {})[dname] = paired_numbers
         how = ("its test cases (imagesTs)" if d.evaluate_on == "test" else
-               f"{d.folds}-fold cross-validation (run i: seed i, fold i; scores on the held-out fold)")
+               f"{d.folds}-fold cross-validation (run i: seed i, fold i mod {d.folds}; scores on the held-out fold)")
         parts += [f"## {dname}\n", f"Scored on {how}; mean ± std over runs. "
-                  "Gap recovered = (D − D_noKD) / (D_teacher − D_noKD). Latency: "
+                  "Gap recovered = (D − D_noKD) / (D_teacher − D_noKD), D_noKD the no-KD student of the same "
+                  "width R. Latency: "
                   f"{config.latency.get('threads', 2)} CPU thread(s), whole predictor per volume, median of "
                   f"{config.latency.get('repeats', 3)} repeats.\n", table,
                   "Paired differences to the no-KD student of the same width R (same seed, initial weights and "
