@@ -95,8 +95,14 @@ def test_config_errors_name_the_problem(tmp_path):
     with pytest.raises(ReCoKDError, match="'students' must list names from 'students'"):
         load_config(bad)
     bad.write_text(json.dumps({"datasets": {"a": {"phantom": {"cases": 3}}}, "students": {"s": {"method": "none"}}}))
-    with pytest.raises(ReCoKDError, match=r"'phantom' \(instead of a 'path'\) takes positive integers"):
+    with pytest.raises(ReCoKDError, match=r"'phantom' \(instead of a 'path'\) takes integers"):
         load_config(bad)
+    bad.write_text(json.dumps({"datasets": {"a": {"phantom": {"size": 0}}}, "students": {"s": {"method": "none"}}}))
+    with pytest.raises(ReCoKDError, match="a seed >= 0, the others >= 1"):
+        load_config(bad)
+    ok = tmp_path / "ok.json"
+    ok.write_text(json.dumps({"datasets": {"a": {"phantom": {"seed": 0, "size": 32}}}, "students": {"s": {"method": "none"}}}))
+    assert load_config(ok).datasets["a"].phantom["seed"] == 0
     bad.write_text("{not json")
     with pytest.raises(ReCoKDError, match="not readable JSON"):
         load_config(bad)

@@ -180,9 +180,10 @@ def load_config(path: str | Path) -> StudyConfig:
         phantom = d.get("phantom")
         if phantom is not None:
             if (not isinstance(phantom, dict) or set(phantom) - set(PHANTOM_DEFAULTS)
-                    or not all(isinstance(v, int) and v > 0 for v in phantom.values()) or "path" in d):
-                raise ReCoKDError(f"{where}: dataset {name!r}: 'phantom' (instead of a 'path') takes positive integers "
-                                  f"{sorted(PHANTOM_DEFAULTS)}, got {phantom!r}")
+                    or not all(isinstance(v, int) and v >= (0 if k == "seed" else 1) for k, v in phantom.items())
+                    or "path" in d):
+                raise ReCoKDError(f"{where}: dataset {name!r}: 'phantom' (instead of a 'path') takes integers "
+                                  f"{sorted(PHANTOM_DEFAULTS)} (a seed >= 0, the others >= 1), got {phantom!r}")
             resolved = None
         elif "path" not in d:
             raise ReCoKDError(f"{where}: dataset {name!r} needs a 'path' (the folder that holds dataset.json) "
