@@ -203,6 +203,34 @@ def test_a_job_already_running_elsewhere_is_refused(study):
             execute_job(job_file)
 
 
+def test_the_runner_waits_for_a_job_running_in_another_process(study):
+    import fcntl
+    import threading
+
+    config, out, jobs, _, _ = study
+    job = next(j for j in jobs if j.name == "ph/none_s1")
+    marker = job.marker.read_bytes()
+    job.marker.unlink()  # not finished yet, as far as this runner can tell
+    held = open(job.folder / ".job.lock", "a")
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def the_other_process_finishes():
+        job.marker.write_bytes(marker)
+        held.close()
+
+    timer = threading.Timer(1.5, the_other_process_finishes)
+    timer.start()
+    messages: list[str] = []
+    try:
+        _, failed = run_study(config, out, only=["ph/none_s1"], log=messages.append, poll_seconds=0.2)
+    finally:
+        timer.join()
+    assert failed == [], messages
+    assert any(m.startswith("wait   ph/none_s1") for m in messages)
+    assert "done   ph/none_s1 (in another process)" in messages
+    assert not any(m.startswith("start  ph/none_s1") for m in messages)
+
+
 def test_a_failed_teacher_skips_its_students_and_keeps_going(tmp_path):
     data = _dataset(tmp_path / "ds")
     cfg = json.loads(_config(tmp_path, data).read_text())

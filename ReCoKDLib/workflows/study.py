@@ -480,6 +480,17 @@ def _last_error(log_path: Path) -> str:
     return (errors or lines or ["no output"])[-1][-300:]
 
 
+def _held_elsewhere(job: Job) -> bool:
+    """Whether another process holds the job's lock (it is running there)."""
+    if not (job.folder / ".job.lock").is_file():
+        return False
+    handle = try_lock(job.folder / ".job.lock")
+    if handle is None:
+        return True
+    handle.close()
+    return False
+
+
 def run_study(
     config: StudyConfig,
     out: str | Path,
@@ -507,9 +518,20 @@ def run_study(
     times_file = out / "wall_times.json"
     wall = json.loads(times_file.read_text()) if times_file.is_file() else {}
     env = dict(os.environ, OMP_NUM_THREADS=str(config.threads_per_job), PYTHONUNBUFFERED="1")
+    elsewhere: set[str] = set()  # jobs another process (e.g. an earlier runner) is running: waited for
     try:
         while pending or running:
             for j in list(pending):
+                if _held_elsewhere(j):
+                    if j.name not in elsewhere:
+                        log(f"wait   {j.name}: running in another process ({lock_owner(j.folder / '.job.lock')})")
+                        elsewhere.add(j.name)
+                    continue
+                if j.name in elsewhere and j.done():
+                    pending.remove(j)
+                    finished.add(j.name)
+                    log(f"done   {j.name} (in another process)")
+                    continue
                 waiting = [d for d in j.deps if d not in finished]
                 if any(d in failed for d in waiting) or any(
                         d not in running and all(p.name != d for p in pending) for d in waiting):
