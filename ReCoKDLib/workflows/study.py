@@ -527,11 +527,13 @@ def run_study(
                         log(f"wait   {j.name}: running in another process ({lock_owner(j.folder / '.job.lock')})")
                         elsewhere.add(j.name)
                     continue
-                if j.name in elsewhere and j.done():
-                    pending.remove(j)
-                    finished.add(j.name)
-                    log(f"done   {j.name} (in another process)")
-                    continue
+                if j.name in elsewhere:
+                    elsewhere.discard(j.name)
+                    if j.done():
+                        pending.remove(j)
+                        finished.add(j.name)
+                        log(f"done   {j.name} (in another process)")
+                        continue
                 waiting = [d for d in j.deps if d not in finished]
                 if any(d in failed for d in waiting) or any(
                         d not in running and all(p.name != d for p in pending) for d in waiting):
@@ -543,8 +545,8 @@ def run_study(
                     continue
                 if j.exclusive and running:
                     break  # hold later jobs back so that the exclusive one gets the machine next
-                if len(running) >= width or any(r[0].exclusive for r in running.values()):
-                    break
+                if len(running) + len(elsewhere) >= width or any(r[0].exclusive for r in running.values()):
+                    break  # a job running elsewhere takes a slot: the machine has no more cores for it
                 j.folder.mkdir(parents=True, exist_ok=True)
                 job_file = out / "logs" / (j.name.replace("/", "__") + ".job.json")
                 atomic_write_text(job_file, json.dumps({"name": j.name, "kind": j.kind, "folder": str(j.folder),
