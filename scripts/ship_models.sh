@@ -111,7 +111,7 @@ for name in ("la2018-left-atrium", "acdc-heart", "phantom-abdomen"):
     bundle = load_bundle(path)  # checks schema and checksums
     p = bundle.provenance
     entry = make_entry(path, name=name, url=path.name, description=bundle.manifest["description"])
-    entry.update(role=bundle.role, method=p.get("method"), labels=bundle.labels,
+    entry.update(role=bundle.role, method=p.get("method"), labels=dict(bundle.labels),
                  channels=[bundle.channel_names[k] for k in sorted(bundle.channel_names)],
                  license=p["license"], test_dice=round(p["test_metrics"]["dice_mean"], 4))
     models.append(entry)
