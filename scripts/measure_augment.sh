@@ -25,21 +25,7 @@ acdc() {  # preset, seed
 }
 [ -f "$W/la_cache/plans.json" ] || recokd plan "$DATA/LA2018-lowres" --cache "$W/la_cache" $planner > /dev/null
 [ -f "$W/acdc_cache/plans.json" ] || recokd plan "$DATA/ACDC-subset" --cache "$W/acdc_cache" $planner > /dev/null
-python - "$DATA/ACDC-subset" "$W/acdc" <<'PY'
-import sys
-from pathlib import Path
-from ReCoKDLib.data.datasets import open_dataset
-from ReCoKDLib.workflows.study import cv_folds
-ds, out = open_dataset(sys.argv[1]), Path(sys.argv[2])
-fold0 = cv_folds([r.case_id for r in ds.training], 3, r"^(patient\d+)")[0]  # the study's fold 0
-(out / "fold0.txt").write_text("\n".join(fold0) + "\n")
-for r in ds.training:
-    if r.case_id in fold0:
-        for p, sub in [(p, "val_images") for p in r.image_files] + [(r.label_file, "val_labels")]:
-            (out / sub).mkdir(exist_ok=True)
-            if not (out / sub / p.name).exists():
-                (out / sub / p.name).symlink_to(p)
-PY
+python "$R/scripts/heldout_fold.py" "$DATA/ACDC-subset" "$W/acdc" --prefix val
 la none 0 & la light 0 & wait
 la none 1 & la light 1 & wait
 la none 2 & la light 2 & wait

@@ -47,22 +47,7 @@ ship la2018-left-atrium "$LA" "$W/la2018" 15 15 "$LA/imagesTs" "$LA/labelsTs" \
 # -- ACDC-subset: right ventricle, myocardium, left ventricle; trained on folds 1-2 of the study's
 # patient-grouped 3 folds, scored on fold 0's held-out cases (cross-validation Dice) -----------------
 A="$W/acdc"; ACDC="${RECOKD_SHARED_DATA:-$root/../shared/data}/ACDC-subset"
-python - "$ACDC" "$A" <<'PY'
-import sys
-from pathlib import Path
-from ReCoKDLib.data.datasets import open_dataset
-from ReCoKDLib.workflows.study import cv_folds
-ds, out = open_dataset(sys.argv[1]), Path(sys.argv[2])
-fold0 = cv_folds([r.case_id for r in ds.training], 3, r"^(patient\d+)")[0]  # the study's fold 0
-out.mkdir(parents=True, exist_ok=True)
-(out / "fold0.txt").write_text("\n".join(fold0) + "\n")
-for r in ds.training:
-    if r.case_id in fold0:
-        for p, sub in [(p, "heldout_images") for p in r.image_files] + [(r.label_file, "heldout_labels")]:
-            (out / sub).mkdir(exist_ok=True)
-            if not (out / sub / p.name).exists():
-                (out / sub / p.name).symlink_to(p)
-PY
+python "$root/scripts/heldout_fold.py" "$ACDC" "$A"
 ship acdc-heart "$ACDC" "$A" 16 16 "$A/heldout_images" "$A/heldout_labels" \
   "Heart in cine-MRI (ACDC): right ventricle, myocardium, left ventricle; ReCo-KD student (R = 4) of a 16-128-filter U-Net" \
   "Research and non-commercial use only, not for clinical use: trained on ACDC challenge data (Bernard et al., IEEE TMI 2018), whose terms apply." \
