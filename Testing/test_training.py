@@ -175,6 +175,10 @@ def test_foreground_fraction_is_a_checked_training_option():
     assert RunConfig(foreground_fraction=1.0).foreground_fraction == 1.0
     with pytest.raises(ReCoKDError, match="--foreground-fraction must be between 0 and 1, got 1.5"):
         RunConfig(foreground_fraction=1.5)
+    # the command line refuses it before any data is read: one argparse line, exit 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "nowhere", "-o", "out", "--foreground-fraction", "1.5"])
+    assert exit_info.value.code == 2
 
 
 def test_demo_options_reach_the_demo_and_its_training(monkeypatch):

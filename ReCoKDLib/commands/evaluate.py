@@ -55,6 +55,8 @@ def evaluation_record(result, args: argparse.Namespace) -> dict:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..inference.postprocessing import POSTPROCESSING
+
     p = sub.add_parser("evaluate", help="score predictions against reference labels (Dice, HD95, NSD)")
     p.add_argument("pred", help="folder of predicted label files")
     p.add_argument("gt", help="folder of reference label files (same names)")
@@ -62,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tolerance", type=float, default=2.0, help="surface Dice tolerance in mm (default 2)")
     p.add_argument("--csv", help="CSV output (default PRED/evaluation.csv)")
     p.add_argument("--json", help="also write the summary as JSON (for recokd export --test-metrics)")
-    p.add_argument("--postprocess", choices=["none", "largest-foreground", "largest-per-class"], default="none",
+    p.add_argument("--postprocess", choices=POSTPROCESSING, default="none",
                    help="post-process the predictions before scoring (files unchanged), to choose a model's "
                    "recokd export --postprocess on held-out cases (default none)")
     p.set_defaults(func=run)

@@ -66,6 +66,8 @@ def run_fetch(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..inference.postprocessing import POSTPROCESSING
+
     p = sub.add_parser("export", help="package a training run as a model bundle (.recokd)",
                        description="Package a training run folder (run.json, plans.json, network.json, weights) as a "
                        "model bundle; optionally also as ONNX / TorchScript files next to it.")
@@ -81,7 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test-metrics", dest="test_metrics",
                    help="JSON from `recokd evaluate --json` on held-out cases, recorded in the bundle's provenance")
     p.add_argument("--license", help="terms of use of the model (follow its training data's), recorded in the bundle")
-    p.add_argument("--postprocess", choices=["none", "largest-foreground", "largest-per-class"],
+    p.add_argument("--postprocess", choices=POSTPROCESSING,
                    help="label post-processing the model's predictions get by default (choose it on held-out cases "
                    "with recokd predict --postprocess; default: none recorded)")
     p.add_argument("--onnx", action="store_true", help="also write NAME.onnx")

@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..inference.postprocessing import POSTPROCESSING
+
     p = sub.add_parser("predict", help="segment images with a model bundle",
                        description="Segment a 3D image (any SimpleITK format), the channel files of one case, or a "
                        "folder of images (channels by the _0000 suffix); labels are written on the input's grid.")
@@ -71,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
     p.add_argument("--sw-batch", dest="sw_batch", type=int, default=2, help="windows per forward pass (default 2)")
     p.add_argument("--tta", action="store_true", help="mirror test-time augmentation (8x slower)")
-    p.add_argument("--postprocess", choices=["none", "largest-foreground", "largest-per-class"],
+    p.add_argument("--postprocess", choices=POSTPROCESSING,
                    help="keep only the largest connected component of the foreground or of each class "
                    "(default: the bundle's choice, else none)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")

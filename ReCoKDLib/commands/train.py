@@ -14,6 +14,17 @@ DESCRIPTION = (
 )
 
 
+def fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1] (refused before any data is read)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value:g}")
+    return value
+
+
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by ``train`` and ``distill``. The training options default to None: their defaults
     live in one place, :class:`~ReCoKDLib.training.loop.RunConfig`, and are quoted from it here."""
@@ -42,7 +53,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    f"(default {D.augment}; thin-slab patches are rotated in-plane only)")
     p.add_argument("--no-augment", dest="no_augment", action="store_true", help="the same as --augment none")
     p.add_argument("--elastic", action="store_true", help="add elastic deformation (slow on CPU)")
-    p.add_argument("--foreground-fraction", dest="foreground_fraction", type=float,
+    p.add_argument("--foreground-fraction", dest="foreground_fraction", type=fraction,
                    help=f"share of each batch's patches centred on a labelled voxel (default {D.foreground_fraction:.3g})")
     p.add_argument("--workers", type=int, help=f"background data-loading processes (default {D.num_workers})")
     p.add_argument("--val-every", dest="val_every", type=int, help=f"validate every N epochs (default {D.val_every})")
