@@ -103,11 +103,24 @@ def test_config_errors_name_the_problem(tmp_path):
     ok = tmp_path / "ok.json"
     ok.write_text(json.dumps({"datasets": {"a": {"phantom": {"seed": 0, "size": 32}}}, "students": {"s": {"method": "none"}}}))
     assert load_config(ok).datasets["a"].phantom["seed"] == 0
+    bad.write_text(json.dumps({"datasets": {"a": {"phantom": {}, "seeds": [1, 1]}}, "students": {"s": {"method": "none"}}}))
+    with pytest.raises(ReCoKDError, match="dataset 'a': 'seeds' must be a non-empty list of distinct"):
+        load_config(bad)
     bad.write_text("{not json")
     with pytest.raises(ReCoKDError, match="not readable JSON"):
         load_config(bad)
     with pytest.raises(ReCoKDError, match="does not exist"):
         load_config(tmp_path / "missing.json")
+
+
+def test_a_dataset_can_run_fewer_seeds_than_the_study(tmp_path):
+    cfg = tmp_path / "study.json"
+    cfg.write_text(json.dumps({"datasets": {"a": {"phantom": {"train_cases": 2, "test_cases": 1, "size": 32}},
+                                            "b": {"phantom": {"train_cases": 2, "test_cases": 1, "size": 32},
+                                                  "seeds": [3]}},
+                               "seeds": [3, 4], "students": {"none": {"method": "none"}}}))
+    names = [j.name for j in plan_jobs(load_config(cfg), tmp_path / "out")]
+    assert {"a/none_s3", "a/none_s4", "b/none_s3"} <= set(names) and "b/none_s4" not in names
 
 
 def test_study_runs_every_job_and_scores_held_out_cases(study):

@@ -8,7 +8,8 @@ What runs (see ``configs/study.json`` for a full config):
   scores on ``imagesTs``/``labelsTs``; ``evaluate_on: "cv"`` cuts the training cases into ``folds``
   groups (cases sharing ``group_pattern``'s first match, e.g. one patient's ED and ES frames, stay
   together), trains one teacher per fold and scores each fold's held-out cases;
-- per dataset, every student variant (or the dataset's ``students`` list) × every seed (seed ``i`` uses
+- per dataset, every student variant (or the dataset's ``students`` list) × every seed (or the
+  dataset's ``seeds`` list; seed ``i`` uses
   fold ``i mod folds`` under CV, so three seeds are a three-fold cross-validation); every student of a
   seed starts from the same weights and sees the same batches, so each is paired with the no-KD
   student of its width;
@@ -69,6 +70,7 @@ class DatasetEntry:
     student_epochs: int = 4
     students: list[str] | None = None  # the student variants run on this dataset (None: all)
     phantom: dict[str, int] | None = None  # {"train_cases", "test_cases", "size", "seed"}
+    seeds: list[int] | None = None  # this dataset's student seeds (None: the study's)
 
     def runs(self, variant: str) -> bool:
         return self.students is None or variant in self.students
@@ -150,6 +152,13 @@ def _variant(name: str, spec: Any, where: str) -> dict[str, Any]:
     return dict(spec)
 
 
+def _seeds(value: Any, where: str) -> list[int]:
+    if (not isinstance(value, list) or not value or not all(isinstance(s, int) and s >= 0 for s in value)
+            or len(set(value)) != len(value)):
+        raise ReCoKDError(f"{where}: 'seeds' must be a non-empty list of distinct integers >= 0, got {value!r}")
+    return list(value)
+
+
 def load_config(path: str | Path) -> StudyConfig:
     """Read and check a study config; relative dataset paths are relative to the config file."""
     path = Path(path)
@@ -198,16 +207,15 @@ def load_config(path: str | Path) -> StudyConfig:
             name, resolved, ev, folds if ev == "cv" else 1,
             d.get("group_pattern"), int(d.get("teacher_epochs", raw.get("teacher_epochs", 10))),
             int(d.get("student_epochs", raw.get("student_epochs", 4))), wanted,
-            {**PHANTOM_DEFAULTS, **phantom} if phantom is not None else None)
+            {**PHANTOM_DEFAULTS, **phantom} if phantom is not None else None,
+            _seeds(d["seeds"], f"{where}: dataset {name!r}") if "seeds" in d else None)
     students = {k: _variant(k, v, where) for k, v in raw["students"].items()}
     abl = raw.get("ablations") or {}
     ablations = {k: _variant(k, v, where) for k, v in (abl.get("variants") or {}).items()}
     abl_ds = abl.get("dataset")
     if ablations and abl_ds not in datasets:
         raise ReCoKDError(f"{where}: ablations.dataset {abl_ds!r} is not one of the datasets {list(datasets)}")
-    seeds = [int(s) for s in raw.get("seeds", [0])]
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ReCoKDError(f"{where}: 'seeds' must be a non-empty list of distinct integers")
+    seeds = _seeds(raw.get("seeds", [0]), where)
     return StudyConfig(
         name=str(raw.get("name", path.stem)), datasets=datasets, planner=dict(raw.get("planner", {})),
         training=dict(raw.get("training", {})), seeds=seeds, students=students, ablation_dataset=abl_ds,
@@ -352,10 +360,10 @@ def plan_jobs(config: StudyConfig, out: str | Path) -> list[Job]:
         spec = {"argv": argv, "eval": evaluation, "variant": vname, "group": group, "seed": seed, "fold": k}
         return Job(f"{dname}/{folder.name}", "train", folder, spec, deps=[teacher.name])
 
-    for i, seed in enumerate(config.seeds):
-        for dname in config.datasets:
+    for dname, d in config.datasets.items():  # a dataset's own seed list may be shorter (a costly one)
+        for i, seed in enumerate(d.seeds or config.seeds):
             for vname, v in config.students.items():
-                if config.datasets[dname].runs(vname):
+                if d.runs(vname):
                     student_jobs.append(student(dname, vname, v, i, seed, "main"))
     jobs += student_jobs
     if config.ablations:
