@@ -127,11 +127,11 @@ def test_oom_falls_back_to_smaller_batch_then_cpu(model_path, monkeypatch):
     real = predictor_module._sliding_window
     calls = []
 
-    def fake(network, image, roi, overlap, sw, device, mirror_axes, on_windows):
+    def fake(network, image, roi, overlap, sw, device, mirror_axes, on_windows, *rest):
         calls.append((device.type, sw))
         if device.type == "cuda":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
-        return real(network, image, roi, overlap, sw, device, mirror_axes, on_windows)
+        return real(network, image, roi, overlap, sw, device, mirror_axes, on_windows, *rest)
 
     monkeypatch.setattr(predictor_module, "_sliding_window", fake)
     messages = []

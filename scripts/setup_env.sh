@@ -11,6 +11,8 @@ fi
 if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
     "$venv/bin/python" -m pip install --quiet --upgrade pip
     "$venv/bin/python" -m pip install --quiet "torch==2.13.0"
-    "$venv/bin/python" -m pip install --quiet -e "$root[test]"
+    # the constraint keeps a dependency (nnunetv2 -> timm -> torchvision) from pulling another torch
+    echo "torch==2.13.0" > "$venv/torch-constraint.txt"
+    "$venv/bin/python" -m pip install --quiet -c "$venv/torch-constraint.txt" -e "$root[test]"
     touch "$stamp"
 fi

@@ -32,6 +32,7 @@ from ..deployment.bundle import Bundle, open_model
 from ..errors import ReCoKDError
 from ..data.datasets import group_cases
 from ..inference.predictor import Predictor
+from ..inference.sliding_window import nnunet_window_weights
 from ..models import count_parameters
 from ..utils.io import json_safe
 from ..evaluation.metrics import read_label_map, score_case, summarise
@@ -211,10 +212,12 @@ def run_benchmark(
             _, pre = predictor.preprocess(array, geometry.spacing, geometry.origin, geometry.direction)
             raw = torch.from_numpy(pre.image)[None]
 
+            weights = nnunet_window_weights(predictor.roi_size) if predictor.window_weights == "nnunet" else None
+
             def plain() -> None:
                 with torch.inference_mode():
                     sliding_window_inference(raw.to(dev), predictor.roi_size, predictor.sw_batch_size, network,
-                                             overlap=overlap, mode="gaussian").argmax(1)
+                                             overlap=overlap, mode="gaussian", roi_weight_map=weights).argmax(1)
 
             plains.append(_time(plain, repeats))
         seconds, plain_seconds = statistics.median(ours), statistics.median(plains)
@@ -231,7 +234,7 @@ def run_benchmark(
         p = bundle.provenance
         results.append(ModelResult(
             name=name, role=bundle.role, method=p.get("method"), parameters=count_parameters(net_cpu),
-            flops=count_flops(net_cpu, bundle.spec.in_channels, bundle.plans.patch_size),
+            flops=count_flops(net_cpu, bundle.plans.num_channels, bundle.plans.patch_size),
             seconds_per_volume=seconds, plain_monai_seconds=plain_seconds, peak_memory_mb=peak,
             summary=summarise(scores), per_case=per_case))
         log(f"{name}: mean Dice {results[-1].summary['dice']['mean']:.4f}, {seconds:.2f} s/volume")

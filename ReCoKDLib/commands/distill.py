@@ -10,13 +10,14 @@ from .train import add_run_parser, run_role
 
 DESCRIPTION = (
     "Trains a student (the teacher's topology, channels / R) with labels plus a distillation "
-    "method; the teacher comes from a `recokd train` run folder and stays frozen."
+    "method; the teacher comes from a `recokd train` run folder or an nnU-Net v2 results folder "
+    "(whose plans then preprocess the data) and stays frozen."
 )
 
 
 def run(args: argparse.Namespace) -> int:
     if not args.resume and not args.teacher:
-        raise ReCoKDError("distill needs --teacher RUN (a folder written by `recokd train`)")
+        raise ReCoKDError("distill needs --teacher RUN (a folder written by `recokd train`, or an nnU-Net v2 results folder)")
     return run_role(args, "student")
 
 
@@ -24,7 +25,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     from ..kd_methods import KD_METHODS
 
     p = add_run_parser(sub, "distill", help="distil a trained teacher into a compact student", description=DESCRIPTION, func=run)
-    p.add_argument("--teacher", help="teacher run folder (from `recokd train`)")
+    p.add_argument("--teacher", help="teacher: a run folder from `recokd train`, or an nnU-Net v2 results folder "
+                   "(<trainer>__<plans>__<configuration>, or the dataset's results folder holding one)")
+    p.add_argument("--teacher-folds", "--folds", dest="teacher_folds",
+                   help="nnU-Net teacher: folds to ensemble, e.g. 0 or 0,1,2,3,4, or 'all' for fold_all "
+                        "(default: every numbered fold with a checkpoint)")
+    p.add_argument("--teacher-checkpoint", dest="teacher_checkpoint", choices=["final", "best"],
+                   help="nnU-Net teacher: checkpoint_final.pth (default) or checkpoint_best.pth")
     p.add_argument("--method", choices=list(KD_METHODS),
                    help="distillation method (default recokd; none = labels only; defaults justified in docs/results.md)")
     p.add_argument("--lambda-max", dest="lambda_max", type=float, help="final KD weight λ (default: the method's)")

@@ -533,8 +533,16 @@ def export_run(run_dir: str | Path, output: str | Path, **kwargs: Any) -> Path:
 
 
 def open_model(path: str | Path, max_bytes: int = MAX_BUNDLE_BYTES) -> Bundle:
-    """A bundle from a ``.recokd`` file / bundle folder, or assembled from a training run folder."""
+    """A bundle from a ``.recokd`` file / bundle folder, or assembled from a training run folder; an
+    nnU-Net v2 results folder gives a bundle-like view of its fold ensemble (all folds with a final
+    checkpoint; see :mod:`ReCoKDLib.models.nnunet`)."""
     path = Path(path)
+    if path.is_dir() and not (path / MANIFEST).is_file() and not (path / "run.json").is_file():
+        from ..models.nnunet import is_nnunet_folder
+        from .nnunet_model import open_nnunet_view
+
+        if is_nnunet_folder(path):
+            return open_nnunet_view(path)  # type: ignore[return-value]
     if path.is_dir() and (path / "run.json").is_file() and not (path / MANIFEST).is_file():
         return bundle_from_run(path)
     return load_bundle(path, max_bytes=max_bytes)

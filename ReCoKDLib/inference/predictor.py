@@ -156,6 +156,7 @@ def _sliding_window(
     device: torch.device,
     mirror_axes: Sequence[int],
     on_windows: Callable[[int], None] | None,
+    window_weights: str = "gaussian",
 ) -> torch.Tensor:
     """One sliding-window pass on ``device``: (1, C, D, H, W) → (1, K, D, H, W) logits on the CPU.
 
@@ -163,7 +164,8 @@ def _sliding_window(
     if isinstance(network, nn.Module):
         network.to(device)
     return predict_logits(network, image.to(device), roi_size, overlap=overlap, sw_batch_size=sw_batch_size,
-                          device=device, mirror_axes=mirror_axes, on_windows=on_windows)[None]
+                          device=device, mirror_axes=mirror_axes, on_windows=on_windows,
+                          window_weights=window_weights)[None]
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -180,7 +182,8 @@ class Predictor:
     """Segment images with a model bundle.
 
     Args:
-        model: a :class:`~ReCoKDLib.deployment.bundle.Bundle`, a ``.recokd`` file / bundle folder, or a run folder.
+        model: a :class:`~ReCoKDLib.deployment.bundle.Bundle`, a ``.recokd`` file / bundle folder, a run folder,
+            or an nnU-Net v2 results folder (its fold ensemble).
         device: ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``.
         overlap: sliding-window overlap (0..1).
         sw_batch_size: windows per forward pass.
@@ -219,7 +222,7 @@ class Predictor:
         check_spacing: bool = True,
         postprocess: str | None = None,
     ):
-        self.bundle = model if isinstance(model, Bundle) else open_model(model)
+        self.bundle = model if isinstance(model, Bundle) or hasattr(model, "build_network") else open_model(model)
         self.postprocess = self.bundle.postprocessing if postprocess is None else postprocess
         if self.postprocess not in POSTPROCESSING:
             raise ReCoKDError(f"post-processing {self.postprocess!r} is not one of {', '.join(POSTPROCESSING)}")
@@ -245,6 +248,8 @@ class Predictor:
             self.network.eval()
         self.plans = self.bundle.plans
         self.roi_size = tuple(int(p) for p in self.plans.patch_size)
+        # how windows are blended: nnU-Net models with nnU-Net's own weights (they then predict what nnU-Net does)
+        self.window_weights = getattr(self.bundle, "window_weights", "gaussian")
 
     # -- inference with fallbacks ---------------------------------------------------------------
     def _attempts(self) -> list[tuple[torch.device, int]]:
@@ -290,7 +295,7 @@ class Predictor:
                         if bar is not None:
                             bar.reset(total=total)
                     out = _sliding_window(self.network, x, self.roi_size, self.overlap, sw, device,
-                                          self.mirror_axes, callback)
+                                          self.mirror_axes, callback, self.window_weights)
                     if device != self.device or sw != self.sw_batch_size:
                         self.device, self.sw_batch_size = device, sw  # keep what worked for the next cases
                     return out[0]

@@ -6,9 +6,31 @@ from __future__ import annotations
 import itertools
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
+
+
+WINDOW_WEIGHTS = ("gaussian", "nnunet")
+
+
+def nnunet_window_weights(roi_size: Sequence[int], sigma_scale: float = 1 / 8) -> torch.Tensor:
+    """nnU-Net v2's blending weights for one window, shape ``roi_size``: a Gaussian with σ = size·``sigma_scale``
+    centred on voxel ``size // 2``, maximum 1, zeros raised to the smallest non-zero weight.
+
+    MONAI's ``"gaussian"`` mode centres on ``(size - 1) / 2`` and is a little wider; with networks whose
+    windows disagree (instance norm on a small patch) the two blends differ by up to a few logits, so an
+    nnU-Net teacher is run with its own weights to predict what nnU-Net predicts."""
+    from scipy.ndimage import gaussian_filter
+
+    size = [int(r) for r in roi_size]
+    delta = np.zeros(size, dtype=np.float64)
+    delta[tuple(n // 2 for n in size)] = 1
+    weights = gaussian_filter(delta, [n * sigma_scale for n in size], mode="constant", cval=0)
+    weights /= weights.max()
+    weights[weights == 0] = weights[weights > 0].min()
+    return torch.from_numpy(weights.astype(np.float32))
 
 
 class WindowPredictor(nn.Module):
@@ -46,6 +68,7 @@ def predict_logits(
     mirror_axes: Sequence[int] = (),
     on_windows: Callable[[int], None] | None = None,
     progress: bool = False,
+    window_weights: str = "gaussian",
 ) -> torch.Tensor:
     """Logits of a whole volume.
 
@@ -61,9 +84,13 @@ def predict_logits(
             volume's logits need not fit the GPU.
         mirror_axes: spatial axes to mirror for test-time augmentation (none by default).
         on_windows: called with the number of windows after each forward pass (progress).
+        window_weights: ``"gaussian"`` (MONAI's) or ``"nnunet"`` (:func:`nnunet_window_weights`, for nnU-Net models).
     Returns:
         (K, D, H, W) float32 logits on the CPU.
     """
+    if window_weights not in WINDOW_WEIGHTS:
+        raise ValueError(f"window_weights must be one of {WINDOW_WEIGHTS}, got {window_weights!r}")
+    weight_map = nnunet_window_weights(roi_size) if window_weights == "nnunet" else None
     is_module = isinstance(network, nn.Module)
     was_training = network.training if is_module else False
     dev = torch.device(device) if device is not None else next(network.parameters()).device
@@ -79,6 +106,7 @@ def predict_logits(
                 predictor=WindowPredictor(network, mirror_axes, on_windows),
                 overlap=overlap,
                 mode="gaussian",
+                roi_weight_map=weight_map,
                 sw_device=dev,
                 device=torch.device("cpu"),
                 progress=progress,

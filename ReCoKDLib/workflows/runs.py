@@ -22,6 +22,7 @@ import torch.distributed as dist
 from ..data.datasets import DatasetInfo, open_dataset
 from ..data.fingerprint import compute_fingerprint
 from ..data.loader import AugmentConfig, PatchBatches
+from ..data.nnunet_plans import plans_from_nnunet
 from ..data.planning import Plans, plan_experiment
 from ..data.preprocessing import load_preprocessed, preprocess_dataset
 from ..data.validation import require_valid
@@ -29,6 +30,7 @@ from ..distill.distiller import Distiller
 from ..errors import ReCoKDError
 from ..kd_methods import DEFAULT_METHOD
 from ..losses.registry import KD_METHODS, resolve_method
+from ..models.nnunet import is_nnunet_folder, open_nnunet_model
 from ..models.unet import UNetSpec, build_unet, dynunet_tap_names
 from ..models.weights import load_weights
 from ..utils.io import atomic_write_text, new_folder, read_json, remove_partial_files
@@ -206,7 +208,9 @@ class RunSpec:
     val_cases_file: str | None = None
     plans_file: str | None = None  # teacher: a plans.json instead of planning
     planner: PlannerOptions = field(default_factory=PlannerOptions)  # teacher: planner options
-    teacher: str | None = None  # student: the teacher's run folder
+    teacher: str | None = None  # student: the teacher's run folder, or an nnU-Net v2 results folder
+    teacher_folds: str | None = None  # nnU-Net teacher: "0", "0,1,2" or "all" (fold_all); None: every numbered fold
+    teacher_checkpoint: str | None = None  # nnU-Net teacher: "final" (default) or "best"
     method: str = "none"
     taps: str = "encoder"
     width_factor: float | None = None
@@ -235,7 +239,8 @@ class RunSpec:
         if role == "student":
             identity.update(teacher=args.teacher, method=args.method, taps=args.taps, width_factor=args.width_factor,
                             lambda_max=args.lambda_max, temperature=args.temperature,
-                            warmup_fraction=args.warmup_fraction)
+                            warmup_fraction=args.warmup_fraction, teacher_folds=args.teacher_folds,
+                            teacher_checkpoint=args.teacher_checkpoint)
         given = {k: v for k, v in identity.items() if v is not None}
         spec = cls(role=role, dataset=args.dataset, output=args.output, cache=args.cache, training=training,
                    resume=args.resume, stop_after_epochs=args.stop_after_epochs, progress=not args.no_progress,
@@ -272,6 +277,7 @@ class RunSpec:
             teacher=saved.get("teacher_run"), method=saved.get("method") or "none", taps=saved.get("taps") or "encoder",
             width_factor=saved.get("width_factor"), lambda_max=saved.get("lambda_max"),
             temperature=kd.get("temperature"), warmup_fraction=kd.get("warmup_fraction", 0.6),
+            teacher_folds=saved.get("teacher_folds"), teacher_checkpoint=saved.get("teacher_checkpoint"),
             training={**saved["config"], **resumable},
         )
 
@@ -287,13 +293,17 @@ class RunSpec:
             "teacher": saved.get("teacher_run"), "method": saved.get("method"), "taps": saved.get("taps"),
             "width_factor": saved.get("width_factor"), "lambda_max": saved.get("lambda_max"),
             "temperature": kd.get("temperature"), "warmup_fraction": kd.get("warmup_fraction"),
+            "teacher_folds": saved.get("teacher_folds"), "teacher_checkpoint": saved.get("teacher_checkpoint"),
         }
         flags = {"val_cases_file": "--val-cases", "width_factor": "--width-factor", "lambda_max": "--lambda-max",
-                 "warmup_fraction": "--warmup-fraction"}
+                 "warmup_fraction": "--warmup-fraction", "teacher_folds": "--teacher-folds",
+                 "teacher_checkpoint": "--teacher-checkpoint"}
         changed = []
         for name in sorted(self.given):
             mine, theirs = getattr(self, name), saved_identity.get(name)
             if name in ("teacher", "val_cases_file") and mine is not None and theirs is not None:
+                if name == "teacher" and not (Path(mine) / "run.json").is_file() and is_nnunet_folder(mine):
+                    mine = _nnunet_model_folder(mine)  # a dataset's results folder names its one model
                 mine, theirs = str(Path(mine).resolve()), str(Path(theirs).resolve())
             if not same(mine, theirs):
                 changed.append(f"{flags.get(name, '--' + name)} {mine} (run: {theirs})")
@@ -336,6 +346,34 @@ class RunSpec:
         return RunConfig.from_dict(given)
 
 
+def _nnunet_model_folder(path: str | Path) -> Path:
+    try:
+        return open_nnunet_model(path).folder
+    except ReCoKDError:
+        return Path(path)
+
+
+def _parse_folds(text: str | None) -> list[str] | None:
+    """``--teacher-folds``: ``"0"``, ``"0,1,2"`` or ``"all"`` (nnU-Net's fold_all); ``None``: every numbered fold."""
+    if text is None:
+        return None
+    folds = [f.strip() for f in str(text).split(",") if f.strip()]
+    if not folds or any(not (f.isdigit() or f == "all") for f in folds):
+        raise ReCoKDError(f"--teacher-folds takes fold numbers separated by commas, or 'all' (nnU-Net's fold_all), got {text!r}")
+    return folds
+
+
+def _check_teacher_data(dataset: DatasetInfo, plans: Plans, teacher: Path) -> None:
+    """The distillation data must be labelled and imaged as the nnU-Net teacher's were."""
+    if dataset.num_channels != plans.num_channels:
+        raise ReCoKDError(f"dataset '{dataset.name}' has {dataset.num_channels} channel(s) but the nnU-Net teacher {teacher} "
+                          f"takes {plans.num_channels} ({', '.join(plans.channel_names.values())}); distil on data "
+                          "acquired as the teacher's")
+    if dict(dataset.labels) != dict(plans.labels):
+        raise ReCoKDError(f"dataset '{dataset.name}' labels {dict(dataset.labels)} differ from the nnU-Net teacher's "
+                          f"dataset.json {dict(plans.labels)} ({teacher}); relabel the data to the teacher's values")
+
+
 def _read_json(path: Path, what: str) -> dict:
     return read_json(path, what, hint="is this a finished run folder?")
 
@@ -368,14 +406,31 @@ def _run(run_spec: RunSpec, device: torch.device, rank: int, world: int) -> int:
         run_spec = run_spec.resumed_from(saved)
 
     dataset = open_dataset(run_spec.dataset)
-    teacher_run = None
+    teacher_run = nnunet_teacher = None
     if role == "student":
         teacher_run = Path(run_spec.teacher)
-        teacher_info = _read_json(teacher_run / "run.json", "teacher run file")
-        if teacher_info.get("role") != "teacher":
-            raise ReCoKDError(f"{teacher_run} is not a teacher run (role {teacher_info.get('role')!r}); pass a `recokd train` run")
-        plans = Plans.load(teacher_run / "plans.json")
-        teacher_spec = UNetSpec.from_json((teacher_run / "network.json").read_text())
+        if not (teacher_run / "run.json").is_file() and is_nnunet_folder(teacher_run):
+            # an nnU-Net v2 model: its own plans preprocess the data, its topology is the student's template
+            nnunet_teacher = open_nnunet_model(teacher_run, _parse_folds(run_spec.teacher_folds),
+                                               run_spec.teacher_checkpoint or "final")
+            teacher_run = nnunet_teacher.folder
+            plans, teacher_spec = plans_from_nnunet(nnunet_teacher), nnunet_teacher.unet_spec()
+            _check_teacher_data(dataset, plans, teacher_run)
+            nnunet_network = nnunet_teacher.teacher()  # every checkpoint read before anything is written
+        else:
+            if teacher_run.is_dir() and not (teacher_run / "run.json").is_file():
+                raise ReCoKDError(f"{teacher_run} is neither a `recokd train` run (no run.json) nor an nnU-Net v2 results "
+                                  "folder (no plans.json and dataset.json, nor a <trainer>__<plans>__<configuration> "
+                                  "folder); pass one of them")
+            if run_spec.teacher_folds is not None or run_spec.teacher_checkpoint is not None:
+                raise ReCoKDError("--teacher-folds and --teacher-checkpoint are for nnU-Net teachers; "
+                                  f"{teacher_run} is not an nnU-Net results folder")
+            teacher_info = _read_json(teacher_run / "run.json", "teacher run file")
+            if teacher_info.get("role") != "teacher":
+                raise ReCoKDError(f"{teacher_run} is not a teacher run (role {teacher_info.get('role')!r}); "
+                                  "pass a `recokd train` run or an nnU-Net v2 results folder")
+            plans = Plans.load(teacher_run / "plans.json")
+            teacher_spec = UNetSpec.from_json((teacher_run / "network.json").read_text())
         root = results_root(dataset.name, run_spec.cache)
         if _is_main():
             preprocess_dataset(dataset, plans, root, progress=progress)
@@ -431,13 +486,17 @@ def _run(run_spec: RunSpec, device: torch.device, rank: int, world: int) -> int:
             raise ReCoKDError(f"unknown KD method {method!r}; choose one of {', '.join(KD_METHODS)}")
         terms, _ = resolve_method(method)
         term_options = {t: {"temperature": temperature} for t in terms if t in TEMPERATURE_TERMS} if temperature else None
-        teacher = build_unet(teacher_spec)
-        load_weights(teacher, teacher_run / "model_best.safetensors")
+        if nnunet_teacher is not None:
+            teacher = nnunet_network
+            tap_names_t, probe = teacher.tap_names(taps), teacher.probe_shape()
+        else:
+            teacher = build_unet(teacher_spec)
+            load_weights(teacher, teacher_run / "model_best.safetensors")
+            tap_names_t, probe = dynunet_tap_names(teacher_spec, taps), None
         spec = teacher_spec.student(width_factor)
         network = build_unet(spec)
-        tap_names_t = dynunet_tap_names(teacher_spec, taps)
         distiller = Distiller(teacher, network, tap_names_t, dynunet_tap_names(spec, taps), num_classes, method,
-                              lambda_max=lam_arg, warmup_fraction=warmup, term_options=term_options)
+                              probe_shape=probe, lambda_max=lam_arg, warmup_fraction=warmup, term_options=term_options)
         lambda_max = distiller.lambda_max
         module = DistillTrainModule(distiller)
 
@@ -455,6 +514,9 @@ def _run(run_spec: RunSpec, device: torch.device, rank: int, world: int) -> int:
         "channel_names": {str(k): v for k, v in plans.channel_names.items()},
         "method": method,
         "teacher_run": str(teacher_run.resolve()) if teacher_run else None,
+        "teacher_kind": ("nnunet" if nnunet_teacher is not None else "recokd") if teacher_run else None,
+        "teacher_folds": ",".join(nnunet_teacher.checkpoints) if nnunet_teacher is not None else None,
+        "teacher_checkpoint": (run_spec.teacher_checkpoint or "final") if nnunet_teacher is not None else None,
         "width_factor": width_factor,
         "fold": fold if not val_file else "fixed",
         "seed": config.seed,
