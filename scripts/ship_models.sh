@@ -3,7 +3,11 @@
 # open, and `recokd predict -m NAME` without --registry): trains, scores on held-out cases with
 # `recokd evaluate`, exports bundles with terminology, test Dice and terms of use, writes registry.json.
 #
-#   bash scripts/ship_models.sh [WORK_DIR]     (default ./recokd_ship; resumable: re-run to continue)
+#   bash scripts/ship_models.sh [WORK_DIR [NAME...]]   (default ./recokd_ship, every model; resumable: re-run to continue)
+#
+# NAME: la2018-left-atrium, acdc-heart, phantom-abdomen (rebuild only those; the registry lists all three bundles).
+# Each model validates once, at its end (--val-every = epochs): the exported weights are the final ones,
+# never chosen on held-out cases, and the runs are those of the study (configs/study.json, seed 0).
 #
 # About 90 minutes on 2 CPU cores. Needs ../shared/data/LA2018-lowres and ACDC-subset (research-use data: those
 # models may be redistributed for research use only, as their bundles and registry entries say).
@@ -15,8 +19,10 @@ W="$(mkdir -p "${1:-recokd_ship}" && cd "${1:-recokd_ship}" && pwd)"
 LA="${RECOKD_SHARED_DATA:-$root/../shared/data}/LA2018-lowres"
 OUT="$root/ReCoKDLib/resources/models"
 TERMS="$root/configs/terminology"
+ONLY=("${@:2}")
+wanted() { [ ${#ONLY[@]} -eq 0 ] || [[ " ${ONLY[*]} " == *" $1 "* ]]; }
 common="--iters-per-epoch 100 --optimizer adamw --lr 0.003 --batch-size 2 --no-augment --seed 0
-        --val-every 5 --val-max-cases 2 --workers 1 --threads 1 --device cpu --no-progress --resume"
+        --val-max-cases 2 --workers 1 --threads 1 --device cpu --no-progress --resume"
 planner="--patch-budget 65536 --base-filters 16 --max-filters 128"
 
 # ship NAME DATASET RUNS TEACHER_EPOCHS STUDENT_EPOCHS TEST_IMAGES TEST_LABELS DESCRIPTION LICENSE POSTPROCESS [SPLIT...]
@@ -26,12 +32,13 @@ planner="--patch-budget 65536 --base-filters 16 --max-filters 128"
 # held-out cases, i.e. a cross-validation fold).
 ship() {
   local name=$1 data=$2 runs=$3 images=$6 labels=$7 post=${10} split=("${@:11}")
+  wanted "$name" || return 0
   [ ${#split[@]} -gt 0 ] || split=(--fold all)
   recokd plan "$data" --cache "$runs/cache" --no-progress $planner
   recokd train "$data" -o "$runs/teacher" --cache "$runs/cache" --plans "$runs/cache/plans.json" --epochs "$4" \
-    "${split[@]}" $common
+    --val-every "$4" "${split[@]}" $common
   recokd distill "$data" -o "$runs/student_recokd" --cache "$runs/cache" --teacher "$runs/teacher" --epochs "$5" \
-    --method recokd "${split[@]}" $common
+    --val-every "$5" --method recokd "${split[@]}" $common
   recokd predict -m "$runs/student_recokd" -i "$images" -o "$runs/pred" --device cpu --no-progress --postprocess "$post"
   recokd evaluate "$runs/pred" "$labels" --labels "$data/dataset.json" --json "$runs/test.json"
   recokd export "$runs/student_recokd" -o "$OUT/$name.recokd" --name "$name" --description "$8" \
@@ -47,7 +54,7 @@ ship la2018-left-atrium "$LA" "$W/la2018" 15 15 "$LA/imagesTs" "$LA/labelsTs" \
 # -- ACDC-subset: right ventricle, myocardium, left ventricle; trained on folds 1-2 of the study's
 # patient-grouped 3 folds, scored on fold 0's held-out cases (cross-validation Dice) -----------------
 A="$W/acdc"; ACDC="${RECOKD_SHARED_DATA:-$root/../shared/data}/ACDC-subset"
-python "$root/scripts/heldout_fold.py" "$ACDC" "$A"
+if wanted acdc-heart; then python "$root/scripts/heldout_fold.py" "$ACDC" "$A"; fi
 ship acdc-heart "$ACDC" "$A" 16 16 "$A/heldout_images" "$A/heldout_labels" \
   "Heart in cine-MRI (ACDC): right ventricle, myocardium, left ventricle; ReCo-KD student (R = 4) of a 16-128-filter U-Net" \
   "Research and non-commercial use only, not for clinical use: trained on ACDC challenge data (Bernard et al., IEEE TMI 2018), whose terms apply." \
@@ -55,7 +62,7 @@ ship acdc-heart "$ACDC" "$A" 16 16 "$A/heldout_images" "$A/heldout_labels" \
 
 # -- the built-in phantom: 40 training cases (seed 0); scored on 10 held-out cases and the sample ---
 P="$W/phantom"
-python - "$P" <<'PY'
+wanted phantom-abdomen && python - "$P" <<'PY'
 import sys
 from dataclasses import replace
 from pathlib import Path
