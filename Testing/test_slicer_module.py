@@ -288,6 +288,36 @@ def test_distill_runs_in_background_and_exports_the_student(env, tmp_path, monke
         logic.distill(str(tmp_path / "Dataset001"), "t", method="bogus")
 
 
+@pytest.mark.skipif(sys.platform.startswith("win"), reason="uses a POSIX script as the interpreter")
+def test_an_nnunet_results_folder_is_a_teacher_in_the_training_panel(env, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from ReCoKDSlicer import logic as slicer_logic
+
+    monkeypatch.setattr(slicer_logic, "pythonExecutable", lambda: str(_fake_python(tmp_path)))
+    dataset = tmp_path / "Dataset001"
+    dataset.mkdir()
+    (dataset / "dataset.json").write_text("{}")
+    model = tmp_path / "nnUNet_results" / "Dataset001_X" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    model.mkdir(parents=True)
+    for name in ("plans.json", "dataset.json"):
+        (model / name).write_text("{}")
+    logic = module.ReCoKDLogic(scene=env["scene"], modelsFolder=tmp_path / "models", registries=[])
+    params = SimpleNamespace(datasetFolder=str(dataset), teacherPath=str(model.parent), trainTeacherFirst=False,
+                             kdMethod="recokd", widthFactor=4.0, epochs=2, outputFolder=str(tmp_path / "student"),
+                             device="cpu")
+    task = logic.trainWithParameters(params, wait=True)
+    args = next(line for line in task.job.lines if line.startswith("ARGS")).split()[1:]
+    assert args[0] == "distill" and args[args.index("--teacher") + 1] == str(model.parent)
+    task = logic.distill(str(dataset), str(model), epochs=1, outputFolder=str(tmp_path / "s2"), teacherFolds="0,1",
+                         wait=True)
+    args = next(line for line in task.job.lines if line.startswith("ARGS")).split()[1:]
+    assert args[args.index("--teacher-folds") + 1] == "0,1"
+    params.teacherPath = str(tmp_path / "models")
+    with pytest.raises(module.ReCoKDError, match="neither a training run folder .* nor an nnU-Net v2 results folder"):
+        logic.trainWithParameters(params, wait=True)
+
+
 def test_kd_methods_come_from_the_library_without_torch():
     """One list of method names, torch-free, that the panel and `recokd distill --method` both use."""
     import subprocess

@@ -38,6 +38,12 @@ try:  # the choices of `recokd distill --method`, from ReCoKDLib's torch-free li
 except ImportError:  # no library: library.error() says so, and nothing can be trained
     KD_METHODS = ("recokd",)
 
+try:  # torch-free too
+    from ReCoKDLib.utils.nnunet_layout import is_nnunet_folder
+except ImportError:
+    def is_nnunet_folder(path) -> bool:  # type: ignore[misc]
+        return False
+
 log = logging.getLogger("ReCoKD")
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -596,12 +602,16 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         return self._startTraining("teacher", args, outputFolder, epochs, wait, progress, onFinished, followUp)
 
     def distill(self, datasetFolder, teacher, method="recokd", widthFactor=4, epochs=50, outputFolder=None,
-                device="auto", resume=False, extraArgs=(), wait=True, progress=None, onFinished=None):
+                device="auto", resume=False, extraArgs=(), wait=True, progress=None, onFinished=None,
+                teacherFolds=None):
         """``recokd distill`` in the background, then ``recokd export`` of the student into the models folder.
 
         Args:
             datasetFolder: nnU-Net or MSD dataset folder (holds dataset.json).
-            teacher: teacher run folder (from :meth:`trainTeacher` / ``recokd train``).
+            teacher: teacher run folder (from :meth:`trainTeacher` / ``recokd train``), or an nnU-Net v2
+                results folder (its plans then preprocess the data).
+            teacherFolds: nnU-Net teacher only: folds to ensemble, e.g. ``"0"`` or ``"0,1,2,3,4"`` (default:
+                every numbered fold with a final checkpoint).
             method: KD method (``recokd`` default; baselines selectable).
             widthFactor: student channels = teacher's / R.
             outputFolder: run folder (default ``<runs folder>/<dataset>/student_<method>``).
@@ -615,6 +625,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
                 "--epochs", int(epochs), "--device", device, *extraArgs]
         if teacher:
             args += ["--teacher", teacher]
+        if teacherFolds:
+            args += ["--teacher-folds", str(teacherFolds)]
         if resume:
             args.append("--resume")
         return self._startTraining("student", args, outputFolder, epochs, wait, progress, onFinished)
@@ -631,8 +643,9 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         teacher = (p.teacherPath or "").strip()
         if not p.trainTeacherFirst and not teacher:
             raise ReCoKDError("select a teacher run folder, or tick 'Train a teacher first'")
-        if not p.trainTeacherFirst and not (Path(teacher) / "run.json").is_file():
-            raise ReCoKDError(f"{teacher} is not a training run folder (no run.json); select a `recokd train` run")
+        if not p.trainTeacherFirst and not ((Path(teacher) / "run.json").is_file() or is_nnunet_folder(teacher)):
+            raise ReCoKDError(f"{teacher} is neither a training run folder (no run.json) nor an nnU-Net v2 results "
+                              "folder; select a `recokd train` run or an nnU-Net model folder")
         method, width, epochs = p.kdMethod, float(p.widthFactor), int(p.epochs)
         extraArgs = [*self.extraTrainingArgs, *extraArgs]
         output = (p.outputFolder or "").strip() or str(self.runsFolder / Path(dataset).name / f"student_{method}")

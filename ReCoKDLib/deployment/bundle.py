@@ -538,7 +538,7 @@ def open_model(path: str | Path, max_bytes: int = MAX_BUNDLE_BYTES) -> Bundle:
     checkpoint; see :mod:`ReCoKDLib.models.nnunet`)."""
     path = Path(path)
     if path.is_dir() and not (path / MANIFEST).is_file() and not (path / "run.json").is_file():
-        from ..models.nnunet import is_nnunet_folder
+        from ..utils.nnunet_layout import is_nnunet_folder
         from .nnunet_model import open_nnunet_view
 
         if is_nnunet_folder(path):

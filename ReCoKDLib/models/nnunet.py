@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import importlib
 import pickle
-import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from torch import nn
 from ..errors import ReCoKDError
 from ..utils.io import read_json
 from ..utils.labels import LabelSet
+from ..utils.nnunet_layout import MODEL_DIR as _MODEL_DIR, is_nnunet_folder
 from .unet import UNetSpec
 
 __all__ = [
@@ -65,7 +65,6 @@ for _cls in (nn.Conv3d, nn.InstanceNorm3d, nn.BatchNorm3d, nn.GroupNorm, nn.Leak
     _IMPORTABLE[f"torch.nn.{_cls.__name__}"] = _cls
 
 CHECKPOINTS = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
-_MODEL_DIR = re.compile(r"^(?P<trainer>[^_].*?)__(?P<plans>.+?)__(?P<configuration>[^_].*)$")
 
 
 def _numpy_safe_globals() -> list[Any]:
@@ -125,15 +124,6 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 key = key[len(prefix):]
         out[key] = value
     return out
-
-
-def is_nnunet_folder(path: str | Path) -> bool:
-    """Whether ``path`` is an nnU-Net v2 model folder, or a results folder holding such folders."""
-    path = Path(path)
-    if (path / "plans.json").is_file() and (path / "dataset.json").is_file():
-        return True
-    return path.is_dir() and any(_MODEL_DIR.match(d.name) and (d / "plans.json").is_file()
-                                 for d in path.iterdir() if d.is_dir())
 
 
 @dataclass

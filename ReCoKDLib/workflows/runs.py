@@ -30,7 +30,8 @@ from ..distill.distiller import Distiller
 from ..errors import ReCoKDError
 from ..kd_methods import DEFAULT_METHOD
 from ..losses.registry import KD_METHODS, resolve_method
-from ..models.nnunet import is_nnunet_folder, open_nnunet_model
+from ..models.nnunet import open_nnunet_model
+from ..utils.nnunet_layout import is_nnunet_folder
 from ..models.unet import UNetSpec, build_unet, dynunet_tap_names
 from ..models.weights import load_weights
 from ..utils.io import atomic_write_text, new_folder, read_json, remove_partial_files
