@@ -19,6 +19,18 @@ def _single_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_recokd_home(tmp_path_factory):
+    """Model and ONNX caches in a temporary folder: the tests never write into the user's ~/.cache."""
+    previous = os.environ.get("RECOKD_HOME")
+    os.environ["RECOKD_HOME"] = str(tmp_path_factory.mktemp("recokd_home"))
+    yield
+    if previous is None:
+        os.environ.pop("RECOKD_HOME", None)
+    else:
+        os.environ["RECOKD_HOME"] = previous
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The shared real-data folder (``../shared/data`` from the repository root, or ``$RECOKD_SHARED_DATA``).

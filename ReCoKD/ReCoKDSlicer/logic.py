@@ -305,6 +305,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         self.onTrainingLine = None  # called with each output line of training jobs (the log pane)
         self.extraTrainingArgs: list = []  # extra `recokd train/distill` options for runs started from the panel
         self.extraTeacherArgs: list = []  # ... for the teacher only (e.g. planner options: --base-filters 16)
+        # the inference engine: auto = ONNX Runtime on the CPU when installed (faster for students), else PyTorch
+        self.backend = "auto"
         self.debugDelay = 0.0  # seconds per sliding window; test hook only
         self.timeout = None  # seconds; wait=True cancels after it
         self._plotNodes: dict = {}
@@ -418,6 +420,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             command += ["--model", str(local)]
         if not fast:
             command.append("--tta")
+        command += ["--backend", self.backend]
         if self.debugDelay:
             command += ["--debug-delay", str(self.debugDelay)]
         job = BackgroundJob(command, env=_jobEnvironment(), name="segmentation")

@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     model = resolve_model(args.model, registry=args.registry)
     predictor = Predictor(model, device=args.device, overlap=args.overlap, sw_batch_size=args.sw_batch,
                           mirror_tta=args.tta, threads=args.threads, progress=not args.no_progress,
-                          check_spacing=not args.force, postprocess=args.postprocess)
+                          check_spacing=not args.force, postprocess=args.postprocess, backend=args.backend,
+                          blend=args.blend)
     if folder_mode:
         failed = 0
         for files, target in jobs:
@@ -61,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..inference.backends import BACKENDS
     from ..inference.postprocessing import POSTPROCESSING
+    from ..inference.sliding_window import WINDOW_WEIGHTS
 
     p = sub.add_parser("predict", help="segment images with a model bundle",
                        description="Segment a 3D image (any SimpleITK format), the channel files of one case, or a "
@@ -73,6 +76,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
     p.add_argument("--sw-batch", dest="sw_batch", type=int, default=2, help="windows per forward pass (default 2)")
     p.add_argument("--tta", action="store_true", help="mirror test-time augmentation (8x slower)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="auto (default): ONNX Runtime on the CPU when installed (the bundle's graph is exported once "
+                        "and cached), else PyTorch; or torch / onnxruntime")
+    p.add_argument("--blend", choices=WINDOW_WEIGHTS,
+                   help="weights of overlapping windows: gaussian (default), constant, nnunet (default for nnU-Net folders)")
     p.add_argument("--postprocess", choices=POSTPROCESSING,
                    help="keep only the largest connected component of the foreground or of each class "
                    "(default: the bundle's choice, else none)")

@@ -45,7 +45,8 @@ from ..utils.geometry import IDENTITY_DIRECTION, ImageGeometry
 from ..utils.geometry import lps_geometry_from_ijk_to_ras as geometry_from_ijk_to_ras
 from ..utils.io import atomic_write
 from .postprocessing import POSTPROCESSING, postprocess_labels
-from .sliding_window import predict_logits
+from .backends import BACKENDS, select_backend
+from .sliding_window import WINDOW_WEIGHTS, predict_logits
 from ..utils.runtime import resolve_device
 
 __all__ = [
@@ -199,6 +200,11 @@ class Predictor:
             (:meth:`check_resampled_size`); ``False`` (``recokd predict --force``) segments them anyway.
         postprocess: one of :data:`~ReCoKDLib.inference.postprocessing.POSTPROCESSING`; ``None`` (default):
             the bundle's choice (``none`` for bundles that record none).
+        backend: ``"torch"`` (default), ``"onnxruntime"`` (CPU; the bundle's ONNX graph, cached) or ``"auto"``
+            (ONNX Runtime on the CPU when installed, else PyTorch); see :mod:`ReCoKDLib.inference.backends`.
+            ``self.backend`` is the one chosen.
+        blend: how overlapping windows are weighted: ``"gaussian"`` (default), ``"constant"`` (plain mean) or
+            ``"nnunet"`` (nnU-Net's Gaussian; the default for nnU-Net folders).
 
     Example::
 
@@ -221,6 +227,8 @@ class Predictor:
         log: Callable[[str], None] | None = None,
         check_spacing: bool = True,
         postprocess: str | None = None,
+        backend: str = "torch",
+        blend: str | None = None,
     ):
         self.bundle = model if isinstance(model, Bundle) or hasattr(model, "build_network") else open_model(model)
         self.postprocess = self.bundle.postprocessing if postprocess is None else postprocess
@@ -243,13 +251,35 @@ class Predictor:
         self.progress = progress
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.check_spacing = bool(check_spacing)
-        self.network = network if network is not None else self.bundle.build_network()
-        if isinstance(self.network, nn.Module):
-            self.network.eval()
+        if backend not in BACKENDS:
+            raise ReCoKDError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        # the network is built (and an ONNX graph exported) on first use: a refused input costs nothing
+        self._requested_backend, self._threads = backend, threads
+        self._network, self._backend = (network, "custom") if network is not None else (None, None)
+        if backend == "torch":
+            self.network  # noqa: B018 - cheap, and checks the weights fit before any input is read
         self.plans = self.bundle.plans
         self.roi_size = tuple(int(p) for p in self.plans.patch_size)
         # how windows are blended: nnU-Net models with nnU-Net's own weights (they then predict what nnU-Net does)
-        self.window_weights = getattr(self.bundle, "window_weights", "gaussian")
+        self.window_weights = blend or getattr(self.bundle, "window_weights", "gaussian")
+        if self.window_weights not in WINDOW_WEIGHTS:
+            raise ReCoKDError(f"blend must be one of {', '.join(WINDOW_WEIGHTS)}, got {self.window_weights!r}")
+
+    @property
+    def network(self) -> Any:
+        """The network the windows run through (built on first use, by the chosen backend)."""
+        if self._network is None:
+            self._network, self._backend = select_backend(self.bundle, self._requested_backend, self.device,
+                                                          self._threads, log=self.log)
+        if isinstance(self._network, nn.Module):
+            self._network.eval()
+        return self._network
+
+    @property
+    def backend(self) -> str:
+        """``torch``, ``onnxruntime`` (or ``custom`` for a network given to the constructor)."""
+        self.network  # noqa: B018 - resolves the backend
+        return self._backend  # type: ignore[return-value]
 
     # -- inference with fallbacks ---------------------------------------------------------------
     def _attempts(self) -> list[tuple[torch.device, int]]:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import ReCoKDError
+from .backends import BACKENDS
 
 __all__ = ["main", "emit"]
 
@@ -66,7 +67,8 @@ def _segment(args: argparse.Namespace) -> int:
         if delay:
             time.sleep(delay)  # test hook only: makes the job deterministically slow enough to cancel
 
-    predictor = Predictor(model, device=args.device, mirror_tta=args.tta, threads=args.threads,
+    predictor = Predictor(model, device=args.device, mirror_tta=args.tta, threads=args.threads, backend=args.backend,
+                          overlap=args.overlap,
                           progress=progress, log=lambda msg: emit("LOG", msg))
     emit("DEVICE", predictor.device)
     emit("MODEL", Path(model).resolve())
@@ -91,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     s.add_argument("--tta", action="store_true", help="mirror test-time augmentation (slower)")
     s.add_argument("--threads", type=int, help="CPU threads")
+    s.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="auto (default: ONNX Runtime on the CPU when installed), torch or onnxruntime")
+    s.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
     s.add_argument("--debug-delay", dest="debug_delay", type=float, default=0.0, help=argparse.SUPPRESS)
     s.set_defaults(func=_segment)
     return parser

@@ -12,7 +12,7 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 
-WINDOW_WEIGHTS = ("gaussian", "nnunet")
+WINDOW_WEIGHTS = ("gaussian", "constant", "nnunet")
 
 
 def nnunet_window_weights(roi_size: Sequence[int], sigma_scale: float = 1 / 8) -> torch.Tensor:
@@ -84,7 +84,8 @@ def predict_logits(
             volume's logits need not fit the GPU.
         mirror_axes: spatial axes to mirror for test-time augmentation (none by default).
         on_windows: called with the number of windows after each forward pass (progress).
-        window_weights: ``"gaussian"`` (MONAI's) or ``"nnunet"`` (:func:`nnunet_window_weights`, for nnU-Net models).
+        window_weights: ``"gaussian"`` (MONAI's), ``"constant"`` (the plain mean of the windows) or ``"nnunet"``
+            (:func:`nnunet_window_weights`, for nnU-Net models).
     Returns:
         (K, D, H, W) float32 logits on the CPU.
     """
@@ -105,7 +106,7 @@ def predict_logits(
                 sw_batch_size=sw_batch_size,
                 predictor=WindowPredictor(network, mirror_axes, on_windows),
                 overlap=overlap,
-                mode="gaussian",
+                mode="constant" if window_weights == "constant" else "gaussian",
                 roi_weight_map=weight_map,
                 sw_device=dev,
                 device=torch.device("cpu"),

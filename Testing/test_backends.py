@@ -1,0 +1,130 @@
+"""The predictor's engines: PyTorch and ONNX Runtime give the same labels on real cases; the ONNX graph
+is exported once per bundle and cached by content; ``auto`` picks what can run; bad choices are one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from bundle_helpers import phantom_volume
+from ReCoKDLib.cli import main
+from ReCoKDLib.deployment.bundle import bundle_from_network, load_bundle
+from ReCoKDLib.errors import ReCoKDError
+from ReCoKDLib.inference import backends
+from ReCoKDLib.inference.backends import cached_onnx, onnx_cache_key, select_backend
+from ReCoKDLib.inference.predictor import Predictor
+
+MODELS = Path(__file__).resolve().parents[1] / "ReCoKDLib" / "resources" / "models"
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("RECOKD_HOME", str(tmp_path / "home"))
+    return tmp_path / "home" / "onnx"
+
+
+def test_onnxruntime_and_torch_agree_on_real_cases(shared_data, cache):
+    """The shipped LA2018 student on three LA2018 test volumes: labels agree on >= 99.9 % of voxels."""
+    bundle = load_bundle(MODELS / "la2018-left-atrium.recokd")
+    by_torch = Predictor(bundle, device="cpu", backend="torch")
+    by_ort = Predictor(bundle, device="cpu", backend="onnxruntime")
+    assert (by_torch.backend, by_ort.backend) == ("torch", "onnxruntime")
+    assert [p.name for p in cache.iterdir()] == [f"{onnx_cache_key(bundle)}.onnx"]
+    images = sorted((shared_data / "LA2018-lowres" / "imagesTs").glob("*_0000.nii.gz"))[:3]
+    for image_file in images:
+        image = sitk.ReadImage(str(image_file))
+        a = sitk.GetArrayFromImage(by_torch.predict_image(image))
+        b = sitk.GetArrayFromImage(by_ort.predict_image(image))
+        assert a.sum() > 1000  # the atrium is there
+        assert (a == b).mean() >= 0.999, image_file.name
+
+
+def _tiny_bundle(seed: int):
+    from ReCoKDLib.data.planning import ChannelNormalisation, Plans
+    from ReCoKDLib.models.unet import build_unet, isotropic_spec
+
+    torch.manual_seed(seed)
+    net = build_unet(isotropic_spec(1, 3, num_levels=3, filters=(8, 16, 32))).eval()
+    plans = Plans(dataset_name="tiny", channel_names={0: "MRI"}, labels={"background": 0, "organ": 1, "kidney": 2},
+                  target_spacing=(1.0, 1.0, 1.0), normalisation=(ChannelNormalisation("zscore"),),
+                  patch_size=(16, 16, 16), median_shape=(24, 24, 24))
+    return bundle_from_network(net, plans, name=f"tiny{seed}")
+
+
+def test_the_graph_is_cached_by_content_and_a_damaged_one_is_exported_again(cache, monkeypatch):
+    from ReCoKDLib.inference import export
+
+    first, second = _tiny_bundle(0), _tiny_bundle(1)
+    assert onnx_cache_key(first) != onnx_cache_key(second)  # other weights, other graph
+    path = cached_onnx(first)
+    original, exports = export.export_onnx, []
+
+    def counting(bundle, target, **kwargs):
+        exports.append(Path(target))
+        return original(bundle, target, **kwargs)
+
+    monkeypatch.setattr(export, "export_onnx", counting)
+    assert Predictor(first, device="cpu", backend="onnxruntime").backend == "onnxruntime"
+    assert exports == []  # reused
+    path.write_bytes(b"not an onnx graph")
+    predictor = Predictor(first, device="cpu", backend="onnxruntime")
+    assert predictor.backend == "onnxruntime" and exports == [path]
+    volume = phantom_volume((24, 24, 24))
+    labels = predictor.predict_array(volume, (1.0, 1.0, 1.0))
+    reference = Predictor(first, device="cpu", backend="torch").predict_array(volume, (1.0, 1.0, 1.0))
+    assert (labels == reference).mean() >= 0.999
+
+
+def test_auto_picks_onnxruntime_on_the_cpu_and_torch_where_it_cannot_run(cache, monkeypatch):
+    bundle = _tiny_bundle(2)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert select_backend(bundle, "auto", cpu)[1] == "onnxruntime"
+    assert select_backend(bundle, "auto", cuda)[1] == "torch"
+    with pytest.raises(ReCoKDError, match="runs on the CPU; use --device cpu, or --backend torch on cuda"):
+        select_backend(bundle, "onnxruntime", cuda)
+    with pytest.raises(ReCoKDError, match="backend must be one of auto, torch, onnxruntime"):
+        select_backend(bundle, "tensorrt", cpu)
+    monkeypatch.setattr(backends, "_onnx_available", lambda: False)
+    assert select_backend(bundle, "auto", cpu)[1] == "torch"
+    with pytest.raises(ReCoKDError, match=r"pip install 'recokd\[export\]'"):
+        select_backend(bundle, "onnxruntime", cpu)
+
+
+def test_auto_falls_back_to_torch_and_says_why_when_the_export_fails(cache, monkeypatch):
+    from ReCoKDLib.inference import export
+
+    def broken(bundle, path, **kwargs):
+        raise ReCoKDError("this network does not export")
+
+    monkeypatch.setattr(export, "export_onnx", broken)
+    said = []
+    network, name = select_backend(_tiny_bundle(3), "auto", torch.device("cpu"), log=said.append)
+    assert name == "torch" and isinstance(network, torch.nn.Module)
+    assert said and "does not export" in said[0] and "PyTorch" in said[0]
+
+
+def test_blend_modes_and_a_bad_one(cache):
+    bundle = _tiny_bundle(4)
+    volume = phantom_volume((40, 40, 40))
+    labels = {b: Predictor(bundle, device="cpu", blend=b, overlap=0.5).predict_array(volume, (1.0, 1.0, 1.0))
+              for b in ("gaussian", "constant", "nnunet")}
+    assert all(v.shape == volume.shape for v in labels.values())
+    with pytest.raises(ReCoKDError, match="blend must be one of gaussian, constant, nnunet"):
+        Predictor(bundle, device="cpu", blend="median")
+
+
+def test_predict_command_takes_a_backend(cache, tmp_path, capsys):
+    bundle_path = _tiny_bundle(5).save(tmp_path / "tiny.recokd")
+    image = tmp_path / "img.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(phantom_volume((24, 24, 24))), str(image))
+    outs = {}
+    for backend in ("torch", "onnxruntime"):
+        out = tmp_path / f"{backend}.nii.gz"
+        assert main(["predict", "-m", str(bundle_path), "-i", str(image), "-o", str(out), "--backend", backend,
+                     "--device", "cpu", "--no-progress"]) == 0
+        outs[backend] = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    assert np.mean(outs["torch"] == outs["onnxruntime"]) >= 0.999
