@@ -3,6 +3,7 @@ is exported once per bundle and cached by content; ``auto`` picks what can run; 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -128,3 +129,25 @@ def test_predict_command_takes_a_backend(cache, tmp_path, capsys):
                      "--device", "cpu", "--no-progress"]) == 0
         outs[backend] = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
     assert np.mean(outs["torch"] == outs["onnxruntime"]) >= 0.999
+
+
+def test_benchmark_speed_times_a_width_ladder_per_backend(cache, tmp_path, capsys):
+    from bundle_helpers import tiny_network, tiny_plans, write_image
+
+    plans = tiny_plans()
+    (tmp_path / "plan").mkdir()
+    plans.save(tmp_path / "plan" / "plans.json")
+    (tmp_path / "plan" / "network.json").write_text(tiny_network(plans).spec.to_json())
+    write_image(phantom_volume((24, 24, 24)), tmp_path / "images" / "c1_0000.nii.gz")
+    code = main(["benchmark-speed", "--plans", str(tmp_path / "plan" / "plans.json"), "--images", str(tmp_path / "images"),
+                 "--base-filters", "8", "--max-filters", "32", "--width-factors", "2", "--threads", "1",
+                 "--max-cases", "1", "--repeats", "1", "-o", str(tmp_path / "speed")])
+    assert code == 0, capsys.readouterr().err
+    rows = {(r["name"], r["backend"]): r for r in json.loads((tmp_path / "speed" / "speed.json").read_text())}
+    assert set(rows) == {(m, b) for m in ("teacher", "student R=2") for b in ("torch", "onnxruntime")}
+    assert rows[("teacher", "torch")]["filters"] == [8, 16, 32]
+    assert rows[("student R=2", "torch")]["filters"] == [8, 8, 16]  # channels / R, at least 8
+    assert rows[("teacher", "torch")]["flops"] > rows[("student R=2", "torch")]["flops"] > 0
+    assert all(r["seconds_per_volume"] > 0 and r["plain_monai_seconds"] > 0 for r in rows.values())
+    table = (tmp_path / "speed" / "speed.md").read_text()
+    assert "× vs teacher (its best)" in table and "best backend" in table and "overhead" in table

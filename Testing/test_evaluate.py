@@ -147,6 +147,18 @@ def test_benchmark_smoke(tmp_path, capsys):
     assert results[0]["flops"] > 0 and results[0]["parameters"] > 0
     assert 0 < results[0]["peak_memory_mb"] < 500
     assert results[1]["gap_recovered"] == pytest.approx(0.0) or results[1]["gap_recovered"] is None
+    # one row per model and backend; speed-ups within a backend and of the best backend each
+    code = main(["benchmark", "--models", f"teacher={teacher}", f"recokd={kd}", "--backends", "torch", "onnxruntime",
+                 "--images", str(tmp_path / "images"), "--labels", str(tmp_path / "labels"),
+                 "--repeats", "1", "--threads", "1", "-o", str(tmp_path / "bench2")])
+    assert code == 0
+    rows = json.loads((tmp_path / "bench2" / "benchmark.json").read_text())
+    assert [(r["name"], r["backend"]) for r in rows] == [
+        ("teacher (torch)", "torch"), ("teacher (onnxruntime)", "onnxruntime"),
+        ("recokd (torch)", "torch"), ("recokd (onnxruntime)", "onnxruntime")]
+    assert rows[0]["summary"]["dice"]["mean"] == pytest.approx(rows[1]["summary"]["dice"]["mean"], abs=1e-3)
+    table = (tmp_path / "bench2" / "benchmark.md").read_text()
+    assert "faster than the teacher on onnxruntime" in table and "best backend each" in table
 
 
 def test_benchmark_arguments_are_checked(capsys):

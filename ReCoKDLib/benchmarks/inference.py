@@ -118,6 +118,8 @@ class ModelResult:
     summary: dict[str, dict[str, float]]
     per_case: list[dict[str, Any]] = field(default_factory=list)
     gap_recovered: float | None = None
+    backend: str = "torch"
+    model: str = ""  # the model's name (``name`` adds the backend when several are compared)
 
     @property
     def overhead(self) -> float:
@@ -147,6 +149,34 @@ def _time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def time_volumes(predictor: Predictor, volumes: Sequence[Sequence[Any]], repeats: int) -> tuple[float, float]:
+    """Median seconds per volume of the whole predictor, and of one plain MONAI ``sliding_window_inference``
+    call with the same network, window, overlap and blending on the already preprocessed volume: both visit
+    the same windows, so the difference is what the pipeline adds (checks, reorientation, resampling in
+    and out, the window wrapper). ``volumes``: per case, one SimpleITK image per channel."""
+    import SimpleITK as sitk
+
+    network, dev = predictor.network, predictor.device
+    blend = predictor.window_weights
+    weights = nnunet_window_weights(predictor.roi_size) if blend == "nnunet" else None
+    ours, plains = [], []
+    for imgs in volumes:
+        ours.append(_time(lambda: predictor.predict_image(list(imgs), name="timing"), repeats))
+        geometry = ImageGeometry.of(imgs[0])
+        array = np.stack([sitk.GetArrayFromImage(i).astype(np.float32) for i in imgs])
+        _, pre = predictor.preprocess(array, geometry.spacing, geometry.origin, geometry.direction)
+        raw = torch.from_numpy(pre.image)[None]
+
+        def plain() -> None:
+            with torch.inference_mode():
+                sliding_window_inference(raw.to(dev), predictor.roi_size, predictor.sw_batch_size, network,
+                                         overlap=predictor.overlap, mode="constant" if blend == "constant" else "gaussian",
+                                         roi_weight_map=weights).argmax(1)
+
+        plains.append(_time(plain, repeats))
+    return statistics.median(ours), statistics.median(plains)
+
+
 def run_benchmark(
     models: dict[str, str | Path | Bundle],
     images: str | Path,
@@ -159,6 +189,7 @@ def run_benchmark(
     no_kd: str | None = None,
     tolerance_mm: float = 2.0,
     threads: int | None = None,
+    backends: Sequence[str] = ("torch",),
     log=print,
 ) -> list[ModelResult]:
     """Evaluate and time each model on the same cases; see the module docstring.
@@ -171,9 +202,10 @@ def run_benchmark(
         threads: CPU threads for torch during the benchmark (default: torch's).
         teacher, no_kd: names of the teacher and the student trained without KD (default: by the
             bundles' role and method).
+        backends: engines to run each model with (``torch``, ``onnxruntime``, ``auto``); with several, each
+            model gets one row per backend, named ``model (backend)``, and speed-ups and the gap are
+            computed within a backend.
     """
-    import SimpleITK as sitk
-
     from ..data.datasets import read_image
 
     cases = group_cases(images)
@@ -189,61 +221,61 @@ def run_benchmark(
     results: list[ModelResult] = []
     for name, source in models.items():
         bundle = source if isinstance(source, Bundle) else open_model(source)
-        # the networks are compared as they are: a bundle's recorded post-processing is not applied (run
-        # folders have none), so that every model is scored and timed alike
-        predictor = Predictor(bundle, device=device, overlap=overlap, progress=False, threads=threads, postprocess="none")
-        network = predictor.network
-        names = bundle.labels.names
-        per_case, scores = [], []
-        for case, imgs, ref, spacing in loaded:
-            pred = sitk.GetArrayFromImage(predictor.predict_image(imgs, name=case))
-            s = score_case(pred, ref, spacing, names, tolerance_mm, case)
-            scores.append(s)
-            per_case.append({"case": case, **{m: s.scores[m] for m in ("dice", "hd95", "nsd")}})
-        # timing, per volume: our full pipeline vs a plain MONAI call; the plain call gets the already
-        # preprocessed volume, so both visit the same windows and the difference is what our pipeline
-        # adds (checks, reorientation, resampling in and out, the window wrapper)
-        dev = predictor.device
-        ours, plains = [], []
-        for _, imgs, _, _ in loaded:
-            ours.append(_time(lambda: predictor.predict_image(imgs, name="timing"), repeats))
-            geometry = ImageGeometry.of(imgs[0])
-            array = np.stack([sitk.GetArrayFromImage(i).astype(np.float32) for i in imgs])
-            _, pre = predictor.preprocess(array, geometry.spacing, geometry.origin, geometry.direction)
-            raw = torch.from_numpy(pre.image)[None]
-
-            weights = nnunet_window_weights(predictor.roi_size) if predictor.window_weights == "nnunet" else None
-
-            def plain() -> None:
-                with torch.inference_mode():
-                    sliding_window_inference(raw.to(dev), predictor.roi_size, predictor.sw_batch_size, network,
-                                             overlap=overlap, mode="gaussian", roi_weight_map=weights).argmax(1)
-
-            plains.append(_time(plain, repeats))
-        seconds, plain_seconds = statistics.median(ours), statistics.median(plains)
-        imgs = loaded[0][1]
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-            predictor.predict_image(imgs, name="memory")
-            peak = torch.cuda.max_memory_allocated(dev) / 2**20
-        else:
-            with _PeakTensorMemory() as tracker:
-                predictor.predict_image(imgs, name="memory")
-            peak = tracker.megabytes
-        net_cpu = bundle.build_network("cpu")
-        p = bundle.provenance
-        results.append(ModelResult(
-            name=name, role=bundle.role, method=p.get("method"), parameters=count_parameters(net_cpu),
-            flops=count_flops(net_cpu, bundle.plans.num_channels, bundle.plans.patch_size),
-            seconds_per_volume=seconds, plain_monai_seconds=plain_seconds, peak_memory_mb=peak,
-            summary=summarise(scores), per_case=per_case))
-        log(f"{name}: mean Dice {results[-1].summary['dice']['mean']:.4f}, {seconds:.2f} s/volume")
-    _gap(results, teacher, no_kd)
+        for backend in backends:
+            row = _benchmark_one(name, bundle, backend, len(backends) > 1, loaded, device, overlap, threads, repeats,
+                                 tolerance_mm, log)
+            if row is not None:
+                results.append(row)
+    for group in {r.backend for r in results}:
+        _gap([r for r in results if r.backend == group], teacher, no_kd)
     return results
 
 
+def _benchmark_one(name: str, bundle: Any, backend: str, several: bool, loaded: list, device: str, overlap: float,
+                   threads: int | None, repeats: int, tolerance_mm: float, log) -> ModelResult | None:
+    import SimpleITK as sitk
+
+    # the networks are compared as they are: a bundle's recorded post-processing is not applied (run
+    # folders have none), so that every model is scored and timed alike
+    predictor = Predictor(bundle, device=device, overlap=overlap, progress=False, threads=threads,
+                          postprocess="none", backend=backend)
+    if backend != "auto" and predictor.backend != backend:
+        log(f"{name}: skipped with {backend} (ran {predictor.backend})")
+        return None
+    label = f"{name} ({predictor.backend})" if several else name
+    names = bundle.labels.names
+    per_case, scores = [], []
+    for case, imgs, ref, spacing in loaded:
+        pred = sitk.GetArrayFromImage(predictor.predict_image(imgs, name=case))
+        s = score_case(pred, ref, spacing, names, tolerance_mm, case)
+        scores.append(s)
+        per_case.append({"case": case, **{m: s.scores[m] for m in ("dice", "hd95", "nsd")}})
+    dev = predictor.device
+    seconds, plain_seconds = time_volumes(predictor, [imgs for _, imgs, _, _ in loaded], repeats)
+    imgs = loaded[0][1]
+    if predictor.backend != "torch":
+        peak = math.nan  # ONNX Runtime's own memory is not visible as torch tensors
+    elif dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        predictor.predict_image(imgs, name="memory")
+        peak = torch.cuda.max_memory_allocated(dev) / 2**20
+    else:
+        with _PeakTensorMemory() as tracker:
+            predictor.predict_image(imgs, name="memory")
+        peak = tracker.megabytes
+    net_cpu = bundle.build_network("cpu")
+    p = bundle.provenance
+    result = ModelResult(
+        name=label, role=bundle.role, method=p.get("method"), parameters=count_parameters(net_cpu),
+        flops=count_flops(net_cpu, bundle.plans.num_channels, bundle.plans.patch_size),
+        seconds_per_volume=seconds, plain_monai_seconds=plain_seconds, peak_memory_mb=peak,
+        summary=summarise(scores), per_case=per_case, backend=predictor.backend, model=name)
+    log(f"{label}: mean Dice {result.summary['dice']['mean']:.4f}, {seconds:.2f} s/volume")
+    return result
+
+
 def _gap(results: list[ModelResult], teacher: str | None, no_kd: str | None) -> None:
-    by_name = {r.name: r for r in results}
+    by_name = {r.model or r.name: r for r in results}
     t = by_name.get(teacher) if teacher else next((r for r in results if r.role == "teacher"), None)
     s = by_name.get(no_kd) if no_kd else next(
         (r for r in results if r.role == "student" and (r.method in (None, "none"))), None)
@@ -260,26 +292,46 @@ def benchmark_table(results: Sequence[ModelResult]) -> str:
     if not results:
         return ""
     classes = [c for c in results[0].summary["dice"] if c != "mean"]
-    head = ["model", "role", "method", "mean Dice", *[f"Dice {c}" for c in classes], "mean HD95 (mm)",
+    head = ["model", "role", "method", "backend", "mean Dice", *[f"Dice {c}" for c in classes], "mean HD95 (mm)",
             "params", "GFLOPs/patch", "peak MB", "s/volume", "MONAI s", "overhead", "gap recovered"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         gap = "" if r.gap_recovered is None else f"{100 * r.gap_recovered:.0f} %"
-        row = [r.name, r.role, r.method or "", f"{r.summary['dice']['mean']:.4f}",
+        peak = "n/a" if math.isnan(r.peak_memory_mb) else f"{r.peak_memory_mb:.0f}"
+        row = [r.name, r.role, r.method or "", r.backend, f"{r.summary['dice']['mean']:.4f}",
                *[f"{r.summary['dice'][c]:.4f}" for c in classes], f"{r.summary['hd95']['mean']:.2f}",
-               f"{r.parameters:,}", f"{r.flops / 1e9:.2f}", f"{r.peak_memory_mb:.0f}", f"{r.seconds_per_volume:.3f}",
+               f"{r.parameters:,}", f"{r.flops / 1e9:.2f}", peak, f"{r.seconds_per_volume:.3f}",
                f"{r.plain_monai_seconds:.3f}", f"{100 * r.overhead:+.1f} %", gap]
         lines.append("| " + " | ".join(row) + " |")
-    teacher = next((r for r in results if r.role == "teacher"), None)
     notes = []
     for r in results:
         ok = "ok" if r.overhead <= OVERHEAD_TARGET else "above target"
         notes.append(f"- {r.name}: predictor overhead vs plain MONAI {100 * r.overhead:+.1f} % (target ≤ {100 * OVERHEAD_TARGET:.0f} %, {ok})")
+        teacher = next((t for t in results if t.role == "teacher" and t.backend == r.backend), None)
         if teacher is not None and r.role == "student" and r.seconds_per_volume > 0:
             speedup = teacher.seconds_per_volume / r.seconds_per_volume
             ok = "ok" if speedup >= SPEEDUP_TARGET else "below target"
-            notes.append(f"- {r.name}: {speedup:.1f}× faster than the teacher (target ≥ {SPEEDUP_TARGET:g}× at R = 4, {ok})")
+            notes.append(f"- {r.name}: {speedup:.1f}× faster than the teacher on {r.backend} "
+                         f"(target ≥ {SPEEDUP_TARGET:g}× at R = 4, {ok})")
+    notes += best_backend_notes(results)
     return "\n".join(lines) + "\n\n" + "\n".join(notes)
+
+
+def best_backend_notes(results: Sequence[Any]) -> list[str]:
+    """With several backends: each student's fastest backend against the teacher's fastest."""
+    if len({r.backend for r in results}) < 2:
+        return []
+    best: dict[str, Any] = {}
+    for r in results:
+        key = r.model or r.name
+        if key not in best or r.seconds_per_volume < best[key].seconds_per_volume:
+            best[key] = r
+    teacher = next((r for r in best.values() if r.role == "teacher"), None)
+    if teacher is None:
+        return []
+    return [f"- {key}, best backend each: {r.backend} {r.seconds_per_volume:.3f} s against the teacher's "
+            f"{teacher.backend} {teacher.seconds_per_volume:.3f} s: {teacher.seconds_per_volume / r.seconds_per_volume:.1f}×"
+            for key, r in best.items() if r.role == "student" and r.seconds_per_volume > 0]
 
 
 def benchmark_chart(results: Sequence[ModelResult], path: str | Path) -> Path:

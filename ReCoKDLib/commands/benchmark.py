@@ -25,7 +25,8 @@ def run(args: argparse.Namespace) -> int:
         raise ReCoKDError("give --models NAME=PATH ..., --images DIR and --labels DIR (or a --config JSON with them)")
     results = run_benchmark(models, images, labels, device=args.device, repeats=args.repeats,
                             max_cases=args.max_cases, teacher=args.teacher or config.get("teacher"),
-                            no_kd=args.no_kd or config.get("no_kd"), threads=args.threads)
+                            no_kd=args.no_kd or config.get("no_kd"), threads=args.threads,
+                            backends=args.backends or config.get("backends") or ["torch"])
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     table = benchmark_table(results)
@@ -48,6 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     p.add_argument("--threads", type=int, help="CPU threads for every model (default: torch's)")
     p.add_argument("--repeats", type=int, default=3, help="timing repeats (median; default 3)")
+    p.add_argument("--backends", nargs="+", choices=["torch", "onnxruntime", "auto"],
+                   help="run every model with each of these engines (default torch; e.g. --backends torch onnxruntime)")
     p.add_argument("--max-cases", dest="max_cases", type=int, help="use at most this many cases")
     p.add_argument("-o", "--output", default="recokd_benchmark", help="output folder (default ./recokd_benchmark)")
     p.set_defaults(func=run)
