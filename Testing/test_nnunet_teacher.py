@@ -111,6 +111,59 @@ def test_a_whole_case_agrees_with_nnunets_predictor(nnunet):
     assert (ours == theirs).mean() >= 0.99
 
 
+def _transposed(folder: Path) -> None:
+    """The same model, as nnU-Net would hold it had it transposed the axes (x, z, y): plans with
+    transpose_forward [2, 0, 1], a non-cubic patch in network axes, and every convolution kernel's spatial
+    axes permuted alike — so on transposed input it computes exactly what the original computes."""
+    forward = [2, 0, 1]
+    plans = json.loads((folder / "plans.json").read_text())
+    plans["transpose_forward"], plans["transpose_backward"] = forward, [1, 2, 0]
+    plans["configurations"]["3d_fullres"]["patch_size"] = [32, 16, 48]  # image (z, y, x) patch 16 x 48 x 32
+    (folder / "plans.json").write_text(json.dumps(plans))
+    shutil.rmtree(folder / "fold_1")  # one fold, permuted below
+    path = folder / "fold_0" / "checkpoint_final.pth"
+    checkpoint = torch.load(path, weights_only=False)  # made by this test suite: trusted
+    checkpoint["network_weights"] = {k: (v.permute(0, 1, *(2 + a for a in forward)).contiguous() if v.ndim == 5 else v)
+                                     for k, v in checkpoint["network_weights"].items()}
+    torch.save(checkpoint, path)
+
+
+def test_a_transposed_model_runs_in_the_image_axes_and_agrees_with_nnunet(nnunet, tmp_path):
+    folder = _edited_copy(nnunet, tmp_path, _transposed)
+    model = open_nnunet_model(folder, folds=[0])
+    assert plans_from_nnunet(model).patch_size == (16, 48, 32)  # (z, y, x) of the image array
+    spec = model.unet_spec()
+    teacher = model.teacher()
+    x = torch.randn(1, 1, 16, 48, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = teacher(x)
+        reference = _nnunet_predictor(folder, (0,))
+        net = reference.network
+        net.load_state_dict(reference.list_of_parameters[0])
+        net.eval()
+        theirs = net(x.permute(0, 1, 4, 2, 3)).permute(0, 1, 3, 4, 2)
+    assert out.shape == (1, 5, 16, 48, 32) and (out - theirs).abs().max().item() <= 1e-5
+    from ReCoKDLib.models.taps import FeatureTaps
+
+    infos = FeatureTaps(teacher, teacher.tap_names()).probe((1, 1, 16, 48, 32))
+    assert [i.stride for i in infos] == [tuple(int(v) for v in s) for s in spec.level_strides[:-1]]
+    with torch.no_grad():  # the permuted kernels on transposed input compute what the original model computes
+        original = open_nnunet_model(_model_folder(nnunet), folds=[0]).teacher()
+        assert (out - original(x)).abs().max().item() <= 1e-4
+    image_file = nnunet / "raw" / DATASET / "imagesTr" / "phantom_002_0000.nii.gz"
+    image = sitk.ReadImage(str(image_file))
+    ours = sitk.GetArrayFromImage(Predictor(folder, device="cpu").predict_image(image))
+    array = sitk.GetArrayFromImage(image)[None].astype(np.float32)
+    theirs = reference.predict_single_npy_array(array, {"spacing": list(image.GetSpacing())[::-1]})
+    assert len(np.unique(theirs)) >= 3 and (ours == theirs).mean() >= 0.99
+    # and it distils: teacher features come back in the image's axes, level by level like the student's
+    code = main(["distill", str(nnunet / "raw" / DATASET), "--teacher", str(folder), "-o", str(tmp_path / "student"),
+                 "--cache", str(tmp_path / "cache"), "--epochs", "1", "--iters-per-epoch", "2", "--val-max-cases", "1",
+                 "--threads", "1", "--no-progress"])
+    assert code == 0
+    assert json.loads((tmp_path / "student" / "plans.json").read_text())["patch_size"] == [16, 48, 32]
+
+
 def test_checkpoints_load_without_unpickling_objects(nnunet, tmp_path):
     checkpoint = load_nnunet_checkpoint(_model_folder(nnunet) / "fold_0" / "checkpoint_final.pth")
     assert isinstance(checkpoint["_best_ema"], np.floating) and checkpoint["trainer_name"] == "nnUNetTrainer"
@@ -198,8 +251,8 @@ BAD_TEACHERS = [
     ("a plans file naming an arbitrary import", lambda root, tmp: _edited_copy(
         root, tmp, _set_plans(ARCH + ["arch_kwargs", "nonlin"], "os.system")), [],
      "arch_kwargs['nonlin'] = 'os.system' is not one of the torch.nn classes"),
-    ("a transposed configuration", lambda root, tmp: _edited_copy(
-        root, tmp, _set_plans(["transpose_forward"], [2, 0, 1])), [], "transposes the image axes"),
+    ("a damaged transpose", lambda root, tmp: _edited_copy(
+        root, tmp, _set_plans(["transpose_forward"], [0, 0, 1])), [], "are not a permutation and its inverse"),
     ("labels that differ from the teacher's", lambda root, tmp: _edited_copy(root, tmp, _relabel), [],
      "differ from the nnU-Net teacher's dataset.json"),
     ("a truncated checkpoint", lambda root, tmp: _edited_copy(root, tmp, lambda f: (f / "fold_0" / "checkpoint_final.pth")

@@ -13,14 +13,14 @@ _NORMALISATION = {"ZScoreNormalization": "zscore", "CTNormalization": "ct"}
 
 def plans_from_nnunet(model: NNUNetModel) -> Plans:
     """The nnU-Net model's preprocessing as ReCoKD :class:`~ReCoKDLib.data.planning.Plans`: its configuration's
-    spacing, patch and batch, per-channel normalisation (Z-score; CT with the foreground intensity
+    spacing, patch (both in the image array's axis order) and batch, per-channel normalisation (Z-score; CT with the foreground intensity
     properties of ``plans.json``) and image resampling order; labels and channels from its ``dataset.json``.
 
     Raises:
-        ReCoKDError: a transpose, a normalisation ReCoKD does not implement, or plans and dataset.json
+        ReCoKDError: a damaged transpose, a normalisation ReCoKD does not implement, or plans and dataset.json
             that do not belong together (one line, naming the file).
     """
-    model.check_transpose()
+    to_image = model.to_image_axes  # plans list per-axis values in the network's (transposed) axis order
     conf = model.config()
     where = f"{model.folder / 'plans.json'} ({model.configuration})"
     schemes = list(conf.get("normalization_schemes") or [])
@@ -52,9 +52,9 @@ def plans_from_nnunet(model: NNUNetModel) -> Plans:
     order = int((conf.get("resampling_fn_data_kwargs") or {}).get("order", 3))
     return Plans(
         dataset_name=str(model.plans_json.get("dataset_name") or model.dataset_json.get("name") or model.folder.name),
-        channel_names=channels, labels=model.labels, target_spacing=tuple(conf["spacing"]),
-        normalisation=tuple(norms), patch_size=tuple(conf["patch_size"]), batch_size=int(conf.get("batch_size", 2)),
-        median_shape=tuple(conf.get("median_image_size_in_voxels") or (0, 0, 0)),
+        channel_names=channels, labels=model.labels, target_spacing=to_image(conf["spacing"]),
+        normalisation=tuple(norms), patch_size=to_image(conf["patch_size"]), batch_size=int(conf.get("batch_size", 2)),
+        median_shape=to_image(conf.get("median_image_size_in_voxels") or (0, 0, 0)),
         resampling={"image_order": order if order in (0, 1, 3) else 3, "label": "linear"},
         planner={"source": "nnU-Net v2", "folder": str(model.folder), "configuration": model.configuration,
                  "plans_name": model.plans_json.get("plans_name")},

@@ -15,10 +15,9 @@ An nnU-Net v2 model is a folder ``<trainer>__<plans>__<configuration>/`` holding
   preprocessing becomes ReCoKD plans in :mod:`ReCoKDLib.data.nnunet_plans`);
 - wraps one or several folds as :class:`NNUNetTeacher` (several folds: the mean of their softmax).
 
-Supported: 3D configurations, no axis transpose (``transpose_forward`` ``[0, 1, 2]``, nnU-Net's choice
-whenever the first array axis has the coarsest spacing, as for axial CT and MR), label-based (not
-region-based) training, and the normalisations ReCoKD implements (Z-score and CT). Anything else is
-refused by name before anything is written.
+Supported: 3D configurations (with nnU-Net's axis transpose, which the teacher applies inside: everything
+else works in the image array's axes), label-based (not region-based) training, and the normalisations
+ReCoKD implements (Z-score and CT). Anything else is refused by name before anything is written.
 """
 
 from __future__ import annotations
@@ -173,11 +172,20 @@ class NNUNetModel:
         raw = self.dataset_json.get("channel_names") or self.dataset_json.get("modality") or {}
         return {int(k): str(v) for k, v in raw.items()}
 
-    def check_transpose(self) -> None:
-        fwd = list(self.plans_json.get("transpose_forward", [0, 1, 2]))
-        if fwd != [0, 1, 2]:
-            raise ReCoKDError(f"{self.folder / 'plans.json'} transposes the image axes (transpose_forward {fwd}); "
-                              "ReCoKD supports nnU-Net models without a transpose ([0, 1, 2]) so far")
+    @property
+    def transpose(self) -> tuple[int, int, int]:
+        """``transpose_forward``: nnU-Net's network axis ``i`` is the image array's axis ``transpose[i]``."""
+        fwd = [int(a) for a in self.plans_json.get("transpose_forward", [0, 1, 2])]
+        back = [int(a) for a in self.plans_json.get("transpose_backward", [0, 1, 2])]
+        if sorted(fwd) != [0, 1, 2] or sorted(back) != [0, 1, 2] or [fwd[b] for b in back] != [0, 1, 2]:
+            raise ReCoKDError(f"{self.folder / 'plans.json'}: transpose_forward {fwd} / transpose_backward {back} are "
+                              "not a permutation and its inverse; the plans file is damaged")
+        return tuple(fwd)  # type: ignore[return-value]
+
+    def to_image_axes(self, values: Sequence[Any]) -> tuple[Any, ...]:
+        """Per-axis values of the plans (network axes) in the image array's axis order."""
+        fwd = self.transpose
+        return tuple(values[fwd.index(j)] for j in range(3))
 
     # -- networks -----------------------------------------------------------------------------
     def _architecture(self) -> tuple[type, dict[str, Any]]:
@@ -246,15 +254,18 @@ class NNUNetModel:
         n = int(kwargs["n_stages"])
         features = kwargs["features_per_stage"]
         features = [features] * n if isinstance(features, int) else list(features)
+
+        def triples(values):  # per level, in the image's axis order
+            return tuple(self.to_image_axes(v if isinstance(v, (list, tuple)) else (v, v, v)) for v in values)
+
         return UNetSpec(in_channels=len(self.channel_names), out_channels=self.labels.num_classes,
-                        kernel_sizes=tuple(tuple(k) for k in kwargs["kernel_sizes"]),
-                        strides=tuple(tuple(s) if isinstance(s, (list, tuple)) else (s, s, s) for s in kwargs["strides"]),
+                        kernel_sizes=triples(kwargs["kernel_sizes"]), strides=triples(kwargs["strides"]),
                         filters=tuple(features), name=f"nnunet-{self.configuration}")
 
     def teacher(self) -> "NNUNetTeacher":
         """The folds in use, loaded, as one frozen teacher."""
-        return NNUNetTeacher([self.load_fold(f) for f in self.checkpoints], tuple(self.config()["patch_size"]),
-                             len(self.channel_names))
+        return NNUNetTeacher([self.load_fold(f) for f in self.checkpoints], self.to_image_axes(self.config()["patch_size"]),
+                             len(self.channel_names), self.transpose)
 
     def describe(self) -> str:
         return (f"nnU-Net v2 model {self.folder.name} (folds {', '.join(self.checkpoints)}; "
@@ -264,20 +275,28 @@ class NNUNetModel:
 class NNUNetTeacher(nn.Module):
     """One or several nnU-Net fold networks as one teacher.
 
-    Shapes: input (B, C, D, H, W), D/H/W multiples of the network's total stride; output logits
-    (B, K, D, H, W). With several folds the output is ``log(mean_f softmax(z_f))`` — the log of the
-    ensemble's mean probability, so softmax of it is what nnU-Net's ensemble predicts. Feature taps
-    (:meth:`tap_names`) come from the first fold: features of separately trained networks are not
-    aligned channel by channel, so they are not averaged.
+    Shapes: input (B, C, D, H, W) in the image array's axes, D/H/W multiples of the network's total
+    stride; output logits (B, K, D, H, W). With several folds the output is ``log(mean_f softmax(z_f))`` —
+    the log of the ensemble's mean probability, so softmax of it is what nnU-Net's ensemble predicts.
+    Feature taps (:meth:`tap_names`) come from the first fold: features of separately trained networks
+    are not aligned channel by channel, so they are not averaged. A model whose plans transpose the axes
+    (``transpose``, nnU-Net's ``transpose_forward``) gets its input transposed as nnU-Net does, and hands
+    its logits and (through :attr:`feature_transform`, which :class:`~ReCoKDLib.models.taps.FeatureTaps`
+    applies) its tapped features back in the image's axes.
     """
 
-    def __init__(self, members: Sequence[nn.Module], patch_size: Sequence[int], in_channels: int):
+    def __init__(self, members: Sequence[nn.Module], patch_size: Sequence[int], in_channels: int,
+                 transpose: Sequence[int] = (0, 1, 2)):
         super().__init__()
         if not members:
             raise ReCoKDError("an nnU-Net teacher needs at least one fold")
         self.members = nn.ModuleList(members)
         self.patch_size = tuple(int(p) for p in patch_size)
         self.in_channels = int(in_channels)
+        self.transpose = tuple(int(a) for a in transpose)
+        self._forward_dims = (0, 1, *(2 + a for a in self.transpose))
+        self._backward_dims = (0, 1, *(2 + self.transpose.index(j) for j in range(3)))
+        self.feature_transform = None if self.transpose == (0, 1, 2) else self._to_image_axes
         for m in self.members:
             decoder = getattr(m, "decoder", None)
             if decoder is not None and hasattr(decoder, "deep_supervision"):
@@ -300,11 +319,18 @@ class NNUNetTeacher(nn.Module):
     def probe_shape(self) -> tuple[int, ...]:
         return (1, self.in_channels, *self.patch_size)
 
+    def _to_image_axes(self, t: torch.Tensor) -> torch.Tensor:
+        return t.permute(self._backward_dims)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.feature_transform is not None:
+            x = x.permute(self._forward_dims)
         if len(self.members) == 1:
-            return self.members[0](x)
-        probs = torch.stack([torch.softmax(m(x).float(), dim=1) for m in self.members]).mean(0)
-        return torch.log(probs.clamp_min(1e-12))
+            out = self.members[0](x)
+        else:
+            probs = torch.stack([torch.softmax(m(x).float(), dim=1) for m in self.members]).mean(0)
+            out = torch.log(probs.clamp_min(1e-12))
+        return out if self.feature_transform is None else self._to_image_axes(out)
 
 
 def _fold_key(fold: str | int) -> str:

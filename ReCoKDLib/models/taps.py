@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -35,6 +35,9 @@ class FeatureTaps:
     :meth:`clear` once they are used (the :class:`~ReCoKDLib.distill.Distiller` does, every step) so no
     tensor outlives its step, and :meth:`close` (or use ``with``) to remove the hooks.
 
+    ``transform`` maps each recorded output (default: the model's ``feature_transform`` attribute, if any),
+    e.g. a network that works on transposed axes hands its features back in the input's axes.
+
     Example::
 
         with FeatureTaps(net, ["input_block", "downsamples.0"]) as taps:
@@ -42,7 +45,8 @@ class FeatureTaps:
             f0, f1 = taps.features()
     """
 
-    def __init__(self, model: nn.Module, names: Sequence[str]):
+    def __init__(self, model: nn.Module, names: Sequence[str],
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
         if not names:
             raise ReCoKDError("no feature taps given; name at least one module")
         modules = dict(model.named_modules())
@@ -54,12 +58,14 @@ class FeatureTaps:
             )
         self.model = model
         self.names = list(names)
+        self.transform = transform if transform is not None else getattr(model, "feature_transform", None)
         self._store: dict[str, torch.Tensor] = {}
         self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.names]
 
     def _hook(self, name: str):
         def record(_module, _inputs, output):
-            self._store[name] = _first_tensor(output)
+            feature = _first_tensor(output)
+            self._store[name] = self.transform(feature) if self.transform is not None else feature
 
         return record
 
