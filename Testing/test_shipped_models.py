@@ -100,3 +100,25 @@ def test_la2018_model_scores_its_recorded_test_dice(shared_data, tmp_path):
         scores.append(_dice(pred, ref, [1]))
     assert abs(np.mean(scores) - recorded["dice_mean"]) <= 0.01, (np.mean(scores), recorded["dice_mean"])
     assert recorded["dice_mean"] >= 0.88
+
+
+def test_acdc_model_scores_its_recorded_held_out_dice(shared_data, tmp_path):
+    """The ACDC heart model on fold 0 of the study's patient-grouped 3-fold split (never trained on)."""
+    from ReCoKDLib.data.datasets import open_dataset
+    from ReCoKDLib.inference.predictor import Predictor
+    from ReCoKDLib.workflows.study import cv_folds
+
+    dataset = open_dataset(shared_data / "ACDC-subset")
+    held_out = cv_folds([r.case_id for r in dataset.training], 3, r"^(patient\d+)")[0]
+    bundle = load_bundle(MODELS / "acdc-heart.recokd")
+    recorded = bundle.provenance["test_metrics"]
+    assert len(held_out) == recorded["num_cases"] == 16 and bundle.postprocessing == "largest-foreground"
+    assert set(recorded["per_case_dice_mean"]) == set(held_out)
+    predictor = Predictor(bundle, device="cpu", threads=1)
+    scores = []
+    for record in (r for r in dataset.training if r.case_id in held_out):
+        out = predictor.predict_files(record.image_files, tmp_path / f"{record.case_id}.nii.gz")
+        pred = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+        ref = sitk.GetArrayFromImage(sitk.ReadImage(str(record.label_file)))
+        scores.append(np.mean([_dice(pred, ref, [c]) for c in (1, 2, 3)]))
+    assert abs(np.mean(scores) - recorded["dice_mean"]) <= 0.01, (np.mean(scores), recorded["dice_mean"])
