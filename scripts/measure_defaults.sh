@@ -4,7 +4,7 @@
 # 10 test cases. The baseline is measure_augment.sh's `la_none_s<seed>` runs in the same WORK folder (run
 # it first, or this script trains them). Variants: a 2x patch (32x64x64, the plain script's), foreground
 # oversampling off (0) and on every patch (1; batch 2 makes 1/3 one patch of two), EMA off, lr 1e-3 and
-# 1e-2. Resumable: run it again to continue. Usage: bash scripts/measure_defaults.sh [WORK_FOLDER]
+# 1e-2. Resumable: run it again to continue. Usage: [SEEDS="0 1 2"] bash scripts/measure_defaults.sh [WORK_FOLDER]
 set -uo pipefail
 R=$(cd "$(dirname "$0")/.." && pwd); W=$(realpath -m "${1:-augment_measure}"); D=$R/../shared/data/LA2018-lowres
 source "$R/.venv/bin/activate"; mkdir -p "$W"
@@ -21,7 +21,7 @@ la() {  # name, seed, extra options...
 }
 [ -f "$W/la_cache/plans.json" ] || recokd plan "$D" --cache "$W/la_cache" --no-progress --patch-budget 65536 \
     --base-filters 16 --max-filters 128 > /dev/null
-for seed in 0 1 2; do
+for seed in ${SEEDS:-0 1 2}; do  # SEEDS="0" for a first pass
   la none "$seed" --lr 0.003 & la patch32x64x64 "$seed" --lr 0.003 --patch-size 32 64 64 & wait
   la fg0 "$seed" --lr 0.003 --foreground-fraction 0 & la fg1 "$seed" --lr 0.003 --foreground-fraction 1 & wait
   la noema "$seed" --lr 0.003 --ema-decay 0 & la lr1e-3 "$seed" --lr 0.001 & wait
