@@ -111,6 +111,47 @@ def test_a_whole_case_agrees_with_nnunets_predictor(nnunet):
     assert (ours == theirs).mean() >= 0.99
 
 
+def _residual_encoder(folder: Path) -> None:
+    """The same plans with nnU-Net's residual-encoder U-Net (the ResEnc presets' architecture), its network
+    built by nnU-Net's own get_network_from_plans and saved as a fold-0 checkpoint."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    shutil.rmtree(folder / "fold_1")
+    plans = json.loads((folder / "plans.json").read_text())
+    arch = plans["configurations"]["3d_fullres"]["architecture"]
+    arch["network_class_name"] = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+    kwargs = arch["arch_kwargs"]
+    kwargs["n_blocks_per_stage"] = [1, 2, 2, 2, 2][: kwargs["n_stages"]]
+    kwargs["n_conv_per_stage_decoder"] = [1] * (kwargs["n_stages"] - 1)
+    del kwargs["n_conv_per_stage"]
+    (folder / "plans.json").write_text(json.dumps(plans))
+    torch.manual_seed(5)
+    net = get_network_from_plans(arch["network_class_name"], kwargs, arch["_kw_requires_import"], 1, 5,
+                                 deep_supervision=True)
+    path = folder / "fold_0" / "checkpoint_final.pth"
+    checkpoint = torch.load(path, weights_only=False)  # made by this test suite: trusted
+    checkpoint["network_weights"] = net.state_dict()
+    checkpoint["init_args"]["plans"] = plans
+    torch.save(checkpoint, path)
+
+
+def test_a_residual_encoder_unet_loads_as_nnunet_loads_it(nnunet, tmp_path):
+    folder = _edited_copy(nnunet, tmp_path, _residual_encoder)
+    teacher = open_nnunet_model(folder).teacher()
+    reference = _nnunet_predictor(folder, (0,))
+    theirs = reference.network
+    theirs.load_state_dict(reference.list_of_parameters[0])
+    theirs.eval()
+    x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (teacher(x) - theirs(x)).abs().max().item() <= 1e-5
+    from ReCoKDLib.models.taps import FeatureTaps
+
+    infos = FeatureTaps(teacher, teacher.tap_names()).probe((1, 1, 32, 32, 32))
+    assert [i.stride for i in infos] == [(1, 1, 1), (2, 2, 2), (4, 4, 4), (8, 8, 8)]
+    assert tuple(i.channels for i in infos) == open_nnunet_model(folder).unet_spec().filters[:-1]
+
+
 def _transposed(folder: Path) -> None:
     """The same model, as nnU-Net would hold it had it transposed the axes (x, z, y): plans with
     transpose_forward [2, 0, 1], a non-cubic patch in network axes, and every convolution kernel's spatial

@@ -255,7 +255,8 @@ class NNUNetModel:
         features = kwargs["features_per_stage"]
         features = [features] * n if isinstance(features, int) else list(features)
 
-        def triples(values):  # per level, in the image's axis order
+        def triples(values):  # per level, in the image's axis order (a plain number: every level, every axis)
+            values = values if isinstance(values, (list, tuple)) else [values] * n
             return tuple(self.to_image_axes(v if isinstance(v, (list, tuple)) else (v, v, v)) for v in values)
 
         return UNetSpec(in_channels=len(self.channel_names), out_channels=self.labels.num_classes,
