@@ -29,10 +29,12 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 
 def test_onnxruntime_and_torch_agree_on_real_cases(shared_data, cache):
-    """The shipped LA2018 student on three LA2018 test volumes: labels agree on >= 99.9 % of voxels."""
+    """The shipped LA2018 student on three LA2018 test volumes: ONNX Runtime's and bfloat16's labels agree
+    with PyTorch fp32's on >= 99.9 % of voxels."""
     bundle = load_bundle(MODELS / "la2018-left-atrium.recokd")
     by_torch = Predictor(bundle, device="cpu", backend="torch")
     by_ort = Predictor(bundle, device="cpu", backend="onnxruntime")
+    by_bf16 = Predictor(bundle, device="cpu", backend="torch", precision="bf16")
     assert (by_torch.backend, by_ort.backend) == ("torch", "onnxruntime")
     assert [p.name for p in cache.iterdir()] == [f"{onnx_cache_key(bundle)}.onnx"]
     images = sorted((shared_data / "LA2018-lowres" / "imagesTs").glob("*_0000.nii.gz"))[:3]
@@ -42,6 +44,8 @@ def test_onnxruntime_and_torch_agree_on_real_cases(shared_data, cache):
         b = sitk.GetArrayFromImage(by_ort.predict_image(image))
         assert a.sum() > 1000  # the atrium is there
         assert (a == b).mean() >= 0.999, image_file.name
+        c = sitk.GetArrayFromImage(by_bf16.predict_image(image))
+        assert (a == c).mean() >= 0.999, image_file.name
 
 
 def _tiny_bundle(seed: int):
@@ -83,8 +87,18 @@ def test_the_graph_is_cached_by_content_and_a_damaged_one_is_exported_again(cach
 def test_auto_picks_onnxruntime_on_the_cpu_and_torch_where_it_cannot_run(cache, monkeypatch):
     bundle = _tiny_bundle(2)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert select_backend(bundle, "auto", cpu)[1] == "onnxruntime"
+    # measured: ONNX Runtime wins at one window per call, PyTorch from two on (docs/results.md)
+    assert select_backend(bundle, "auto", cpu, sw_batch_size=1)[1] == "onnxruntime"
+    assert select_backend(bundle, "auto", cpu, sw_batch_size=2)[1] == "torch"
+    assert Predictor(bundle, device="cpu", backend="auto").backend == "torch"  # the predictor's default: 2 windows
+    assert Predictor(bundle, device="cpu", backend="auto", sw_batch_size=1).backend == "onnxruntime"
     assert select_backend(bundle, "auto", cuda)[1] == "torch"
+    network, name = select_backend(bundle, "auto", cpu, sw_batch_size=1, precision="bf16")
+    assert name == "torch" and isinstance(network, backends.Autocast)
+    with pytest.raises(ReCoKDError, match="bf16 runs with PyTorch"):
+        select_backend(bundle, "onnxruntime", cpu, precision="bf16")
+    with pytest.raises(ReCoKDError, match="precision must be one of fp32, bf16"):
+        Predictor(bundle, device="cpu", precision="fp16")
     with pytest.raises(ReCoKDError, match="runs on the CPU; use --device cpu, or --backend torch on cuda"):
         select_backend(bundle, "onnxruntime", cuda)
     with pytest.raises(ReCoKDError, match="backend must be one of auto, torch, onnxruntime"):
@@ -103,7 +117,7 @@ def test_auto_falls_back_to_torch_and_says_why_when_the_export_fails(cache, monk
 
     monkeypatch.setattr(export, "export_onnx", broken)
     said = []
-    network, name = select_backend(_tiny_bundle(3), "auto", torch.device("cpu"), log=said.append)
+    network, name = select_backend(_tiny_bundle(3), "auto", torch.device("cpu"), log=said.append, sw_batch_size=1)
     assert name == "torch" and isinstance(network, torch.nn.Module)
     assert said and "does not export" in said[0] and "PyTorch" in said[0]
 

@@ -1,9 +1,15 @@
 """Which engine runs a bundle's network in the predictor: PyTorch, or ONNX Runtime on the CPU.
 
-PyTorch's CPU convolutions are slow for the few-channel 3D convolutions of a narrow student; ONNX
-Runtime's CPU kernels are not (see ``recokd benchmark --backends``). ``auto`` therefore runs a bundle with
-ONNX Runtime when the device is the CPU and ``onnxruntime`` (with ``onnx``, for the export) is installed,
-and with PyTorch otherwise (CUDA, an nnU-Net folder, no ONNX Runtime).
+What ``auto`` picks is measured (docs/results.md, "Inference speed"; ``scripts/cpu_inference_options.py``):
+PyTorch's CPU convolution is slow for few-channel 3D convolutions at a batch of one window (a narrow
+student: 0.073 s per window against ONNX Runtime's 0.014 s), and fast from two windows on (0.012 s
+against 0.014 s). So ``auto`` runs ONNX Runtime on the CPU only for one window per call
+(``sw_batch_size`` 1), when ``onnxruntime`` (with ``onnx``, for the export) is installed, and PyTorch
+otherwise — at the predictor's default of two windows per call, and on CUDA or for nnU-Net folders.
+
+``precision="bf16"`` runs the PyTorch network under bfloat16 autocast (CPU or CUDA): on the development
+machine it made the LA2018 student's whole prediction 1.85× faster with labels equal on 99.99 % of voxels
+and the same test Dice. It is not the default: its speed depends on the CPU having bfloat16 instructions.
 
 The ONNX graph is exported once per bundle and cached in ``<cache>/onnx/<key>.onnx`` (the per-user model
 cache's sibling, see :func:`~ReCoKDLib.deployment.registry.default_cache_dir`). The key is the sha256 of
@@ -23,9 +29,22 @@ import torch
 
 from ..errors import ReCoKDError
 
-__all__ = ["BACKENDS", "onnx_cache_dir", "onnx_cache_key", "cached_onnx", "select_backend"]
+__all__ = ["BACKENDS", "PRECISIONS", "Autocast", "onnx_cache_dir", "onnx_cache_key", "cached_onnx", "select_backend"]
 
 BACKENDS = ("auto", "torch", "onnxruntime")
+PRECISIONS = ("fp32", "bf16")
+
+
+class Autocast(torch.nn.Module):
+    """Runs ``network`` under bfloat16 autocast on its input's device; returns float32 logits."""
+
+    def __init__(self, network: torch.nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return self.network(x).float()
 
 
 def onnx_cache_dir() -> Path:
@@ -72,28 +91,39 @@ def cached_onnx(bundle: Any, cache_dir: str | Path | None = None) -> Path:
 
 
 def select_backend(bundle: Any, backend: str, device: torch.device, threads: int | None = None,
-                   cache_dir: str | Path | None = None,
-                   log: Callable[[str], None] | None = None) -> tuple[Any, str]:
+                   cache_dir: str | Path | None = None, log: Callable[[str], None] | None = None,
+                   sw_batch_size: int = 1, precision: str = "fp32") -> tuple[Any, str]:
     """``(network, name)``: the callable the sliding window runs and the backend chosen (``torch`` or
-    ``onnxruntime``) for ``backend`` (one of :data:`BACKENDS`).
+    ``onnxruntime``) for ``backend`` (one of :data:`BACKENDS`), ``sw_batch_size`` windows per call and
+    ``precision`` (one of :data:`PRECISIONS`; ``bf16`` runs PyTorch).
 
     Raises:
-        ReCoKDError: an unknown backend; ``onnxruntime`` asked for where it cannot run (CUDA, an nnU-Net
-            folder, not installed), or a graph that cannot be exported or loaded.
+        ReCoKDError: an unknown backend or precision; ``onnxruntime`` asked for where it cannot run (CUDA,
+            an nnU-Net folder, not installed, bf16), or a graph that cannot be exported or loaded.
     """
     if backend not in BACKENDS:
         raise ReCoKDError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if precision not in PRECISIONS:
+        raise ReCoKDError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     is_bundle = hasattr(bundle, "weights") and hasattr(bundle, "spec")
+
+    def torch_network() -> tuple[Any, str]:
+        net = bundle.build_network()
+        return (Autocast(net) if precision == "bf16" else net), "torch"
+
     if backend == "auto":
-        if device.type != "cpu" or not is_bundle or not _onnx_available():
-            return bundle.build_network(), "torch"
+        if (device.type != "cpu" or not is_bundle or sw_batch_size > 1 or precision != "fp32"
+                or not _onnx_available()):
+            return torch_network()
         try:
             return _onnx_network(bundle, threads, cache_dir), "onnxruntime"
         except ReCoKDError as exc:  # auto falls back, and says why
             (log or (lambda m: None))(f"ONNX Runtime unavailable for this model ({exc}); running it with PyTorch")
-            return bundle.build_network(), "torch"
+            return torch_network()
     if backend == "torch":
-        return bundle.build_network(), "torch"
+        return torch_network()
+    if precision != "fp32":
+        raise ReCoKDError("--precision bf16 runs with PyTorch; use --backend torch or auto")
     if device.type != "cpu":
         raise ReCoKDError(f"--backend onnxruntime runs on the CPU; use --device cpu, or --backend torch on {device.type}")
     if not is_bundle:

@@ -45,7 +45,7 @@ from ..utils.geometry import IDENTITY_DIRECTION, ImageGeometry
 from ..utils.geometry import lps_geometry_from_ijk_to_ras as geometry_from_ijk_to_ras
 from ..utils.io import atomic_write
 from .postprocessing import POSTPROCESSING, postprocess_labels
-from .backends import BACKENDS, select_backend
+from .backends import BACKENDS, PRECISIONS, select_backend
 from .sliding_window import WINDOW_WEIGHTS, predict_logits
 from ..utils.runtime import resolve_device
 
@@ -203,6 +203,8 @@ class Predictor:
         backend: ``"torch"`` (default), ``"onnxruntime"`` (CPU; the bundle's ONNX graph, cached) or ``"auto"``
             (ONNX Runtime on the CPU when installed, else PyTorch); see :mod:`ReCoKDLib.inference.backends`.
             ``self.backend`` is the one chosen.
+        precision: ``"fp32"`` (default) or ``"bf16"`` (PyTorch under bfloat16 autocast; faster on CPUs with
+            bfloat16 instructions; see :mod:`ReCoKDLib.inference.backends`).
         blend: how overlapping windows are weighted: ``"gaussian"`` (default), ``"constant"`` (plain mean) or
             ``"nnunet"`` (nnU-Net's Gaussian; the default for nnU-Net folders).
 
@@ -229,6 +231,7 @@ class Predictor:
         postprocess: str | None = None,
         backend: str = "torch",
         blend: str | None = None,
+        precision: str = "fp32",
     ):
         self.bundle = model if isinstance(model, Bundle) or hasattr(model, "build_network") else open_model(model)
         self.postprocess = self.bundle.postprocessing if postprocess is None else postprocess
@@ -254,7 +257,9 @@ class Predictor:
         if backend not in BACKENDS:
             raise ReCoKDError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         # the network is built (and an ONNX graph exported) on first use: a refused input costs nothing
-        self._requested_backend, self._threads = backend, threads
+        if precision not in PRECISIONS:
+            raise ReCoKDError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self._requested_backend, self._threads, self.precision = backend, threads, precision
         self._network, self._backend = (network, "custom") if network is not None else (None, None)
         if backend == "torch":
             self.network  # noqa: B018 - cheap, and checks the weights fit before any input is read
@@ -270,7 +275,8 @@ class Predictor:
         """The network the windows run through (built on first use, by the chosen backend)."""
         if self._network is None:
             self._network, self._backend = select_backend(self.bundle, self._requested_backend, self.device,
-                                                          self._threads, log=self.log)
+                                                          self._threads, log=self.log,
+                                                          sw_batch_size=self.sw_batch_size, precision=self.precision)
         if isinstance(self._network, nn.Module):
             self._network.eval()
         return self._network
