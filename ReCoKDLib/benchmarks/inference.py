@@ -317,15 +317,21 @@ def benchmark_table(results: Sequence[ModelResult]) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(notes)
 
 
+def fastest_per_model(results: Sequence[Any]) -> dict[str, Any]:
+    """Model name -> its fastest row over the backends (rows with ``seconds_per_volume`` and ``backend``)."""
+    best: dict[str, Any] = {}
+    for r in results:
+        key = getattr(r, "model", "") or r.name
+        if key not in best or r.seconds_per_volume < best[key].seconds_per_volume:
+            best[key] = r
+    return best
+
+
 def best_backend_notes(results: Sequence[Any]) -> list[str]:
     """With several backends: each student's fastest backend against the teacher's fastest."""
     if len({r.backend for r in results}) < 2:
         return []
-    best: dict[str, Any] = {}
-    for r in results:
-        key = r.model or r.name
-        if key not in best or r.seconds_per_volume < best[key].seconds_per_volume:
-            best[key] = r
+    best = fastest_per_model(results)
     teacher = next((r for r in best.values() if r.role == "teacher"), None)
     if teacher is None:
         return []

@@ -24,7 +24,7 @@ from ..deployment.bundle import Bundle, bundle_from_network
 from ..inference.predictor import Predictor
 from ..models import count_parameters
 from ..models.unet import UNetSpec, build_unet, nnunet_filters
-from .inference import OVERHEAD_TARGET, count_flops, time_volumes
+from .inference import OVERHEAD_TARGET, count_flops, fastest_per_model, time_volumes
 
 __all__ = ["SpeedResult", "width_ladder", "run_speed_benchmark", "speed_table"]
 
@@ -99,10 +99,7 @@ def speed_table(results: Sequence[SpeedResult], caption: str = "") -> str:
                f"{r.plain_monai_seconds:.3f}", f"{100 * r.overhead:+.1f} %"]
         lines.append("| " + " | ".join(row) + " |")
     notes = []
-    best: dict[str, SpeedResult] = {}
-    for r in results:
-        if r.name not in best or r.seconds_per_volume < best[r.name].seconds_per_volume:
-            best[r.name] = r
+    best = fastest_per_model(results)
     targets = {4.0: 8.0, 8.0: 12.0}
     if best_teacher is not None:
         for name, r in best.items():
