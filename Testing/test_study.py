@@ -50,7 +50,7 @@ def _config(tmp: Path, data: Path) -> Path:
         "seeds": [0, 1],
         "students": {"none": {"method": "none"}, "recokd": {"method": "recokd"}},
         "ablations": {"dataset": "ph", "variants": {"msard-only": {"method": "msard"}}},
-        "latency": {"repeats": 1, "max_cases": 1, "threads": 1},
+        "latency": {"repeats": 1, "max_cases": 1, "threads": 1, "backends": ["torch", "onnxruntime"]},
         "jobs": 2,
     }
     path = tmp / "study.json"
@@ -106,6 +106,10 @@ def test_config_errors_name_the_problem(tmp_path):
     bad.write_text(json.dumps({"datasets": {"a": {"phantom": {}, "seeds": [1, 1]}}, "students": {"s": {"method": "none"}}}))
     with pytest.raises(ReCoKDError, match="dataset 'a': 'seeds' must be a non-empty list of distinct"):
         load_config(bad)
+    bad.write_text(json.dumps({"datasets": {"a": {"phantom": {}}}, "students": {"s": {"method": "none"}},
+                               "latency": {"backends": ["torch", "tensorrt"]}}))
+    with pytest.raises(ReCoKDError, match=r"latency.backends must list distinct engines from \['torch', 'onnxruntime'\]"):
+        load_config(bad)
     bad.write_text("{not json")
     with pytest.raises(ReCoKDError, match="not readable JSON"):
         load_config(bad)
@@ -119,8 +123,11 @@ def test_a_dataset_can_run_fewer_seeds_than_the_study(tmp_path):
                                             "b": {"phantom": {"train_cases": 2, "test_cases": 1, "size": 32},
                                                   "seeds": [3]}},
                                "seeds": [3, 4], "students": {"none": {"method": "none"}}}))
-    names = [j.name for j in plan_jobs(load_config(cfg), tmp_path / "out")]
+    jobs = plan_jobs(load_config(cfg), tmp_path / "out")
+    names = [j.name for j in jobs]
     assert {"a/none_s3", "a/none_s4", "b/none_s3"} <= set(names) and "b/none_s4" not in names
+    # latency defaults to PyTorch alone, and then its job spec (and digest) is what it was before backends
+    assert all("backends" not in j.spec for j in jobs if j.kind == "latency")
 
 
 def test_study_runs_every_job_and_scores_held_out_cases(study):
@@ -182,6 +189,16 @@ def test_report_aggregates_the_runs(study):
     assert paired["reference"] == "none" and paired["dice"]["mean"]["n"] == 2
     assert paired["dice"]["mean"]["mean"] == pytest.approx(np.mean(np.subtract(per_seed, none_seeds)))
     assert "Paired differences" in report and "msard-only" in json.dumps(results["ablations_paired"])
+    # latency: every model timed with each configured backend, one table row per model and backend
+    rows = json.loads((out / "latency" / "ph" / "benchmark.json").read_text())
+    assert {(r["model"], r["backend"]) for r in rows} == {
+        (m, b) for m in ("teacher", "none", "recokd") for b in ("torch", "onnxruntime")}
+    table = report.split("Latency per model and backend")[1].split("Paired differences")[0]
+    for r in rows:
+        assert f"| {r['model']} | {r['backend']} | {r['parameters']:,} |" in table
+        assert f"{r['seconds_per_volume']:.3f}" in table
+    fastest = min((r for r in rows if r["model"] == "recokd"), key=lambda r: r["seconds_per_volume"])
+    assert results["datasets"]["ph"]["recokd"]["seconds_per_volume"] == fastest["seconds_per_volume"]
     for png in ("dice_ph.png", "dice_phcv.png", "contours.png", "paired_ph.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

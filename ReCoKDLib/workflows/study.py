@@ -15,7 +15,9 @@ What runs (see ``configs/study.json`` for a full config):
   student of its width;
 - a dataset given as ``"phantom": {...}`` instead of a ``path`` is the demo's phantom, written into
   ``DIR/data/`` on first use (``train_cases`` for training, ``test_cases`` as its test set);
-- ablation variants on one dataset; a latency benchmark per dataset (run alone, nothing in parallel).
+- ablation variants on one dataset; a latency benchmark per dataset (run alone, nothing in parallel):
+  the teacher and the ``latency.students`` of seed 0 on ``latency.max_cases`` cases, each model with
+  each of ``latency.backends`` (default ``["torch"]``; ``["torch", "onnxruntime"]`` times both).
 
 Every job is ``recokd train``/``recokd distill … --resume`` in a subprocess, followed by scoring the
 run's final EMA weights with the same :class:`~ReCoKDLib.inference.Predictor` users run (Dice, HD95,
@@ -216,11 +218,17 @@ def load_config(path: str | Path) -> StudyConfig:
     if ablations and abl_ds not in datasets:
         raise ReCoKDError(f"{where}: ablations.dataset {abl_ds!r} is not one of the datasets {list(datasets)}")
     seeds = _seeds(raw.get("seeds", [0]), where)
+    latency = dict(raw.get("latency", {}))
+    backends = latency.get("backends", ["torch"])
+    if (not isinstance(backends, list) or not backends or len(set(backends)) != len(backends)
+            or set(backends) - {"torch", "onnxruntime"}):
+        raise ReCoKDError(f"{where}: latency.backends must list distinct engines from ['torch', 'onnxruntime'] "
+                          f"(each model is timed with each), got {backends!r}")
     return StudyConfig(
         name=str(raw.get("name", path.stem)), datasets=datasets, planner=dict(raw.get("planner", {})),
         training=dict(raw.get("training", {})), seeds=seeds, students=students, ablation_dataset=abl_ds,
         ablation_seeds=[int(s) for s in abl.get("seeds", seeds[:1])], ablations=ablations,
-        latency=dict(raw.get("latency", {})), jobs=int(raw.get("jobs", 2)),
+        latency=latency, jobs=int(raw.get("jobs", 2)),
         threads_per_job=int(raw.get("threads_per_job", 1)), source=path,
     )
 
@@ -382,6 +390,8 @@ def plan_jobs(config: StudyConfig, out: str | Path) -> list[Job]:
             spec = {"models": {n: str(j.folder) for n, j in models.items()}, "dataset": str(paths[dname]),
                     "cases": eval_of[(dname, 0)][1]["cases"], "threads": int(config.latency.get("threads", 2)),
                     "repeats": int(config.latency.get("repeats", 3)), "max_cases": int(config.latency.get("max_cases", 4))}
+            if config.latency.get("backends", ["torch"]) != ["torch"]:  # (a torch-only job keeps its digest)
+                spec["backends"] = list(config.latency["backends"])
             jobs.append(Job(f"{dname}/latency", "latency", out / "latency" / dname, spec,
                             deps=[j.name for j in models.values()]))
     return jobs
@@ -474,7 +484,7 @@ def _latency(folder: Path, spec: dict[str, Any]) -> None:
                 os.symlink(p.resolve(), imgs / p.name)
             os.symlink(r.label_file.resolve(), labs / f"{r.case_id}{dataset.file_ending}")
         results = run_benchmark(spec["models"], imgs, labs, device="cpu", repeats=spec["repeats"],
-                                threads=spec["threads"], teacher="teacher")
+                                threads=spec["threads"], teacher="teacher", backends=spec.get("backends", ["torch"]))
     atomic_write_text(folder / "benchmark.json", results_json(results) + "\n")
 
 

@@ -195,7 +195,8 @@ def main_table(dname: str, data: dict[str, Any], latency: list[dict] | None, exp
         ref = reference_of(n, variants) if n in variants and variants[n]["method"] != "none" else None
         runs = main.get(ref, []) if ref else []
         reference_means[n] = {c: aggregate(runs, "dice", c)[0] for c in ["mean", *classes]} if runs else {}
-    lat = {r["name"]: r for r in (latency or [])}
+    lat = fastest_rows(latency or [])  # several backends: each model on its fastest
+    several = len({r.get("backend", "torch") for r in latency or []}) > 1
     head = ["model", "runs", "mean Dice", *[f"Dice {c}" for c in classes], "HD95 (mm)", "NSD", "gap recovered",
             *[f"gap {c}" for c in classes], "params", "GFLOPs/patch", "s/volume (CPU)", "speed-up"]
     rows, numbers = [], {}
@@ -230,9 +231,44 @@ def main_table(dname: str, data: dict[str, Any], latency: list[dict] | None, exp
             *["" if "gap" not in entry else _pct(gaps.get(c)) for c in classes],
             f"{(lt or same)['parameters']:,}" if (lt or same) else "–",
             f"{(lt or same)['flops'] / 1e9:.2f}" if (lt or same) else "–",
-            f"{lt['seconds_per_volume']:.3f}" if lt else "–", f"{speed:.1f}×" if math.isfinite(speed) else "–"])
+            (f"{lt['seconds_per_volume']:.3f}" + (f" ({lt['backend']})" if several else "")) if lt else "–",
+            f"{speed:.1f}×" if math.isfinite(speed) else "–"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n", numbers
+
+
+def fastest_rows(latency: Sequence[dict]) -> dict[str, dict]:
+    """Model name -> its fastest latency row (``benchmark.json`` rows; with one backend, simply by name)."""
+    best: dict[str, dict] = {}
+    for r in latency:
+        key = r.get("model") or r["name"]
+        if key not in best or r["seconds_per_volume"] < best[key]["seconds_per_volume"]:
+            best[key] = r
+    return best
+
+
+def latency_table(latency: Sequence[dict]) -> str:
+    """Markdown table of the latency benchmark, one row per model and backend: parameters, FLOPs of one
+    patch, seconds per volume, the speed-up against the teacher on the same backend and on its fastest,
+    and the predictor's overhead against a bare MONAI ``sliding_window_inference`` call."""
+    if not latency:
+        return ""
+    teachers = {r.get("backend", "torch"): r for r in latency if r.get("role") == "teacher"}
+    best_teacher = min(teachers.values(), key=lambda r: r["seconds_per_volume"]) if teachers else None
+    head = ["model", "backend", "params", "GFLOPs/patch", "s/volume", "× vs teacher (same backend)",
+            "× vs teacher (its best)", "bare MONAI s", "overhead"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in latency:
+        same = teachers.get(r.get("backend", "torch"))
+        sec, plain = r["seconds_per_volume"], r.get("plain_monai_seconds") or math.nan
+        row = [r.get("model") or r["name"], r.get("backend", "torch"), f"{r['parameters']:,}",
+               f"{r['flops'] / 1e9:.2f}", f"{sec:.3f}",
+               f"{same['seconds_per_volume'] / sec:.1f}×" if same else "–",
+               f"{best_teacher['seconds_per_volume'] / sec:.1f}×" if best_teacher else "–",
+               f"{plain:.3f}" if math.isfinite(plain) else "–",
+               f"{100 * (sec / plain - 1):+.1f} %" if math.isfinite(plain) and plain > 0 else "–"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def ablation_table(data: dict[str, Any], ablations: dict[str, dict], students: dict[str, dict]) -> tuple[str, dict]:
@@ -404,6 +440,10 @@ def build_report(config, out: str | Path, jobs, log: Callable[[str], None] = pri
         latency = _read(out / "latency" / dname / "benchmark.json")
         students = {n: v for n, v in config.students.items() if d.runs(n)}
         table, numbers = main_table(dname, data, latency, list(students), students)
+        if latency:
+            table += ("\nLatency per model and backend (the teacher and seed 0's students; overhead: the "
+                      "whole predictor against one bare MONAI `sliding_window_inference` call on the same network "
+                      "and preprocessed volume):\n\n" + latency_table(latency))
         paired, paired_numbers = paired_table(data, students)
         results["datasets"][dname] = numbers
         results.setdefault("paired", {})[dname] = paired_numbers
