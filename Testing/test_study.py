@@ -261,6 +261,41 @@ def test_the_runner_waits_for_a_job_running_in_another_process(study):
     assert not any(m.startswith("start  ph/none_s1") for m in messages)
 
 
+def test_a_job_another_runner_starts_at_the_same_moment_is_waited_for(study, monkeypatch):
+    """Two runners may both see a job free and start it; the loser's subprocess finds the lock taken.
+    That is not a failure: the runner waits for the job where it runs."""
+    import fcntl
+
+    import ReCoKDLib.workflows.study as study_module
+
+    config, out, jobs, _, _ = study
+    job = next(j for j in jobs if j.name == "ph/none_s0")
+    marker = job.marker.read_bytes()
+    job.marker.unlink()
+    held = open(job.folder / ".job.lock", "a")
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    real, calls = study_module._held_elsewhere, []
+
+    def first_check_misses(j):  # the other runner had not locked it yet when this one looked
+        calls.append(j.name)
+        return False if len(calls) == 1 else real(j)
+
+    monkeypatch.setattr(study_module, "_held_elsewhere", first_check_misses)
+    messages: list[str] = []
+
+    def log(message: str) -> None:
+        messages.append(message)
+        if message.startswith("wait   ph/none_s0"):  # now the other process finishes the job
+            job.marker.write_bytes(marker)
+            held.close()
+
+    _, failed = run_study(config, out, only=["ph/none_s0"], log=log, poll_seconds=0.2)
+    assert failed == [], messages
+    assert any(m.startswith("start  ph/none_s0") for m in messages)  # it did try, and lost the lock
+    assert "done   ph/none_s0 (in another process)" in messages
+    assert not any(m.startswith("FAILED") for m in messages)
+
+
 def test_a_failed_teacher_skips_its_students_and_keeps_going(tmp_path):
     data = _dataset(tmp_path / "ds")
     cfg = json.loads(_config(tmp_path, data).read_text())

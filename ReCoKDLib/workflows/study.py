@@ -439,6 +439,13 @@ def _log_rows(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+class JobHeldElsewhere(ReCoKDError):
+    """The job's lock is held by another process: it is running there."""
+
+
+HELD_ELSEWHERE_EXIT = 75  # a job subprocess's exit status for JobHeldElsewhere (EX_TEMPFAIL)
+
+
 def execute_job(job_file: str | Path) -> int:
     """Run one job described by a JSON file (the study's subprocess entry point); ``recokd`` itself runs
     as a child process (``python -m ReCoKDLib.cli``), so the study never imports the command line."""
@@ -447,7 +454,7 @@ def execute_job(job_file: str | Path) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     lock = try_lock(folder / ".job.lock")  # held until this process ends, however it ends
     if lock is None:
-        raise ReCoKDError(f"{job['name']} is already running ({lock_owner(folder / '.job.lock')}); "
+        raise JobHeldElsewhere(f"{job['name']} is already running ({lock_owner(folder / '.job.lock')}); "
                           "wait for it or stop it first")
     if kind in ("plan", "train"):
         rc = subprocess.run([sys.executable, "-m", "ReCoKDLib.cli", *map(str, spec["argv"])]).returncode
@@ -584,6 +591,9 @@ def run_study(
                     continue
                 del running[name]
                 seconds = time.perf_counter() - start
+                if rc == HELD_ELSEWHERE_EXIT:  # another runner took it between our check and our start
+                    pending.insert(0, j)  # next round sees its lock and waits for it there
+                    continue
                 if rc == 0 and j.done():
                     finished.add(name)
                     wall[name] = wall.get(name, 0.0) + seconds
@@ -611,6 +621,9 @@ def run_study(
 if __name__ == "__main__":
     try:
         sys.exit(execute_job(sys.argv[1]))
+    except JobHeldElsewhere as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(HELD_ELSEWHERE_EXIT)
     except ReCoKDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
