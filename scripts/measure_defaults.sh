@@ -4,14 +4,17 @@
 # 10 test cases. The baseline is measure_augment.sh's `la_none_s<seed>` runs in the same WORK folder (run
 # it first, or this script trains them). Variants: a 2x patch (32x64x64, the plain script's), foreground
 # oversampling off (0) and on every patch (1; batch 2 makes 1/3 one patch of two), EMA off, lr 1e-3 and
-# 1e-2. Resumable: run it again to continue. Usage: [SEEDS="0 1 2"] bash scripts/measure_defaults.sh [WORK_FOLDER]
+# 1e-2. Resumable: run it again to continue. VARIANTS="patch32x64x64 fg0" runs only those (and two script
+# instances with different SEEDS may run side by side).
+# Usage: [SEEDS="0 1 2"] [VARIANTS="..."] bash scripts/measure_defaults.sh [WORK_FOLDER]
 set -uo pipefail
 R=$(cd "$(dirname "$0")/.." && pwd); W=$(realpath -m "${1:-augment_measure}"); D=$R/../shared/data/LA2018-lowres
 source "$R/.venv/bin/activate"; mkdir -p "$W"
 train="--optimizer adamw --batch-size 2 --iters-per-epoch 100 --epochs 10 --val-every 10 --val-max-cases 2 --fold all
        --augment none --workers 1 --threads 1 --device cpu --no-progress --resume"
 la() {  # name, seed, extra options...
-  local n=la_$1_s$2 seed=$2; shift 2
+  local v=$1 n=la_$1_s$2 seed=$2; shift 2
+  [ -z "${VARIANTS:-}" ] || [[ " $VARIANTS " == *" $v "* ]] || return 0
   [ -f "$W/eval_$n.json" ] && { echo "$n $(grep -o '"dice_mean": [0-9.]*' "$W/eval_$n.json")"; return; }
   recokd train "$D" -o "$W/$n" --cache "$W/la_cache" --plans "$W/la_cache/plans.json" --seed "$seed" $train "$@" \
       > "$W/$n.log" 2>&1 \
