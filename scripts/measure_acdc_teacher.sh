@@ -3,9 +3,9 @@
 # study's 3-fold patient-grouped cross-validation), one variable at a time against the study's teacher
 # (1600 iterations, lr 3e-3, --augment none, batch 2, the study's CPU plan; seed k on fold k).
 # Each run is scored with `recokd predict` + `recokd evaluate` on its held-out fold, no post-processing.
-# Variants: VARIANTS="base it3200 lr1e-3 patch2x" (default: all; base reproduces the study's teachers).
-# Resumable: run it again to continue. Two runs at a time, one CPU thread each.
-#   [VARIANTS="it3200"] [FOLDS="0 1 2"] bash scripts/measure_acdc_teacher.sh [WORK_FOLDER]
+# Variants: VARIANTS="base it3200 it4800 lr1e-3 patch2x" (default: all; base reproduces the study's teachers).
+# Resumable: run it again to continue. PARALLEL runs at a time (default 2), one CPU thread each.
+#   [VARIANTS="it3200"] [FOLDS="0 1 2"] [PARALLEL=2] bash scripts/measure_acdc_teacher.sh [WORK_FOLDER]
 set -uo pipefail
 R=$(cd "$(dirname "$0")/.." && pwd); W=$(realpath -m "${1:-acdc_teacher}"); D=$R/../shared/data/ACDC-subset
 source "$R/.venv/bin/activate"; mkdir -p "$W"
@@ -30,20 +30,21 @@ done
 [ -f "$W/cache2x/plans.json" ] || recokd plan "$D" --cache "$W/cache2x" --no-progress \
     --patch-budget 131072 --base-filters 16 --max-filters 128 > /dev/null
 queue=()
-for v in ${VARIANTS:-base it3200 lr1e-3 patch2x}; do
+for v in ${VARIANTS:-base it3200 it4800 lr1e-3 patch2x}; do
   for k in ${FOLDS:-0 1 2}; do queue+=("$v $k"); done
 done
 variant() {  # variant fold
   case $1 in
     base)    run base "$2" 16 "$W/cache" --lr 0.003 ;;
     it3200)  run it3200 "$2" 32 "$W/cache" --lr 0.003 ;;
+    it4800)  run it4800 "$2" 48 "$W/cache" --lr 0.003 ;;
     lr1e-3)  run lr1e-3 "$2" 16 "$W/cache" --lr 0.001 ;;
     patch2x) run patch2x "$2" 16 "$W/cache2x" --lr 0.003 ;;
     *) echo "unknown variant $1"; return 1 ;;
   esac
 }
-for ((i = 0; i < ${#queue[@]}; i += 2)); do  # two at a time
-  variant ${queue[i]} &
-  [ $((i + 1)) -lt ${#queue[@]} ] && variant ${queue[i+1]} &
+P=${PARALLEL:-2}
+for ((i = 0; i < ${#queue[@]}; i += P)); do  # P at a time
+  for ((j = i; j < i + P && j < ${#queue[@]}; j++)); do variant ${queue[j]} & done
   wait
 done
