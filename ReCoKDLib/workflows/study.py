@@ -592,7 +592,11 @@ def run_study(
                 del running[name]
                 seconds = time.perf_counter() - start
                 if rc == HELD_ELSEWHERE_EXIT:  # another runner took it between our check and our start
-                    pending.insert(0, j)  # next round sees its lock and waits for it there
+                    if j.done():  # ... and has finished it already
+                        finished.add(name)
+                        log(f"done   {name} (in another process)")
+                    else:
+                        pending.insert(0, j)  # next round sees its lock and waits for it there
                     continue
                 if rc == 0 and j.done():
                     finished.add(name)
