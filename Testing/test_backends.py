@@ -87,10 +87,8 @@ def test_the_graph_is_cached_by_content_and_a_damaged_one_is_exported_again(cach
 def test_auto_picks_onnxruntime_on_the_cpu_and_torch_where_it_cannot_run(cache, monkeypatch):
     bundle = _tiny_bundle(2)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    # measured: ONNX Runtime wins at one window per call, PyTorch from two on (docs/results.md)
+    # measured: ONNX Runtime wins at one window per call (docs/results.md); from two on, auto times both
     assert select_backend(bundle, "auto", cpu, sw_batch_size=1)[1] == "onnxruntime"
-    assert select_backend(bundle, "auto", cpu, sw_batch_size=2)[1] == "torch"
-    assert Predictor(bundle, device="cpu", backend="auto").backend == "torch"  # the predictor's default: 2 windows
     assert Predictor(bundle, device="cpu", backend="auto", sw_batch_size=1).backend == "onnxruntime"
     assert select_backend(bundle, "auto", cuda)[1] == "torch"
     network, name = select_backend(bundle, "auto", cpu, sw_batch_size=1, precision="bf16")
@@ -107,6 +105,45 @@ def test_auto_picks_onnxruntime_on_the_cpu_and_torch_where_it_cannot_run(cache, 
     assert select_backend(bundle, "auto", cpu)[1] == "torch"
     with pytest.raises(ReCoKDError, match=r"pip install 'recokd\[export\]'"):
         select_backend(bundle, "onnxruntime", cpu)
+
+
+def test_auto_times_both_engines_once_per_bundle_and_keeps_the_faster(cache, monkeypatch):
+    from ReCoKDLib.inference.export import OnnxNetwork
+
+    bundle, cpu = _tiny_bundle(4), torch.device("cpu")
+    speeds, timed = {"torch": 0.5, "onnxruntime": 0.2}, []
+
+    def fake_seconds(network, batch, repeats=3):
+        name = "onnxruntime" if isinstance(network, OnnxNetwork) else "torch"
+        timed.append((name, tuple(batch.shape)))
+        return speeds[name]
+
+    monkeypatch.setattr(backends, "seconds_per_call", fake_seconds)
+    said: list[str] = []
+    network, name = select_backend(bundle, "auto", cpu, sw_batch_size=2, log=said.append)
+    assert name == "onnxruntime" and isinstance(network, OnnxNetwork)
+    assert sorted(timed) == [("onnxruntime", (2, 1, 16, 16, 16)), ("torch", (2, 1, 16, 16, 16))]
+    assert "running onnxruntime" in said[0] and "0.500 s" in said[0]
+    # remembered: not measured again, even if the machine would now say otherwise
+    speeds["torch"], timed[:] = 0.1, []
+    assert select_backend(bundle, "auto", cpu, sw_batch_size=2)[1] == "onnxruntime" and timed == []
+    assert Predictor(bundle, device="cpu", backend="auto").backend == "onnxruntime"  # default: 2 windows
+    # other settings (windows per call, threads) are measured on their own
+    assert select_backend(bundle, "auto", cpu, sw_batch_size=4)[1] == "torch" and len(timed) == 2
+    assert select_backend(bundle, "auto", cpu, sw_batch_size=2, threads=torch.get_num_threads() + 1)[1] == "torch" \
+        and len(timed) == 4
+    # a damaged record is measured again, not an error
+    (cache / "choices.json").write_text("{broken")
+    assert select_backend(bundle, "auto", cpu, sw_batch_size=2)[1] == "torch" and len(timed) == 6
+    assert len(json.loads((cache / "choices.json").read_text())) == 1
+
+
+def test_auto_measures_for_real_and_records_what_it_measured(cache):
+    bundle = _tiny_bundle(5)
+    name = select_backend(bundle, "auto", torch.device("cpu"), sw_batch_size=2)[1]
+    (record,) = json.loads((cache / "choices.json").read_text()).values()
+    assert record["torch_seconds"] > 0 and record["onnxruntime_seconds"] > 0
+    assert name == record["backend"] == min(("torch", "onnxruntime"), key=lambda n: record[f"{n}_seconds"])
 
 
 def test_auto_falls_back_to_torch_and_says_why_when_the_export_fails(cache, monkeypatch):

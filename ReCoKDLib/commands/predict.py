@@ -77,8 +77,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sw-batch", dest="sw_batch", type=int, default=2, help="windows per forward pass (default 2)")
     p.add_argument("--tta", action="store_true", help="mirror test-time augmentation (8x slower)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="auto (default): the engine measured faster for the settings — ONNX Runtime on the CPU at "
-                        "--sw-batch 1 (the bundle's graph exported once and cached), else PyTorch; or torch / onnxruntime")
+                   help="auto (default): on the CPU, the engine timed faster for this model and these settings on "
+                        "this machine (measured once, remembered; the ONNX graph is exported once and cached), "
+                        "PyTorch on CUDA; or torch / onnxruntime")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32 (default) or bf16: PyTorch under bfloat16 autocast, faster on CPUs with bfloat16 "
                         "instructions (LA2018 student: 1.85x, same Dice)")

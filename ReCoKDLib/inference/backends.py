@@ -1,11 +1,15 @@
 """Which engine runs a bundle's network in the predictor: PyTorch, or ONNX Runtime on the CPU.
 
-What ``auto`` picks is measured (docs/results.md, "Inference speed"; ``scripts/cpu_inference_options.py``):
-PyTorch's CPU convolution is slow for few-channel 3D convolutions at a batch of one window (a narrow
-student: 0.073 s per window against ONNX Runtime's 0.014 s), and fast from two windows on (0.012 s
-against 0.014 s). So ``auto`` runs ONNX Runtime on the CPU only for one window per call
-(``sw_batch_size`` 1), when ``onnxruntime`` (with ``onnx``, for the export) is installed, and PyTorch
-otherwise — at the predictor's default of two windows per call, and on CUDA or for nnU-Net folders.
+What ``auto`` picks is measured, because neither engine wins everywhere (docs/results.md, "Inference
+speed"): PyTorch's CPU convolution is slow for few-channel 3D convolutions at one window per call (a
+narrow student: 0.073 s per window against ONNX Runtime's 0.014 s) and faster from two windows on at
+ReCoKD's 64k-voxel patches, while at patches four times larger ONNX Runtime is faster for the teacher and
+for some students. So on the CPU, when ``onnxruntime`` (with ``onnx``, for the export) is installed,
+``auto`` runs ONNX Runtime for one window per call, and otherwise times one call of ``sw_batch_size``
+windows with each engine (after a warm-up, best of 3) the first time a bundle is run with those
+settings on this machine, and keeps the faster. The choice is remembered in ``<cache>/onnx/choices.json``
+(keyed by the graph's key, windows per call, threads and CPU), so later runs start at once. On CUDA, for
+nnU-Net folders and with bf16, ``auto`` is PyTorch.
 
 ``precision="bf16"`` runs the PyTorch network under bfloat16 autocast (CPU or CUDA): on the development
 machine it made the LA2018 student's whole prediction 1.85× faster with labels equal on 99.99 % of voxels
@@ -22,6 +26,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import platform
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -112,14 +119,19 @@ def select_backend(bundle: Any, backend: str, device: torch.device, threads: int
         return (Autocast(net) if precision == "bf16" else net), "torch"
 
     if backend == "auto":
-        if (device.type != "cpu" or not is_bundle or sw_batch_size > 1 or precision != "fp32"
-                or not _onnx_available()):
+        if device.type != "cpu" or not is_bundle or precision != "fp32" or not _onnx_available():
             return torch_network()
         try:
-            return _onnx_network(bundle, threads, cache_dir), "onnxruntime"
+            onnx_net = _onnx_network(bundle, threads, cache_dir)
         except ReCoKDError as exc:  # auto falls back, and says why
             (log or (lambda m: None))(f"ONNX Runtime unavailable for this model ({exc}); running it with PyTorch")
             return torch_network()
+        if sw_batch_size <= 1:
+            return onnx_net, "onnxruntime"
+        torch_net, _ = torch_network()
+        name = _faster_engine(bundle, {"torch": torch_net, "onnxruntime": onnx_net}, sw_batch_size, threads,
+                              cache_dir, log)
+        return (onnx_net if name == "onnxruntime" else torch_net), name
     if backend == "torch":
         return torch_network()
     if precision != "fp32":
@@ -143,3 +155,53 @@ def _onnx_network(bundle: Any, threads: int | None, cache_dir: str | Path | None
     except ReCoKDError:  # a damaged cache file: export again, once
         path.unlink(missing_ok=True)
         return OnnxNetwork(cached_onnx(bundle, cache_dir), threads=threads or torch.get_num_threads())
+
+
+def _choice_key(bundle: Any, sw_batch_size: int, threads: int | None) -> str:
+    cpu = platform.processor() or platform.machine()
+    return f"{onnx_cache_key(bundle)}|windows={sw_batch_size}|threads={threads or torch.get_num_threads()}|" \
+           f"cpu={cpu}x{os.cpu_count()}"
+
+
+def seconds_per_call(network: Any, batch: torch.Tensor, repeats: int = 3) -> float:
+    """Best of ``repeats`` timed calls of ``network`` on ``batch``, after one warm-up call."""
+    with torch.inference_mode():
+        network(batch)
+        best = float("inf")
+        for _ in range(repeats):
+            tick = time.perf_counter()
+            network(batch)
+            best = min(best, time.perf_counter() - tick)
+    return best
+
+
+def _faster_engine(bundle: Any, networks: dict[str, Any], sw_batch_size: int, threads: int | None,
+                   cache_dir: str | Path | None, log: Callable[[str], None] | None) -> str:
+    """The engine (a key of ``networks``) that runs one call of ``sw_batch_size`` windows faster on this
+    machine: remembered per bundle and settings in ``choices.json`` beside the ONNX graphs, else timed."""
+    from ..utils.io import atomic_write_text
+
+    folder = Path(cache_dir) if cache_dir is not None else onnx_cache_dir()
+    path, key = folder / "choices.json", _choice_key(bundle, sw_batch_size, threads)
+    try:
+        choices = json.loads(path.read_text())
+        if not isinstance(choices, dict):
+            choices = {}
+    except (OSError, ValueError):  # none yet, or unreadable: measure again
+        choices = {}
+    known = choices.get(key)
+    if isinstance(known, dict) and known.get("backend") in networks:
+        return known["backend"]
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.randn((sw_batch_size, bundle.plans.num_channels, *bundle.plans.patch_size), generator=generator)
+    seconds = {name: seconds_per_call(net, batch) for name, net in networks.items()}
+    chosen = min(seconds, key=seconds.get)
+    (log or (lambda m: None))(
+        "auto: " + ", ".join(f"{n} {t:.3f} s" for n, t in seconds.items())
+        + f" per call of {sw_batch_size} window(s) on this machine; running {chosen} (remembered in {path})")
+    choices[key] = {"backend": chosen, **{f"{n}_seconds": t for n, t in seconds.items()}}
+    try:
+        atomic_write_text(path, json.dumps(choices, indent=1, sort_keys=True) + "\n")
+    except OSError:  # a read-only cache only costs the measurement next time
+        pass
+    return chosen

@@ -201,7 +201,8 @@ class Predictor:
         postprocess: one of :data:`~ReCoKDLib.inference.postprocessing.POSTPROCESSING`; ``None`` (default):
             the bundle's choice (``none`` for bundles that record none).
         backend: ``"torch"`` (default), ``"onnxruntime"`` (CPU; the bundle's ONNX graph, cached) or ``"auto"``
-            (ONNX Runtime on the CPU when installed, else PyTorch); see :mod:`ReCoKDLib.inference.backends`.
+            (on the CPU, the engine timed faster for this bundle and settings, once per machine; else
+            PyTorch); see :mod:`ReCoKDLib.inference.backends`.
             ``self.backend`` is the one chosen.
         precision: ``"fp32"`` (default) or ``"bf16"`` (PyTorch under bfloat16 autocast; faster on CPUs with
             bfloat16 instructions; see :mod:`ReCoKDLib.inference.backends`).
