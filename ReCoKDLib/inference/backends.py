@@ -121,12 +121,15 @@ def select_backend(bundle: Any, backend: str, device: torch.device, threads: int
     if backend == "auto":
         if device.type != "cpu" or not is_bundle or precision != "fp32" or not _onnx_available():
             return torch_network()
+        remembered = None if sw_batch_size <= 1 else _remembered_engine(bundle, sw_batch_size, threads, cache_dir)
+        if remembered == "torch":  # measured before: only the chosen engine is built
+            return torch_network()
         try:
             onnx_net = _onnx_network(bundle, threads, cache_dir)
         except ReCoKDError as exc:  # auto falls back, and says why
             (log or (lambda m: None))(f"ONNX Runtime unavailable for this model ({exc}); running it with PyTorch")
             return torch_network()
-        if sw_batch_size <= 1:
+        if sw_batch_size <= 1 or remembered == "onnxruntime":
             return onnx_net, "onnxruntime"
         torch_net, _ = torch_network()
         name = _faster_engine(bundle, {"torch": torch_net, "onnxruntime": onnx_net}, sw_batch_size, threads,
@@ -175,23 +178,30 @@ def seconds_per_call(network: Any, batch: torch.Tensor, repeats: int = 3) -> flo
     return best
 
 
+def _choices(cache_dir: str | Path | None) -> tuple[Path, dict[str, Any]]:
+    """``choices.json`` beside the ONNX graphs, and what it holds (empty when missing or unreadable)."""
+    path = (Path(cache_dir) if cache_dir is not None else onnx_cache_dir()) / "choices.json"
+    try:
+        choices = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: measure again
+        choices = {}
+    return path, choices if isinstance(choices, dict) else {}
+
+
+def _remembered_engine(bundle: Any, sw_batch_size: int, threads: int | None, cache_dir: str | Path | None) -> str | None:
+    """The engine measured faster earlier for this bundle and these settings on this machine, if any."""
+    known = _choices(cache_dir)[1].get(_choice_key(bundle, sw_batch_size, threads))
+    return known.get("backend") if isinstance(known, dict) else None
+
+
 def _faster_engine(bundle: Any, networks: dict[str, Any], sw_batch_size: int, threads: int | None,
                    cache_dir: str | Path | None, log: Callable[[str], None] | None) -> str:
     """The engine (a key of ``networks``) that runs one call of ``sw_batch_size`` windows faster on this
-    machine: remembered per bundle and settings in ``choices.json`` beside the ONNX graphs, else timed."""
+    machine, timed now and remembered in ``choices.json`` beside the ONNX graphs."""
     from ..utils.io import atomic_write_text
 
-    folder = Path(cache_dir) if cache_dir is not None else onnx_cache_dir()
-    path, key = folder / "choices.json", _choice_key(bundle, sw_batch_size, threads)
-    try:
-        choices = json.loads(path.read_text())
-        if not isinstance(choices, dict):
-            choices = {}
-    except (OSError, ValueError):  # none yet, or unreadable: measure again
-        choices = {}
-    known = choices.get(key)
-    if isinstance(known, dict) and known.get("backend") in networks:
-        return known["backend"]
+    path, choices = _choices(cache_dir)
+    key = _choice_key(bundle, sw_batch_size, threads)
     generator = torch.Generator().manual_seed(0)
     batch = torch.randn((sw_batch_size, bundle.plans.num_channels, *bundle.plans.patch_size), generator=generator)
     seconds = {name: seconds_per_call(net, batch) for name, net in networks.items()}
