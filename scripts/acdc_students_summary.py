@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""Table of the runs of scripts/measure_acdc_teacher.sh and measure_acdc_students.sh: per fold, mean over
+folds and per class, and each method's paired difference to the no-KD student of the same fold and seed
+(95 % Student-t interval over the pairs), from their ``eval_*.json`` files (written by ``recokd evaluate``).
+
+    python scripts/acdc_students_summary.py WORK [--teacher it4800] [--methods none recokd logit]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ReCoKDLib.workflows.study_report import paired_difference
+
+# `recokd evaluate` names classes label_<value> without --labels, the study by dataset.json's names
+SHORT = {"label_1": "RV", "right_ventricle": "RV", "label_2": "Myo", "myocardium": "Myo", "label_3": "LV",
+         "left_ventricle": "LV", "mean": "mean"}
+
+
+def runs_of(work: Path, name: str) -> list[dict]:
+    """The finished runs of one model as ``[{"summary": {...}, "seed": s, "fold": k}]``: ``eval_NAME_f<k>.json``
+    is seed k on fold k, ``eval_NAME_s<s>_f<k>.json`` seed s on fold k."""
+    runs = []
+    for path in sorted(work.glob(f"eval_{name}_*f[0-9].json")):
+        m = re.fullmatch(rf"eval_{re.escape(name)}_(?:s(\d+)_)?f(\d)\.json", path.name)
+        if m:
+            fold = int(m.group(2))
+            seed = int(m.group(1)) if m.group(1) else fold
+            runs.append({"summary": json.loads(path.read_text())["mean"], "seed": seed, "fold": fold})
+    return sorted(runs, key=lambda r: r["seed"])
+
+
+def classes_of(runs: list[dict]) -> list[str]:
+    return [c for c in runs[0]["summary"]["dice"] if c != "mean"] + ["mean"]
+
+
+def row(label: str, runs: list[dict]) -> str:
+    """Mean Dice per fold (over its seeds), then per class over every run."""
+    cells = [f"{np.mean(v):.3f}" if (v := [r["summary"]["dice"]["mean"] for r in runs if r["fold"] == k]) else "–"
+             for k in range(3)]
+    per_class = [np.mean([r["summary"]["dice"][c] for r in runs]) for c in classes_of(runs)]
+    return f"| {label} | {len(runs)} | " + " | ".join(cells) + " | " + " | ".join(f"{v:.3f}" for v in per_class) + " |"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("work", type=Path)
+    ap.add_argument("--teacher", default="it4800")
+    ap.add_argument("--methods", nargs="+", default=["none", "recokd", "logit"])
+    args = ap.parse_args()
+    models = {"teacher": runs_of(args.work, args.teacher)}
+    models.update({m: runs_of(args.work, f"student_{args.teacher}_{m}") for m in args.methods})
+    models = {k: v for k, v in models.items() if v}
+    classes = classes_of(next(iter(models.values()))) if models else []
+    names = [SHORT.get(c, c) for c in classes]
+    print("| model | runs | fold 0 | fold 1 | fold 2 | " + " | ".join(names) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(names))
+    for name, runs in models.items():
+        print(row(name, runs))
+    if "none" not in models:
+        return
+    print("\nPaired difference to no-KD (same fold and seed), mean [95 % interval] (runs better / pairs):\n")
+    print("| method | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for name, runs in models.items():
+        if name in ("none", "teacher"):
+            continue
+        cells = []
+        for c in classes:
+            d = paired_difference(runs, models["none"], cls=c)
+            interval = f" [{d['low']:+.3f}, {d['high']:+.3f}]" if math.isfinite(d["low"]) else ""
+            cells.append(f"{d['mean']:+.3f}{interval} ({d['wins']}/{d['n']})")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    t, n = models.get("teacher"), models["none"]
+    for name, runs in models.items():  # the share of the teacher–no-KD gap a method recovers, where all three exist
+        if name in ("none", "teacher") or not t:
+            continue
+        gap = np.mean([r["summary"]["dice"]["mean"] for r in t]) - np.mean([r["summary"]["dice"]["mean"] for r in n])
+        got = np.mean([r["summary"]["dice"]["mean"] for r in runs]) - np.mean([r["summary"]["dice"]["mean"] for r in n])
+        print(f"\n{name}: teacher − no-KD gap {gap:+.3f}; recovered {got / gap:.0%}" if abs(gap) > 1e-9 else "")
+
+
+if __name__ == "__main__":
+    main()
