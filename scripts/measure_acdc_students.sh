@@ -27,6 +27,6 @@ one() {  # method seed
   || echo "$n failed; see $W/$n.log"
 }
 export -f one; export W D T epochs
-# the longest jobs first, so that the queue ends evenly
-for m in ${METHODS:-recokd none}; do for s in ${SEEDS:-0 1 2}; do echo "$m $s"; done; done \
+# seed by seed, so that pairs complete early; within a seed the longer job (distillation) first
+for s in ${SEEDS:-0 1 2}; do for m in ${METHODS:-recokd none}; do echo "$m $s"; done; done \
   | xargs -P "${PARALLEL:-2}" -L 1 bash -c 'one "$0" "$1"'
