@@ -3,7 +3,9 @@
 folds and per class, and each method's paired difference to the no-KD student of the same fold and seed
 (95 % Student-t interval over the pairs), from their ``eval_*.json`` files (written by ``recokd evaluate``).
 
-    python scripts/acdc_students_summary.py WORK [--teacher it4800] [--methods none recokd logit]
+    python scripts/acdc_students_summary.py WORK [--teacher it4800] [--methods none recokd none-R8 recokd-R8]
+
+A method ``X-R8`` is compared with ``none-R8`` (the no-KD student of its width).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("work", type=Path)
     ap.add_argument("--teacher", default="it4800")
-    ap.add_argument("--methods", nargs="+", default=["none", "recokd", "logit"])
+    ap.add_argument("--methods", nargs="+", default=["none", "recokd", "logit", "none-R8", "recokd-R8"])
     args = ap.parse_args()
     models = {"teacher": runs_of(args.work, args.teacher)}
     models.update({m: runs_of(args.work, f"student_{args.teacher}_{m}") for m in args.methods})
@@ -63,28 +65,30 @@ def main() -> None:
     print("|---|---|---|---|---|" + "---|" * len(names))
     for name, runs in models.items():
         print(row(name, runs))
-    if "none" not in models:
+    def reference(name: str) -> str:  # the no-KD student of the same width
+        return "none" + (name[name.index("-R"):] if "-R" in name else "")
+
+    compared = [m for m in models if m != "teacher" and m != reference(m) and reference(m) in models]
+    if not compared:
         return
-    print("\nPaired difference to no-KD (same fold and seed), mean [95 % interval] (runs better / pairs):\n")
+    print("\nPaired difference to the no-KD student of the same width (same fold and seed), "
+          "mean [95 % interval] (runs better / pairs):\n")
     print("| method | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
-    for name, runs in models.items():
-        if name in ("none", "teacher"):
-            continue
+    for name in compared:
         cells = []
         for c in classes:
-            d = paired_difference(runs, models["none"], cls=c)
+            d = paired_difference(models[name], models[reference(name)], cls=c)
             interval = f" [{d['low']:+.3f}, {d['high']:+.3f}]" if math.isfinite(d["low"]) else ""
             cells.append(f"{d['mean']:+.3f}{interval} ({d['wins']}/{d['n']})")
-        print(f"| {name} | " + " | ".join(cells) + " |")
-    t, n = models.get("teacher"), models["none"]
-    for name, runs in models.items():  # the share of the teacher–no-KD gap a method recovers, where all three exist
-        if name in ("none", "teacher") or not t:
-            continue
-        gap = np.mean([r["summary"]["dice"]["mean"] for r in t]) - np.mean([r["summary"]["dice"]["mean"] for r in n])
-        got = np.mean([r["summary"]["dice"]["mean"] for r in runs]) - np.mean([r["summary"]["dice"]["mean"] for r in n])
-        print(f"\n{name}: teacher − no-KD gap {gap:+.3f}; recovered {got / gap:.0%}" if abs(gap) > 1e-9 else "")
-
+        print(f"| {name} vs {reference(name)} | " + " | ".join(cells) + " |")
+    if "teacher" in models:  # the share of the teacher–no-KD gap each method recovers (a ratio of means)
+        mean = {m: float(np.mean([r["summary"]["dice"]["mean"] for r in runs])) for m, runs in models.items()}
+        print()
+        for name in compared:
+            gap = mean["teacher"] - mean[reference(name)]
+            share = f"{(mean[name] - mean[reference(name)]) / gap:.0%}" if abs(gap) > 1e-9 else "–"
+            print(f"- {name}: teacher − {reference(name)} gap {gap:+.3f}; recovered {share}")
 
 if __name__ == "__main__":
     main()
