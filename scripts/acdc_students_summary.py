@@ -4,6 +4,7 @@ folds and per class, and each method's paired difference to the no-KD student of
 (95 % Student-t interval over the pairs), from their ``eval_*.json`` files (written by ``recokd evaluate``).
 
     python scripts/acdc_students_summary.py WORK [--teacher it4800] [--methods none recokd none-R8 recokd-R8]
+                                                 [--figure PNG]
 
 A method ``X-R8`` is compared with ``none-R8`` (the no-KD student of its width).
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ReCoKDLib.workflows.study_report import paired_difference
+from ReCoKDLib.workflows.study_report import paired_difference, paired_figure
 
 # `recokd evaluate` names classes label_<value> without --labels, the study by dataset.json's names
 SHORT = {"label_1": "RV", "right_ventricle": "RV", "label_2": "Myo", "myocardium": "Myo", "label_3": "LV",
@@ -54,6 +55,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("work", type=Path)
     ap.add_argument("--teacher", default="it4800")
+    ap.add_argument("--figure", type=Path, help="also draw the paired differences (one panel per class) to this PNG")
     ap.add_argument("--methods", nargs="+", default=["none", "recokd", "logit", "none-R8", "recokd-R8"])
     args = ap.parse_args()
     models = {"teacher": runs_of(args.work, args.teacher)}
@@ -75,10 +77,15 @@ def main() -> None:
           "mean [95 % interval] (runs better / pairs):\n")
     print("| method | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
+    numbers = {}
     for name in compared:
         cells = []
+        width = float(name.split("-R")[1]) if "-R" in name else 4.0
+        numbers[name] = {"reference": reference(name), "width_factor": width, "dice": {}}
+        for c in ["mean", *classes[:-1]]:  # the figure's panels: mean first
+            numbers[name]["dice"][SHORT.get(c, c)] = paired_difference(models[name], models[reference(name)], cls=c)
         for c in classes:
-            d = paired_difference(models[name], models[reference(name)], cls=c)
+            d = numbers[name]["dice"][SHORT.get(c, c)]
             interval = f" [{d['low']:+.3f}, {d['high']:+.3f}]" if math.isfinite(d["low"]) else ""
             cells.append(f"{d['mean']:+.3f}{interval} ({d['wins']}/{d['n']})")
         print(f"| {name} vs {reference(name)} | " + " | ".join(cells) + " |")
@@ -89,6 +96,10 @@ def main() -> None:
             gap = mean["teacher"] - mean[reference(name)]
             share = f"{(mean[name] - mean[reference(name)]) / gap:.0%}" if abs(gap) > 1e-9 else "–"
             print(f"- {name}: teacher − {reference(name)} gap {gap:+.3f}; recovered {share}")
+    if args.figure:
+        runs = max(len(models[m]) for m in compared)
+        title = f"ACDC-subset, {args.teacher}: paired Δ Dice vs no-KD ({runs} runs)"
+        print(f"\nfigure: {paired_figure(numbers, title, args.figure)}")
 
 if __name__ == "__main__":
     main()
