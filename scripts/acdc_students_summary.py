@@ -44,11 +44,14 @@ def classes_of(runs: list[dict]) -> list[str]:
 
 
 def row(label: str, runs: list[dict]) -> str:
-    """Mean Dice per fold (over its seeds), then per class over every run."""
+    """Mean Dice per fold (over its seeds), then per class over every run (mean ± std over runs)."""
     cells = [f"{np.mean(v):.3f}" if (v := [r["summary"]["dice"]["mean"] for r in runs if r["fold"] == k]) else "–"
              for k in range(3)]
-    per_class = [np.mean([r["summary"]["dice"][c] for r in runs]) for c in classes_of(runs)]
-    return f"| {label} | {len(runs)} | " + " | ".join(cells) + " | " + " | ".join(f"{v:.3f}" for v in per_class) + " |"
+    per_class = [f"{np.mean([r['summary']['dice'][c] for r in runs]):.3f}" for c in classes_of(runs)]
+    means = [r["summary"]["dice"]["mean"] for r in runs]
+    if len(means) > 1:  # the spread over runs (seeds and folds together)
+        per_class[-1] += f" ± {np.std(means, ddof=1):.3f}"
+    return f"| {label} | {len(runs)} | " + " | ".join(cells) + " | " + " | ".join(per_class) + " |"
 
 
 def main() -> None:
