@@ -405,3 +405,25 @@ def test_an_interrupt_between_the_two_checkpoint_writes_keeps_checkpoint_best(ru
     assert (tmp_path / "run" / "checkpoint_best.pt").is_file()  # written first
     assert main(argv + ["--resume"]) == 0
     assert (tmp_path / "run" / "checkpoint_best.pt").is_file() and (tmp_path / "run" / "model_final.safetensors").is_file()
+
+
+def test_a_moved_run_resumes_with_its_validation_list_elsewhere(runs: Path, tmp_path: Path, capsys) -> None:
+    """--resume compares --val-cases by the cases it lists, not by its path: a run copied to another
+    machine with its split file resumes; a list naming other cases is still refused."""
+    first = tmp_path / "first" / "fold0.txt"
+    first.parent.mkdir()
+    first.write_text("phantom_000\n")
+    argv = ["train", str(runs / "ds"), "-o", str(tmp_path / "first" / "run"), "--cache", str(tmp_path / "cache"),
+            "--epochs", "1", "--iters-per-epoch", "1", "--patch-size", "16", "32", "32", "--workers", "0",
+            "--threads", "1", "--no-progress", "--patch-budget", "32768", "--base-filters", "8", "--max-filters", "32"]
+    assert main([*argv, "--val-cases", str(first)]) == 0
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "first", moved)
+    shutil.rmtree(tmp_path / "first")
+    resume = [*argv[:3], str(moved / "run"), *argv[4:], "--resume"]
+    capsys.readouterr()
+    assert main([*resume, "--val-cases", str(moved / "fold0.txt")]) == 0, capsys.readouterr().err
+    assert "finished already" in capsys.readouterr().out
+    (moved / "other.txt").write_text("phantom_001\n")
+    assert main([*resume, "--val-cases", str(moved / "other.txt")]) == 2
+    assert "--val-cases" in capsys.readouterr().err

@@ -34,13 +34,19 @@ def kfold_split(case_ids: Sequence[str], fold: int | str, seed: int = 0, num_fol
     return [i for i in ids if i not in set(val)], val
 
 
-def fixed_split(case_ids: Sequence[str], val_file: str | Path) -> tuple[list[str], list[str]]:
-    """Validation cases listed in ``val_file`` (one id per line, ``#`` comments); the rest train."""
-    path = Path(val_file)
+def read_case_list(path: str | Path) -> list[str]:
+    """The case ids a validation list names (one per line; ``#`` starts a comment), in file order."""
+    path = Path(path)
     if not path.is_file():
         raise ReCoKDError(f"validation case list {path} does not exist")
     wanted = [ln.split("#")[0].strip() for ln in path.read_text().splitlines()]
-    wanted = [w for w in wanted if w]
+    return [w for w in wanted if w]
+
+
+def fixed_split(case_ids: Sequence[str], val_file: str | Path) -> tuple[list[str], list[str]]:
+    """Validation cases listed in ``val_file`` (one id per line, ``#`` comments); the rest train."""
+    path = Path(val_file)
+    wanted = read_case_list(path)
     ids = sorted(case_ids)
     unknown = [w for w in wanted if w not in ids]
     if unknown:

@@ -38,7 +38,7 @@ from ..utils.io import atomic_write_text, new_folder, read_json, remove_partial_
 from ..utils.locks import locked_folder
 from ..utils.runtime import configure_cpu, resolve_device
 from ..training.loop import DistillTrainModule, EpochTrainer, RunConfig, SegTrainModule, ValCase, augment_name
-from ..training.splits import fixed_split, kfold_split
+from ..training.splits import fixed_split, kfold_split, read_case_list
 
 RUN_VERSION = 1
 TEMPERATURE_TERMS = ("msard", "logit_kd", "cwd")
@@ -274,7 +274,7 @@ class RunSpec:
         own_plans = str(Path(self.output) / "plans.json") if self.role == "teacher" else self.plans_file
         return replace(
             self, plans_file=own_plans, planner=PlannerOptions(),
-            fold=saved["fold"], val_cases_file=saved.get("val_cases_file"),
+            fold=saved["fold"], val_cases_file=self.val_cases_file or saved.get("val_cases_file"),  # checked equal above
             teacher=saved.get("teacher_run"), method=saved.get("method") or "none", taps=saved.get("taps") or "encoder",
             width_factor=saved.get("width_factor"), lambda_max=saved.get("lambda_max"),
             temperature=kd.get("temperature"), warmup_fraction=kd.get("warmup_fraction", 0.6),
@@ -302,6 +302,9 @@ class RunSpec:
         changed = []
         for name in sorted(self.given):
             mine, theirs = getattr(self, name), saved_identity.get(name)
+            if name == "val_cases_file" and mine and Path(mine).is_file() \
+                    and sorted(read_case_list(mine)) == sorted(saved.get("val_cases") or []):
+                continue  # the run's cases from a list elsewhere: a copied or moved run with its split file
             if name in ("teacher", "val_cases_file") and mine is not None and theirs is not None:
                 if name == "teacher" and not (Path(mine) / "run.json").is_file() and is_nnunet_folder(mine):
                     mine = _nnunet_model_folder(mine)  # a dataset's results folder names its one model
