@@ -92,13 +92,19 @@ def main() -> None:
             interval = f" [{d['low']:+.3f}, {d['high']:+.3f}]" if math.isfinite(d["low"]) else ""
             cells.append(f"{d['mean']:+.3f}{interval} ({d['wins']}/{d['n']})")
         print(f"| {name} vs {reference(name)} | " + " | ".join(cells) + " |")
-    if "teacher" in models:  # the share of the teacher–no-KD gap each method recovers (a ratio of means)
-        mean = {m: float(np.mean([r["summary"]["dice"]["mean"] for r in runs])) for m, runs in models.items()}
+    if "teacher" in models:  # the share of the teacher–no-KD gap each method recovers, over its pairs only
+        teacher = {r["fold"]: r["summary"]["dice"]["mean"] for r in models["teacher"]}
         print()
         for name in compared:
-            gap = mean["teacher"] - mean[reference(name)]
-            share = f"{(mean[name] - mean[reference(name)]) / gap:.0%}" if abs(gap) > 1e-9 else "–"
-            print(f"- {name}: teacher − {reference(name)} gap {gap:+.3f}; recovered {share}")
+            ref = {(r["seed"], r["fold"]): r["summary"]["dice"]["mean"] for r in models[reference(name)]}
+            pairs = [(r["summary"]["dice"]["mean"], ref[key], teacher[r["fold"]]) for r in models[name]
+                     if (key := (r["seed"], r["fold"])) in ref and r["fold"] in teacher]
+            if not pairs:
+                continue
+            gap = float(np.mean([t - b for _, b, t in pairs]))
+            gain = float(np.mean([a - b for a, b, _ in pairs]))
+            share = f"{gain / gap:.0%}" if abs(gap) > 1e-9 else "–"
+            print(f"- {name}: teacher − {reference(name)} gap {gap:+.3f} over its {len(pairs)} pairs; recovered {share}")
     if args.figure:
         runs = max(len(models[m]) for m in compared)
         title = f"ACDC-subset, {args.teacher}: paired Δ Dice vs no-KD ({runs} runs)"
