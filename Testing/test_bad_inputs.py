@@ -422,6 +422,8 @@ def test_a_moved_run_resumes_with_its_validation_list_elsewhere(runs: Path, tmp_
     shutil.rmtree(tmp_path / "first")
     resume = [*argv[:3], str(moved / "run"), *argv[4:], "--resume"]
     capsys.readouterr()
+    assert main(resume) == 2  # the recorded list is gone: say how to name it again
+    assert "resume with --val-cases" in capsys.readouterr().err
     assert main([*resume, "--val-cases", str(moved / "fold0.txt")]) == 0, capsys.readouterr().err
     assert "finished already" in capsys.readouterr().out
     (moved / "other.txt").write_text("phantom_001\n")

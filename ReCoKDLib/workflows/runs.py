@@ -268,13 +268,17 @@ class RunSpec:
             raise ReCoKDError(f"{self.output} was started with other settings ({'; '.join(changed)}); resume with the "
                               f"run's values (or without these options), or start a new run in another -o folder. "
                               f"Only {', '.join(_CONFIG_TO_FLAG[o] for o in RESUMABLE_OPTIONS)} may change on resume")
+        val_file = self.val_cases_file or saved.get("val_cases_file")  # a given list was checked equal above
+        if val_file and not Path(val_file).is_file():  # a run moved without naming its list again
+            raise ReCoKDError(f"{self.output} was started with --val-cases {val_file}, which does not exist here; "
+                              f"resume with --val-cases naming a list of the same cases")
         resumable = {k: v for k, v in self.training.items() if k in RESUMABLE_OPTIONS}
         resumable.setdefault("device", "auto")  # the device is this invocation's, never the saved one's
         # a teacher continues with the plan and network it started with: its own plans.json and network.json
         own_plans = str(Path(self.output) / "plans.json") if self.role == "teacher" else self.plans_file
         return replace(
             self, plans_file=own_plans, planner=PlannerOptions(),
-            fold=saved["fold"], val_cases_file=self.val_cases_file or saved.get("val_cases_file"),  # checked equal above
+            fold=saved["fold"], val_cases_file=val_file,
             teacher=saved.get("teacher_run"), method=saved.get("method") or "none", taps=saved.get("taps") or "encoder",
             width_factor=saved.get("width_factor"), lambda_max=saved.get("lambda_max"),
             temperature=kd.get("temperature"), warmup_fraction=kd.get("warmup_fraction", 0.6),
