@@ -429,3 +429,33 @@ def test_a_moved_run_resumes_with_its_validation_list_elsewhere(runs: Path, tmp_
     (moved / "other.txt").write_text("phantom_001\n")
     assert main([*resume, "--val-cases", str(moved / "other.txt")]) == 2
     assert "--val-cases" in capsys.readouterr().err
+
+
+def test_a_student_moved_with_its_teacher_resumes_and_checks_the_teachers_weights(runs: Path, tmp_path: Path,
+                                                                                     capsys) -> None:
+    """--resume compares --teacher by its weights' sha256, not by its path: a student copied elsewhere
+    with its teacher resumes; a teacher whose weights differ from the ones the run started with is refused,
+    and a recorded teacher that no longer exists gets a line saying to name it."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(runs / "runs" / "teacher", tmp_path / "first" / "teacher")
+    common = ["--cache", str(tmp_path / "cache"), "--epochs", "1", "--iters-per-epoch", "1", "--patch-size", "16", "32",
+              "32", "--workers", "0", "--threads", "1", "--no-progress", "--val-max-cases", "1"]
+    ds = str(runs / "ds")
+    assert main(["distill", ds, "-o", str(tmp_path / "first" / "student"), *common,
+                 "--teacher", str(tmp_path / "first" / "teacher")]) == 0
+    shutil.copytree(tmp_path / "first", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "first")
+    resume = ["distill", ds, "-o", str(tmp_path / "moved" / "student"), *common, "--resume"]
+    capsys.readouterr()
+    assert main(resume) == 2  # the recorded teacher is gone
+    assert "resume with --teacher" in capsys.readouterr().err
+    assert main([*resume, "--teacher", str(tmp_path / "moved" / "teacher")]) == 0, capsys.readouterr().err
+    assert "finished already" in capsys.readouterr().out
+    weights = tmp_path / "moved" / "teacher" / "model_best.safetensors"
+    state = load_file(weights)
+    first = sorted(state)[0]
+    state[first] = state[first] + 1.0  # same network, other weights: another teacher
+    save_file(state, weights)
+    assert main([*resume, "--teacher", str(tmp_path / "moved" / "teacher")]) == 2
+    assert "other teacher weights" in capsys.readouterr().err

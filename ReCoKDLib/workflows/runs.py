@@ -9,6 +9,7 @@ A run folder holds ``run.json``, ``plans.json``, ``network.json``, ``checkpoint_
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -26,6 +27,7 @@ from ..data.nnunet_plans import plans_from_nnunet
 from ..data.planning import Plans, plan_experiment
 from ..data.preprocessing import load_preprocessed, preprocess_dataset
 from ..data.validation import require_valid
+from ..deployment.registry import sha256_file
 from ..distill.distiller import Distiller
 from ..errors import ReCoKDError
 from ..kd_methods import DEFAULT_METHOD
@@ -272,6 +274,10 @@ class RunSpec:
         if val_file and not Path(val_file).is_file():  # a run moved without naming its list again
             raise ReCoKDError(f"{self.output} was started with --val-cases {val_file}, which does not exist here; "
                               f"resume with --val-cases naming a list of the same cases")
+        teacher = self.teacher if "teacher" in self.given else saved.get("teacher_run")
+        if self.role == "student" and teacher and not Path(teacher).exists():  # moved without naming it again
+            raise ReCoKDError(f"{self.output} was distilled from the teacher {teacher}, which does not exist here; "
+                              f"resume with --teacher naming the same teacher")
         resumable = {k: v for k, v in self.training.items() if k in RESUMABLE_OPTIONS}
         resumable.setdefault("device", "auto")  # the device is this invocation's, never the saved one's
         # a teacher continues with the plan and network it started with: its own plans.json and network.json
@@ -279,7 +285,7 @@ class RunSpec:
         return replace(
             self, plans_file=own_plans, planner=PlannerOptions(),
             fold=saved["fold"], val_cases_file=val_file,
-            teacher=saved.get("teacher_run"), method=saved.get("method") or "none", taps=saved.get("taps") or "encoder",
+            teacher=teacher, method=saved.get("method") or "none", taps=saved.get("taps") or "encoder",
             width_factor=saved.get("width_factor"), lambda_max=saved.get("lambda_max"),
             temperature=kd.get("temperature"), warmup_fraction=kd.get("warmup_fraction", 0.6),
             teacher_folds=saved.get("teacher_folds"), teacher_checkpoint=saved.get("teacher_checkpoint"),
@@ -313,6 +319,8 @@ class RunSpec:
                 if name == "teacher" and not (Path(mine) / "run.json").is_file() and is_nnunet_folder(mine):
                     mine = _nnunet_model_folder(mine)  # a dataset's results folder names its one model
                 mine, theirs = str(Path(mine).resolve()), str(Path(theirs).resolve())
+                if name == "teacher" and mine != theirs and saved.get("teacher_sha256"):
+                    continue  # a moved teacher: _run compares its weights with the recorded checksum
             if not same(mine, theirs):
                 changed.append(f"{flags.get(name, '--' + name)} {mine} (run: {theirs})")
         if self.role == "teacher":
@@ -380,6 +388,17 @@ def _check_teacher_data(dataset: DatasetInfo, plans: Plans, teacher: Path) -> No
     if dict(dataset.labels) != dict(plans.labels):
         raise ReCoKDError(f"dataset '{dataset.name}' labels {dict(dataset.labels)} differ from the nnU-Net teacher's "
                           f"dataset.json {dict(plans.labels)} ({teacher}); relabel the data to the teacher's values")
+
+
+def _teacher_sha256(teacher_run: Path, nnunet_teacher: Any) -> str:
+    """sha256 (hex) of the weights a student distils from: a ``recokd train`` run's model_best.safetensors,
+    or an nnU-Net model's checkpoints in use (fold by fold)."""
+    if nnunet_teacher is None:
+        return sha256_file(teacher_run / "model_best.safetensors")
+    h = hashlib.sha256()
+    for fold, path in sorted(nnunet_teacher.checkpoints.items()):
+        h.update(f"{fold}:{sha256_file(path)};".encode())
+    return h.hexdigest()
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -481,7 +500,7 @@ def _run(run_spec: RunSpec, device: torch.device, rank: int, world: int) -> int:
 
     torch.manual_seed(config.seed)
     num_classes = plans.num_classes
-    width_factor = lambda_max = None
+    width_factor = lambda_max = teacher_sha256 = None
     method, taps = "none", "encoder"
     if role == "teacher":
         spec = teacher_spec
@@ -507,6 +526,10 @@ def _run(run_spec: RunSpec, device: torch.device, rank: int, world: int) -> int:
                               probe_shape=probe, lambda_max=lam_arg, warmup_fraction=warmup, term_options=term_options)
         lambda_max = distiller.lambda_max
         module = DistillTrainModule(distiller)
+        teacher_sha256 = _teacher_sha256(teacher_run, nnunet_teacher)
+        if saved is not None and saved.get("teacher_sha256") not in (None, teacher_sha256):
+            raise ReCoKDError(f"{out} was distilled from other teacher weights than {teacher_run} holds now; resume with "
+                              f"the teacher it started with, or start a new run in another -o folder")
 
     data = PatchBatches(
         [cases[i].image for i in train_ids], [cases[i].label for i in train_ids], config.patch_size,
@@ -525,6 +548,7 @@ def _run(run_spec: RunSpec, device: torch.device, rank: int, world: int) -> int:
         "teacher_kind": ("nnunet" if nnunet_teacher is not None else "recokd") if teacher_run else None,
         "teacher_folds": ",".join(nnunet_teacher.checkpoints) if nnunet_teacher is not None else None,
         "teacher_checkpoint": (run_spec.teacher_checkpoint or "final") if nnunet_teacher is not None else None,
+        "teacher_sha256": teacher_sha256,  # a resumed student checks its teacher by weights, wherever it lies now
         "width_factor": width_factor,
         "fold": fold if not val_file else "fixed",
         "seed": config.seed,
