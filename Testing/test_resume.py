@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -25,6 +24,23 @@ def _args(data, cache, out, workers):
             "--iters-per-epoch", str(ITERS_PER_EPOCH), "--patch-size", "16", "32", "32", "--checkpoint-every", "2",
             "--deterministic", "--threads", "1", "--workers", str(workers), "--no-progress", "--seed", "5",
             *PLANNER]
+
+
+# The child kills itself with SIGKILL right after writing the checkpoint of a given step, so where it dies
+# does not depend on how fast the machine is (polling from outside raced with the epoch-end checkpoint).
+_KILL_AFTER_CHECKPOINT = """
+import os, signal, sys
+from ReCoKDLib.cli import main
+from ReCoKDLib.training.loop import EpochTrainer
+kill_at = int(sys.argv[1])
+save = EpochTrainer.save_checkpoint
+def save_then_die(self, which="latest"):
+    save(self, which)
+    if self.step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+EpochTrainer.save_checkpoint = save_then_die
+sys.exit(main(sys.argv[2:]))
+"""
 
 
 def _step(path):
@@ -47,19 +63,11 @@ def test_killed_run_resumes_bit_for_bit(tmp_path, workers):
 
     killed = tmp_path / "killed"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "ReCoKDLib.cli", *_args(data, cache, killed, workers)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.run([sys.executable, "-c", _KILL_AFTER_CHECKPOINT, str(ITERS_PER_EPOCH + 2),
+                           *_args(data, cache, killed, workers)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     ckpt = killed / "checkpoint_latest.pt"
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if ckpt.is_file() and _step(ckpt) >= ITERS_PER_EPOCH + 1:  # mid-epoch checkpoint of epoch 2
-                break
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     stopped_at = _step(ckpt)
     assert ITERS_PER_EPOCH < stopped_at < 3 * ITERS_PER_EPOCH and stopped_at % ITERS_PER_EPOCH
     assert not (killed / "model_final.safetensors").exists()
