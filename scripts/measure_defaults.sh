@@ -4,8 +4,9 @@
 # 10 test cases. The baseline is measure_augment.sh's `la_none_s<seed>` runs in the same WORK folder (run
 # it first, or this script trains them). Variants: a 2x patch (32x64x64, the plain script's), foreground
 # oversampling off (0) and on every patch (1; batch 2 makes 1/3 one patch of two), EMA off, lr 1e-3 and
-# 1e-2. Resumable: run it again to continue. VARIANTS="patch32x64x64 fg0" runs only those (and two script
-# instances with different SEEDS may run side by side).
+# 1e-2, and the default patch for 2000 iterations (it2000: the patch variant's CPU time, 2x per iteration).
+# Summarise with `python scripts/defaults_summary.py WORK`. Resumable: run it again to continue.
+# VARIANTS="patch32x64x64 fg0" runs only those (and script instances with different SEEDS may run side by side).
 # Usage: [SEEDS="0 1 2"] [VARIANTS="..."] bash scripts/measure_defaults.sh [WORK_FOLDER]
 set -uo pipefail
 R=$(cd "$(dirname "$0")/.." && pwd); W=$(realpath -m "${1:-augment_measure}"); D=$R/../shared/data/LA2018-lowres
@@ -28,5 +29,5 @@ for seed in ${SEEDS:-0 1 2}; do  # SEEDS="0" for a first pass
   la none "$seed" --lr 0.003 & la patch32x64x64 "$seed" --lr 0.003 --patch-size 32 64 64 & wait
   la fg0 "$seed" --lr 0.003 --foreground-fraction 0 & la fg1 "$seed" --lr 0.003 --foreground-fraction 1 & wait
   la noema "$seed" --lr 0.003 --ema-decay 0 & la lr1e-3 "$seed" --lr 0.001 & wait
-  la lr1e-2 "$seed" --lr 0.01
+  la lr1e-2 "$seed" --lr 0.01 & la it2000 "$seed" --lr 0.003 --epochs 20 & wait
 done
