@@ -59,6 +59,37 @@ def test_short_distillation_on_phantom_lowers_kd_terms_and_seg_loss(tmp_path):
         assert last < first, f"{key}: {first:.4f} -> {last:.4f}"
 
 
+def test_adapter_lr_scale_puts_adapters_and_kd_terms_in_their_own_faster_group(tmp_path):
+    """--adapter-lr-scale K: the adapters and KD terms (and only they) step with K times the student's rate."""
+    phantoms = generate_dataset(2, seed=3, shape=(32, 32, 32))
+    cases = [ValCase(p.name, torch.from_numpy(p.image), torch.from_numpy(p.label.astype(np.int64))) for p in phantoms]
+    spec = isotropic_spec(1, 5, num_levels=3, filters=[16, 32, 64])
+    torch.manual_seed(0)
+    teacher, student = build_pair(spec, 4)
+    taps = dynunet_tap_names(spec)
+    for scale, expected_groups in ((1.0, 1), (10.0, 2)):
+        distiller = Distiller(teacher, student, taps, taps, num_classes=5, warmup_fraction=0.0)
+        module = DistillTrainModule(distiller)
+        config = RunConfig(epochs=1, iters_per_epoch=1, batch_size=2, patch_size=(32, 32, 32), optimizer="adamw",
+                           lr=3e-3, num_workers=0, augment=False, device="cpu", adapter_lr_scale=scale)
+        batches = PatchBatches([c.image.numpy() for c in cases], [c.label.numpy() for c in cases], config.patch_size,
+                               batch_size=2, seed=0, augment=AugmentConfig(enabled=False), length=1)
+        trainer = EpochTrainer(module, student, lambda: build_pair(spec, 4)[1], batches, (), 5,
+                               ["organ", "kidney", "vessel", "lesion"], config, tmp_path / f"x{scale:g}", {"metrics": {}},
+                               progress=False)
+        trainer.fit()
+        groups = trainer.optimizer.param_groups
+        assert len(groups) == expected_groups
+        if scale != 1.0:
+            aux = {id(p) for m in (distiller.adapters, distiller.kd_terms) for p in m.parameters() if p.requires_grad}
+            assert aux and {id(p) for p in groups[1]["params"]} == aux
+            assert not aux & {id(p) for p in groups[0]["params"]}
+            assert groups[1]["lr"] == pytest.approx(scale * groups[0]["lr"]) and groups[0]["lr"] > 0
+        distiller.close()
+    with pytest.raises(Exception, match="adapter-lr-scale"):
+        RunConfig(adapter_lr_scale=0)
+
+
 def test_demo_quick_writes_table_weights_and_figure(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--no-progress", "-o", str(out), "--device", "cpu"]) == 0

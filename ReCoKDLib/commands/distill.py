@@ -39,5 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup-fraction", dest="warmup_fraction", type=float,
                    help="share of training over which λ rises from 0 (default 0.6)")
     p.add_argument("--taps", choices=["encoder", "decoder"], help="feature levels (default encoder)")
+    p.add_argument("--adapter-lr-scale", dest="adapter_lr_scale", type=float,
+                   help="learning rate of the adapters and KD terms relative to the student's (default 1)")
     p.add_argument("--width-factor", dest="width_factor", type=float,
                    help="student channels = teacher's / R, at least 8 (default 4)")

@@ -181,7 +181,8 @@ _CLI_TO_CONFIG = {"epochs": "epochs", "iters_per_epoch": "iters_per_epoch", "bat
                   "grad_clip": "grad_clip", "ema_decay": "ema_decay", "elastic": "elastic", "workers": "num_workers",
                   "val_every": "val_every", "val_max_cases": "val_max_cases", "checkpoint_every": "checkpoint_every",
                   "seed": "seed", "device": "device", "deterministic": "deterministic", "threads": "num_threads",
-                  "augment": "augment", "foreground_fraction": "foreground_fraction"}
+                  "augment": "augment", "foreground_fraction": "foreground_fraction",
+                  "adapter_lr_scale": "adapter_lr_scale"}  # distill only
 _CLI_NEGATED = {"no_amp": "amp"}
 #: what a resumed run may change (applied and recorded); everything else comes from its run.json, and
 #: giving it another value with --resume is refused (the weights would no longer be one run's)

@@ -54,7 +54,7 @@ from .study_report import build_report
 __all__ = ["StudyConfig", "Job", "load_config", "plan_jobs", "run_study", "cv_folds", "evaluate_run", "build_report"]
 
 STUDY_VERSION = 1
-METHOD_KEYS = {"method", "lambda_max", "taps", "width_factor", "temperature", "warmup_fraction"}
+METHOD_KEYS = {"method", "lambda_max", "taps", "width_factor", "temperature", "warmup_fraction", "adapter_lr_scale"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -303,7 +303,8 @@ def _train_options(config: StudyConfig, epochs: int, seed: int) -> list[str]:
 def _variant_options(v: dict[str, Any]) -> list[str]:
     opts = ["--method", v["method"]]
     for key, flag in (("lambda_max", "--lambda-max"), ("taps", "--taps"), ("width_factor", "--width-factor"),
-                      ("temperature", "--temperature"), ("warmup_fraction", "--warmup-fraction")):
+                      ("temperature", "--temperature"), ("warmup_fraction", "--warmup-fraction"),
+                      ("adapter_lr_scale", "--adapter-lr-scale")):
         if key in v:
             opts += [flag, str(v[key])]
     return opts
