@@ -68,8 +68,8 @@ class RunConfig:
     grad_clip: float = 12.0
     ema_decay: float = 0.999
     foreground_fraction: float = 1 / 3
-    # learning rate of the distillation's own parameters (adapters, KD terms) relative to the student's:
-    # fresh adapters may need to move faster than a student they are fitted to (issue 14 measured it)
+    # learning rate of the distillation's own parameters (adapters, KD terms) relative to the student's;
+    # 10 did not beat 1 on the phantom (docs/results.md, "how hard each term pulls")
     adapter_lr_scale: float = 1.0
     # none | light | nnunet (data.loader.AugmentConfig.preset); True/False read as nnunet/none. none: at CPU
     # schedules (1000 iterations) nnunet cost 0.10 Dice on LA2018 and 0.31 on ACDC, light tied with none
