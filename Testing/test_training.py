@@ -27,9 +27,9 @@ def test_dice_per_class_values():
     assert d[0] == pytest.approx(2 * 4 / 12) and d[1] == pytest.approx(1.0) and np.isnan(d[2])
 
 
-def _loop(module, network, make, cases, steps, run_dir, val=()):
+def _loop(module, network, make, cases, steps, run_dir, val=(), **config):
     config = RunConfig(epochs=steps // 5, iters_per_epoch=5, batch_size=2, patch_size=(32, 32, 32), optimizer="adamw",
-                       lr=3e-3, num_workers=0, augment=False, device="cpu")
+                       lr=3e-3, num_workers=0, augment=False, device="cpu", **config)
     batches = PatchBatches([c.image.numpy() for c in cases], [c.label.numpy() for c in cases], config.patch_size,
                            batch_size=2, seed=0, augment=AugmentConfig(enabled=False), length=steps)
     trainer = EpochTrainer(module, network, make, batches, val, 5, ["organ", "kidney", "vessel", "lesion"], config,
@@ -38,13 +38,18 @@ def _loop(module, network, make, cases, steps, run_dir, val=()):
     return trainer
 
 
-def test_short_distillation_on_phantom_lowers_kd_terms_and_seg_loss(tmp_path):
-    """The same epoch loop as `recokd distill` (and the demo), on in-memory phantom cases."""
-    phantoms = generate_dataset(3, seed=3, shape=(32, 32, 32))
+def _phantom_cases_and_pair(n_cases):
+    """In-memory phantom cases and an untrained teacher/student pair (R = 4) of a small 3-level U-Net."""
+    phantoms = generate_dataset(n_cases, seed=3, shape=(32, 32, 32))
     cases = [ValCase(p.name, torch.from_numpy(p.image), torch.from_numpy(p.label.astype(np.int64))) for p in phantoms]
     spec = isotropic_spec(1, 5, num_levels=3, filters=[16, 32, 64])
     torch.manual_seed(0)
-    teacher, student = build_pair(spec, 4)
+    return cases, spec, *build_pair(spec, 4)
+
+
+def test_short_distillation_on_phantom_lowers_kd_terms_and_seg_loss(tmp_path):
+    """The same epoch loop as `recokd distill` (and the demo), on in-memory phantom cases."""
+    cases, spec, teacher, student = _phantom_cases_and_pair(3)
     # A briefly trained teacher: its features carry structure worth imitating.
     _loop(SegTrainModule(teacher), teacher, lambda: build_pair(spec, 4)[0], cases, 20, tmp_path / "teacher")
     taps = dynunet_tap_names(spec)
@@ -61,23 +66,12 @@ def test_short_distillation_on_phantom_lowers_kd_terms_and_seg_loss(tmp_path):
 
 def test_adapter_lr_scale_puts_adapters_and_kd_terms_in_their_own_faster_group(tmp_path):
     """--adapter-lr-scale K: the adapters and KD terms (and only they) step with K times the student's rate."""
-    phantoms = generate_dataset(2, seed=3, shape=(32, 32, 32))
-    cases = [ValCase(p.name, torch.from_numpy(p.image), torch.from_numpy(p.label.astype(np.int64))) for p in phantoms]
-    spec = isotropic_spec(1, 5, num_levels=3, filters=[16, 32, 64])
-    torch.manual_seed(0)
-    teacher, student = build_pair(spec, 4)
+    cases, spec, teacher, student = _phantom_cases_and_pair(2)
     taps = dynunet_tap_names(spec)
     for scale, expected_groups in ((1.0, 1), (10.0, 2)):
         distiller = Distiller(teacher, student, taps, taps, num_classes=5, warmup_fraction=0.0)
-        module = DistillTrainModule(distiller)
-        config = RunConfig(epochs=1, iters_per_epoch=1, batch_size=2, patch_size=(32, 32, 32), optimizer="adamw",
-                           lr=3e-3, num_workers=0, augment=False, device="cpu", adapter_lr_scale=scale)
-        batches = PatchBatches([c.image.numpy() for c in cases], [c.label.numpy() for c in cases], config.patch_size,
-                               batch_size=2, seed=0, augment=AugmentConfig(enabled=False), length=1)
-        trainer = EpochTrainer(module, student, lambda: build_pair(spec, 4)[1], batches, (), 5,
-                               ["organ", "kidney", "vessel", "lesion"], config, tmp_path / f"x{scale:g}", {"metrics": {}},
-                               progress=False)
-        trainer.fit()
+        trainer = _loop(DistillTrainModule(distiller), student, lambda: build_pair(spec, 4)[1], cases, 5,
+                        tmp_path / f"x{scale:g}", adapter_lr_scale=scale)
         groups = trainer.optimizer.param_groups
         assert len(groups) == expected_groups
         if scale != 1.0:
