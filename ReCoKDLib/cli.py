@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -33,6 +34,18 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ReCoKDError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # a write that did not go through atomic_write (a library's own log or cache): still one line
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES):
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        print(f"error: cannot write{where}: {e.strerror}; free space on that disk or choose another output",
+              file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("error: out of memory; use a smaller --patch-size, --sw-batch or --batch-size, fewer --workers, "
+              "or a machine with more memory", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished outputs are kept, unfinished ones were not written", file=sys.stderr)

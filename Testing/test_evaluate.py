@@ -58,6 +58,8 @@ def test_evaluate_command(tmp_path, capsys):
     assert float(a_organ["dice"]) == 1.0
     write_image(ref[:10], tmp_path / "pred" / "a.nii.gz")
     assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt")]) == 2
+    assert "evaluation.csv exists; pass --overwrite" in capsys.readouterr().err  # the first run's CSV is kept
+    assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "--overwrite"]) == 2
     assert "voxel grid" in capsys.readouterr().err
 
 
@@ -214,7 +216,7 @@ def test_evaluate_can_score_postprocessed_predictions(tmp_path, capsys):
     for mode, perfect in (("none", False), ("largest-foreground", True)):
         out = tmp_path / f"{mode}.json"
         assert main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "--labels", str(labels),
-                     "--postprocess", mode, "--json", str(out)]) == 0
+                     "--postprocess", mode, "--json", str(out), "--overwrite"]) == 0
         record = json.loads(out.read_text())
         assert (record["dice_mean"] == 1.0) == perfect and record["postprocess"] == mode
         assert ("--postprocess" in record["command"]) == (mode != "none")

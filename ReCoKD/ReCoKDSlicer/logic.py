@@ -469,7 +469,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             self.segmentationTask.cancel()
 
     def _writeInputs(self, volumeNodes, folder: Path) -> list[Path]:
-        import SimpleITK as sitk
+        from ReCoKDLib.errors import ReCoKDError as LibraryError
+        from ReCoKDLib.utils.io import atomic_write_image
 
         reference = None
         paths = []
@@ -486,7 +487,10 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             else:
                 image = geometry.imageOnVolumeGrid(image, reference)  # channels on the first volume's grid
             path = folder / f"input_{i:04d}.nrrd"
-            sitk.WriteImage(image, str(path), useCompression=False)
+            try:  # verified: a full temporary disk is one line, not a truncated input
+                atomic_write_image(image, path, use_compression=False)
+            except LibraryError as exc:
+                raise ReCoKDError(str(exc)) from None
             paths.append(path)
         return paths
 

@@ -22,8 +22,9 @@ def run(args: argparse.Namespace) -> int:
             labels = {str(k): int(v) for k, v in raw.items()}
         except (OSError, ValueError, AttributeError) as exc:
             raise ReCoKDError(f"cannot read labels from {args.labels}: {exc}; give a JSON {{name: value}} or a dataset.json") from None
-    result = evaluate_folders(args.pred, args.gt, labels=labels, tolerance_mm=args.tolerance, postprocess=args.postprocess)
     csv_path = Path(args.csv or Path(args.pred) / "evaluation.csv")
+    _check_outputs(args, csv_path)  # before the scoring, which can take minutes
+    result = evaluate_folders(args.pred, args.gt, labels=labels, tolerance_mm=args.tolerance, postprocess=args.postprocess)
     write_csv(csv_path, result.cases, result.summary, result.class_names)
     if args.json:
         from ..utils.io import atomic_write_text, json_safe
@@ -35,6 +36,48 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {len(result.missing)} reference case(s) have no prediction and were not scored: "
               f"{', '.join(result.missing)[:200]}")
     return 0
+
+
+def _check_outputs(args: argparse.Namespace, csv_path: Path) -> None:
+    """The overwrite rule (:mod:`ReCoKDLib.utils.outputs`) for ``--csv`` and ``--json``: never a file of
+    the folders being scored or the labels file, never an existing file unless ``--overwrite``, and then
+    only an earlier evaluation CSV / JSON."""
+    from ..data.datasets import IMAGE_FILE_ENDINGS, split_file_ending
+    from ..utils.outputs import check_output_file
+
+    inputs = [p for folder in (args.pred, args.gt) if Path(folder).is_dir() for p in Path(folder).iterdir()
+              if split_file_ending(p.name)[1].lower() in IMAGE_FILE_ENDINGS]  # what is scored
+    inputs += [Path(args.labels)] if args.labels else []
+    inputs += [Path(args.gt) / "dataset.json", Path(args.gt).parent / "dataset.json"]
+    outputs = [("--csv", csv_path, "evaluation CSV", _is_evaluation_csv)]
+    if args.json:
+        outputs.append(("--json", Path(args.json), "evaluation JSON", _is_evaluation_json))
+    if args.json and _same(Path(args.json), csv_path):
+        raise ReCoKDError(f"--json {args.json} is also the CSV output; give the two outputs different names")
+    for option, path, kind, is_kind in outputs:
+        if split_file_ending(path.name)[1].lower() in IMAGE_FILE_ENDINGS:
+            raise ReCoKDError(f"{option} {path} is named like an image; give a .{option[2:]} file")
+        check_output_file(path, overwrite=args.overwrite, kind=kind, is_kind=is_kind, inputs=inputs, option=option)
+
+
+def _same(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()
+
+
+def _is_evaluation_csv(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().startswith("case,class,")
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _is_evaluation_json(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"num_cases", "mean", "dice_mean"} <= set(data)
 
 
 def evaluation_record(result, args: argparse.Namespace) -> dict:
@@ -56,6 +99,7 @@ def evaluation_record(result, args: argparse.Namespace) -> dict:
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..inference.postprocessing import POSTPROCESSING
+    from ..utils.outputs import OVERWRITE_HELP
 
     p = sub.add_parser("evaluate", help="score predictions against reference labels (Dice, HD95, NSD)")
     p.add_argument("pred", help="folder of predicted label files")
@@ -64,6 +108,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tolerance", type=float, default=2.0, help="surface Dice tolerance in mm (default 2)")
     p.add_argument("--csv", help="CSV output (default PRED/evaluation.csv)")
     p.add_argument("--json", help="also write the summary as JSON (for recokd export --test-metrics)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--postprocess", choices=POSTPROCESSING, default="none",
                    help="post-process the predictions before scoring (files unchanged), to choose a model's "
                    "recokd export --postprocess on held-out cases (default none)")

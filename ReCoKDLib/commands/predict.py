@@ -26,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
             raise ReCoKDError(f"{output} is a file; give a folder as -o when -i is a folder")
         jobs = [(files, output / f"{case}{label_output_ending(files[0].name)}") for case, files in cases.items()]
         # an output folder equal to the input folder is refused only where a name would collide
-        check_label_outputs([(sorted(p for p in inputs[0].iterdir() if p.is_file()), out) for _, out in jobs])
+        check_label_outputs([(sorted(p for p in inputs[0].iterdir() if p.is_file()), out) for _, out in jobs],
+                            overwrite=args.overwrite)
     else:
         for p in inputs:
             if p.is_dir():
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
             case = stem[:-5] if len(inputs) > 1 or (len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit()) else stem
             output = output / f"{case}{label_output_ending(inputs[0].name)}"
         jobs = [(inputs, output)]
-        check_label_outputs(jobs)
+        check_label_outputs(jobs, overwrite=args.overwrite)
 
     model = resolve_model(args.model, registry=args.registry)
     predictor = Predictor(model, device=args.device, overlap=args.overlap, sw_batch_size=args.sw_batch,
@@ -44,20 +45,27 @@ def run(args: argparse.Namespace) -> int:
                           check_spacing=not args.force, postprocess=args.postprocess, backend=args.backend,
                           blend=args.blend, precision=args.precision)
     if folder_mode:
-        failed = 0
+        failed, written = [], []
         for files, target in jobs:
-            case = target.name
+            case = split_file_ending(target.name)[0]
             try:
-                written = predictor.predict_files(files, target)
+                written.append(predictor.predict_files(files, target, overwrite=args.overwrite))
             except ReCoKDError as exc:  # one bad case should not cost the others; each failure is one line
-                failed += 1
+                failed.append(case)
                 print(f"error: {exc}", file=sys.stderr)
                 continue
-            print(f"{split_file_ending(case)[0]}: {written}")
+            print(f"{case}: {written[-1]}")
+        # what is there now, not what was written: the folder may have been removed or emptied meanwhile
+        present = [p for p in written if p.is_file()]
+        if len(present) < len(written):
+            lost = [split_file_ending(p.name)[0] for p in written if not p.is_file()]
+            print(f"note: {len(lost)} written label map(s) are no longer in {output} (removed meanwhile?): "
+                  f"{', '.join(lost)[:200]}", file=sys.stderr)
         if failed:
-            raise ReCoKDError(f"{failed} of {len(jobs)} case(s) failed (see above); the others were written to {output}")
+            raise ReCoKDError(f"{len(failed)} of {len(jobs)} case(s) failed ({', '.join(failed)[:200]}; see above); "
+                              f"{len(present)} label map(s) are in {output}")
         return 0
-    print(predictor.predict_files(*jobs[0]))
+    print(predictor.predict_files(*jobs[0], overwrite=args.overwrite))
     return 0
 
 
@@ -65,6 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from ..inference.backends import BACKENDS, PRECISIONS
     from ..inference.postprocessing import POSTPROCESSING
     from ..inference.sliding_window import WINDOW_WEIGHTS
+    from ..utils.outputs import OVERWRITE_HELP
 
     p = sub.add_parser("predict", help="segment images with a model bundle",
                        description="Segment a 3D image (any SimpleITK format), the channel files of one case, or a "
@@ -91,6 +100,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     p.add_argument("--registry", help="model registry JSON (for a model given by name; default $RECOKD_REGISTRY)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--force", action="store_true",
                    help="segment images whose spacing would resample them to an absurd size (normally refused)")
     p.set_defaults(func=run)

@@ -28,7 +28,7 @@ import numpy as np
 from ..errors import ReCoKDError
 from ..utils.geometry import ImageGeometry
 from ..utils.labels import LabelSet
-from ..utils.io import atomic_write_text
+from ..utils.io import atomic_write_image, atomic_write_text
 
 __all__ = [
     "PHANTOM_COLORS",
@@ -420,9 +420,9 @@ def save_dataset_nnunet(
     (root / "labelsTr").mkdir(parents=True, exist_ok=True)
     for case in cases:
         image = case.geometry.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(case.image[0], dtype=np.float32)))
-        sitk.WriteImage(image, str(root / "imagesTr" / f"{case.name}_0000.nii.gz"), useCompression=True)
+        atomic_write_image(image, root / "imagesTr" / f"{case.name}_0000.nii.gz")
         label = case.geometry.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(case.label, dtype=np.uint8)))
-        sitk.WriteImage(label, str(root / "labelsTr" / f"{case.name}.nii.gz"), useCompression=True)
+        atomic_write_image(label, root / "labelsTr" / f"{case.name}.nii.gz")
 
     dataset_json = {
         "name": dataset_name,
@@ -453,8 +453,6 @@ def write_sample_volume(path: Union[str, Path], label_path: Union[str, Path, Non
     """
     import SimpleITK as sitk
 
-    from ..utils.io import atomic_write
-
     path = Path(path)
     targets = [(path, "image")] + ([(Path(label_path), "label")] if label_path else [])
     if all(p.is_file() for p, _ in targets):
@@ -463,5 +461,5 @@ def write_sample_volume(path: Union[str, Path], label_path: Union[str, Path, Non
     for target, what in targets:
         array = case.image[0].astype(np.float32) if what == "image" else case.label.astype(np.uint8)
         image = case.geometry.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(array)))
-        atomic_write(target, lambda tmp, image=image: sitk.WriteImage(image, str(tmp), useCompression=True))
+        atomic_write_image(image, target)
     return path

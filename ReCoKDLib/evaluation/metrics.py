@@ -149,7 +149,7 @@ def read_label_map(path: str | Path) -> tuple[np.ndarray, ImageGeometry]:
 
     from ..data.datasets import read_image
 
-    image = read_image(path)
+    image = read_image(path, verify=True)  # a truncated NIfTI is an error, not zero-filled labels to score
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise ReCoKDError(f"{path} is not a 3D label map; supply one integer per voxel")
     array = sitk.GetArrayFromImage(image)

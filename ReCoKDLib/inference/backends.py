@@ -212,6 +212,6 @@ def _faster_engine(bundle: Any, networks: dict[str, Any], sw_batch_size: int, th
     choices[key] = {"backend": chosen, **{f"{n}_seconds": t for n, t in seconds.items()}}
     try:
         atomic_write_text(path, json.dumps(choices, indent=1, sort_keys=True) + "\n")
-    except OSError:  # a read-only cache only costs the measurement next time
+    except (OSError, ReCoKDError):  # a read-only or full cache only costs the measurement next time
         pass
     return chosen

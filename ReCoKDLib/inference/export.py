@@ -22,7 +22,7 @@ from torch import nn
 
 from ..deployment.bundle import Bundle
 from ..errors import ReCoKDError
-from ..utils.io import atomic_write
+from ..utils.io import WriteVerificationError, atomic_write
 
 __all__ = ["EXPORT_FORMATS", "export_torchscript", "export_onnx", "export_bundle", "OnnxNetwork", "sidecar_path"]
 
@@ -80,17 +80,32 @@ def export_onnx(bundle: Bundle, path: str | Path, opset: int = ONNX_OPSET) -> Pa
                               "logits": {0: "batch", 2: "depth", 3: "height", 4: "width"}},
             )
 
-    return atomic_write(Path(path), write)
+    def read_back(tmp: Path) -> None:
+        import onnx
+
+        try:
+            onnx.load(str(tmp))
+        except Exception as exc:  # protobuf's DecodeError and friends
+            raise WriteVerificationError(f"the written ONNX graph does not read back ({type(exc).__name__})") from None
+
+    return atomic_write(Path(path), write, verify=read_back)
 
 
-def export_bundle(bundle: Bundle, fmt: str, path: str | Path | None = None) -> Path:
-    """Export to ``fmt`` (``"onnx"`` or ``"torchscript"``); default path: next to the bundle's file."""
+def export_bundle(bundle: Bundle, fmt: str, path: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Export to ``fmt`` (``"onnx"`` or ``"torchscript"``); default path: next to the bundle's file. An
+    existing file is replaced only with ``overwrite``, and only when it is an earlier export of that format."""
+    from ..utils.outputs import check_output_file
+
     if fmt not in EXPORT_FORMATS:
         raise ReCoKDError(f"unknown export format {fmt!r}; choose onnx or torchscript")
     if path is None:
         if bundle.source is None:
             raise ReCoKDError("give an output path for the export (the bundle has no file to put it next to)")
         path = sidecar_path(bundle.source, fmt)
+    path = Path(path)
+    if not path.name.lower().endswith(_SUFFIX[fmt]):
+        raise ReCoKDError(f"-o {path}: a {fmt} export is named *{_SUFFIX[fmt]}; choose such a name")
+    check_output_file(path, overwrite=overwrite, kind=f"{fmt} export", inputs=[bundle.source] if bundle.source else [])
     return export_onnx(bundle, path) if fmt == "onnx" else export_torchscript(bundle, path)
 
 

@@ -43,7 +43,7 @@ from ..data.preprocessing import preprocess_case, restore_label
 from ..errors import ReCoKDError
 from ..utils.geometry import IDENTITY_DIRECTION, ImageGeometry
 from ..utils.geometry import lps_geometry_from_ijk_to_ras as geometry_from_ijk_to_ras
-from ..utils.io import atomic_write
+from ..utils.io import atomic_write_image
 from .postprocessing import POSTPROCESSING, postprocess_labels
 from .backends import BACKENDS, PRECISIONS, select_backend
 from .sliding_window import WINDOW_WEIGHTS, predict_logits
@@ -487,6 +487,8 @@ class Predictor:
             if arrays[-1].shape[1:] != arrays[0].shape[1:]:
                 raise ReCoKDError(f"{name}: channel {i} has shape {arrays[-1].shape[1:]} but channel 0 has {arrays[0].shape[1:]}; "
                                   "all channels must share one voxel grid")
+            if i and img.GetDimension() == images[0].GetDimension():
+                _check_same_grid(ImageGeometry.of(img), ImageGeometry.of(images[0]), f"{name}: channel {i}")
         array = np.concatenate(arrays, axis=0)
         geometry = ImageGeometry.of(images[0])
         labels = self.predict_array(array, geometry.spacing, geometry.origin, geometry.direction,
@@ -494,17 +496,33 @@ class Predictor:
         return geometry.apply_to(sitk.GetImageFromArray(labels))
 
     def predict_files(self, inputs: Sequence[str | Path], output: str | Path,
-                      progress: bool | ProgressFn | None = None) -> Path:
+                      progress: bool | ProgressFn | None = None, overwrite: bool = False) -> Path:
         """Segment one case (one file per channel, or one 4D file) and write the labels to ``output``
-        atomically, with the input's exact spacing, origin and direction."""
+        atomically, with the input's exact spacing, origin and direction. ``output`` must be none of the
+        inputs, and may exist only with ``overwrite``."""
         inputs = [Path(p) for p in inputs]
+        check_label_outputs([(inputs, output)], overwrite=overwrite)  # before the work, not after it
         images = [read_image(p, verify=True) for p in inputs]  # a truncated or NaN NIfTI is an error
         try:
             labels = self.predict_image(images, name=str(inputs[0]), progress=progress)
         except ReCoKDError as exc:
             text = str(exc)
             raise (exc if str(inputs[0]) in text else ReCoKDError(f"{inputs[0]}: {text}")) from None
-        return write_label(labels, output)
+        return write_label(labels, output, overwrite=overwrite)
+
+
+def _check_same_grid(geometry: ImageGeometry, reference: ImageGeometry, what: str) -> None:
+    """Refuse a channel whose spacing, origin or direction differs from channel 0's (the same check as
+    ``recokd plan``'s, :meth:`ImageGeometry.matches`): its voxels would be paired with the wrong places."""
+    if geometry.matches(reference):
+        return
+    for field in ("spacing", "origin", "direction"):
+        mine, theirs = getattr(geometry, field), getattr(reference, field)
+        if not np.allclose(mine, theirs, rtol=1e-4 if field == "spacing" else 0.0,
+                           atol=0.0 if field == "spacing" else 1e-3 if field == "origin" else 1e-4):
+            raise ReCoKDError(f"{what} has {field} {[round(float(v), 4) for v in mine]} but channel 0 has "
+                              f"{[round(float(v), 4) for v in theirs]}; resample the channels onto one voxel grid")
+    raise ReCoKDError(f"{what} lies on another voxel grid than channel 0; resample the channels onto one grid")
 
 
 def label_output_ending(input_name: str) -> str:
@@ -528,17 +546,22 @@ def _check_output_ending(output: Path) -> None:
                           f"use one of {', '.join(LABEL_OUTPUT_ENDINGS)}")
 
 
-def check_label_outputs(jobs: Sequence[tuple[Sequence[str | Path], str | Path]]) -> None:
-    """Check where label maps will go, before any work: each output is a 3D one-file format, is none of
-    the input files (``-o`` equal to ``-i`` would replace the scan with its labels), and lies in a folder
-    that exists or can be made and is writable.
+def check_label_outputs(jobs: Sequence[tuple[Sequence[str | Path], str | Path]], overwrite: bool = False) -> None:
+    """Check where label maps will go, before any work, under the overwrite rule
+    (:mod:`ReCoKDLib.utils.outputs`): each output is a 3D one-file format, is none of the input files
+    (``-o`` equal to ``-i`` would replace the scan with its labels), does not exist unless ``overwrite``
+    (and then is a label-map file, not a folder), and lies in a folder that exists or can be made and
+    is writable.
 
     Args:
         jobs: ``(input files, output file)`` per case.
+        overwrite: replace existing label files.
 
     Raises:
         ReCoKDError: one line naming the output and the fix.
     """
+    from ..utils.outputs import check_output_files
+
     inputs = {Path(p).resolve(): Path(p) for files, _ in jobs for p in files}
     for _, output in jobs:
         output = Path(output)
@@ -554,16 +577,18 @@ def check_label_outputs(jobs: Sequence[tuple[Sequence[str | Path], str | Path]])
             raise ReCoKDError(f"cannot write {output}: {folder} is a file, not a folder; choose another -o")
         if not os.access(folder, os.W_OK | os.X_OK):
             raise ReCoKDError(f"cannot write {output}: {folder} is not writable; choose a writable -o")
+    check_output_files([out for _, out in jobs], overwrite=overwrite, kind="label map", inputs=list(inputs.values()))
 
 
-def write_label(image: sitk.Image, output: str | Path) -> Path:
-    """Write a label image via a temporary file in the same folder and a rename (no partial output)."""
+def write_label(image: sitk.Image, output: str | Path, overwrite: bool = False) -> Path:
+    """Write a label image via a temporary file in the same folder, verified, and a rename (no partial
+    output); an existing file is replaced only with ``overwrite``."""
+    from ..utils.outputs import check_output_file
+
     output = Path(output)
     _check_output_ending(output)
+    check_output_file(output, overwrite=overwrite, kind="label map")
     output.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        return atomic_write(output, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True))
-    except RuntimeError as exc:
-        raise ReCoKDError(f"cannot write {output}: {' '.join(str(exc).split())[-160:]}; check the folder and the file ending") from None
+    return atomic_write_image(image, output)
 
 

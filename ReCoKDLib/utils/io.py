@@ -1,11 +1,25 @@
-"""Atomic file writes: readers see the old file or the complete new one, never a part."""
+"""Atomic, verified file writes: readers see the old file or the complete new one, never a part.
+
+Every file ReCoKD writes goes through :func:`atomic_write`: the data goes to a temporary sibling,
+is checked (not empty, the expected size where known, a read-back where the caller or the file's
+kind gives one), flushed to disk, and only then renamed over the final name. A full disk, a quota,
+a read-only folder or a writer that fails silently (ITK's NIfTI writer ignores short writes) ends
+in one :class:`~ReCoKDLib.errors.ReCoKDError` line; the previous file stays as it was and no
+temporary file is left behind.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import re
+import shutil
+import struct
+import time
 import uuid
+import zipfile
 from pathlib import Path
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -14,40 +28,274 @@ from typing import Any, Callable, Iterator
 _UMASK = os.umask(0o022)  # read the process umask once (os.umask can only read it by setting it)
 os.umask(_UMASK)
 
+#: errno values that mean "this disk or folder cannot take the file"; the fix is elsewhere than the data
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+#: a temporary file of :func:`atomic_write`: ``.<8 hex>[-p<pid>].partial.<final name>``
+_PARTIAL_NAME = re.compile(r"^\.[0-9a-f]{8}(?:-p(?P<pid>\d+))?\.partial\.(?P<final>.+)$")
+#: a partial file whose writer is gone is removed once it is this old (seconds): a writer on another
+#: host of a shared folder is not visible as a pid here, but it keeps its file's mtime fresh
+STALE_AFTER_S = 600.0
 
-def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
-    """Call ``write(tmp)`` to fill a temporary file next to ``path``, then rename it onto ``path``.
+
+class WriteVerificationError(Exception):
+    """Raised by a verifier: the written temporary file is not what was meant (one line, no path)."""
+
+
+Verifier = Callable[[Path], None]
+
+
+def _free_space_note(folder: Path) -> str:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return ""
+    return f" ({free / 2**20:.1f} MiB free there)"
+
+
+def write_error(path: Path, reason: str, exc: BaseException | None = None) -> Exception:
+    """The one-line error for a write of ``path`` that did not happen: the reason, whether the disk is
+    full, that an earlier file is kept, and the fix."""
+    from ..errors import ReCoKDError
+
+    code = getattr(exc, "errno", None)
+    full = code in _NO_ROOM
+    if not full:
+        try:
+            full = shutil.disk_usage(path.parent).free < 1 << 20
+        except OSError:
+            pass
+    kept = "the earlier file there is kept" if path.exists() else "nothing was written"
+    fix = ("free space on that disk or choose another output" if full
+           else "check that the folder is writable, or choose another output")
+    return ReCoKDError(f"cannot write {path}: {reason}{_free_space_note(path.parent) if full else ''}; {kept}; {fix}")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror[0].lower() + exc.strerror[1:]
+    text = " ".join(str(exc).split())
+    if "ERROR:" in text:  # ITK: the source location first, the reason after its last marker
+        text = text.rsplit("ERROR:", 1)[1].strip()
+    return (text[:157] + "...") if len(text) > 160 else (text or type(exc).__name__)
+
+
+def _partial_name(path: Path) -> Path:
+    return path.with_name(f".{uuid.uuid4().hex[:8]}-p{os.getpid()}.partial.{path.name}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, but another user's
+        return True
+    return True
+
+
+def is_stale_partial(path: Path, now: float | None = None) -> bool:
+    """Whether ``path`` is a temporary file of :func:`atomic_write` whose writer is gone: its pid is not
+    alive here and it has not changed for a minute, or it has not changed for :data:`STALE_AFTER_S`."""
+    match = _PARTIAL_NAME.match(path.name)
+    if not match:
+        return False
+    try:
+        age = (now or time.time()) - path.stat().st_mtime
+    except OSError:
+        return False
+    pid = match["pid"]
+    if pid is not None and int(pid) != os.getpid() and not _pid_alive(int(pid)) and age > 60:
+        return True
+    return age > STALE_AFTER_S
+
+
+def remove_stale_partials(folder: str | Path, final_name: str | None = None) -> list[Path]:
+    """Remove temporary files that killed writers left in ``folder`` (only those of ``final_name``
+    when given). Safe while other processes write there: a live writer's file is never stale."""
+    removed = []
+    try:
+        candidates = sorted(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for path in candidates:
+        match = _PARTIAL_NAME.match(path.name)
+        if match and (final_name is None or match["final"] == final_name) and is_stale_partial(path):
+            try:
+                path.unlink()
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], object], verify: Verifier | None = None,
+                 expected_size: int | None = None) -> Path:
+    """Call ``write(tmp)`` to fill a temporary file next to ``path``, check it, then rename it onto ``path``.
 
     The temporary name ends with ``path``'s own name, so writers that choose the format by extension
-    (SimpleITK, safetensors, numpy's ``.npz``) behave as for the final file. The data is flushed to
-    disk before the rename, so a crash cannot leave an empty file under the final name. On any failure
-    the temporary file is removed. The file gets the usual mode (0666 less the umask, e.g. 0644).
+    (SimpleITK, safetensors, numpy's ``.npz``) behave as for the final file. Before the rename the file
+    must exist and not be empty, have ``expected_size`` bytes when given, pass ``verify(tmp)`` (which
+    raises :class:`WriteVerificationError` or a ReCoKDError), and pass the cheap check of its kind
+    (:func:`check_written_file`: a JSON document parses, a zip's directory and members fit, a
+    safetensors header matches the size, a PNG ends); then it is flushed to disk, so that a crash
+    cannot leave an empty file under the final name. Temporary files of this name that a killed
+    writer left here are removed first. On any failure the temporary file is removed, the previous
+    ``path`` is untouched, and an OS or writer error is one ReCoKDError line (full disk included).
+    The file gets the usual mode (0666 less the umask, e.g. 0644).
     """
+    from ..errors import ReCoKDError
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{uuid.uuid4().hex[:8]}.partial.{path.name}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(path, _describe(exc), exc) from None
+    remove_stale_partials(path.parent, path.name)
+    tmp = _partial_name(path)
     try:
         write(tmp)
+        size = tmp.stat().st_size
+        if expected_size is not None and size != expected_size:
+            raise WriteVerificationError(f"the written file holds {size} of {expected_size} bytes")
+        if size == 0 and expected_size != 0:
+            raise WriteVerificationError("the written file is empty")
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        check_written_file(tmp, path.name)
+        if verify is not None:
+            verify(tmp)
         # one mode for every file ReCoKD writes, whatever the writer (safetensors creates 0600): the umask's
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
+    except ReCoKDError:
+        raise
+    except WriteVerificationError as exc:
+        raise write_error(path, str(exc)) from None
+    except (OSError, RuntimeError, zipfile.BadZipFile, struct.error) as exc:  # RuntimeError: C++ writers (ITK, torch)
+        raise write_error(path, _describe(exc), exc) from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
 
 
-#: what :func:`atomic_write` names its temporary files: ``.<8 hex>.partial.<final name>``
-PARTIAL_PATTERN = ".????????.partial.*"
+def check_written_file(path: Path, final_name: str) -> None:
+    """The cheap check of a just-written file by the kind its final name says; raises
+    :class:`WriteVerificationError`. Kinds without a cheap check (text, images: their writers pass a
+    verifier or an expected size) pass."""
+    name = final_name.lower()
+    if name.endswith(".json"):
+        try:
+            json.loads(path.read_bytes())
+        except ValueError as exc:
+            raise WriteVerificationError(f"the written JSON does not read back ({exc})") from None
+    elif name.endswith((".pt", ".pth", ".npz", ".zip", ".recokd")):
+        _check_zip(path)
+    elif name.endswith(".safetensors"):
+        _check_safetensors(path)
+    elif name.endswith(".png"):
+        with open(path, "rb") as f:
+            f.seek(max(path.stat().st_size - 12, 0))
+            if f.read(12)[4:8] != b"IEND":
+                raise WriteVerificationError("the written PNG is cut short")
+
+
+def _check_zip(path: Path) -> None:
+    """The zip's central directory reads and every member lies inside the file (truncation shows)."""
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if info.header_offset + 30 + len(info.filename) + info.compress_size > size:
+                    raise WriteVerificationError(f"member {info.filename} of the written zip is cut short")
+    except zipfile.BadZipFile as exc:
+        raise WriteVerificationError(f"the written zip is damaged ({exc})") from None
+
+
+def _check_safetensors(path: Path) -> None:
+    """A safetensors file is an 8-byte header length, the JSON header, then the data the header's last
+    offset ends at: the size must be exactly that."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise WriteVerificationError("the written safetensors file has no header")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise WriteVerificationError("the written safetensors header is cut short")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise WriteVerificationError("the written safetensors header does not read back") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        raise WriteVerificationError(f"the written safetensors file holds {size} bytes, its header needs {8 + n + end}")
+
+
+def _nifti_complete(path: Path) -> None:
+    """A written NIfTI (``.nii`` or ``.nii.gz``) holds all the voxel bytes its header declares. ITK's
+    NIfTI writer ignores short writes (a full disk gives a truncated file and no error), and its reader
+    zero-fills what is missing, so this counts the bytes itself, streaming the decompression."""
+    import gzip
+    import zlib
+
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(540)
+            if len(head) < 348:
+                raise WriteVerificationError(f"the written NIfTI holds only {len(head)} header bytes")
+            endian = "<" if struct.unpack("<i", head[:4])[0] in (348, 540) else ">"
+            if struct.unpack(endian + "i", head[:4])[0] == 348:
+                dims = struct.unpack(endian + "8h", head[40:56])
+                bitpix = struct.unpack(endian + "h", head[72:74])[0]
+                offset = int(struct.unpack(endian + "f", head[108:112])[0])
+            else:
+                dims = struct.unpack(endian + "8q", head[16:80])
+                bitpix = struct.unpack(endian + "h", head[14:16])[0]
+                offset = int(struct.unpack(endian + "q", head[168:176])[0])
+            needed = offset + math.prod(max(int(d), 1) for d in dims[1:int(dims[0]) + 1]) * bitpix // 8
+            total = len(head)
+            while total < needed:
+                chunk = f.read(min(1 << 22, needed - total))
+                if not chunk:
+                    break
+                total += len(chunk)
+    except (EOFError, OSError, zlib.error) as exc:
+        raise WriteVerificationError(f"the written NIfTI does not read back ({_describe(exc)})") from None
+    if total < needed:
+        raise WriteVerificationError(f"the written NIfTI holds {total} of the {needed} bytes its header declares")
+
+
+def atomic_write_image(image: Any, path: str | Path, use_compression: bool = True) -> Path:
+    """Write a SimpleITK image to ``path`` atomically and verified: a NIfTI is checked to hold every voxel
+    its header declares, any other format is read back and compared voxel for voxel (ITK's writers do
+    not all report a full disk)."""
+    import SimpleITK as sitk
+    import numpy as np
+
+    def verify(tmp: Path) -> None:
+        name = tmp.name.lower()
+        if name.endswith((".nii", ".nii.gz")):
+            _nifti_complete(tmp)
+            return
+        try:
+            back = sitk.ReadImage(str(tmp))
+        except RuntimeError as exc:
+            raise WriteVerificationError(f"the written image does not read back ({_describe(exc)})") from None
+        if back.GetSize() != image.GetSize() or not np.array_equal(sitk.GetArrayViewFromImage(back),
+                                                                   sitk.GetArrayViewFromImage(image)):
+            raise WriteVerificationError("the written image reads back different from what was written")
+
+    return atomic_write(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=use_compression),
+                        verify=verify)
 
 
 def remove_partial_files(folder: str | Path) -> list[Path]:
-    """Remove the temporary files a killed :func:`atomic_write` left in ``folder`` (call it only while no
-    other process writes there, e.g. holding the folder's lock). Returns what was removed."""
+    """Remove every temporary file of :func:`atomic_write` in ``folder``, stale or not (call it only while
+    no other process writes there, e.g. holding the folder's lock). Returns what was removed."""
     removed = []
-    for path in sorted(Path(folder).glob(PARTIAL_PATTERN)):
-        if path.is_file():
+    for path in sorted(Path(folder).glob(".*.partial.*")):
+        if path.is_file() and _PARTIAL_NAME.match(path.name):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
@@ -91,8 +339,9 @@ def read_json(path: str | Path, what: str, hint: str = "fix or recreate it", kin
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    """Write ``text`` (UTF-8) to ``path`` atomically, checking that every byte arrived."""
+    data = text.encode("utf-8")
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data), expected_size=len(data))
 
 
 def json_safe(value: Any) -> Any:
