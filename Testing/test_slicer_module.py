@@ -278,6 +278,8 @@ def test_distill_runs_in_background_and_exports_the_student(env, tmp_path, monke
     task2 = logic.resumeTraining(wait=True)
     args2 = next(line for line in task2.job.lines if line.startswith("ARGS")).split()[1:]
     assert args2.count("--resume") == 1 and args2[:-2] == args[:-1]
+    # the second export does not replace the first student's bundle (the overwrite rule): it takes a free name
+    assert task2.bundlePath == models_folder / "student-2.recokd" and (models_folder / "student.recokd").is_file()
     teacher = logic.trainTeacher(str(tmp_path / "Dataset001"), str(tmp_path / "teacher"), epochs=2, device="cpu")
     args3 = next(line for line in teacher.job.lines if line.startswith("ARGS")).split()[1:]
     assert teacher.state == jobs.SUCCEEDED and teacher.bundlePath is None and len(teacher.history) == 2

@@ -248,7 +248,7 @@ class TrainingTask:
     def _startExport(self) -> None:
         folder = Path(self.logic.modelsFolder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.bundlePath = folder / f"{self.outputFolder.name}.recokd"
+        self.bundlePath = freeBundlePath(folder, self.outputFolder.name)
         command = [pythonExecutable(), "-m", "ReCoKDLib.cli", "export", str(self.outputFolder), "-o", str(self.bundlePath)]
         self._exportJob = BackgroundJob(command, env=_jobEnvironment(), name="export",
                                         onLine=self.logic.onTrainingLine).start()
@@ -269,6 +269,16 @@ class TrainingTask:
             self._exportJob.cancel()
         self.job.cancel()
         self.message = "training stopped; Resume continues from the last finished epoch"
+
+
+def freeBundlePath(folder: Path, stem: str) -> Path:
+    """``folder/stem.recokd``, or ``stem-2.recokd``, ``stem-3.recokd``, ... when taken: an export from the
+    module never replaces a bundle already in the model list (the library refuses to without --overwrite)."""
+    candidate, n = folder / f"{stem}.recokd", 1
+    while candidate.exists():
+        n += 1
+        candidate = folder / f"{stem}-{n}.recokd"
+    return candidate
 
 
 def _number(text):

@@ -28,6 +28,10 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _a(noun: str) -> str:
+    return ("an " if noun[:1].lower() in "aeiou" else "a ") + noun
+
+
 def refuse_inputs(path: str | Path, inputs: Iterable[str | Path], option: str = "-o") -> None:
     """Refuse ``path`` when it is (or, for a folder, holds) one of ``inputs``."""
     path = Path(path)
@@ -53,12 +57,12 @@ def check_output_file(path: str | Path, *, overwrite: bool, kind: str, is_kind: 
     path = Path(path)
     refuse_inputs(path, inputs, option)
     if path.is_dir():
-        raise ReCoKDError(f"{option} {path} is a folder; give the path of a {kind} file")
+        raise ReCoKDError(f"{option} {path} is a folder; give the path of {_a(kind)} file")
     if path.exists() or path.is_symlink():
         if not overwrite:
             raise ReCoKDError(f"{path} exists; pass --overwrite to replace it, or choose another {option}")
         if not path.is_file() or (is_kind is not None and not is_kind(path)):
-            raise ReCoKDError(f"{path} exists and is not a {kind}; --overwrite replaces only {kind}s, "
+            raise ReCoKDError(f"{path} exists and is not {_a(kind)}; --overwrite replaces only {kind}s, "
                               f"choose another {option}")
     return path
 
@@ -71,7 +75,7 @@ def check_output_files(paths: Iterable[str | Path], *, overwrite: bool, kind: st
     paths = [Path(p) for p in paths]
     inputs = list(inputs)
     existing = [p for p in paths if p.exists() and not p.is_dir()]
-    if existing and not overwrite:
+    if existing and not overwrite and len(paths) > 1:
         first = existing[0]
         raise ReCoKDError(f"{len(existing)} of {len(paths)} output(s) exist already in {first.parent} (e.g. "
                           f"{first.name}); pass --overwrite to replace them, or choose another {option}")
