@@ -196,3 +196,31 @@ def test_a_writer_that_cuts_its_file_short_is_caught_before_the_rename(tmp_path,
     assert target.read_bytes() == b"earlier"
     assert [p.name for p in tmp_path.iterdir()] == [name]
     atomic_write(target, whole)  # the same writer, whole: accepted
+
+
+def test_an_output_folder_removed_during_a_folder_predict(model, tmp_path, capsys, monkeypatch):
+    """The folder is removed after the first case: the remaining cases still run (the folder is made
+    again), and the summary says which label maps are no longer there."""
+    import shutil
+
+    from ReCoKDLib.inference.predictor import Predictor
+
+    for i in range(3):
+        write_image(phantom_volume((16, 16, 16), seed=i), tmp_path / "scans" / f"c{i}_0000.nii.gz")
+    out = tmp_path / "out"
+    real = Predictor.predict_files
+    done: list[Path] = []
+
+    def then_remove(self, inputs, output, *args, **kwargs):
+        written = real(self, inputs, output, *args, **kwargs)
+        done.append(written)
+        if len(done) == 1:
+            shutil.rmtree(out)
+        return written
+
+    monkeypatch.setattr(Predictor, "predict_files", then_remove)
+    assert main(["predict", "-m", str(model), "-i", str(tmp_path / "scans"), "-o", str(out), "--device", "cpu",
+                 "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "1 written label map(s) are no longer in" in err and "c0" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["c1.nii.gz", "c2.nii.gz"]

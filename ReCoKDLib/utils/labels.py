@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 from ..errors import ReCoKDError
 
-__all__ = ["LabelSet", "NAMED_COLORS", "DEFAULT_PALETTE", "IGNORE"]
+__all__ = ["LabelSet", "NAMED_COLORS", "DEFAULT_PALETTE", "IGNORE", "check_terminology"]
 
 #: nnU-Net's name for the label whose voxels are left out of the loss; it is not a class
 IGNORE = "ignore"
@@ -59,6 +59,34 @@ def _as_label_value(value: Any) -> int | None:
     return None
 
 
+#: the fields a label's terminology may carry (each [coding scheme, code value, code meaning]); the first two are required
+TERMINOLOGY_FIELDS = ("category", "type", "type_modifier", "anatomic_region", "anatomic_region_modifier")
+_TERMINOLOGY_FORMAT = '{"label name": {"category": [scheme, code, meaning], "type": [scheme, code, meaning]}}'
+
+
+def check_terminology(terminology: Any, source: str) -> None:
+    """Refuse, in one line naming ``source``, terminology that is not ``{label: {field: [scheme, code,
+    meaning]}}`` with ``category`` and ``type`` (what bundles store and 3D Slicer shows); None passes."""
+    if terminology is None:
+        return
+    if not isinstance(terminology, Mapping):
+        raise ReCoKDError(f"{source}: terminology must be a JSON object {_TERMINOLOGY_FORMAT}, "
+                          f"not a {type(terminology).__name__}")
+    for name, codes in terminology.items():
+        if not isinstance(codes, Mapping):
+            raise ReCoKDError(f"{source}: terminology of {name!r} must be an object, e.g. {_TERMINOLOGY_FORMAT}")
+        missing = [f for f in ("category", "type") if f not in codes]
+        unknown = sorted(set(codes) - set(TERMINOLOGY_FIELDS))
+        if missing or unknown:
+            problem = f"lacks {', '.join(missing)}" if missing else f"has unknown field(s) {', '.join(unknown)}"
+            raise ReCoKDError(f"{source}: terminology of {name!r} {problem}; give {_TERMINOLOGY_FORMAT} "
+                              f"(fields: {', '.join(TERMINOLOGY_FIELDS)})")
+        for field, code in codes.items():
+            if not (isinstance(code, (list, tuple)) and len(code) == 3 and all(isinstance(c, str) and c for c in code)):
+                raise ReCoKDError(f"{source}: terminology of {name!r}: {field} is {code!r}, not [coding scheme, "
+                                  'code value, code meaning] (three non-empty strings), e.g. ["SCT", "10200004", "Liver"]')
+
+
 class LabelSet(Mapping[str, int]):
     """Classes of a segmentation: name -> value (sorted by value), colours and terminology.
 
@@ -95,6 +123,7 @@ class LabelSet(Mapping[str, int]):
             raise ReCoKDError(f'{source}: "labels" lacks the background value 0; add "background": 0')
         self._values = dict(sorted(checked.items(), key=lambda kv: kv[1]))
         self._colors = self._fill_colors(colors or {}, source)
+        check_terminology(terminology, source)
         unknown = sorted(set(terminology or {}) - set(self._values))
         if unknown:
             raise ReCoKDError(f"{source}: terminology names label(s) {unknown} that the model does not have "
