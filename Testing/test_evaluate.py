@@ -149,6 +149,10 @@ def test_benchmark_smoke(tmp_path, capsys):
     assert results[0]["flops"] > 0 and results[0]["parameters"] > 0
     assert 0 < results[0]["peak_memory_mb"] < 500
     assert results[1]["gap_recovered"] == pytest.approx(0.0) or results[1]["gap_recovered"] is None
+    again = ["benchmark", "--models", f"teacher={teacher}", "--images", str(tmp_path / "images"), "--labels",
+             str(tmp_path / "labels"), "--repeats", "1", "--threads", "1", "-o", str(tmp_path / "bench")]
+    assert main(again) == 2  # the overwrite rule: an earlier benchmark is kept unless --overwrite
+    assert json.loads((tmp_path / "bench" / "benchmark.json").read_text()) == results
     # one row per model and backend; speed-ups within a backend and of the best backend each
     code = main(["benchmark", "--models", f"teacher={teacher}", f"recokd={kd}", "--backends", "torch", "onnxruntime",
                  "--images", str(tmp_path / "images"), "--labels", str(tmp_path / "labels"),

@@ -34,7 +34,7 @@ from ..data.datasets import group_cases
 from ..inference.predictor import Predictor
 from ..inference.sliding_window import nnunet_window_weights
 from ..models import count_parameters
-from ..utils.io import json_safe
+from ..utils.io import atomic_write, json_safe
 from ..evaluation.metrics import read_label_map, score_case, summarise
 from ..utils.geometry import ImageGeometry
 
@@ -358,9 +358,10 @@ def benchmark_chart(results: Sequence[ModelResult], path: str | Path) -> Path:
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 

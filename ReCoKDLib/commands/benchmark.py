@@ -12,6 +12,7 @@ from ..errors import ReCoKDError
 def run(args: argparse.Namespace) -> int:
     from ..benchmarks.inference import benchmark_chart, benchmark_table, parse_models, results_json, run_benchmark
     from ..utils.io import atomic_write_text
+    from ..utils.outputs import check_output_files
 
     config = {}
     if args.config:
@@ -19,6 +20,10 @@ def run(args: argparse.Namespace) -> int:
             config = json.loads(Path(args.config).read_text())
         except (OSError, ValueError) as exc:
             raise ReCoKDError(f"cannot read benchmark config {args.config}: {exc}") from None
+    out = Path(args.output)
+    # the overwrite rule (utils/outputs.py), before minutes of timing
+    check_output_files([out / f"benchmark.{e}" for e in ("md", "json", "png")], overwrite=args.overwrite,
+                       kind="benchmark output")
     models = parse_models(args.models) if args.models else dict(config.get("models", {}))
     images, labels = args.images or config.get("images"), args.labels or config.get("labels")
     if not models or not images or not labels:
@@ -27,8 +32,6 @@ def run(args: argparse.Namespace) -> int:
                             max_cases=args.max_cases, teacher=args.teacher or config.get("teacher"),
                             no_kd=args.no_kd or config.get("no_kd"), threads=args.threads,
                             backends=args.backends or config.get("backends") or ["torch"])
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     table = benchmark_table(results)
     atomic_write_text(out / "benchmark.md", table + "\n")
     atomic_write_text(out / "benchmark.json", results_json(results) + "\n")
@@ -53,4 +56,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run every model with each of these engines (default torch; e.g. --backends torch onnxruntime)")
     p.add_argument("--max-cases", dest="max_cases", type=int, help="use at most this many cases")
     p.add_argument("-o", "--output", default="recokd_benchmark", help="output folder (default ./recokd_benchmark)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier benchmark's files in the output folder")
     p.set_defaults(func=run)

@@ -23,9 +23,12 @@ def run(args: argparse.Namespace) -> int:
     from ..data.datasets import group_cases, read_image
     from ..data.planning import Plans
     from ..utils.io import atomic_write_text, json_safe
+    from ..utils.outputs import check_output_files
     from ..utils.runtime import configure_cpu
     from ..workflows.runs import planned_network
 
+    out = Path(args.output)
+    check_output_files([out / "speed.md", out / "speed.json"], overwrite=args.overwrite, kind="benchmark output")
     plans_path = Path(args.plans)
     plans = Plans.load(plans_path)
     topology = planned_network(plans_path, plans)
@@ -42,8 +45,6 @@ def run(args: argparse.Namespace) -> int:
     caption = (f"{plans.dataset_name}: {len(volumes)} volume(s) (first {shape} voxels), patch "
                f"{'x'.join(map(str, plans.patch_size))}, overlap {args.overlap}, {args.repeats} repeat(s)")
     table = speed_table(results, caption)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "speed.md", table + "\n")
     atomic_write_text(out / "speed.json", json.dumps([json_safe({**r.__dict__, "overhead": r.overhead})
                                                       for r in results], indent=1) + "\n")
@@ -68,4 +69,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
     p.add_argument("--sw-batch", dest="sw_batch", type=int, default=2, help="windows per forward pass (default 2)")
     p.add_argument("-o", "--output", default="recokd_speed", help="output folder (default ./recokd_speed)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's speed.md / speed.json")
     p.set_defaults(func=run)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..utils.io import atomic_write
+
 
 def _informative_slice(label: np.ndarray) -> int:
     """The axial slice showing the most foreground classes, then the most foreground voxels."""
@@ -77,5 +79,7 @@ def demo_figure(path: Path, cases, predictions: dict, results, label_names: list
     ax.set_ylabel("Dice (test cases)")
     ax.legend(fontsize=8, loc="upper center", ncol=len(results), frameon=False)
     ax.set_title("per-class Dice", fontsize=10)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
