@@ -230,7 +230,7 @@ CASES = [
                                                                         lambda t: str(t / "out.nii.gz")), 2, "model.recokd"),
     Case("predict with a zip bomb as bundle", _predict(_with_model(_zip_bomb), lambda t: str(t / "out.nii.gz")), 2,
          "zip bomb"),
-    Case("predict a registry model into an unwritable cache", _unwritable_cache, 2, "set RECOKD_HOME to a writable"),
+    Case("predict a built-in model with an unwritable cache (used in place)", _unwritable_cache, 0, ""),
     # datasets
     Case("plan a dataset whose label holds an undeclared value (no cache folder left)", _dataset_with_an_undeclared_label,
          2, "has 1 problem"),  # validation lists each problem on its own line below
@@ -261,6 +261,109 @@ CASES = [
 ]
 
 
+# -- the overwrite rule (issue 27): never an input, never an existing file unasked, --overwrite only of its kind
+
+
+def _scored(tmp: Path) -> tuple[str, str]:
+    """pred/ and gt/ folders with one case each (and a dataset.json beside gt/)."""
+    labels = (phantom_volume((16, 16, 16)) > 1).astype(np.uint8)
+    write_image(labels, tmp / "pred" / "a.nii.gz")
+    write_image(labels, tmp / "gt" / "a.nii.gz")
+    return str(tmp / "pred"), str(tmp / "gt")
+
+
+def _evaluate(*options: Callable[[Path], str] | str) -> Callable[[Path], list[str]]:
+    def argv(tmp: Path) -> list[str]:
+        pred, gt = _scored(tmp)
+        return ["evaluate", pred, gt, *[o(tmp) if callable(o) else o for o in options]]
+    return argv
+
+
+def _existing(name: str, text: str = "someone's notes") -> Callable[[Path], str]:
+    def path(tmp: Path) -> str:
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / name).write_text(text)
+        return str(tmp / name)
+    return path
+
+
+def _export(output: Callable[[Path], str], *options: str) -> Callable[[Path], list[str]]:
+    def argv(tmp: Path) -> list[str]:
+        return ["export", str(tmp / "runs" / "student"), "-o", output(tmp), *options]
+    return argv
+
+
+def _copy_of_model(name: str) -> Callable[[Path], str]:
+    def path(tmp: Path) -> str:
+        shutil.copy(tmp / "model.recokd", tmp / name)
+        return str(tmp / name)
+    return path
+
+
+def _images_and_labels(tmp: Path) -> str:
+    """imagesTr/ with case_0000.nii.gz, labelsTr/ with its reference case.nii.gz (nnU-Net naming)."""
+    write_image(phantom_volume((16, 16, 16)), tmp / "imagesTr" / "case_0000.nii.gz")
+    write_image((phantom_volume((16, 16, 16)) > 1).astype(np.uint8), tmp / "labelsTr" / "case.nii.gz")
+    return str(tmp / "imagesTr")
+
+
+OVERWRITE_CASES = [
+    Case("predict -i imagesTr -o labelsTr replaces no reference label", _predict(_images_and_labels,
+                                                                              lambda t: str(t / "labelsTr")),
+         2, "exists; pass --overwrite"),
+    Case("predict -o an existing file", _predict(_scan, _existing("seg.nii.gz")), 2, "exists; pass --overwrite"),
+    Case("predict -o a folder named like a file", _predict(_scan, lambda t: str((t / "seg.nii.gz").mkdir() or
+                                                                                 t / "seg.nii.gz" / "x.nii.gz")),
+         0, ""),  # a folder path: the label goes inside it, as for any folder
+    Case("evaluate --csv equal to a reference label", _evaluate("--csv", lambda t: str(t / "gt" / "a.nii.gz")), 2,
+         "named like an image"),
+    Case("evaluate --json equal to --labels", _evaluate("--labels", _existing("labels.json", '{"background": 0, "a": 1}'),
+                                                        "--json", lambda t: str(t / "labels.json")), 2, "is the input"),
+    Case("evaluate --json over the dataset.json beside the references",
+         _evaluate("--json", _existing("gt/dataset.json", '{"labels": {"background": 0, "a": 1}}')), 2, "is the input"),
+    Case("evaluate --csv over an existing file", _evaluate("--csv", _existing("notes.csv")), 2, "exists; pass --overwrite"),
+    Case("evaluate --csv --overwrite over a file that is not an evaluation CSV",
+         _evaluate("--csv", _existing("notes.csv"), "--overwrite"), 2, "is not an evaluation CSV"),
+    Case("evaluate --json --overwrite over a JSON that is not an evaluation",
+         _evaluate("--json", _existing("config.json", '{"a": 1}'), "--overwrite"), 2, "is not an evaluation JSON"),
+    Case("evaluate --csv names a folder", _evaluate("--csv", lambda t: str((t / "out").mkdir() or t / "out")), 2,
+         "is a folder"),
+    Case("export -o an existing run folder", _export(lambda t: str(t / "runs" / "teacher")), 2,
+         "holding other files", "runs"),
+    Case("export -o the dataset folder, --overwrite", _export(lambda t: str(t / "ds"), "--overwrite"), 2,
+         "holding other files", "runs"),
+    Case("export -o inside the run exported", _export(lambda t: str(t / "runs" / "student" / "m.recokd")), 2,
+         "lies in the run folder", "runs"),
+    Case("export -o an existing file that is not a bundle, --overwrite",
+         _export(_existing("notes.recokd"), "--overwrite"), 2, "is not a model bundle", "runs"),
+    Case("export -o an earlier bundle without --overwrite", _export(lambda t: str(t / "earlier.recokd")), 2,
+         "exists; pass --overwrite", "runs+model"),
+    Case("export-model -o over the bundle itself", lambda t: ["export-model", str(t / "model.recokd"), "--format",
+                                                             "onnx", "-o", str(t / "model.recokd")], 2, "named *.onnx"),
+    Case("export-model -o an existing graph without --overwrite", lambda t: [
+        "export-model", str(t / "model.recokd"), "--format", "onnx", "-o", _existing("model.onnx")(t)], 2,
+         "exists; pass --overwrite"),
+]
+
+
+def _export_with_terminology(text: str) -> Callable[[Path], list[str]]:
+    def argv(tmp: Path) -> list[str]:
+        return ["export", str(tmp / "runs" / "student"), "-o", str(tmp / "m.recokd"), "--terminology",
+                _existing("terms.json", text)(tmp)]
+    return argv
+
+
+TERMINOLOGY_CASES = [
+    Case("export --terminology not JSON", _export_with_terminology('{"organ": '), 2, "cannot read --terminology", "runs"),
+    Case("export --terminology a list", _export_with_terminology("[1, 2]"), 2, "must be a JSON object", "runs"),
+    Case("export --terminology a string per label", _export_with_terminology('{"organ": "liver"}'), 2,
+         "terminology of 'organ' must be an object", "runs"),
+    Case("export --terminology without type", _export_with_terminology('{"organ": {"category": ["SCT", "1", "T"]}}'),
+         2, "lacks type", "runs"),
+    Case("export --terminology with a two-part code", _export_with_terminology(
+        '{"organ": {"category": ["SCT", "1"], "type": ["SCT", "2", "Liver"]}}'), 2, "three non-empty strings", "runs"),
+]
+
 def _digests(root: Path) -> dict[str, str]:
     """sha256 of every file below ``root``; a run folder's lock file is bookkeeping (it records its last
     holder) and left out."""
@@ -290,9 +393,14 @@ def runs(tmp_path_factory) -> Path:
     return base
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+ALL_CASES = CASES + OVERWRITE_CASES + TERMINOLOGY_CASES
+
+
+@pytest.mark.parametrize("case", ALL_CASES, ids=[c.name for c in ALL_CASES])
 def test_bad_input(case: Case, tmp_path: Path, capsys, request, monkeypatch) -> None:
     monkeypatch.setenv("RECOKD_HOME", str(tmp_path / "recokd_home"))  # rows may point it elsewhere
+    if case.needs == "runs+model":  # an earlier bundle at earlier.recokd beside the runs
+        (tmp_path / "earlier.recokd").write_bytes(request.getfixturevalue("model").read_bytes())
     if case.needs == "model":
         (tmp_path / "model.recokd").write_bytes(request.getfixturevalue("model").read_bytes())
     else:

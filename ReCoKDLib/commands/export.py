@@ -16,17 +16,40 @@ def run_export(args: argparse.Namespace) -> int:
         from ..data.datasets import read_header
 
         reference = read_header(args.reference_image).geometry.direction
-    extras = {"terminology": _read_json_option(args.terminology, "--terminology"),
+    _check_export_target(args)  # before the run is read and packed
+    terminology = _read_json_option(args.terminology, "--terminology")
+    if terminology is not None:
+        from ..utils.labels import check_terminology
+
+        check_terminology(terminology, f"--terminology {args.terminology}")
+    extras = {"terminology": terminology,
               "test_metrics": _read_json_option(args.test_metrics, "--test-metrics"),
               "license": args.license, "postprocessing": args.postprocess}
     bundle = bundle_from_run(args.run, name=args.name, weights=args.weights, reference_direction=reference,
                              description=args.description, **extras)
-    path = bundle.save(args.output)
+    path = bundle.save(args.output, overwrite=args.overwrite)
     print(f"bundle: {path} ({bundle.describe()})")
     for fmt, wanted in (("onnx", args.onnx), ("torchscript", args.torchscript)):
         if wanted:
-            print(f"{fmt}: {export_bundle(bundle, fmt, sidecar_path(path, fmt))}")
+            print(f"{fmt}: {export_bundle(bundle, fmt, sidecar_path(path, fmt), overwrite=args.overwrite)}")
     return 0
+
+
+def _check_export_target(args: argparse.Namespace) -> None:
+    """-o must be new or an earlier bundle (the rule of :mod:`ReCoKDLib.utils.outputs`), and not inside
+    the run being exported; checked again, atomically, when the bundle is written."""
+    from pathlib import Path
+
+    from ..deployment.bundle import _is_bundle_file, _is_bundle_folder
+    from ..utils.outputs import check_output_file, check_output_folder
+
+    out, run = Path(args.output), Path(args.run)
+    if out.resolve() == run.resolve() or run.resolve() in out.resolve().parents:
+        raise ReCoKDError(f"-o {out} lies in the run folder {run} being exported; choose a path outside it")
+    if out.suffix.lower() in (".recokd", ".zip"):
+        check_output_file(out, overwrite=args.overwrite, kind="model bundle", is_kind=_is_bundle_file)
+    else:
+        check_output_folder(out, overwrite=args.overwrite, kind="model bundle", is_own=_is_bundle_folder)
 
 
 def _read_json_option(path, option: str):
@@ -46,12 +69,12 @@ def run_export_model(args: argparse.Namespace) -> int:
     from ..inference.export import export_bundle
 
     bundle = load_bundle(args.bundle)
-    print(export_bundle(bundle, args.format, args.output))
+    print(export_bundle(bundle, args.format, args.output, overwrite=args.overwrite))
     return 0
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    from ..deployment.registry import fetch_model, load_registry
+    from ..deployment.registry import DownloadProgress, fetch_model, load_registry
 
     reg = load_registry(args.registry)
     if args.list:
@@ -61,7 +84,15 @@ def run_fetch(args: argparse.Namespace) -> int:
         return 0
     if not args.name:
         raise ReCoKDError("give a model NAME to fetch (or --list)")
-    print(fetch_model(reg[args.name], cache_dir=args.cache, base=reg.base))
+    entry = reg[args.name]
+    # a download bar on stderr (none for a cached model); the path alone goes to stdout, after the bar
+    bar = None if getattr(args, "no_progress", False) else DownloadProgress(entry)
+    try:
+        path = fetch_model(entry, cache_dir=args.cache, base=reg.base, progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(path)
     return 0
 
 
@@ -86,6 +117,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--postprocess", choices=POSTPROCESSING,
                    help="label post-processing the model's predictions get by default (choose it on held-out cases "
                    "with recokd predict --postprocess; default: none recorded)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier bundle (and its ONNX / TorchScript files) at -o; nothing else is replaced")
     p.add_argument("--onnx", action="store_true", help="also write NAME.onnx")
     p.add_argument("--torchscript", action="store_true", help="also write NAME.torchscript.pt")
     p.set_defaults(func=run_export)
@@ -94,6 +127,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("bundle", help="model bundle (.recokd or folder)")
     q.add_argument("--format", choices=["onnx", "torchscript"], required=True)
     q.add_argument("-o", "--output", help="output file (default: next to the bundle)")
+    q.add_argument("--overwrite", action="store_true", help="replace an earlier export of this format at -o")
     q.set_defaults(func=run_export_model)
 
     f = sub.add_parser("fetch-model", help="download (or find in the cache) a model listed in a registry",

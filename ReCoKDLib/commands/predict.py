@@ -10,15 +10,23 @@ from ..errors import ReCoKDError
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.datasets import group_cases, split_file_ending
-    from ..inference.predictor import Predictor, check_label_outputs, label_output_ending
+    from ..data.datasets import dicom_series_files, group_cases, read_dicom_series, split_file_ending
+    from ..inference.predictor import Predictor, check_label_outputs, label_output_ending, write_label
     from ..deployment.registry import resolve_model
 
     inputs = [Path(p) for p in args.input]
     output = Path(args.output)
     folder_mode = len(inputs) == 1 and inputs[0].is_dir()
+    # a folder of one DICOM series is one scan (read with ITK's geometry); a folder of image files, many
+    dicom = dicom_series_files(inputs[0]) if folder_mode and not group_cases(inputs[0]) else None
     # where every label map goes is settled and checked before the model is loaded
-    if folder_mode:
+    if dicom:
+        folder_mode = False
+        if output.is_dir() or not split_file_ending(output.name)[1]:
+            output = output / f"{inputs[0].resolve().name}.nii.gz"
+        jobs = [(dicom, output)]
+        check_label_outputs(jobs, overwrite=args.overwrite)
+    elif folder_mode:
         cases = group_cases(inputs[0])
         if not cases:
             raise ReCoKDError(f"{inputs[0]} holds no image files (.nii.gz, .nrrd, .mha, ...); check the folder")
@@ -39,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         jobs = [(inputs, output)]
         check_label_outputs(jobs, overwrite=args.overwrite)
 
-    model = resolve_model(args.model, registry=args.registry)
+    model = resolve_model(args.model, registry=args.registry, progress=not args.no_progress)
     predictor = Predictor(model, device=args.device, overlap=args.overlap, sw_batch_size=args.sw_batch,
                           mirror_tta=args.tta, threads=args.threads, progress=not args.no_progress,
                           check_spacing=not args.force, postprocess=args.postprocess, backend=args.backend,
@@ -65,6 +73,10 @@ def run(args: argparse.Namespace) -> int:
             raise ReCoKDError(f"{len(failed)} of {len(jobs)} case(s) failed ({', '.join(failed)[:200]}; see above); "
                               f"{len(present)} label map(s) are in {output}")
         return 0
+    if dicom:
+        labels = predictor.predict_image(read_dicom_series(inputs[0]), name=str(inputs[0]))
+        print(write_label(labels, output, overwrite=args.overwrite))
+        return 0
     print(predictor.predict_files(*jobs[0], overwrite=args.overwrite))
     return 0
 
@@ -76,10 +88,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     from ..utils.outputs import OVERWRITE_HELP
 
     p = sub.add_parser("predict", help="segment images with a model bundle",
-                       description="Segment a 3D image (any SimpleITK format), the channel files of one case, or a "
-                       "folder of images (channels by the _0000 suffix); labels are written on the input's grid.")
+                       description="Segment a 3D image (any SimpleITK format), the channel files of one case, a "
+                       "folder of images (channels by the _0000 suffix), or a folder holding one DICOM series; "
+                       "labels are written on the input's grid.")
     p.add_argument("-m", "--model", required=True, help="bundle (.recokd or folder), run folder, or registry name")
-    p.add_argument("-i", "--input", required=True, nargs="+", help="image file(s) of one case, or a folder")
+    p.add_argument("-i", "--input", required=True, nargs="+",
+                   help="image file(s) of one case, a folder of images, or a folder of one DICOM series")
     p.add_argument("-o", "--output", required=True, help="output file, or folder")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")

@@ -27,12 +27,16 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
 import re
+import shutil
 import struct
+import tempfile
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -52,6 +56,10 @@ __all__ = [
     "read_image",
     "read_header",
     "split_file_ending",
+    "dicom_series_files",
+    "read_dicom_series",
+    "available_memory_bytes",
+    "image_size_limit",
 ]
 
 #: File endings recognised as images, compound endings first so that ``.nii.gz`` wins over ``.gz``.
@@ -212,15 +220,193 @@ class _ReadFailure(Exception):
 
 
 def _read_image(path: Path) -> sitk.Image:
+    """The image in ``path``, after a header-only check that the file can hold the voxels its header
+    declares and that they fit in memory (:func:`_check_declared_size`): a tiny file claiming a huge
+    image is refused before ITK allocates it."""
     if not path.is_file():
         raise _ReadFailure(path, "file not found")
+    with _itk_name(path) as name:
+        reader = _file_reader(path, name)
+        try:
+            reader.ReadImageInformation()
+        except Exception as exc:  # SimpleITK raises RuntimeError; anything else is just as fatal
+            raise _ReadFailure(path, _sitk_reason(exc).replace(name, str(path))) from exc
+        _check_declared_size(path, reader)
+        try:
+            return reader.Execute()
+        except Exception as exc:
+            reason = _sitk_reason(exc).replace(name, str(path))
+            if "No such file or directory" in reason:  # ITK reports a stale errno for a file it could not read whole
+                reason = f"the file is damaged or truncated ({path.stat().st_size} bytes; ITK could not read all its voxels)"
+            raise _ReadFailure(path, reason) from exc
+
+
+# -- which reader, by a file ending in any case --------------------------------------------------------
+
+#: ITK readers that are chosen by ending; ITK matches endings case-sensitively (it finds no reader for
+#: ``.MHA``), so ReCoKD names the reader itself
+_IMAGE_IO = {".mha": "MetaImageIO", ".mhd": "MetaImageIO", ".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO"}
+
+
+def _file_reader(path: Path, name: str) -> sitk.ImageFileReader:
+    """A reader of ``name`` (``path`` or its alias, see :func:`_itk_name`) with the ImageIO of the ending."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(name)
+    ending = split_file_ending(path.name)[1]
+    io = _IMAGE_IO.get(ending.lower())
+    if io is not None and ending != ending.lower():
+        reader.SetImageIO(io)
+    return reader
+
+
+@contextmanager
+def _itk_name(path: Path) -> Iterator[str]:
+    """The name ITK should open ``path`` by: the path itself, or, for a NIfTI whose ending mixes cases
+    (``.Nii``, ``.nii.GZ``: niftilib refuses those, ``.NII`` it reads), a link with the lower-case ending
+    in a temporary folder (a copy where links cannot be made)."""
+    ending = split_file_ending(path.name)[1]
+    if ending.lower() not in (".nii", ".nii.gz") or ending in (ending.lower(), ending.upper()):
+        yield str(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="recokd-read-") as tmp:
+        alias = Path(tmp) / f"image{ending.lower()}"
+        try:
+            os.symlink(path.resolve(), alias)
+        except OSError:  # e.g. Windows without the symlink privilege
+            shutil.copyfile(path, alias)
+        yield str(alias)
+
+
+# -- what a header declares, checked before the voxels are read ----------------------------------------
+
+#: deflate (gzip, zlib) turns at most 258 bytes into 2 bits: no compressed file holds more than this
+#: many times its own size
+_DEFLATE_MAX_RATIO = 1032
+#: the limit on an image's declared voxel data, in GiB; default: the memory available now
+MAX_IMAGE_ENV = "RECOKD_MAX_IMAGE_GIB"
+
+
+def available_memory_bytes() -> int | None:
+    """Memory a new allocation can get now: Linux's ``MemAvailable``, else the free physical pages,
+    else the physical memory; None where none of these is known."""
     try:
-        return sitk.ReadImage(str(path))
-    except Exception as exc:  # SimpleITK raises RuntimeError; anything else is just as fatal
-        reason = _sitk_reason(exc)
-        if "No such file or directory" in reason:  # ITK reports a stale errno for a file it could not read whole
-            reason = f"the file is damaged or truncated ({path.stat().st_size} bytes; ITK could not read all its voxels)"
-        raise _ReadFailure(path, reason) from exc
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    for pages in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):
+        try:
+            return int(os.sysconf(pages)) * int(os.sysconf("SC_PAGE_SIZE"))
+        except (AttributeError, ValueError, OSError):
+            continue
+    return None
+
+
+def image_size_limit() -> tuple[int | None, str]:
+    """The most bytes of voxel data an image file may declare, and what set it: ``$RECOKD_MAX_IMAGE_GIB``
+    when set, else the memory available now (None: no limit known)."""
+    raw = os.environ.get(MAX_IMAGE_ENV, "").strip()
+    if raw:
+        try:
+            gib = float(raw)
+        except ValueError:
+            gib = float("nan")
+        if not (math.isfinite(gib) and gib > 0):
+            raise ReCoKDError(f"{MAX_IMAGE_ENV}={raw!r} is not a positive number of GiB; set it to e.g. 16, or unset it")
+        return int(gib * 2**30), f"the {MAX_IMAGE_ENV} limit of {gib:g} GiB"
+    available = available_memory_bytes()
+    if available is None:
+        return None, ""
+    return available, f"the {available / 2**30:.3g} GiB of memory available"
+
+
+def _storage(path: Path) -> tuple[str | None, int]:
+    """How ``path`` stores its voxels, from its name and header text: ``("raw", header bytes)`` for
+    uncompressed data in the file itself, ``("deflate", 0)`` for gzip/zlib data in the file itself, or
+    ``(None, 0)`` when unknown or in another file (.mhd/.nhdr, detached data, bzip2, text)."""
+    ending = split_file_ending(path.name)[1].lower()
+    if ending == ".nii":
+        return "raw", 348  # the smallest NIfTI header
+    if ending.endswith(".gz"):
+        return "deflate", 0
+    if ending not in (".mha", ".nrrd"):
+        return None, 0
+    with open(path, "rb") as f:
+        head = f.read(1 << 16).decode("latin-1")
+    if ending == ".mha":
+        fields: dict[str, str] = {}
+        end = 0
+        for line in head.splitlines(keepends=True):
+            end += len(line)
+            key, _, value = line.partition("=")
+            fields[key.strip().lower()] = value.strip().lower()
+            if key.strip().lower() == "elementdatafile":  # the header's last line; the data follows
+                if value.strip().lower() != "local":
+                    return None, 0
+                return ("deflate", 0) if fields.get("compresseddata") == "true" else ("raw", end)
+        return None, 0
+    end = head.find("\n\n")
+    if end < 0:
+        return None, 0
+    fields = {}
+    for line in head[:end].splitlines()[1:]:
+        key, sep, value = line.partition(":")
+        if sep and not line.startswith("#"):
+            fields[key.strip().lower()] = value.strip().lstrip("=").strip().lower()
+    if "data file" in fields or "datafile" in fields:
+        return None, 0
+    encoding = fields.get("encoding", "")
+    if encoding == "raw":
+        return "raw", end + 2
+    return ("deflate", 0) if encoding in ("gzip", "gz") else (None, 0)
+
+
+def _component_bytes(pixel_id: int) -> int:
+    """Bytes of one component of a SimpleITK pixel type (8 for a complex of two 32-bit floats)."""
+    try:
+        return int(sitk.Image([1, 1], pixel_id, 1).GetSizeOfPixelComponent())
+    except Exception:  # noqa: BLE001 - a type SimpleITK cannot allocate: read the bits from its name
+        match = re.search(r"(\d+)-bit", sitk.GetPixelIDValueAsString(pixel_id))
+        return int(match.group(1)) // 8 if match else 8
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.3g} GiB"
+
+
+def _amount(nbytes: int) -> str:
+    """``nbytes`` for a reader: bytes below a MiB, else MiB or GiB."""
+    if nbytes < 2**20:
+        return f"{nbytes} bytes"
+    return f"{nbytes / 2**20:.3g} MiB" if nbytes < 2**30 else _gib(nbytes)
+
+
+def _check_declared_size(path: Path, reader: sitk.ImageFileReader) -> None:
+    """Raise :class:`_ReadFailure` when the header (read, ``reader``) declares more voxel data than the file
+    can hold (raw data: the file is shorter; deflate: beyond its best ratio), or than the limit of
+    :func:`image_size_limit`. Costs the header only."""
+    size = tuple(int(s) for s in reader.GetSize())
+    components = int(reader.GetNumberOfComponents())
+    nbytes = math.prod(size) * components * _component_bytes(reader.GetPixelID())
+    pixel = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+    what = f"{' x '.join(map(str, size))} voxels of {pixel}" + (f" ({components} components)" if components > 1 else "")
+    on_disk = path.stat().st_size
+    try:
+        kind, header = _storage(path)
+    except OSError:
+        kind, header = None, 0
+    if kind == "raw" and on_disk < header + nbytes:
+        raise _ReadFailure(path, f"the file is damaged or truncated: it holds {_amount(on_disk)}, but its header declares "
+                                 f"{what} ({_amount(nbytes)} of voxel data)")
+    if kind == "deflate" and nbytes > _DEFLATE_MAX_RATIO * on_disk:
+        raise _ReadFailure(path, f"the file is damaged or truncated: its header declares {what} ({_amount(nbytes)}), more "
+                                 f"than its {_amount(on_disk)} of compressed data can hold")
+    limit, source = image_size_limit()
+    if limit is not None and nbytes > limit:
+        raise _ReadFailure(path, f"its header declares {what} ({_gib(nbytes)}), more than {source} "
+                                 f"(set {MAX_IMAGE_ENV} to allow larger images)")
 
 
 @dataclass(frozen=True)
@@ -314,12 +500,12 @@ def read_image(path: str | Path, verify: bool = False) -> sitk.Image:
 def _read_header(path: Path) -> ImageHeader:
     if not path.is_file():
         raise _ReadFailure(path, "file not found")
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except Exception as exc:
-        raise _ReadFailure(path, _sitk_reason(exc)) from exc
+    with _itk_name(path) as name:
+        reader = _file_reader(path, name)
+        try:
+            reader.ReadImageInformation()
+        except Exception as exc:
+            raise _ReadFailure(path, _sitk_reason(exc).replace(name, str(path))) from exc
     return ImageHeader(
         path=path,
         dimension=reader.GetDimension(),
@@ -427,30 +613,42 @@ def _resolve(root: Path, rel: Any, json_path: Path, what: str) -> Path:
 # layouts
 
 
-def _scan_folder(folder: Path, ending: str, case_of) -> tuple[set[str], list[Path]]:
-    """Case ids in ``folder`` and the image files that fit no case. ``case_of(stem)`` gives
-    ``(case id or None, fits)`` for a file named ``stem + ending``."""
+def _scan_folder(folder: Path, ending: str, case_of) -> tuple[set[str], list[Path], dict[str, Path]]:
+    """Case ids in ``folder``, the image files that fit no case, and each fitting file by its stem.
+    ``case_of(stem)`` gives ``(case id or None, fits)`` for a file named ``stem + ending``. The ending
+    matches in any case (``.NII.GZ`` for ``.nii.gz``), as on a case-insensitive disk; of two files that
+    differ only there, the one spelt as ``ending`` is taken and the other reported."""
     cases: set[str] = set()
     unexpected: list[Path] = []
+    files: dict[str, Path] = {}
     if not folder.is_dir():
-        return cases, unexpected
+        return cases, unexpected, files
     for f in sorted(folder.iterdir()):
         if f.name.startswith(".") or not f.is_file():
             continue
-        if not f.name.endswith(ending):
+        if not f.name.lower().endswith(ending.lower()) or len(f.name) <= len(ending):
             if split_file_ending(f.name)[1].lower() in IMAGE_FILE_ENDINGS:
                 unexpected.append(f)
             continue
-        case, fits = case_of(f.name[: -len(ending)])
+        stem = f.name[: -len(ending)]
+        case, fits = case_of(stem)
         if case is not None:
             cases.add(case)
         if not fits:
             unexpected.append(f)
-    return cases, unexpected
+            continue
+        if stem in files:  # the same stem twice, endings differing in case only
+            keep, other = (f, files[stem]) if f.name.endswith(ending) else (files[stem], f)
+            files[stem] = keep
+            unexpected.append(other)
+        else:
+            files[stem] = f
+    return cases, unexpected, files
 
 
-def _scan_nnunet_folder(folder: Path, ending: str, num_channels: int) -> tuple[set[str], list[Path]]:
-    """Case ids found in an nnU-Net images folder (``<case>_<channel:04d>``), and the files that fit no case."""
+def _scan_nnunet_folder(folder: Path, ending: str, num_channels: int) -> tuple[set[str], list[Path], dict[str, Path]]:
+    """Case ids found in an nnU-Net images folder (``<case>_<channel:04d>``), the files that fit no case,
+    and the fitting files by stem."""
     def case_of(stem: str):
         m = _CHANNEL_SUFFIX.match(stem)
         if m is None:
@@ -460,7 +658,7 @@ def _scan_nnunet_folder(folder: Path, ending: str, num_channels: int) -> tuple[s
     return _scan_folder(folder, ending, case_of)
 
 
-def _scan_label_folder(folder: Path, ending: str) -> tuple[set[str], list[Path]]:
+def _scan_label_folder(folder: Path, ending: str) -> tuple[set[str], list[Path], dict[str, Path]]:
     return _scan_folder(folder, ending, lambda stem: (stem, True))
 
 
@@ -468,17 +666,23 @@ def _nnunet_split(
     root: Path, images: str, labels: str, ending: str, num_channels: int, labels_required: bool
 ) -> tuple[tuple[CaseRecord, ...], list[Path]]:
     image_dir, label_dir = root / images, root / labels
-    image_cases, unexpected = _scan_nnunet_folder(image_dir, ending, num_channels)
+    image_cases, unexpected, image_files = _scan_nnunet_folder(image_dir, ending, num_channels)
     has_labels = labels_required or label_dir.is_dir()
     label_cases: set[str] = set()
+    label_files: dict[str, Path] = {}
     if has_labels:
-        label_cases, stray = _scan_label_folder(label_dir, ending)
+        label_cases, stray, label_files = _scan_label_folder(label_dir, ending)
         unexpected += stray
+
+    def image_file(case: str, channel: int) -> Path:  # the file found (its ending in any case), else the expected name
+        stem = f"{case}_{channel:04d}"
+        return image_files.get(stem, image_dir / f"{stem}{ending}")
+
     records = tuple(
         CaseRecord(
             case_id=case,
-            image_files=tuple(image_dir / f"{case}_{c:04d}{ending}" for c in range(num_channels)),
-            label_file=(label_dir / f"{case}{ending}") if has_labels else None,
+            image_files=tuple(image_file(case, c) for c in range(num_channels)),
+            label_file=label_files.get(case, label_dir / f"{case}{ending}") if has_labels else None,
             layout="nnunet",
         )
         for case in sorted(image_cases | label_cases)
@@ -487,15 +691,17 @@ def _nnunet_split(
 
 
 def _infer_file_ending(root: Path, json_path: Path) -> str:
-    endings = set()
+    """The one image ending in imagesTr (endings differing only in case count as one: the commoner spelling)."""
+    endings: dict[str, list[str]] = {}
     folder = root / "imagesTr"
     if folder.is_dir():
         for f in folder.iterdir():
             stem, ending = split_file_ending(f.name)
             if ending.lower() in IMAGE_FILE_ENDINGS and _CHANNEL_SUFFIX.match(stem):
-                endings.add(ending)
+                endings.setdefault(ending.lower(), []).append(ending)
     if len(endings) == 1:
-        return endings.pop()
+        spellings = next(iter(endings.values()))
+        return max(sorted(set(spellings)), key=spellings.count)
     raise ReCoKDError(
         f'{json_path} has no "file_ending" and it cannot be inferred from imagesTr; add e.g. "file_ending": ".nii.gz"'
     )
@@ -743,3 +949,98 @@ def group_cases(folder: str | Path) -> dict[str, list[Path]]:
             raise ReCoKDError(f"case {case!r} in {folder} has channels {sorted(channels)}; number them _0000, _0001, ... without gaps")
         out[case] = [channels[c] for c in sorted(channels)]
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# DICOM series
+
+
+@contextmanager
+def _itk_warnings_off() -> Iterator[None]:
+    """ITK's warnings (printed to stderr: "No Series were found", "Non uniform sampling") off for the block:
+    what they say becomes an error line or a None here."""
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
+def _series_label(folder: Path, series_id: str) -> str:
+    """``<uid> '<SeriesDescription>' (<n> files)`` of one series in ``folder``, for an error line."""
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_id)
+    description = ""
+    try:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(files[0])
+        reader.ReadImageInformation()
+        if reader.HasMetaDataKey("0008|103e"):
+            description = f" {reader.GetMetaData('0008|103e').strip()!r}"
+    except (RuntimeError, IndexError):
+        pass
+    return f"{series_id}{description} ({len(files)} files)"
+
+
+def dicom_series_files(folder: str | Path, series_id: str | None = None) -> list[Path] | None:
+    """The files of the DICOM series in ``folder`` (not its subfolders), in slice order (GDCM sorts them
+    by position), or None when the folder holds no DICOM series (or is not a folder).
+
+    Args:
+        series_id: the SeriesInstanceUID to take when the folder holds several.
+
+    Raises:
+        ReCoKDError: the folder holds several series and ``series_id`` picks none of them; the line
+            names each series (UID, description, file count) and how to pick one.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    with _itk_warnings_off():
+        try:
+            ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+        except RuntimeError:
+            return None
+        if not ids:
+            return None
+        def shown() -> str:  # for an error line only: it reads one header per series
+            return ", ".join(_series_label(folder, uid) for uid in ids[:5]) + (", ..." if len(ids) > 5 else "")
+
+        if series_id is not None and series_id not in ids:
+            raise ReCoKDError(f"{folder} holds no DICOM series {series_id!r} (it holds {shown()}); give one of those UIDs")
+        if series_id is None and len(ids) > 1:
+            raise ReCoKDError(f"{folder} holds {len(ids)} DICOM series: {shown()}; segment one series at a time: put "
+                              "its files in a folder of their own, or convert it to one file (e.g. dcm2niix, or "
+                              "SimpleITK's ImageSeriesReader) and give that file")
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_id or ids[0])
+    return [Path(f) for f in files]
+
+
+def read_dicom_series(folder: str | Path, series_id: str | None = None) -> sitk.Image:
+    """The DICOM series in ``folder`` as one 3D image, with ITK's geometry (spacing from the slice
+    positions, origin of the first slice, direction from the image orientation; LPS, as every file
+    ReCoKD reads).
+
+    Raises:
+        ReCoKDError: one line when the folder holds no DICOM series, several (see
+            :func:`dicom_series_files`), slices that are not evenly spaced (a missing slice would
+            distort the volume), or files ITK cannot read.
+    """
+    folder = Path(folder)
+    files = dicom_series_files(folder, series_id)
+    if files is None:
+        raise ReCoKDError(f"{folder} holds no DICOM series; give a folder of one series' DICOM files, or an image file "
+                          "(.nii.gz, .nrrd, .mha)")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(f) for f in files])
+    with _itk_warnings_off():
+        try:
+            image = reader.Execute()
+        except RuntimeError as exc:
+            raise ReCoKDError(f"cannot read the DICOM series in {folder}: {_sitk_reason(exc)}; check the files, or "
+                              "convert the series with dcm2niix and give the result") from None
+    if image.HasMetaDataKey("ITK_non_uniform_sampling_deviation"):  # ITK's mark (its value is not a string)
+        raise ReCoKDError(f"the {len(files)} slices of the DICOM series in {folder} are not evenly spaced (a slice "
+                          "missing, or a gantry tilt?); add the missing slices, or convert the series with dcm2niix "
+                          "and give the result")
+    return image

@@ -530,7 +530,7 @@ def label_output_ending(input_name: str) -> str:
     format, else the one-file equivalent (``.mhd`` -> ``.mha``, ``.nhdr`` / ``.nrrd.gz`` -> ``.nrrd``), else ``.nii.gz``."""
     ending = split_file_ending(input_name)[1].lower()
     if ending in LABEL_OUTPUT_ENDINGS:
-        return split_file_ending(input_name)[1]
+        return ending  # lower case: what every reader and writer of the format recognises
     return {**TWO_FILE_ENDINGS, ".nrrd.gz": ".nrrd"}.get(ending, ".nii.gz")
 
 

@@ -266,28 +266,40 @@ def _nifti_complete(path: Path) -> None:
         raise WriteVerificationError(f"the written NIfTI holds {total} of the {needed} bytes its header declares")
 
 
+#: image endings whose writer ITK picks by the (lower-case) name
+_IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".tiff", ".tif")
+
+
 def atomic_write_image(image: Any, path: str | Path, use_compression: bool = True) -> Path:
     """Write a SimpleITK image to ``path`` atomically and verified: a NIfTI is checked to hold every voxel
     its header declares, any other format is read back and compared voxel for voxel (ITK's writers do
-    not all report a full disk)."""
+    not all report a full disk). ITK chooses its writer by a lower-case ending, so ``SEG.NII.GZ`` is
+    written under a lower-case temporary name first."""
     import SimpleITK as sitk
     import numpy as np
 
-    def verify(tmp: Path) -> None:
-        name = tmp.name.lower()
-        if name.endswith((".nii", ".nii.gz")):
-            _nifti_complete(tmp)
-            return
+    def write(tmp: Path) -> None:
+        ending = next((e for e in _IMAGE_ENDINGS if tmp.name.lower().endswith(e)), "")
+        lower = tmp.with_name(tmp.name[: len(tmp.name) - len(ending)] + ending) if ending else tmp
         try:
-            back = sitk.ReadImage(str(tmp))
-        except RuntimeError as exc:
-            raise WriteVerificationError(f"the written image does not read back ({_describe(exc)})") from None
-        if back.GetSize() != image.GetSize() or not np.array_equal(sitk.GetArrayViewFromImage(back),
-                                                                   sitk.GetArrayViewFromImage(image)):
-            raise WriteVerificationError("the written image reads back different from what was written")
+            sitk.WriteImage(image, str(lower), useCompression=use_compression)
+            if ending in (".nii", ".nii.gz"):
+                _nifti_complete(lower)
+            else:
+                try:
+                    back = sitk.ReadImage(str(lower))
+                except RuntimeError as exc:
+                    raise WriteVerificationError(f"the written image does not read back ({_describe(exc)})") from None
+                if back.GetSize() != image.GetSize() or not np.array_equal(sitk.GetArrayViewFromImage(back),
+                                                                           sitk.GetArrayViewFromImage(image)):
+                    raise WriteVerificationError("the written image reads back different from what was written")
+            if lower != tmp:
+                os.replace(lower, tmp)
+        finally:
+            if lower != tmp:
+                lower.unlink(missing_ok=True)
 
-    return atomic_write(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=use_compression),
-                        verify=verify)
+    return atomic_write(path, write)
 
 
 def remove_partial_files(folder: str | Path) -> list[Path]:
