@@ -29,6 +29,7 @@ from ..models import build_pair, count_parameters, dynunet_tap_names, isotropic_
 from ..training.loop import DistillTrainModule, EpochTrainer, RunConfig, SegTrainModule, ValCase
 from ..utils.runtime import configure_cpu, resolve_device
 from ..utils.io import atomic_write_text
+from ..utils.outputs import check_output_folder
 
 
 def demo_training(**overrides) -> RunConfig:
@@ -59,6 +60,7 @@ class DemoConfig:
     taps: str = "encoder"
     timing_repeats: int = 3
     progress: bool = True
+    overwrite: bool = False  # replace an earlier demo's output folder (the overwrite rule, utils/outputs.py)
     training: RunConfig = field(default_factory=demo_training)
 
     @classmethod
@@ -175,10 +177,21 @@ def format_table(results: list[ModelResult], label_names: list[str], recovered: 
     return "\n".join(lines)
 
 
+#: what a demo writes into its output folder (an interrupted one, a part of it)
+_DEMO_FILES = {"runs", "results.md", "results.json", "demo.png", "teacher_spec.json", "student_spec.json"}
+
+
+def _is_demo_output(folder: Path) -> bool:
+    """Whether ``folder`` holds an earlier (possibly interrupted) demo and nothing else."""
+    names = {p.name for p in folder.iterdir() if not p.name.startswith(".")}
+    return bool(names) and all(n in _DEMO_FILES or n.endswith(".safetensors") for n in names)
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the whole demo; returns the results dictionary that is also written to ``results.json``."""
     _check(cfg)
     out = Path(cfg.output).expanduser().resolve()
+    check_output_folder(out, overwrite=cfg.overwrite, kind="demo output", is_own=_is_demo_output, option="--output")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
