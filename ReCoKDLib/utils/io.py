@@ -65,9 +65,13 @@ def write_error(path: Path, reason: str, exc: BaseException | None = None) -> Ex
         except OSError:
             pass
     kept = "the earlier file there is kept" if path.exists() else "nothing was written"
-    fix = ("free space on that disk or choose another output" if full
-           else "check that the folder is writable, or choose another output")
-    return ReCoKDError(f"cannot write {path}: {reason}{_free_space_note(path.parent) if full else ''}; {kept}; {fix}")
+    if full:
+        fix = "; free space on that disk or choose another output"
+    elif isinstance(exc, OSError) or exc is None:
+        fix = "; check that the folder is writable, or choose another output"
+    else:  # the writer itself failed (e.g. an exporter), not the disk: its reason is the whole story
+        fix = ""
+    return ReCoKDError(f"cannot write {path}: {reason}{_free_space_note(path.parent) if full else ''}; {kept}{fix}")
 
 
 def _describe(exc: BaseException) -> str:
