@@ -125,8 +125,10 @@ def test_a_download_cut_short_is_one_line_and_leaves_no_cache_folder(server, tmp
     # a reset may drop data that had arrived but was not read yet: up to half the body is counted then
     done = half if mode != "reset" else int(message.split(" after ")[1].split(" of ")[0])
     assert 0 < done <= half
-    assert message == (f"incomplete download of model 'student' from {server.url(mode)}: {reason} after {done} of "
-                       f"{len(PAYLOAD)} bytes; check the connection and try again"), message
+    # whether the client sees the reset or the end of the stream first depends on timing (a loaded machine)
+    reasons = [reason] + (["the server closed the connection"] if mode == "reset" else [])
+    assert message in [f"incomplete download of model 'student' from {server.url(mode)}: {r} after {done} of "
+                       f"{len(PAYLOAD)} bytes; check the connection and try again" for r in reasons], message
     assert _left_in(tmp_path) == []
 
 
@@ -301,9 +303,12 @@ def test_refusing_a_huge_header_allocates_nothing(tmp_path):
     import sys
 
     path = _huge_nifti(tmp_path / "huge.nii.gz")
-    code = ("import resource, sys\nfrom ReCoKDLib.data.datasets import read_image\n"
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("reads the peak memory from /proc/self/status (Linux)")
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, i.e. the forking test process's own peak
+    code = ("import sys\nfrom ReCoKDLib.data.datasets import read_image\n"
             "try:\n    read_image(sys.argv[1])\nexcept ValueError as exc:\n    print('refused:', exc)\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))")
     result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
                             cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr[-2000:]
@@ -425,6 +430,7 @@ def _write_series(folder: Path, array: np.ndarray, uid: str, description: str = 
                   angle: float = 0.5, prefix: str = "") -> sitk.Image:
     """``array`` (D, H, W) as a DICOM series, one file per slice, the file names in a shuffled order (the
     reader must sort by position); rotated by ``angle`` about z. Returns the volume as written."""
+    import locale
     import math
     import random
 
@@ -440,17 +446,21 @@ def _write_series(folder: Path, array: np.ndarray, uid: str, description: str = 
     order = list(range(array.shape[0]))
     random.Random(0).shuffle(order)
     orientation = "\\".join(map(str, (direction[0], direction[3], direction[6], direction[1], direction[4], direction[7])))
-    for n, i in enumerate(order):
-        if i == skip:
-            continue
-        image = volume[:, :, i]
-        tags = {"0008|0060": "MR", "0020|000d": f"{uid}.0", "0020|000e": uid, "0008|103e": description,
-                "0020|0037": orientation, "0020|0013": str(i + 1), "0008|0018": f"{uid}.{i + 1}",
-                "0020|0032": "\\".join(map(str, volume.TransformIndexToPhysicalPoint((0, 0, i))))}
-        for key, value in tags.items():
-            image.SetMetaData(key, value)
-        writer.SetFileName(str(folder / f"{prefix}{n:03d}.dcm"))
-        writer.Execute(image)
+    saved = locale.setlocale(locale.LC_ALL)  # GDCM's writer resets the C locale to "C" (ASCII file reads after it)
+    try:
+        for n, i in enumerate(order):
+            if i == skip:
+                continue
+            image = volume[:, :, i]
+            tags = {"0008|0060": "MR", "0020|000d": f"{uid}.0", "0020|000e": uid, "0008|103e": description,
+                    "0020|0037": orientation, "0020|0013": str(i + 1), "0008|0018": f"{uid}.{i + 1}",
+                    "0020|0032": "\\".join(map(str, volume.TransformIndexToPhysicalPoint((0, 0, i))))}
+            for key, value in tags.items():
+                image.SetMetaData(key, value)
+            writer.SetFileName(str(folder / f"{prefix}{n:03d}.dcm"))
+            writer.Execute(image)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
     return volume
 
 

@@ -98,6 +98,16 @@ def test_demo_quick_writes_table_weights_and_figure(tmp_path, capsys):
     teacher, student = (summary["results"][i]["parameters"] for i in (0, 1))
     assert student < teacher
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the overwrite rule: a second demo into the folder needs --overwrite; a folder of other files, never
+    before = (out / "results.json").read_bytes()
+    assert main(["demo", "--quick", "--no-progress", "-o", str(out), "--device", "cpu"]) == 2
+    assert "holds an earlier demo output; pass --overwrite" in capsys.readouterr().err
+    assert (out / "results.json").read_bytes() == before
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.md").write_text("mine")
+    assert main(["demo", "--quick", "--no-progress", "-o", str(tmp_path / "docs"), "--overwrite"]) == 2
+    assert "holding other files" in capsys.readouterr().err and (tmp_path / "docs" / "notes.md").read_text() == "mine"
+    assert main(["demo", "--quick", "--no-progress", "-o", str(out), "--device", "cpu", "--overwrite"]) == 0
 
 
 @pytest.mark.parametrize(

@@ -24,9 +24,9 @@ one() {  # method seed
       --method "$m" --width-factor "$width" --seed "$s" --epochs "$epochs" --val-every "$epochs" --iters-per-epoch 100 \
       --optimizer adamw --lr 0.003 --batch-size 2 --val-max-cases 2 --augment none --workers 1 --threads 1 \
       --device cpu --no-progress --resume > "$W/$n.log" 2>&1 \
-  && recokd predict -m "$W/$n" -i "$W/folds/f${k}_images" -o "$W/pred_$n" --device cpu --threads 1 --no-progress \
+  && recokd predict --overwrite -m "$W/$n" -i "$W/folds/f${k}_images" -o "$W/pred_$n" --device cpu --threads 1 --no-progress \
       > /dev/null 2>&1 \
-  && recokd evaluate "$W/pred_$n" "$W/folds/f${k}_labels" --json "$W/eval_$n.json" | grep "| mean" | sed "s/^/$n /" \
+  && recokd evaluate --overwrite "$W/pred_$n" "$W/folds/f${k}_labels" --json "$W/eval_$n.json" | grep "| mean" | sed "s/^/$n /" \
   || echo "$n failed; see $W/$n.log"
 }
 export -f one; export W D T epochs width

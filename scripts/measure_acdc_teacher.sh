@@ -17,9 +17,9 @@ run() {  # variant, fold, epochs, cache, extra options...
   [ -f "$W/eval_$n.json" ] && { echo "$n $(grep -o '"dice_mean": [0-9.]*' "$W/eval_$n.json")"; return; }
   recokd train "$D" -o "$W/$n" --cache "$cache" --plans "$cache/plans.json" --val-cases "$W/folds/fold$k.txt" \
       --seed "$k" --epochs "$epochs" --val-every "$epochs" $common "$@" > "$W/$n.log" 2>&1 \
-  && recokd predict -m "$W/$n" -i "$W/folds/f${k}_images" -o "$W/pred_$n" --device cpu --threads 1 --no-progress \
+  && recokd predict --overwrite -m "$W/$n" -i "$W/folds/f${k}_images" -o "$W/pred_$n" --device cpu --threads 1 --no-progress \
       > /dev/null 2>&1 \
-  && recokd evaluate "$W/pred_$n" "$W/folds/f${k}_labels" --json "$W/eval_$n.json" | grep "| mean" | sed "s/^/$n /" \
+  && recokd evaluate --overwrite "$W/pred_$n" "$W/folds/f${k}_labels" --json "$W/eval_$n.json" | grep "| mean" | sed "s/^/$n /" \
   || echo "$n failed; see $W/$n.log"
 }
 for k in 0 1 2; do

@@ -9,8 +9,8 @@ source "$R/.venv/bin/activate"; mkdir -p "$W/acdc"
 planner="--no-progress --patch-budget 65536 --base-filters 16 --max-filters 128"
 train="--optimizer adamw --lr 0.003 --batch-size 2 --iters-per-epoch 100 --val-max-cases 2 --workers 1 --threads 1 --device cpu --no-progress --resume"
 score() {  # model, images, labels, name
-  recokd predict -m "$1" -i "$2" -o "$W/pred_$4" --device cpu --threads 1 --no-progress > /dev/null 2>&1 \
-  && recokd evaluate "$W/pred_$4" "$3" --json "$W/eval_$4.json" | grep "| mean" | sed "s/^/$4 /"
+  recokd predict --overwrite -m "$1" -i "$2" -o "$W/pred_$4" --device cpu --threads 1 --no-progress > /dev/null 2>&1 \
+  && recokd evaluate --overwrite "$W/pred_$4" "$3" --json "$W/eval_$4.json" | grep "| mean" | sed "s/^/$4 /"
 }
 la() {  # preset, seed
   local D=$DATA/LA2018-lowres n=la_$1_s$2

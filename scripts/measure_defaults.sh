@@ -19,8 +19,8 @@ la() {  # name, seed, extra options...
   [ -f "$W/eval_$n.json" ] && { echo "$n $(grep -o '"dice_mean": [0-9.]*' "$W/eval_$n.json")"; return; }
   recokd train "$D" -o "$W/$n" --cache "$W/la_cache" --plans "$W/la_cache/plans.json" --seed "$seed" $train "$@" \
       > "$W/$n.log" 2>&1 \
-  && recokd predict -m "$W/$n" -i "$D/imagesTs" -o "$W/pred_$n" --device cpu --threads 1 --no-progress > /dev/null 2>&1 \
-  && recokd evaluate "$W/pred_$n" "$D/labelsTs" --json "$W/eval_$n.json" | grep "| mean" | sed "s/^/$n /" \
+  && recokd predict --overwrite -m "$W/$n" -i "$D/imagesTs" -o "$W/pred_$n" --device cpu --threads 1 --no-progress > /dev/null 2>&1 \
+  && recokd evaluate --overwrite "$W/pred_$n" "$D/labelsTs" --json "$W/eval_$n.json" | grep "| mean" | sed "s/^/$n /" \
   || echo "$n failed; see $W/$n.log"
 }
 [ -f "$W/la_cache/plans.json" ] || recokd plan "$D" --cache "$W/la_cache" --no-progress --patch-budget 65536 \

@@ -40,9 +40,9 @@ ship() {
     --val-every "$4" "${split[@]}" $common
   recokd distill "$data" -o "$runs/student_recokd" --cache "$runs/cache" --teacher "$runs/teacher" --epochs "$5" \
     --val-every "$5" --method recokd "${split[@]}" $common
-  recokd predict -m "$runs/student_recokd" -i "$images" -o "$runs/pred" --device cpu --no-progress --postprocess "$post"
-  recokd evaluate "$runs/pred" "$labels" --labels "$data/dataset.json" --json "$runs/test.json"
-  recokd export "$runs/student_recokd" -o "$OUT/$name.recokd" --name "$name" --description "$8" \
+  recokd predict --overwrite -m "$runs/student_recokd" -i "$images" -o "$runs/pred" --device cpu --no-progress --postprocess "$post"
+  recokd evaluate --overwrite "$runs/pred" "$labels" --labels "$data/dataset.json" --json "$runs/test.json"
+  recokd export --overwrite "$runs/student_recokd" -o "$OUT/$name.recokd" --name "$name" --description "$8" \
     --terminology "$TERMS/$name.json" --test-metrics "$runs/test.json" --license "$9" --postprocess "$post"
 }
 

@@ -12,8 +12,12 @@ TRAINING_FLAGS = {"seed": "seed", "device": "device", "threads": "num_threads", 
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from ..training.loop import check_distill_options
     from ..workflows.demo import DemoConfig, run_demo
 
+    # the distillation options as `recokd distill` checks them (--lambda-max nan would train a NaN student);
+    # the training options (--threads, --seed) are RunConfig's own checks, the sizes run_demo's
+    check_distill_options(width_factor=args.width_factor, lambda_max=args.lambda_max)
     make = DemoConfig.quick if args.quick else DemoConfig
     given = {k: v for k, v in vars(args).items() if v is not None}
     overrides = {k: v for k, v in given.items() if k in DemoConfig.__dataclass_fields__ and k != "training"}
@@ -54,5 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--device", help="auto (default), cpu or cuda")
     demo.add_argument("--threads", type=int, help="CPU threads (default: torch's, i.e. the physical cores)")
     demo.add_argument("--quick", action="store_true", help="a tiny, seconds-long run to check the installation")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="replace an earlier demo's results in the output folder (default: refuse)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=run)

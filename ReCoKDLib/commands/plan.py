@@ -7,14 +7,15 @@ import argparse
 
 def run(args: argparse.Namespace) -> int:
     from ..data.datasets import open_dataset
-    from ..workflows.runs import PlannerOptions, plan_summary, prepare_plans
+    from ..workflows.runs import PlannerOptions, plan_summary, plans_folder, prepare_plans
 
+    planner = PlannerOptions(args.patch_budget, args.max_levels, args.base_filters, args.max_filters)  # checked first
     dataset = open_dataset(args.dataset)
-    planner = PlannerOptions(args.patch_budget, args.max_levels, args.base_filters, args.max_filters)
     plans, network, root, folder = prepare_plans(dataset, args.cache, planner, replan=True, progress=not args.no_progress,
                                         num_workers=args.workers)
+    written = plans_folder(root, planner, replan=True)  # the cache's own plan: `recokd train` without options uses it
     print(plan_summary(dataset, plans, network, folder))
-    print(f"plan written to {root / 'plans.json'}, the teacher network to {root / 'network.json'}")
+    print(f"plan written to {written / 'plans.json'}, the teacher network to {written / 'network.json'}")
     return 0
 
 

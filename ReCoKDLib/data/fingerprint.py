@@ -16,10 +16,11 @@ JSON (:meth:`Fingerprint.save` / :meth:`Fingerprint.load`).
 
 from __future__ import annotations
 
+import sys
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -272,11 +273,16 @@ class Fingerprint(JSONDocument):
 # computation
 
 
+def _warn(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def compute_fingerprint(
     dataset: DatasetInfo,
     progress: bool = True,
     max_foreground_samples: int = 10000,
     seed: int = 0,
+    warn: Callable[[str], None] | None = _warn,
 ) -> Fingerprint:
     """Read every training case of ``dataset`` and collect its :class:`Fingerprint`.
 
@@ -286,9 +292,12 @@ def compute_fingerprint(
         max_foreground_samples: at most this many foreground voxels per case enter the intensity
             statistics (drawn without replacement; all of them when a case has fewer).
         seed: sampling seed; the same seed gives the same fingerprint.
+        warn: receives one ``warning: ...`` line when some (not all) label maps hold only background
+            (default: printed to stderr; ``None``: silent).
 
     Raises:
-        ReCoKDError: the dataset has no training cases, or a case cannot be read.
+        ReCoKDError: the dataset has no training cases, a case cannot be read, or every training
+            label map holds only background (a network would learn to predict nothing).
     """
     if not dataset.training:
         raise ReCoKDError(f"dataset '{dataset.name}' ({dataset.root}) has no training cases to fingerprint")
@@ -297,6 +306,7 @@ def compute_fingerprint(
     ignore = dataset.labels.ignore_label
     cases: list[CaseFingerprint] = []
     samples: list[np.ndarray] = []  # per case, (C, n) sampled foreground intensities
+    labelled, empty = 0, []  # label maps read, and the cases whose label map is background only
     for record in tqdm(dataset.training, desc=f"fingerprint {dataset.name}", disable=not progress, leave=False):
         case = load_case(record, dataset)
         box = crop_bbox(case.image, case.label)
@@ -314,9 +324,20 @@ def compute_fingerprint(
         if ignore is not None:
             foreground &= case.label != ignore
         flat = np.flatnonzero(foreground)
+        labelled += 1
+        if flat.size == 0:
+            empty.append(case.case_id)
         if flat.size > max_foreground_samples:
             flat = np.sort(_case_seed(seed, case.case_id).choice(flat, size=max_foreground_samples, replace=False))
         samples.append(case.image.reshape(case.image.shape[0], -1)[:, flat])
+    if labelled and len(empty) == labelled:
+        raise ReCoKDError(f"dataset '{dataset.name}' ({dataset.root}): every training label map holds only "
+                          "background (0), so there is nothing to segment; check that the labels (labelsTr) are the "
+                          "annotated ones")
+    if empty and warn is not None:
+        shown = ", ".join(empty[:5]) + (f", ... ({len(empty) - 5} more)" if len(empty) > 5 else "")
+        warn(f"warning: dataset '{dataset.name}': {len(empty)} of {labelled} training label maps hold only background "
+             f"({shown}); they are kept as background-only examples")
     num_channels = dataset.num_channels
     pooled = np.concatenate(samples, axis=1) if samples else np.zeros((num_channels, 0), np.float32)
     return Fingerprint(

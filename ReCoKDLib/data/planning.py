@@ -73,6 +73,7 @@ if TYPE_CHECKING:  # a type only: planning reads a fingerprint, it never builds 
 __all__ = [
     "PLANS_VERSION",
     "DEFAULT_PATCH_BUDGET",
+    "PLANNER_DEFAULTS",
     "ChannelNormalisation",
     "Plans",
     "PlannedExperiment",
@@ -87,6 +88,9 @@ __all__ = [
 PLANS_VERSION = 1
 #: Default patch budget in voxels: modest, so that CPU training stays feasible (nnU-Net: ~128^3 on GPU).
 DEFAULT_PATCH_BUDGET = 96**3
+#: :func:`plan_experiment`'s defaults for the options ``recokd plan`` / ``train`` expose (``--patch-budget``,
+#: ``--max-levels``, ``--base-filters``, ``--max-filters``); a plan records the values it used in ``planner``
+PLANNER_DEFAULTS = {"patch_budget_voxels": DEFAULT_PATCH_BUDGET, "max_levels": 6, "base_filters": 32, "max_filters": 320}
 #: Spacing ratio above which nnU-Net treats the coarsest axis as anisotropic.
 ANISOTROPY_THRESHOLD = 3.0
 #: The normalisation schemes :func:`~ReCoKDLib.data.preprocessing.normalise` knows.
@@ -413,10 +417,10 @@ class PlannedExperiment(NamedTuple):
 def plan_experiment(
     fingerprint: Fingerprint,
     *,
-    patch_budget_voxels: int = DEFAULT_PATCH_BUDGET,
-    max_levels: int = 6,
-    base_filters: int = 32,
-    max_filters: int = 320,
+    patch_budget_voxels: int = PLANNER_DEFAULTS["patch_budget_voxels"],
+    max_levels: int = PLANNER_DEFAULTS["max_levels"],
+    base_filters: int = PLANNER_DEFAULTS["base_filters"],
+    max_filters: int = PLANNER_DEFAULTS["max_filters"],
     min_feature_size: int = 4,
     batch_size: int = 2,
     target_spacing: Sequence[float] | None = None,

@@ -24,14 +24,16 @@ map a prediction made in plan space back onto the original image grid.
 ``cache_dir/<plans_hash>/`` (``<case>.npz`` with ``image`` and ``label`` arrays, ``<case>.json``
 with the properties, and the ``plans.json`` that made them). Files are written atomically (a
 temporary file in the same folder, then ``os.replace``), so an interrupted run never leaves a
-partial case behind, and cases already cached are skipped. A plan that changes the preprocessing
-has another hash and so writes to another folder: a stale cache is never read.
+partial case behind, and cases already cached are skipped; a lock beside the folder lets one process
+at a time preprocess into it (a second one waits, then skips what the first cached). A plan that
+changes the preprocessing has another hash and so writes to another folder: a stale cache is never read.
 """
 
 from __future__ import annotations
 
 import json
 import multiprocessing
+import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +49,7 @@ from tqdm import tqdm
 from ..errors import ReCoKDError
 from .datasets import CaseRecord, DatasetInfo, LoadedCase, load_case
 from ..utils.io import atomic_write, atomic_write_text, read_json
+from ..utils.locks import waiting_lock
 from ..utils.geometry import IDENTITY_DIRECTION, dhw_to_xyz
 from .planning import Plans
 
@@ -434,27 +437,36 @@ def preprocess_dataset(
         )
     folder = cache_folder(cache_dir, plans)
     folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / "plans.json").is_file():
-        plans.save(folder / "plans.json")
     records = list(dataset.training if cases is None else cases)
-    todo = [r for r in records if not _is_cached(folder, r.case_id)]
-    bar = tqdm(total=len(todo), desc=f"preprocess {dataset.name}", disable=not progress or not todo, leave=False)
-    try:
-        if num_workers <= 0:
-            for record in todo:
-                _preprocess_and_save(record, dataset, plans, folder)
-                bar.update()
-        else:
-            # "spawn": forking a process whose OpenMP (torch) threads already ran can deadlock
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(num_workers, mp_context=context, initializer=_worker_init) as pool:
-                futures = [pool.submit(_preprocess_and_save, r, dataset, plans, folder) for r in todo]
-                for future in as_completed(futures):
-                    future.result()  # re-raises a worker's error here
+    # one process at a time preprocesses a plan's cases (two trainings sharing a cache, started together):
+    # the other waits, then finds them cached. The lock file lies beside the folder, which holds cases only.
+    lock = Path(cache_dir) / f".preprocess-{plans.plans_hash()[:16]}.lock"
+    with waiting_lock(lock, f"the preprocessing into {folder}", on_wait=_tell):
+        if not (folder / "plans.json").is_file():
+            plans.save(folder / "plans.json")
+        todo = [r for r in records if not _is_cached(folder, r.case_id)]
+        bar = tqdm(total=len(todo), desc=f"preprocess {dataset.name}", disable=not progress or not todo, leave=False)
+        try:
+            if num_workers <= 0:
+                for record in todo:
+                    _preprocess_and_save(record, dataset, plans, folder)
                     bar.update()
-    finally:
-        bar.close()
+            else:
+                # "spawn": forking a process whose OpenMP (torch) threads already ran can deadlock
+                context = multiprocessing.get_context("spawn")
+                with ProcessPoolExecutor(num_workers, mp_context=context, initializer=_worker_init) as pool:
+                    futures = [pool.submit(_preprocess_and_save, r, dataset, plans, folder) for r in todo]
+                    for future in as_completed(futures):
+                        future.result()  # re-raises a worker's error here
+                        bar.update()
+        finally:
+            bar.close()
     return folder
+
+
+def _tell(line: str) -> None:
+    """A waiting process says so (stderr), so that a wait for another process never looks like a hang."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def load_preprocessed(cache_dir: str | Path, plans: Plans, case_id: str) -> PreprocessedCase:

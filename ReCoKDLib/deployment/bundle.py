@@ -196,16 +196,29 @@ class Bundle:
         members[MANIFEST] = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
         return members
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write the bundle: a zip when ``path`` ends in ``.recokd`` or ``.zip``, else a folder.
 
-        The zip is written to a temporary file next to ``path`` and renamed, so an interrupted export
-        never leaves a partial bundle; a folder is filled member by member the same way.
+        ``path`` must be new (an empty folder counts as new) or, with ``overwrite``, an earlier bundle:
+        anything else there (a run, a dataset, another file) is never written over. The zip is written
+        to a temporary file next to ``path``, read back (every member's CRC) and renamed, so an
+        interrupted or failed export never leaves a partial bundle; a folder is filled member by member
+        the same way, the manifest last.
         """
+        from ..utils.io import WriteVerificationError
+        from ..utils.outputs import check_output_file, check_output_folder
+
         path = Path(path)
         members = self._member_bytes()
+        zipped = path.suffix.lower() in (".recokd", ".zip")
+        if zipped:
+            check_output_file(path, overwrite=overwrite, kind="model bundle", is_kind=_is_bundle_file)
+        else:
+            if path.exists() and not path.is_dir():
+                raise ReCoKDError(f"{path} exists and is not a folder; choose a path ending in .recokd for a single file")
+            check_output_folder(path, overwrite=overwrite, kind="model bundle", is_own=_is_bundle_folder)
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.suffix.lower() in (".recokd", ".zip"):
+        if zipped:
             def write_zip(tmp: Path) -> None:
                 with zipfile.ZipFile(tmp, "w") as zf:
                     for name in (MANIFEST, *MEMBERS):
@@ -215,16 +228,35 @@ class Bundle:
                         info.external_attr = (stat.S_IFREG | 0o644) << 16
                         zf.writestr(info, members[name])
 
-            atomic_write(path, write_zip)
+            def read_back(tmp: Path) -> None:
+                with zipfile.ZipFile(tmp) as zf:
+                    if zf.testzip() is not None or sorted(zf.namelist()) != sorted((MANIFEST, *MEMBERS)):
+                        raise WriteVerificationError("the written bundle does not read back whole")
+
+            atomic_write(path, write_zip, verify=read_back)
         else:
-            if path.exists() and not path.is_dir():
-                raise ReCoKDError(f"{path} exists and is not a folder; choose a path ending in .recokd for a single file")
             path.mkdir(parents=True, exist_ok=True)
             # the manifest last: a folder without it is recognisably incomplete
             for name in (*MEMBERS, MANIFEST):
-                atomic_write(path / name, lambda tmp, data=members[name]: tmp.write_bytes(data))
+                data = members[name]
+                atomic_write(path / name, lambda tmp, data=data: tmp.write_bytes(data), expected_size=len(data))
         self.source = path
         return path
+
+
+def _is_bundle_file(path: Path) -> bool:
+    """Whether ``path`` is an earlier bundle (a zip holding the manifest), which an export may replace."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return MANIFEST in zf.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _is_bundle_folder(path: Path) -> bool:
+    """Whether folder ``path`` holds an earlier folder bundle and nothing else (a partial one counts)."""
+    names = {p.name for p in path.iterdir() if not p.name.startswith(".")}
+    return bool(names) and names <= {MANIFEST, *MEMBERS}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,6 +390,10 @@ def load_bundle(path: str | Path, max_bytes: int = MAX_BUNDLE_BYTES) -> Bundle:
             raise ReCoKDError(f"bundle {path}: {name} does not match its sha256 in {MANIFEST} (corrupt or tampered); re-download or re-export it")
     spec = UNetSpec.from_dict(_json_member(members, "network.json", path))
     plans = Plans.from_dict(_json_member(members, "plans.json", path), source=f"bundle {path} plans.json")
+    from ..models.weights import check_finite_weight_bytes
+
+    # weights of a diverged training predict background everywhere: refused on load, not on the user's images
+    check_finite_weight_bytes(members["weights.safetensors"], f"bundle {path} weights.safetensors")
     bundle = Bundle(manifest=manifest, spec=spec, plans=plans, weights=members["weights.safetensors"], source=path)
     _check_consistency(bundle, str(path))
     return bundle
@@ -436,12 +472,19 @@ def bundle_from_run(
     role = run.get("role")
     if role not in ("teacher", "student"):
         raise ReCoKDError(f"{run_dir / 'run.json'} has role {role!r}; expected 'teacher' or 'student'")
+    # a run that never finished an epoch holds untrained weights (e.g. --epochs 0 before it was refused)
+    config = run.get("config") if isinstance(run.get("config"), dict) else {}
+    completed = run.get("epochs_completed")
+    planned = [config.get(k) for k in ("epochs", "iters_per_epoch")]
+    if completed == 0 or all(isinstance(v, int) for v in planned) and planned[0] * planned[1] < 1:
+        raise ReCoKDError(f"run {run_dir} never finished a training epoch, so its weights are untrained; train it "
+                          "(--resume, or a new run with --epochs >= 1) before exporting")
     plans = Plans.load(run_dir / "plans.json")
     spec = UNetSpec.from_dict(_read_run_json(run_dir / "network.json", "network description"))
     weights_path = run_dir / f"model_{weights}.safetensors"
     if not weights_path.is_file():
         raise ReCoKDError(f"{weights_path} does not exist; the run has not finished (or pass --weights final)")
-    # fail at export, not on the user's machine, when the weights do not fit
+    # fail at export, not on the user's machine, when the weights do not fit or are NaN/Inf (load_weights)
     load_weights(build_unet(spec), weights_path)
     labels = LabelSet(run.get("labels") or plans.labels, run.get("colors"), terminology, source=f"run {run_dir}")
     channel_names = run.get("channel_names") or plans.channel_names
@@ -527,9 +570,9 @@ def bundle_from_network(
     return bundle
 
 
-def export_run(run_dir: str | Path, output: str | Path, **kwargs: Any) -> Path:
+def export_run(run_dir: str | Path, output: str | Path, overwrite: bool = False, **kwargs: Any) -> Path:
     """``recokd export RUN -o OUTPUT``: :func:`bundle_from_run` then :meth:`Bundle.save`."""
-    return bundle_from_run(run_dir, **kwargs).save(output)
+    return bundle_from_run(run_dir, **kwargs).save(output, overwrite=overwrite)
 
 
 def open_model(path: str | Path, max_bytes: int = MAX_BUNDLE_BYTES) -> Bundle:

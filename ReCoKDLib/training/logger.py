@@ -9,7 +9,7 @@ import json
 import math
 from pathlib import Path
 
-from ..utils.io import atomic_write_text
+from ..utils.io import atomic_write, atomic_write_text
 
 __all__ = ["RunLogger"]
 
@@ -90,8 +90,10 @@ class RunLogger:
             ax.grid(alpha=0.3)
         fig.tight_layout()
         path = self.run_dir / "curves.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        try:
+            atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+        finally:
+            plt.close(fig)
         return path
 
     def close(self) -> None:

@@ -7,6 +7,9 @@ checkpoints (``latest`` every epoch and optionally every K iterations, ``best`` 
 Dice), ``model_best``/``model_final`` safetensors of the EMA weights, ``log.csv``, TensorBoard events
 and ``curves.png``.
 
+A run whose loss or weights turn NaN/Inf (a diverged training) stops with one line before anything of
+the spoilt step is validated or written: the latest checkpoint stays the last good one.
+
 Under ``torchrun`` the module is wrapped in :class:`~torch.nn.parallel.DistributedDataParallel`; every
 rank draws its own batches; rank 0 alone validates and writes, the others wait at a barrier.
 """
@@ -14,6 +17,7 @@ rank draws its own batches; rank 0 alone validates and writes, the others wait a
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import time
 from dataclasses import asdict, dataclass, fields
@@ -46,6 +50,91 @@ def augment_name(value: bool | str) -> str:
     if value not in AUGMENT_PRESETS:
         raise ReCoKDError(f"augmentation {value!r} is not one of {', '.join(AUGMENT_PRESETS)}")
     return value
+
+
+#: the command-line flag of each RunConfig field (``momentum`` has none: the Python API's name is shown)
+CONFIG_FLAGS = {"epochs": "--epochs", "iters_per_epoch": "--iters-per-epoch", "batch_size": "--batch-size",
+                "patch_size": "--patch-size", "optimizer": "--optimizer", "lr": "--lr", "momentum": "momentum",
+                "weight_decay": "--weight-decay", "grad_clip": "--grad-clip", "ema_decay": "--ema-decay",
+                "foreground_fraction": "--foreground-fraction", "adapter_lr_scale": "--adapter-lr-scale",
+                "augment": "--augment", "elastic": "--elastic", "num_workers": "--workers", "val_every": "--val-every",
+                "val_max_cases": "--val-max-cases", "checkpoint_every": "--checkpoint-every", "seed": "--seed",
+                "device": "--device", "deterministic": "--deterministic", "amp": "--no-amp", "num_threads": "--threads"}
+# whole-number options and their least value: a run needs at least one epoch of one iteration of one patch
+_LEAST_WHOLE = {"epochs": 1, "iters_per_epoch": 1, "batch_size": 1, "num_workers": 0, "val_every": 0,
+                "val_max_cases": 0, "checkpoint_every": 0, "seed": 0, "num_threads": 1}
+# real options: (least, whether the least itself is allowed, most); a non-finite value is never allowed
+_REAL_RANGES = {"lr": (0.0, False, math.inf), "adapter_lr_scale": (0.0, False, math.inf),
+                "momentum": (0.0, True, 1.0), "weight_decay": (0.0, True, math.inf), "grad_clip": (0.0, True, math.inf),
+                "ema_decay": (0.0, True, 1.0), "foreground_fraction": (0.0, True, 1.0)}
+
+
+def _is_whole(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_real_option(flag: str, value: object, least: float, inclusive: bool = True, most: float = math.inf) -> None:
+    """Refuse a real-valued option that is not a finite number in ``[least, most]`` (``(least, most]`` when
+    ``inclusive`` is false): one line naming ``flag``, the range and the value."""
+    finite = _is_real(value) and math.isfinite(float(value))  # type: ignore[arg-type]
+    number = float(value) if finite else math.nan  # type: ignore[arg-type]
+    if finite and number <= most and (number >= least if inclusive else number > least):
+        return
+    low = f">= {least:g}" if inclusive else f"> {least:g}"
+    wanted = low if most == math.inf else f"between {least:g} and {most:g}" if inclusive else f"{low} and <= {most:g}"
+    raise ReCoKDError(f"{flag} must be {'' if finite else 'a finite number '}{wanted}, got {value}")
+
+
+def check_training_options(values: dict) -> None:
+    """Refuse, before anything is read or written, a training option that would give an untrained,
+    non-finite or impossible run (``--epochs 0``, ``--lr nan``, ``--workers -1``, ...).
+
+    ``values`` maps :class:`RunConfig` field names to values; absent fields are not checked, ``None``
+    is accepted for ``num_threads`` (torch's default) and ``patch_size`` (the plan's).
+    This is the one place these rules live: RunConfig checks itself with it, and so does a
+    :class:`~ReCoKDLib.workflows.runs.RunSpec` with the options it was given.
+
+    Raises:
+        ReCoKDError: one line naming the flag, what it must be and the value given.
+    """
+    for name, least in _LEAST_WHOLE.items():
+        if name not in values or (name == "num_threads" and values[name] is None):  # None: torch's thread count
+            continue
+        value = values[name]
+        if not _is_whole(value) or value < least:  # type: ignore[operator]
+            kind = "" if _is_whole(value) else "a whole number "
+            raise ReCoKDError(f"{CONFIG_FLAGS[name]} must be {kind}>= {least}, got {value}")
+    for name, (least, inclusive, most) in _REAL_RANGES.items():
+        if name in values:
+            check_real_option(CONFIG_FLAGS[name], values[name], least, inclusive, most)
+    patch = values.get("patch_size")
+    if patch is not None and (not isinstance(patch, (list, tuple)) or len(patch) != 3
+                              or not all(_is_whole(p) and p >= 1 for p in patch)):
+        raise ReCoKDError(f"--patch-size must be 3 whole numbers >= 1 (D H W), got {patch}")
+    optimizer = values.get("optimizer")
+    if optimizer is not None and optimizer not in ("sgd", "adamw"):
+        raise ReCoKDError(f"--optimizer must be sgd or adamw, got {optimizer!r}")
+
+
+def check_distill_options(width_factor: float | None = None, lambda_max: float | None = None,
+                          temperature: float | None = None, warmup_fraction: float | None = None) -> None:
+    """Refuse a distillation option that would give a non-finite or meaningless student (``None``: not
+    given, the default applies): ``--width-factor`` >= 1, ``--lambda-max`` >= 0, ``--temperature`` > 0,
+    ``--warmup-fraction`` in [0, 1]. Used by ``recokd distill`` (through its RunSpec) and ``recokd demo``.
+
+    Raises:
+        ReCoKDError: one line naming the flag, what it must be and the value given.
+    """
+    for flag, value, least, inclusive, most in (("--width-factor", width_factor, 1.0, True, math.inf),
+                                                ("--lambda-max", lambda_max, 0.0, True, math.inf),
+                                                ("--temperature", temperature, 0.0, False, math.inf),
+                                                ("--warmup-fraction", warmup_fraction, 0.0, True, 1.0)):
+        if value is not None:
+            check_real_option(flag, value, least, inclusive, most)
 
 
 @dataclass
@@ -88,10 +177,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self.augment = augment_name(self.augment)
-        if not 0.0 <= self.foreground_fraction <= 1.0:
-            raise ReCoKDError(f"--foreground-fraction must be between 0 and 1, got {self.foreground_fraction}")
-        if not self.adapter_lr_scale > 0:
-            raise ReCoKDError(f"--adapter-lr-scale must be positive, got {self.adapter_lr_scale}")
+        check_training_options(asdict(self))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -260,6 +346,7 @@ class EpochTrainer:
         else:
             self.forward_module = module
         self.step = 0
+        self._saved_step: int | None = None  # the step of the latest checkpoint this process wrote or resumed
         self.history: list[dict] = []
         self.best: dict = {}
         self.epoch_sums: dict[str, float] = {}
@@ -313,7 +400,9 @@ class EpochTrainer:
         with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp):
             loss, terms = self.forward_module(images, labels, step / self.config.total_steps)
         if not torch.isfinite(loss):
-            raise ReCoKDError(f"{self.name}: the loss became {float(loss)} at iteration {step}; lower the learning rate")
+            raise ReCoKDError(f"{self.name}: the loss became {float(loss.detach())} at iteration {step + 1} (epoch "
+                              f"{step // self.config.iters_per_epoch + 1}); the training diverged and was stopped, "
+                              f"{self._kept()}; lower --lr")
         self.scaler.scale(loss).backward()
         if self.config.grad_clip:
             self.scaler.unscale_(self.optimizer)
@@ -372,6 +461,35 @@ class EpochTrainer:
     def save_checkpoint(self, which: str = "latest") -> None:
         if self.is_main:
             atomic_torch_save(self.state(), self.run_dir / f"checkpoint_{which}.pt")
+            if which == "latest":
+                self._saved_step = self.step
+
+    def _kept(self) -> str:
+        """What a diverged run leaves to go back to, in words."""
+        saved = self._saved_step
+        if saved is None and (self.run_dir / "checkpoint_latest.pt").is_file():
+            return f"its last good checkpoint stays in {self.run_dir / 'checkpoint_latest.pt'}"
+        if saved is None:
+            return "before its first checkpoint (nothing to resume from)"
+        return f"its last good checkpoint (iteration {saved}) stays in {self.run_dir / 'checkpoint_latest.pt'}"
+
+    def require_finite_weights(self) -> None:
+        """Refuse to go on (validate, checkpoint, export) with weights that became NaN or infinite.
+
+        A loss that turns non-finite stops the run in :meth:`train_step`; this catches the step before,
+        whose update already spoilt the weights, so that no checkpoint or safetensors file ever holds them
+        and the last good checkpoint stays the latest one.
+
+        Raises:
+            ReCoKDError: one line naming the tensor and the iteration, and what was kept.
+        """
+        for which, net in (("network", self.network), ("EMA network", self.ema_net)):
+            for name, tensor in net.state_dict().items():
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise ReCoKDError(
+                        f"{self.name}: the {which}'s weights became NaN/Inf (tensor {name}) by iteration {self.step} "
+                        f"(epoch {max(self.step - 1, 0) // self.config.iters_per_epoch + 1}); the training diverged "
+                        f"and was stopped, {self._kept()}; lower --lr")
 
     def resume(self, path: str | Path | None = None) -> None:
         ckpt = load_checkpoint(path or self.run_dir / "checkpoint_latest.pt")
@@ -394,6 +512,7 @@ class EpochTrainer:
             self.scaler.load_state_dict(ckpt["grad_scaler"])
         set_rng_state(ckpt["rng"])
         self.step = int(ckpt["step"])
+        self._saved_step = self.step
         self.history = list(ckpt["history"])
         self.best = dict(ckpt["best"])
         self.epoch_sums = dict(ckpt["epoch_sums"])
@@ -403,7 +522,8 @@ class EpochTrainer:
     # -- logs (the RunLogger owns the files) ---------------------------------------------------
     def write_run_json(self) -> None:
         if self.is_main:
-            self.logger.write_run_json(self.run_info, self.best)
+            # epochs_completed: an export refuses a run that never finished an epoch (untrained weights)
+            self.logger.write_run_json({**self.run_info, "epochs_completed": len(self.history)}, self.best)
 
     def plot_curves(self) -> Path | None:
         return self.logger.plot_curves(self.history)
@@ -412,6 +532,7 @@ class EpochTrainer:
     def on_epoch_end(self, epoch: int, lr: float) -> None:
         """Epoch means of the loss terms, validation (and the best weights), logs and checkpoints."""
         c = self.config
+        self.require_finite_weights()  # before anything of this epoch is validated or written
         if self.world > 1 and self.epoch_sums:  # the epoch's loss means over every rank's batches
             keys = sorted(self.epoch_sums)
             sums = torch.tensor([self.epoch_sums[k] for k in keys], dtype=torch.float64, device=self.device)
@@ -479,6 +600,7 @@ class EpochTrainer:
             if self.step % ipe == 0:
                 self.on_epoch_end(epoch, lr)
             elif c.checkpoint_every and self.step % c.checkpoint_every == 0:
+                self.require_finite_weights()
                 self.save_checkpoint("latest")
             tick = time.perf_counter()
         bar.close()
@@ -487,6 +609,7 @@ class EpochTrainer:
         return self.history
 
     def finish(self) -> None:
+        self.require_finite_weights()
         if self.is_main:
             save_weights(self.ema_net, self.run_dir / "model_final.safetensors")
             if not (self.run_dir / "model_best.safetensors").is_file():  # nothing validated: best = final

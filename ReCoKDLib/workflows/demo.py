@@ -26,7 +26,7 @@ from ..distill import Distiller
 from ..errors import ReCoKDError
 from ..inference import predict_labels
 from ..models import build_pair, count_parameters, dynunet_tap_names, isotropic_spec, save_weights
-from ..training.loop import DistillTrainModule, EpochTrainer, RunConfig, SegTrainModule, ValCase
+from ..training.loop import DistillTrainModule, EpochTrainer, RunConfig, SegTrainModule, ValCase, check_distill_options
 from ..utils.runtime import configure_cpu, resolve_device
 from ..utils.io import atomic_write_text
 from ..utils.outputs import check_output_folder
@@ -88,6 +88,7 @@ def _check(cfg: DemoConfig) -> None:
                              ("--steps", cfg.steps, 1), ("--width-factor", cfg.width_factor, 1)):
         if value < low:
             raise ReCoKDError(f"{flag} must be >= {low}, got {value}")
+    check_distill_options(width_factor=cfg.width_factor, lambda_max=cfg.lambda_max)  # the Python API too
     if max(cfg.training.patch_size) > cfg.size:
         raise ReCoKDError(f"patch size {list(cfg.training.patch_size)} exceeds the phantom size {cfg.size}; "
                           "lower the patch size")

@@ -5,12 +5,19 @@ folder (see README, "Training on your data"). Used by ``recokd plan``, ``recokd 
 A run folder holds ``run.json``, ``plans.json``, ``network.json``, ``checkpoint_latest.pt``,
 ``checkpoint_best.pt``, ``model_best.safetensors`` / ``model_final.safetensors`` (EMA weights),
 ``log.csv``, ``tensorboard/`` and ``curves.png``.
+
+A cache (``--cache``, :func:`results_root`) holds its own plan (``plans.json``, ``network.json``: what
+``recokd plan`` writes), ``plans_<key>/`` for a training given other planner options
+(:func:`plans_folder`), and the preprocessed cases of each preprocessing in ``<plans hash>/``; several
+processes may share it (locks, atomic writes).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import sys
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -24,7 +31,7 @@ from ..data.datasets import DatasetInfo, open_dataset
 from ..data.fingerprint import compute_fingerprint
 from ..data.loader import AugmentConfig, PatchBatches
 from ..data.nnunet_plans import plans_from_nnunet
-from ..data.planning import Plans, plan_experiment
+from ..data.planning import PLANNER_DEFAULTS, Plans, plan_experiment
 from ..data.preprocessing import load_preprocessed, preprocess_dataset
 from ..data.validation import require_valid
 from ..deployment.registry import sha256_file
@@ -37,9 +44,11 @@ from ..utils.nnunet_layout import is_nnunet_folder
 from ..models.unet import UNetSpec, build_unet, dynunet_tap_names
 from ..models.weights import load_weights
 from ..utils.io import atomic_write_text, new_folder, read_json, remove_partial_files
-from ..utils.locks import locked_folder
+from ..utils.locks import locked_folder, waiting_lock
 from ..utils.runtime import configure_cpu, resolve_device
-from ..training.loop import DistillTrainModule, EpochTrainer, RunConfig, SegTrainModule, ValCase, augment_name
+from ..training.loop import (DistillTrainModule, EpochTrainer, RunConfig, SegTrainModule, ValCase, augment_name,
+                             check_distill_options, check_training_options)
+from ..training.memory import check_training_memory
 from ..training.splits import fixed_split, kfold_split, read_case_list
 
 RUN_VERSION = 1
@@ -90,15 +99,72 @@ def init_distributed(device: str) -> tuple[torch.device, int, int]:
 
 @dataclass
 class PlannerOptions:
+    """The planner options of ``recokd plan`` / ``train`` (``None``: :data:`PLANNER_DEFAULTS`' value),
+    checked when made, so that a bad value is refused before anything is read or written."""
+
     patch_budget: int | None = None
     max_levels: int | None = None
     base_filters: int | None = None
     max_filters: int | None = None
 
+    def __post_init__(self) -> None:
+        for name, least in (("patch_budget", 1), ("max_levels", 3), ("base_filters", 1), ("max_filters", 1)):
+            value = getattr(self, name)
+            whole = isinstance(value, int) and not isinstance(value, bool)
+            if value is not None and (not whole or value < least):
+                raise ReCoKDError(f"{_PLANNER_FLAGS[name]} must be {'' if whole else 'a whole number '}>= {least}, "
+                                  f"got {value}")
+        options = self.effective()
+        if options["base_filters"] > options["max_filters"]:
+            raise ReCoKDError(f"--base-filters {options['base_filters']} exceeds --max-filters "
+                              f"{options['max_filters']}; give a --max-filters at least as large")
+
     def kwargs(self) -> dict[str, int]:
+        """The options given, under :func:`~ReCoKDLib.data.planning.plan_experiment`'s names."""
         names = {"patch_budget": "patch_budget_voxels", "max_levels": "max_levels", "base_filters": "base_filters",
                  "max_filters": "max_filters"}
         return {names[k]: v for k, v in self.__dict__.items() if v is not None}
+
+    def effective(self) -> dict[str, int]:
+        """Every option, the defaults filled in: what the plan is made with (and records in ``planner``)."""
+        return {**PLANNER_DEFAULTS, **self.kwargs()}
+
+    def key(self) -> str:
+        """A short hash of :meth:`effective`: the cache folder ``plans_<key>`` of a plan made with these options."""
+        canonical = json.dumps(self.effective(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
+
+    def made(self, plans_path: Path) -> bool:
+        """Whether the plan in ``plans_path`` exists and was made with these options (its ``planner`` record)."""
+        try:
+            recorded = read_json(plans_path, "plans file").get("planner") or {}
+        except ReCoKDError:
+            return False
+        return isinstance(recorded, dict) and {k: recorded.get(k) for k in PLANNER_DEFAULTS} == self.effective()
+
+
+_PLANNER_FLAGS = {"patch_budget": "--patch-budget", "max_levels": "--max-levels", "base_filters": "--base-filters",
+                  "max_filters": "--max-filters"}
+#: the lock of a cache folder's planning (``<folder>/.plans.lock``)
+PLANS_LOCK = ".plans.lock"
+
+
+def plans_folder(root: Path, planner: PlannerOptions, replan: bool = False) -> Path:
+    """The folder of a cache ``root`` holding the plan (``plans.json``, ``network.json``) for ``planner``.
+
+    ``root`` itself holds the cache's own plan: the one ``recokd plan`` writes (``replan``), and the one a
+    ``recokd train`` without planner options uses, whatever it was planned with (caches written before
+    keyed plans stay readable). A training given planner options uses ``root``'s plan only when it was made
+    with exactly those options, else ``root/plans_<key>`` (:meth:`PlannerOptions.key`): trainings sharing a
+    ``--cache`` with different planner options each get their own plan and network.
+    """
+    if replan or not planner.kwargs() or planner.made(root / "plans.json"):
+        return root
+    return root / f"plans_{planner.key()}"
+
+
+def _tell(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def prepare_plans(
@@ -112,27 +178,51 @@ def prepare_plans(
 ) -> tuple[Plans, UNetSpec, Path, Path]:
     """Validate, fingerprint, plan and preprocess ``dataset`` (rank 0; the others wait and read).
 
-    ``<root>/plans.json`` and ``<root>/network.json`` (the planned teacher) are reused when present
-    unless ``replan`` or planner options are given; ``preprocess=False`` only plans.
+    The plan goes to :func:`plans_folder` (``<root>/plans.json`` and ``network.json``, the planned
+    teacher, or ``<root>/plans_<key>/`` for other planner options) and is reused when present unless
+    ``replan``; ``preprocess=False`` only plans. Each plan folder is planned under its lock
+    (:data:`PLANS_LOCK`), so a second process given the same options waits and reuses the first one's
+    plan; every file is written atomically. The preprocessed cases go to ``<root>/<plans hash>/`` (locked
+    by :func:`~ReCoKDLib.data.preprocessing.preprocess_dataset`).
     Returns (plans, teacher network, results root, folder of the preprocessed cases).
     """
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise ReCoKDError(f"--workers must be >= 0, got {num_workers}")
     root = results_root(dataset.name, cache)
-    plans_path = root / "plans.json"
     planner = planner or PlannerOptions()
     if _is_main():
-        if replan or planner.kwargs() or not plans_path.is_file():
-            with new_folder(root):  # a dataset that fails validation or planning leaves no cache folder
-                require_valid(dataset, check_test=False, progress=progress)
-                fingerprint = compute_fingerprint(dataset, progress=progress)
-                plans, network = plan_experiment(fingerprint, **planner.kwargs())
-                fingerprint.save(root / "fingerprint.json")
-                plans.save(plans_path)
-                atomic_write_text(root / "network.json", network.to_json() + "\n")
+        folder = plans_folder(root, planner, replan)
+        found = None
+        while found is None:
+            plans_path = folder / "plans.json"
+            # a training given options reads the cache's own plan but never re-plans it (recokd plan's to write)
+            borrowed = folder == root and bool(planner.kwargs()) and not replan
+            with new_folder(folder):  # a dataset that fails validation or planning leaves no cache folder
+                with waiting_lock(folder / PLANS_LOCK, f"the planning in {folder}", on_wait=_tell):
+                    if borrowed and not planner.made(plans_path):  # re-planned meanwhile with other options
+                        folder = root / f"plans_{planner.key()}"
+                        continue
+                    own = folder == root and not planner.kwargs()  # the cache's plan, whatever its options
+                    reuse = plans_path.is_file() and (own or planner.made(plans_path))
+                    if replan or not reuse:
+                        require_valid(dataset, check_test=False, progress=progress)
+                        fingerprint = compute_fingerprint(dataset, progress=progress)
+                        plans, network = plan_experiment(fingerprint, **planner.kwargs())
+                        fingerprint.save(folder / "fingerprint.json")
+                        # the network first: a plans.json (what is looked for) always has its network.json beside it
+                        atomic_write_text(folder / "network.json", network.to_json() + "\n")
+                        plans.save(plans_path)
+                    plans = Plans.load(plans_path)
+                    found = plans, planned_network(plans_path, plans)
         if preprocess:
-            preprocess_dataset(dataset, Plans.load(plans_path), root, num_workers=num_workers, progress=progress)
+            preprocess_dataset(dataset, found[0], root, num_workers=num_workers, progress=progress)
     _barrier()
-    plans = Plans.load(plans_path)
-    return plans, planned_network(plans_path, plans), root, root / plans.plans_hash()
+    if not _is_main():  # the plan rank 0 settled on is where plans_folder now points
+        plans_path = plans_folder(root, planner, replan) / "plans.json"
+        plans = Plans.load(plans_path)
+        found = plans, planned_network(plans_path, plans)
+    plans, network = found
+    return plans, network, root, root / plans.plans_hash()
 
 
 def planned_network(plans_path: str | Path, plans: Plans) -> UNetSpec:
@@ -226,6 +316,15 @@ class RunSpec:
     stop_after_epochs: int | None = None
     progress: bool = True
     given: frozenset[str] = frozenset()  # the run-identity fields set on the command line (checked on resume)
+
+    def __post_init__(self) -> None:
+        """Refuse a numeric option that would give an untrained, non-finite or impossible run before
+        anything is read or written (no run folder is made): the Python API and the command line alike."""
+        check_training_options(self.training)
+        check_distill_options(self.width_factor, self.lambda_max, self.temperature, self.warmup_fraction)
+        stop = self.stop_after_epochs
+        if stop is not None and (not isinstance(stop, int) or isinstance(stop, bool) or stop < 1):
+            raise ReCoKDError(f"--stop-after-epochs must be >= 1, got {stop}")
 
     @classmethod
     def from_args(cls, args: Any, role: str) -> "RunSpec":
@@ -325,7 +424,7 @@ class RunSpec:
             if not same(mine, theirs):
                 changed.append(f"{flags.get(name, '--' + name)} {mine} (run: {theirs})")
         if self.role == "teacher":
-            changed += self._plan_changes()
+            changed += self._plan_changes(saved)
         config = saved.get("config") or {}
         for name, value in sorted(self.training.items()):
             saved_value = augment_name(config[name]) if name == "augment" and name in config else config.get(name)
@@ -335,12 +434,13 @@ class RunSpec:
                 changed.append(f"{flag}{shown} (run: {saved_value})")
         return changed
 
-    def _plan_changes(self) -> list[str]:
-        """A resumed teacher's planner options or ``--plans`` that would plan another network or preprocessing."""
+    def _plan_changes(self, saved: dict[str, Any]) -> list[str]:
+        """A resumed teacher's planner options or ``--plans`` that would plan another network or preprocessing
+        (compared with the options ``run.json`` records, else those of the run's own ``plans.json``)."""
         own = Path(self.output) / "plans.json"
         if not own.is_file():
             return []
-        recorded = _read_json(own, "plans file").get("planner") or {}
+        recorded = saved.get("planner") or _read_json(own, "plans file").get("planner") or {}
         flags = {"patch_budget_voxels": "--patch-budget", "max_levels": "--max-levels", "base_filters": "--base-filters",
                  "max_filters": "--max-filters"}
         changed = [f"{flags[k]} {v} (run: {recorded.get(k)})" for k, v in self.planner.kwargs().items()
@@ -484,6 +584,12 @@ def _run(run_spec: RunSpec, device: torch.device, rank: int, world: int) -> int:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     _check_patch(config.patch_size, teacher_spec)
+    # before the cases are loaded and the run folder written: a patch too large gets the process killed later
+    trained_spec = teacher_spec if role == "teacher" else teacher_spec.student(float(run_spec.width_factor))
+    check_training_memory(trained_spec, config.patch_size, config.batch_size, device,
+                          teacher=teacher_spec if role == "student" else None,
+                          half_precision=bool(config.amp and device.type == "cuda"),
+                          processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")), what=f"the {role}")
 
     ids = [r.case_id for r in dataset.training]
     val_file = run_spec.val_cases_file
@@ -554,6 +660,8 @@ def _run(run_spec: RunSpec, device: torch.device, rank: int, world: int) -> int:
         "fold": fold if not val_file else "fixed",
         "seed": config.seed,
         "config": config.to_dict(),
+        # every planner option the plan (patch, network) was made with, as the plan records them
+        "planner": dict(plans.planner),
         "taps": taps,
         "lambda_max": lambda_max,
         "kd_options": {"temperature": temperature, "warmup_fraction": warmup} if role == "student" else None,
