@@ -24,6 +24,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: the fix for an OSError that reached the command line, by errno
+_OS_ERROR_FIXES = {
+    errno.ENOSPC: "free space on that disk or choose another output",
+    errno.EDQUOT: "free space within your quota or choose another output",
+    errno.EFBIG: "the file is too large for that file system; choose another output",
+    errno.EROFS: "that file system is read-only; choose another path",
+    errno.EACCES: "check the permissions of that path, or choose another",
+    errno.EPERM: "check the permissions of that path, or choose another",
+    errno.EEXIST: "a file is where a folder is needed; choose another path",
+    errno.ENOTDIR: "a file is where a folder is needed; choose another path",
+    errno.EISDIR: "a folder is where a file is needed; choose another path",
+    errno.ENOENT: "check the path (was it moved or removed meanwhile?)",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -36,12 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        # a write that did not go through atomic_write (a library's own log or cache): still one line
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES):
+        # what no check caught (a library's own file, a path that changed meanwhile): still one line
+        fix = _OS_ERROR_FIXES.get(e.errno)
+        if fix is None:
             raise
-        where = f" {e.filename}" if e.filename else ""
-        print(f"error: cannot write{where}: {e.strerror}; free space on that disk or choose another output",
-              file=sys.stderr)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{(e.strerror or str(e)).lower()}; {fix}", file=sys.stderr)
         return 2
     except MemoryError:
         print("error: out of memory; use a smaller --patch-size, --sw-batch or --batch-size, fewer --workers, "

@@ -312,6 +312,8 @@ OVERWRITE_CASES = [
                                                                               lambda t: str(t / "labelsTr")),
          2, "exists; pass --overwrite"),
     Case("predict -o an existing file", _predict(_scan, _existing("seg.nii.gz")), 2, "exists; pass --overwrite"),
+    Case("predict -o another scan, --overwrite", lambda t: _predict(_scan, lambda t: _scan(t, "other_ct.nii.gz"))(t)
+         + ["--overwrite"], 2, "is not a label map; --overwrite replaces only label maps"),
     Case("predict -o a folder named like a file", _predict(_scan, lambda t: str((t / "seg.nii.gz").mkdir() or
                                                                                  t / "seg.nii.gz" / "x.nii.gz")),
          0, ""),  # a folder path: the label goes inside it, as for any folder
@@ -393,7 +395,38 @@ def runs(tmp_path_factory) -> Path:
     return base
 
 
-ALL_CASES = CASES + OVERWRITE_CASES + TERMINOLOGY_CASES
+def _train_into(output: Callable[[Path], str], cache: Callable[[Path], str] | None = None) -> Callable[[Path], list[str]]:
+    def argv(tmp: Path) -> list[str]:
+        return ["train", str(tmp / "ds"), "-o", output(tmp), "--cache", cache(tmp) if cache else str(tmp / "cache"),
+                "--epochs", "1", "--iters-per-epoch", "1", "--no-progress"]
+    return argv
+
+
+def _run_without_checkpoints(tmp: Path) -> str:
+    """The teacher run with its checkpoints deleted to save space: its weights are still there."""
+    for p in (tmp / "runs" / "teacher").glob("checkpoint_*.pt"):
+        p.unlink()
+    return str(tmp / "runs" / "teacher")
+
+
+RUN_FOLDER_CASES = [
+    Case("plan --cache a run folder", lambda t: ["plan", str(t / "ds"), "--cache", str(t / "runs" / "teacher"),
+                                                 "--no-progress"], 2, "is a run folder", "runs"),
+    Case("plan --cache the dataset itself", lambda t: ["plan", str(t / "ds"), "--cache", str(t / "ds"), "--no-progress"],
+         2, "holds a dataset", "runs"),
+    Case("train -o a folder of other files", _train_into(lambda t: str(Path(_existing("docs/notes.md")(t)).parent)), 2,
+         "holds other files (notes.md), not a run", "runs"),
+    Case("train -o the --cache folder", _train_into(lambda t: str((t / "c").mkdir() or t / "c"),
+                                                    lambda t: _existing("c/plans.json", "{}")(t).rsplit("/", 1)[0]), 2,
+         "is also the --cache folder", "runs"),
+    Case("train -o a run whose checkpoints were deleted, without --resume", _train_into(_run_without_checkpoints), 2,
+         "already holds a run", "runs"),
+    Case("train -o an existing file", _train_into(_existing("notes.txt")), 2, "is a file", "runs"),
+    Case("export -o below a file", _export(lambda t: str(Path(_existing("notes.txt")(t)) / "m.recokd")), 2,
+         "is a file, not a folder", "runs"),
+]
+
+ALL_CASES = CASES + OVERWRITE_CASES + TERMINOLOGY_CASES + RUN_FOLDER_CASES
 
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=[c.name for c in ALL_CASES])

@@ -133,6 +133,9 @@ def test_export_evaluate_and_fetch_on_a_full_disk(disk: Disk, model: Path, tmp_p
     from ReCoKDLib.deployment.registry import make_entry
 
     registry.write_text(json.dumps({"version": 1, "models": [make_entry(model, name="m")]}))
+    earlier = disk.path / "earlier_folder"
+    assert main(["export", str(run), "-o", str(earlier)]) == 0  # a folder bundle, replaced below
+    before = {p.name: p.read_bytes() for p in earlier.iterdir()}
     disk.fill()
     rows = [
         ["export", str(run), "-o", str(disk.path / "student.recokd")],
@@ -147,7 +150,9 @@ def test_export_evaluate_and_fetch_on_a_full_disk(disk: Disk, model: Path, tmp_p
         assert main(argv) == 2, argv
         line = _one_error(capsys)
         assert ("cannot write" in line or "cannot store" in line) and "free" in line and "space" in line, (argv, line)
-        assert disk.leftovers() == [], (argv, disk.leftovers())
+        assert [p for p in disk.leftovers() if not p.startswith("earlier_folder/")] == [], (argv, disk.leftovers())
+        # the earlier folder bundle is whole, member for member (not a mix of old and new)
+        assert {p.name: p.read_bytes() for p in earlier.iterdir()} == before
 
 
 def test_plan_and_train_on_a_full_disk_end_in_one_line(disk: Disk, tmp_path: Path, capsys) -> None:
@@ -179,3 +184,22 @@ def test_the_onnx_cache_on_a_full_disk_falls_back_to_pytorch(disk: Disk, model: 
     assert (tmp_path / "seg.nii.gz").is_file()
     assert "running it with PyTorch" in capsys.readouterr().err
     assert not [p for p in disk.leftovers() if p.endswith(".onnx") or ".partial." in p]
+
+
+def test_export_overwrite_of_a_folder_bundle_on_a_full_disk_keeps_it_whole(disk: Disk, tmp_path: Path, capsys) -> None:
+    """Room for the small members but not the weights: the earlier folder bundle must not end up with a new
+    network.json beside its old manifest (it would no longer load)."""
+    from bundle_helpers import make_run, tiny_plans
+    from ReCoKDLib.deployment.bundle import load_bundle
+
+    run = make_run(tmp_path / "run")
+    other = make_run(tmp_path / "other", plans=tiny_plans(num_classes=4))  # another network.json and plans.json
+    earlier = disk.path / "bundle"
+    assert main(["export", str(run), "-o", str(earlier)]) == 0
+    before = {p.name: p.read_bytes() for p in earlier.iterdir()}
+    disk.fill(leave=16384)
+    assert main(["export", str(other), "-o", str(earlier), "--overwrite"]) == 2
+    assert "free space on that disk" in _one_error(capsys)
+    assert {p.name: p.read_bytes() for p in earlier.iterdir()} == before
+    assert load_bundle(earlier).name == "run"
+    assert [p for p in disk.leftovers() if not p.startswith("bundle/")] == []

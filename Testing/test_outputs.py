@@ -27,11 +27,11 @@ def test_predict_overwrite_replaces_an_earlier_label_map_and_the_api_refuses_wit
     from ReCoKDLib.inference.predictor import Predictor
 
     scan = write_image(phantom_volume((16, 16, 16)), tmp_path / "scan.nii.gz")
-    out = tmp_path / "seg.nii.gz"
-    out.write_bytes(b"stale")
+    out = write_image(np.zeros((16, 16, 16), np.uint8), tmp_path / "seg.nii.gz")  # an earlier label map
+    stale = out.read_bytes()
     argv = ["predict", "-m", str(model), "-i", str(scan), "-o", str(out), "--device", "cpu", "--no-progress"]
-    assert main(argv) == 2 and out.read_bytes() == b"stale"
-    assert main([*argv, "--overwrite"]) == 0
+    assert main(argv) == 2 and out.read_bytes() == stale
+    assert main([*argv, "--overwrite"]) == 0 and out.read_bytes() != stale
     assert sitk.ReadImage(str(out)).GetSize() == (16, 16, 16)
     predictor = Predictor(model, device="cpu", progress=False)
     with pytest.raises(ReCoKDError, match="exists; pass --overwrite"):
@@ -39,6 +39,9 @@ def test_predict_overwrite_replaces_an_earlier_label_map_and_the_api_refuses_wit
     assert predictor.predict_files([scan], out, overwrite=True) == out
     with pytest.raises(ReCoKDError, match="is the input image"):
         predictor.predict_files([scan], scan, overwrite=True)
+    (tmp_path / "notes.nii.gz").write_bytes(b"not an image")  # unreadable: not known to be a label map
+    with pytest.raises(ReCoKDError, match="is not a label map"):
+        predictor.predict_files([scan], tmp_path / "notes.nii.gz", overwrite=True)
 
 
 def test_export_overwrite_replaces_an_earlier_bundle_only(tmp_path, capsys):
@@ -224,3 +227,12 @@ def test_an_output_folder_removed_during_a_folder_predict(model, tmp_path, capsy
     err = capsys.readouterr().err
     assert "1 written label map(s) are no longer in" in err and "c0" in err and "Traceback" not in err
     assert sorted(p.name for p in out.iterdir()) == ["c1.nii.gz", "c2.nii.gz"]
+
+
+def test_a_study_never_writes_into_a_folder_of_other_files(tmp_path, capsys):
+    config = Path(__file__).resolve().parents[1] / "configs" / "study.json"
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.md").write_text("mine")
+    assert main(["benchmark-study", str(config), "-o", str(tmp_path / "docs")]) == 2
+    assert "holds other files (notes.md), not a study" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["notes.md"]

@@ -50,6 +50,11 @@ def _check_export_target(args: argparse.Namespace) -> None:
         check_output_file(out, overwrite=args.overwrite, kind="model bundle", is_kind=_is_bundle_file)
     else:
         check_output_folder(out, overwrite=args.overwrite, kind="model bundle", is_own=_is_bundle_folder)
+    from ..inference.export import sidecar_path
+
+    for fmt, wanted in (("onnx", args.onnx), ("torchscript", args.torchscript)):
+        if wanted:  # the side files too, before the bundle is written
+            check_output_file(sidecar_path(out, fmt), overwrite=args.overwrite, kind=f"{fmt} export")
 
 
 def _read_json_option(path, option: str):

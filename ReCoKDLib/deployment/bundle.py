@@ -235,13 +235,40 @@ class Bundle:
 
             atomic_write(path, write_zip, verify=read_back)
         else:
-            path.mkdir(parents=True, exist_ok=True)
-            # the manifest last: a folder without it is recognisably incomplete
-            for name in (*MEMBERS, MANIFEST):
-                data = members[name]
-                atomic_write(path / name, lambda tmp, data=data: tmp.write_bytes(data), expected_size=len(data))
+            _save_folder(path, members)
         self.source = path
         return path
+
+
+def _save_folder(path: Path, members: dict[str, bytes]) -> None:
+    """Write a folder bundle whole or not at all: the members (each verified) go to a temporary sibling
+    folder, which then takes the place of ``path``; an earlier bundle there is moved aside first and put
+    back if the swap fails, so a full disk never leaves a mix of old and new members."""
+    import shutil
+    import uuid
+
+    staging = path.with_name(f".{uuid.uuid4().hex[:8]}-p{os.getpid()}.partial.{path.name}")
+    aside = path.with_name(f".{uuid.uuid4().hex[:8]}-p{os.getpid()}.earlier.{path.name}")
+    try:
+        staging.mkdir(parents=True)
+        for name in (*MEMBERS, MANIFEST):
+            data = members[name]
+            atomic_write(staging / name, lambda tmp, data=data: tmp.write_bytes(data), expected_size=len(data))
+        if path.exists():  # an earlier bundle (checked by save) or an empty folder
+            os.replace(path, aside)
+        try:
+            os.replace(staging, path)
+        except OSError:
+            if aside.exists() and not path.exists():
+                os.replace(aside, path)
+            raise
+    except OSError as exc:
+        from ..utils.io import write_error
+
+        raise write_error(path, exc.strerror or str(exc), exc) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _is_bundle_file(path: Path) -> bool:

@@ -577,7 +577,34 @@ def check_label_outputs(jobs: Sequence[tuple[Sequence[str | Path], str | Path]],
             raise ReCoKDError(f"cannot write {output}: {folder} is a file, not a folder; choose another -o")
         if not os.access(folder, os.W_OK | os.X_OK):
             raise ReCoKDError(f"cannot write {output}: {folder} is not writable; choose a writable -o")
-    check_output_files([out for _, out in jobs], overwrite=overwrite, kind="label map", inputs=list(inputs.values()))
+    check_output_files([out for _, out in jobs], overwrite=overwrite, kind="label map", is_kind=looks_like_label_map,
+                       inputs=list(inputs.values()))
+
+
+#: a label map has at most this many distinct values (TotalSegmentator: 118); an image has far more
+MAX_LABEL_VALUES = 255
+
+
+def looks_like_label_map(path: str | Path) -> bool:
+    """Whether an existing file is a label map (what ``--overwrite`` may replace): a 3D one-component image
+    of whole, non-negative values, at most :data:`MAX_LABEL_VALUES` distinct ones. A scan (CT, MR) has
+    thousands, so ``predict -o scan.nii.gz --overwrite`` cannot replace one; an unreadable file is not
+    taken for a label map either."""
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError:
+        return False
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        return False
+    array = sitk.GetArrayViewFromImage(image)
+    if array.size == 0:
+        return True
+    if np.issubdtype(array.dtype, np.floating) and not np.array_equal(array, np.round(array)):
+        return False
+    low, high = float(array.min()), float(array.max())
+    if low < 0 or high >= 2**16:
+        return False
+    return int(np.count_nonzero(np.bincount(array.astype(np.int64, copy=False).ravel()))) <= MAX_LABEL_VALUES
 
 
 def write_label(image: sitk.Image, output: str | Path, overwrite: bool = False) -> Path:
@@ -587,7 +614,7 @@ def write_label(image: sitk.Image, output: str | Path, overwrite: bool = False) 
 
     output = Path(output)
     _check_output_ending(output)
-    check_output_file(output, overwrite=overwrite, kind="label map")
+    check_output_file(output, overwrite=overwrite, kind="label map", is_kind=looks_like_label_map)
     output.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write_image(image, output)
 

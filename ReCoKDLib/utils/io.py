@@ -67,8 +67,10 @@ def write_error(path: Path, reason: str, exc: BaseException | None = None) -> Ex
     kept = "the earlier file there is kept" if path.exists() else "nothing was written"
     if full:
         fix = "; free space on that disk or choose another output"
-    elif isinstance(exc, OSError) or exc is None:
+    elif isinstance(exc, OSError):
         fix = "; check that the folder is writable, or choose another output"
+    elif exc is None:  # the file read back wrong with room to spare: a failing disk or file system
+        fix = "; check that disk, or choose another output"
     else:  # the writer itself failed (e.g. an exporter), not the disk: its reason is the whole story
         fix = ""
     return ReCoKDError(f"cannot write {path}: {reason}{_free_space_note(path.parent) if full else ''}; {kept}{fix}")
@@ -123,7 +125,8 @@ def remove_stale_partials(folder: str | Path, final_name: str | None = None) -> 
         return removed
     for path in candidates:
         match = _PARTIAL_NAME.match(path.name)
-        if match and (final_name is None or match["final"] == final_name) and is_stale_partial(path):
+        # case-blind: an image named SEG.NII.GZ is written under a lower-case temporary name
+        if match and (final_name is None or match["final"].lower() == final_name.lower()) and is_stale_partial(path):
             try:
                 path.unlink()
                 removed.append(path)
@@ -321,9 +324,17 @@ def remove_partial_files(folder: str | Path) -> list[Path]:
 def new_folder(folder: str | Path) -> Iterator[Path]:
     """Create ``folder`` (and its parents) for the ``with`` block; when the block raises, remove the
     folders this call created that are still empty, so a failed start leaves nothing behind."""
+    from ..errors import ReCoKDError
+
     folder = Path(folder)
     missing = [p for p in (folder, *folder.parents) if not p.exists()]
-    folder.mkdir(parents=True, exist_ok=True)
+    blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ReCoKDError(f"cannot create the folder {folder}: {blocking} is a file; choose another path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(folder, _describe(exc), exc) from None
     try:
         yield folder
     except BaseException:

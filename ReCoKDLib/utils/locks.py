@@ -27,16 +27,23 @@ def try_lock(path: str | Path) -> IO[str] | None:
     """Lock ``path`` (created if needed) for this process and record the holder in it; ``None`` when
     another process holds it. Keep the returned handle open for as long as the lock should last."""
     path = Path(path)
-    handle = open(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+", encoding="utf-8")
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks
-        return handle
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    while True:
+        handle = open(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+", encoding="utf-8")
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks
+            return handle
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            return None
+        try:  # a failed start removes its lock file before releasing it: lock the file that is there now
+            if os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         handle.close()
-        return None
     # forked children (data-loading workers) share the lock; they close their copy so that a killed run's
     # orphaned workers cannot keep its folder locked
     os.register_at_fork(after_in_child=handle.close)

@@ -32,6 +32,15 @@ def _a(noun: str) -> str:
     return ("an " if noun[:1].lower() in "aeiou" else "a ") + noun
 
 
+def _refuse_file_as_folder(path: Path, option: str) -> None:
+    """Refuse ``path`` when one of its parent folders is in fact a file."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ReCoKDError(f"cannot write {path}: {parent} is a file, not a folder; choose another {option}")
+            return
+
+
 def refuse_inputs(path: str | Path, inputs: Iterable[str | Path], option: str = "-o") -> None:
     """Refuse ``path`` when it is (or, for a folder, holds) one of ``inputs``."""
     path = Path(path)
@@ -55,6 +64,7 @@ def check_output_file(path: str | Path, *, overwrite: bool, kind: str, is_kind: 
         option: the option that named ``path``, for the messages.
     """
     path = Path(path)
+    _refuse_file_as_folder(path, option)
     refuse_inputs(path, inputs, option)
     if path.is_dir():
         raise ReCoKDError(f"{option} {path} is a folder; give the path of {_a(kind)} file")
@@ -89,6 +99,7 @@ def check_output_folder(folder: str | Path, *, overwrite: bool, kind: str, is_ow
     output of the same command (``is_own``) and ``overwrite`` is given. A file, or a folder holding
     anything else (a run, a dataset, ``docs/``), is refused whatever ``overwrite`` says."""
     folder = Path(folder)
+    _refuse_file_as_folder(folder, option)
     if folder.exists() and not folder.is_dir():
         raise ReCoKDError(f"{option} {folder} is a file; give a folder for the {kind}")
     if folder.is_dir() and any(folder.iterdir()):

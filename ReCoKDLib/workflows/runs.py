@@ -189,6 +189,7 @@ def prepare_plans(
     if not isinstance(num_workers, int) or num_workers < 0:
         raise ReCoKDError(f"--workers must be >= 0, got {num_workers}")
     root = results_root(dataset.name, cache)
+    check_cache_folder(root)
     planner = planner or PlannerOptions()
     if _is_main():
         folder = plans_folder(root, planner, replan)
@@ -502,12 +503,51 @@ def _teacher_sha256(teacher_run: Path, nnunet_teacher: Any) -> str:
     return h.hexdigest()
 
 
+#: files that mark a folder as something a run or a cache must never write into
+_FOREIGN_MARKERS = {"bundle.json": "a model bundle", "dataset.json": "a dataset"}
+
+
+def check_run_folder(output: str | Path, cache: str | Path | None = None) -> None:
+    """The overwrite rule (:mod:`ReCoKDLib.utils.outputs`) for a run folder: ``-o`` is new, empty, or holds
+    a run (``run.json``: resumed, or refused without ``--resume`` further on); a folder of other files (a
+    bundle, a dataset, the cache, ``docs/``) is refused before anything is written. ``--cache`` is checked
+    by :func:`check_cache_folder`."""
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise ReCoKDError(f"-o {out} is a file; give a folder for the run")
+    if cache is not None and out.resolve() == Path(cache).resolve():
+        raise ReCoKDError(f"-o {out} is also the --cache folder; give the run a folder of its own")
+    if out.is_dir() and not (out / "run.json").is_file():
+        names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+        if names:
+            raise ReCoKDError(f"-o {out} holds other files ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}), "
+                              "not a run; choose a new or empty folder")
+    if cache is not None:
+        check_cache_folder(cache)
+
+
+def check_cache_folder(cache: str | Path) -> None:
+    """A ``--cache`` folder holds plans and preprocessed cases only: a run folder, a bundle or a dataset
+    given as ``--cache`` is refused before its files are replaced by a plan."""
+    root = Path(cache)
+    if root.exists() and not root.is_dir():
+        raise ReCoKDError(f"--cache {root} is a file; give a folder for the plans and preprocessed cases")
+    if not root.is_dir():
+        return
+    if (root / "run.json").is_file():
+        raise ReCoKDError(f"--cache {root} is a run folder; give the cache a folder of its own")
+    for marker, what in _FOREIGN_MARKERS.items():
+        if (root / marker).is_file():
+            raise ReCoKDError(f"--cache {root} holds {what} ({marker}); give the cache a folder of its own")
+
+
 def _read_json(path: Path, what: str) -> dict:
     return read_json(path, what, hint="is this a finished run folder?")
 
 
 def run_training(run_spec: RunSpec) -> int:
     """``recokd train`` (role ``teacher``) and ``recokd distill`` (role ``student``) of one :class:`RunSpec`."""
+    check_run_folder(run_spec.output, run_spec.cache)
     device, rank, world = init_distributed(run_spec.training.get("device", "auto"))
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
@@ -526,7 +566,8 @@ def _run(run_spec: RunSpec, device: torch.device, rank: int, world: int) -> int:
     if rank == 0:
         remove_partial_files(out)  # left by a kill during a checkpoint write; this process holds the folder
     saved = _read_json(out / "run.json", "run file") if run_spec.resume and (out / "run.json").is_file() else None
-    if not run_spec.resume and (out / "checkpoint_latest.pt").is_file():
+    # a run's weights (its checkpoints may have been deleted to save space) are never replaced unasked
+    if not run_spec.resume and ((out / "checkpoint_latest.pt").is_file() or any(out.glob("model_*.safetensors"))):
         raise ReCoKDError(f"{out} already holds a run; add --resume to continue it or choose another -o folder")
     if saved is not None and saved.get("role") != role:
         raise ReCoKDError(f"{out} holds a {saved.get('role')} run; resume it with the matching command")

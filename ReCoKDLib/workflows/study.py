@@ -517,6 +517,19 @@ def _held_elsewhere(job: Job) -> bool:
     return False
 
 
+def _check_study_folder(out: Path) -> None:
+    """The overwrite rule for a study: -o is new, empty or an earlier study's folder (it has ``logs/``; a run
+    of the same study resumes it), never a folder holding anything else (a run, a dataset, ``docs/``) is refused before anything is written."""
+    if out.exists() and not out.is_dir():
+        raise ReCoKDError(f"-o {out} is a file; give a folder for the study")
+    if out.is_dir():
+        names = {p.name for p in out.iterdir() if not p.name.startswith(".")}
+        if names and "logs" not in names:
+            shown = ", ".join(sorted(names)[:3])
+            raise ReCoKDError(f"-o {out} holds other files ({shown}), not a study; choose a new or empty folder "
+                              "(an earlier study's folder is resumed)")
+
+
 def run_study(
     config: StudyConfig,
     out: str | Path,
@@ -531,6 +544,7 @@ def run_study(
     dependencies are required). Returns (all jobs, names of failed or blocked jobs).
     """
     out = Path(out).resolve()
+    _check_study_folder(out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     all_jobs = plan_jobs(config, out)
     selected = [j for j in all_jobs if not only or any(j.name == o or j.name.startswith(o) for o in only)]
