@@ -16,8 +16,11 @@ DESCRIPTION = (
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..workflows.study import build_report, load_config, plan_jobs, run_study
+    from pathlib import Path
 
+    from ..workflows.study import build_report, check_study_folder, load_config, plan_jobs, run_study
+
+    check_study_folder(Path(args.output).resolve())  # the overwrite rule, before the config is read
     config = load_config(args.config)
     if args.list:
         for job in plan_jobs(config, args.output):

@@ -517,7 +517,7 @@ def _held_elsewhere(job: Job) -> bool:
     return False
 
 
-def _check_study_folder(out: Path) -> None:
+def check_study_folder(out: Path) -> None:
     """The overwrite rule for a study: -o is new, empty or an earlier study's folder (it has ``logs/``; a run
     of the same study resumes it), never a folder holding anything else (a run, a dataset, ``docs/``) is refused before anything is written."""
     if out.exists() and not out.is_dir():
@@ -544,7 +544,7 @@ def run_study(
     dependencies are required). Returns (all jobs, names of failed or blocked jobs).
     """
     out = Path(out).resolve()
-    _check_study_folder(out)
+    check_study_folder(out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     all_jobs = plan_jobs(config, out)
     selected = [j for j in all_jobs if not only or any(j.name == o or j.name.startswith(o) for o in only)]
