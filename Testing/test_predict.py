@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -270,3 +272,54 @@ def test_predictor_postprocesses_as_the_bundle_says(tmp_path, model_path):
     assert load_bundle(model_path).postprocessing == "none"
     with pytest.raises(ReCoKDError, match="post-processing 'blur' is not one of"):
         Predictor(model_path, device="cpu", postprocess="blur")
+
+
+def test_tta_mirrors_only_the_axes_the_model_was_trained_mirrored_along(tmp_path, capsys):
+    """A bundle records the axes its training mirrored (from the run's --augment); TTA flips only those and
+    is refused for a model trained without mirroring (issue 28: TTA cost the shipped ACDC model 0.52 Dice)."""
+    import json as _json
+
+    from bundle_helpers import make_run
+    from ReCoKDLib.deployment.bundle import export_run, load_bundle
+
+    for augment, axes in (("none", []), ("light", []), ("nnunet", [0, 1, 2]), (False, [])):
+        run = make_run(tmp_path / f"run_{augment}")
+        info = _json.loads((run / "run.json").read_text())
+        info["config"] = {"augment": augment, "patch_size": [16, 16, 16]}
+        (run / "run.json").write_text(_json.dumps(info))
+        bundle = load_bundle(export_run(run, tmp_path / f"{augment}.recokd"))
+        assert bundle.manifest["mirror_axes"] == axes and list(bundle.mirror_axes) == axes
+    with pytest.raises(ReCoKDError, match="trained without mirroring.*run it without --tta"):
+        Predictor(tmp_path / "none.recokd", device="cpu", mirror_tta=True)
+    scan = write_image(phantom_volume((16, 16, 16)), tmp_path / "scan.nii.gz")
+    assert main(["predict", "-m", str(tmp_path / "none.recokd"), "-i", str(scan), "-o", str(tmp_path / "o.nii.gz"),
+                 "--device", "cpu", "--no-progress", "--tta"]) == 2
+    assert "trained without mirroring" in capsys.readouterr().err and not (tmp_path / "o.nii.gz").exists()
+    assert Predictor(tmp_path / "nnunet.recokd", device="cpu", mirror_tta=True).mirror_axes == (0, 1, 2)
+    # only the recorded axes are flipped: 2 of them, 4 views per window batch
+    bundle = threshold_bundle(target_spacing=(1.0, 1.0, 1.0))
+    bundle.manifest["mirror_axes"] = [1, 2]
+    calls = []
+
+    class Counting(ThresholdNet):
+        def forward(self, x):
+            calls.append(x.shape[0])
+            return super().forward(x)
+
+    predictor = Predictor(bundle, device="cpu", network=Counting(), mirror_tta=True)
+    assert predictor.mirror_axes == (1, 2)
+    predictor.predict_array(phantom_volume((16, 16, 16)), (1.0, 1.0, 1.0))
+    plain = len(calls)
+    calls.clear()
+    Predictor(bundle, device="cpu", network=Counting()).predict_array(phantom_volume((16, 16, 16)), (1.0, 1.0, 1.0))
+    assert plain == 4 * len(calls)
+
+
+def test_the_shipped_models_record_no_mirroring_and_refuse_tta():
+    from ReCoKDLib.deployment.bundle import load_bundle
+
+    models = Path(__file__).resolve().parents[1] / "ReCoKDLib" / "resources" / "models"
+    for path in sorted(models.glob("*.recokd")):
+        assert load_bundle(path).mirror_axes == (), path.name  # trained with --augment none (their provenance)
+        with pytest.raises(ReCoKDError, match="trained without mirroring"):
+            Predictor(path, device="cpu", mirror_tta=True)

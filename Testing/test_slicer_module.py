@@ -616,3 +616,16 @@ print("CTEST", result.testsRun, len(result.skipped), len(result.failures) + len(
     assert "INFO ['LGE-MRI']" in out and "SAMPLE True" in out
     assert "SAID ReCoKDTest skipped: these Python packages are missing: torch, monai" in out
     assert "CTEST 1 1 0" in out
+
+
+def test_the_console_default_of_segment_is_the_panels():
+    """logic.segment() ran mirror TTA by default while the panel's Fast box is checked by default: a
+    console user got another (slower, for the shipped models worse) result than a panel user."""
+    import inspect
+
+    from ReCoKDSlicer.logic import ReCoKDLogic
+
+    source = (Path(__file__).resolve().parents[1] / "ReCoKD" / "ReCoKD.py").read_text(encoding="utf-8")
+    panel = re.search(r"^\s+fast: bool = (True|False)$", source, re.M)
+    assert panel is not None
+    assert inspect.signature(ReCoKDLogic.segment).parameters["fast"].default is (panel.group(1) == "True")

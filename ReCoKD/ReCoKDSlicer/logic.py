@@ -379,14 +379,16 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         return self.segment(self.inputVolumes(parameterNode), parameterNode.model, device=parameterNode.device,
                             fast=parameterNode.fast, wait=wait, progress=progress, onFinished=onFinished)
 
-    def segment(self, volumeNodes, model, device="auto", fast=False, wait=True, progress=None, onFinished=None):
+    def segment(self, volumeNodes, model, device="auto", fast=True, wait=True, progress=None, onFinished=None):
         """Segment ``volumeNodes`` (one per model channel) with ``model``.
 
         Args:
             volumeNodes: a scalar volume node or a list of them (channel order of the model).
             model: bundle path, model name (registry / models folder), or a ModelSource.
             device: ``auto`` (GPU when available, else CPU), ``cpu`` or ``cuda``.
-            fast: no test-time augmentation (about 8x faster).
+            fast: no mirror test-time augmentation (the panel's default too). ``False`` mirrors along the axes
+                the model was trained mirrored along (2^n x slower); a model trained without mirroring
+                refuses it in one line.
             wait: block until done and return the segmentation node (the GUI keeps processing events);
                 else return a :class:`SegmentationTask` to :meth:`poll` (and ``cancel()``).
             progress: ``progress(fraction)`` called while waiting.

@@ -98,7 +98,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
     p.add_argument("--sw-batch", dest="sw_batch", type=int, default=2, help="windows per forward pass (default 2)")
-    p.add_argument("--tta", action="store_true", help="mirror test-time augmentation (8x slower)")
+    p.add_argument("--tta", action="store_true",
+                   help="mirror test-time augmentation along the axes the model was trained mirrored along (2^n x "
+                   "slower; refused for a model trained without mirroring, as the shipped ones are)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto (default): on the CPU, the engine timed faster for this model and these settings on "
                         "this machine (measured once, remembered; the ONNX graph is exported once and cached), "

@@ -144,6 +144,17 @@ class Bundle:
         return dict(self.manifest.get("provenance", {}))
 
     @property
+    def mirror_axes(self) -> tuple[int, ...] | None:
+        """The spatial axes (0 = D, 1 = H, 2 = W) the network saw mirrored in training: the only axes mirror
+        test-time augmentation may flip (flips it never saw are views it was not trained on). From the
+        manifest, else from the training augmentation in the provenance (bundles written before the
+        manifest recorded it); ``None`` when unknown."""
+        if "mirror_axes" in self.manifest:
+            return tuple(int(a) for a in self.manifest["mirror_axes"])
+        config = self.provenance.get("config") or {}
+        return trained_mirror_axes(config.get("augment"), config.get("patch_size"))
+
+    @property
     def postprocessing(self) -> str:
         """The label post-processing the predictor applies unless told otherwise (``none`` if unrecorded)."""
         return str(self.manifest.get("postprocessing", "none"))
@@ -269,6 +280,19 @@ def _save_folder(path: Path, members: dict[str, bytes]) -> None:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(aside, ignore_errors=True)
+
+
+def trained_mirror_axes(augment: Any, patch_size: Any = None) -> tuple[int, ...] | None:
+    """The axes a training with augmentation ``augment`` (a preset name, or run.json's older ``True`` /
+    ``False``) mirrored; ``None`` when ``augment`` is not recorded or not known."""
+    from ..data.loader import AUGMENT_PRESETS, AugmentConfig
+
+    if isinstance(augment, bool):
+        augment = "nnunet" if augment else "none"
+    if augment not in AUGMENT_PRESETS:
+        return None
+    config = AugmentConfig.preset(augment, tuple(patch_size) if patch_size else None)
+    return tuple(config.mirror_axes) if config.enabled else ()
 
 
 def _is_bundle_file(path: Path) -> bool:
@@ -541,6 +565,10 @@ def bundle_from_run(
                          provenance, description, created=weights_path.stat().st_mtime)
     if postprocessing is not None:
         manifest["postprocessing"] = postprocessing
+    config = run.get("config") or {}
+    mirrored = trained_mirror_axes(config.get("augment"), config.get("patch_size"))
+    if mirrored is not None:
+        manifest["mirror_axes"] = list(mirrored)
     bundle = Bundle(manifest=manifest, spec=spec, plans=plans, weights=weights_path.read_bytes(), source=None)
     validate_manifest(manifest, f"the bundle of run {run_dir}")
     _check_consistency(bundle, str(run_dir))

@@ -251,7 +251,7 @@ class Predictor:
         self.device = resolve_device(device)
         self.overlap = float(overlap)
         self.sw_batch_size = int(sw_batch_size)
-        self.mirror_axes = tuple(mirror_axes) if mirror_tta else ()
+        self.mirror_axes = self._tta_axes(tuple(mirror_axes)) if mirror_tta else ()
         self.progress = progress
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.check_spacing = bool(check_spacing)
@@ -445,6 +445,22 @@ class Predictor:
         if self.check_spacing:
             self.check_resampled_size(case.image.shape[1:], reoriented.spacing_dhw, name)
         return orient, preprocess_case(case, self.plans)
+
+    def _tta_axes(self, asked: tuple[int, ...]) -> tuple[int, ...]:
+        """The axes mirror TTA may flip: those asked for that the model saw mirrored in training (its
+        bundle's ``mirror_axes``). A model trained without mirroring refuses TTA: averaging in flipped views
+        it never saw lowers its Dice (acdc-heart: 0.740 -> 0.220 on held-out scans). A model that does not
+        record its training augmentation (an nnU-Net folder's view) keeps the axes asked for."""
+        trained = getattr(self.bundle, "mirror_axes", None)
+        if trained is None:
+            return asked
+        allowed = tuple(a for a in asked if a in trained)
+        if not allowed:
+            name = getattr(self.bundle, "name", "this model")
+            raise ReCoKDError(f"model {name} was trained without mirroring{'' if not trained else ' along those axes'}, "
+                              "so mirror test-time augmentation would average in views it never saw (it lowered a "
+                              "shipped model's Dice from 0.74 to 0.22); run it without --tta")
+        return allowed
 
     def check_resampled_size(self, shape: Sequence[int], spacing: Sequence[float], name: str = "image") -> None:
         """Refuse, before anything is allocated, an image that resampling to the model's spacing would make
