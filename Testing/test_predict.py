@@ -323,3 +323,48 @@ def test_the_shipped_models_record_no_mirroring_and_refuse_tta():
         assert load_bundle(path).mirror_axes == (), path.name  # trained with --augment none (their provenance)
         with pytest.raises(ReCoKDError, match="trained without mirroring"):
             Predictor(path, device="cpu", mirror_tta=True)
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "ReCoKDLib" / "resources" / "models"
+
+
+def test_input_checks_fire_on_what_the_shipped_models_never_saw(tmp_path, capsys):
+    """Issue 28's conditions, made from the shipped bundles' own plans: a real-spacing scan for the
+    spacing-less ACDC model is refused (it scored 0.465, 12x slower), a wider field of view than the
+    LA2018 crops warns (it scored 0.24-0.49), an odd spacing warns; nothing fires on the training
+    distribution, on storage changes or on a linear intensity rescaling; --force skips them."""
+    rng = np.random.default_rng(0)
+    acdc = Predictor(SHIPPED / "acdc-heart.recokd", device="cpu")
+    la = Predictor(SHIPPED / "la2018-left-atrium.recokd", device="cpu")
+    frame = rng.random((1, 9, 256, 216), dtype=np.float32)
+    assert acdc.input_warnings(frame, (1.0, 1.0, 1.0)) == []
+    with pytest.raises(ReCoKDError, match="trained on images without physical spacing.*set the header spacing to 1 x 1 x 1"):
+        acdc.input_warnings(frame, (10.0, 1.5, 1.5))
+    crop = rng.random((1, 44, 71, 96), dtype=np.float32)
+    assert la.input_warnings(crop, (1.25, 1.25, 1.25)) == []
+    assert la.input_warnings(crop * 37.0 + 500.0, (1.25, 1.25, 1.25)) == []  # z-scored: rescaling changes nothing
+    wider = np.pad(crop, ((0, 0), (24, 24), (24, 24), (24, 24)))
+    lines = la.input_warnings(wider, (1.25, 1.25, 1.25))
+    assert any("field of view" in line and "far larger than the training cases'" in line for line in lines), lines
+    assert any("far from the training range" in line for line in la.input_warnings(crop, (3.0, 1.25, 1.25)))
+    # through the command line: the refusal is one line before any work; the stored file flipped is no different
+    scan = tmp_path / "frame.nii.gz"
+    image = sitk.GetImageFromArray(frame[0])
+    image.SetSpacing((1.5, 1.5, 10.0))
+    sitk.WriteImage(image, str(scan))
+    argv = ["predict", "-m", str(SHIPPED / "acdc-heart.recokd"), "-i", str(scan), "-o", str(tmp_path / "o.nii.gz"),
+            "--device", "cpu", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "without physical spacing" in err and "--force" in err and not (tmp_path / "o.nii.gz").exists()
+    forced = Predictor(SHIPPED / "acdc-heart.recokd", device="cpu", check_spacing=False)
+    forced.preprocess(frame[0][:, :32, :32], (1.5, 1.5, 10.0), name="forced")  # no check: preprocessing goes ahead
+
+
+def test_a_run_far_longer_than_usual_is_refused_and_a_longer_one_warns():
+    la = Predictor(SHIPPED / "la2018-left-atrium.recokd", device="cpu")
+    big = np.zeros((1, 132, 213, 288), np.float32)  # 3x the median crop per axis: about 27x the windows
+    with pytest.raises(ReCoKDError, match=r"needs \d+ windows at the model's spacing, \d+x a typical"):
+        la.input_warnings(big, (1.25, 1.25, 1.25))
+    lines = la.input_warnings(np.zeros((1, 88, 142, 96), np.float32), (1.25, 1.25, 1.25))
+    assert any("windows" in line and "it will take that much longer" in line for line in lines), lines

@@ -444,7 +444,72 @@ class Predictor:
         case = LoadedCase(image=orient.apply(array), label=None, geometry=reoriented, case_id=name)
         if self.check_spacing:
             self.check_resampled_size(case.image.shape[1:], reoriented.spacing_dhw, name)
+            for line in self.input_warnings(case.image, reoriented.spacing_dhw, name):
+                self.log(f"warning: {line}")
         return orient, preprocess_case(case, self.plans)
+
+    def input_warnings(self, image: np.ndarray, spacing: Sequence[float], name: str = "image") -> list[str]:
+        """What about an input is unlike the training data, from the bundle's plan and fingerprint; one line
+        each. Raises instead where the model cannot work on the input (see :data:`INPUT_CHECKS`).
+
+        Args:
+            image: (C, D, H, W) voxels in the model's axis order; spacing: its (D, H, W) voxel size in mm.
+        """
+        plans, fp = self.plans, self.plans.fingerprint or {}
+        shape = image.shape[1:]
+        fix = "pass --force to segment it anyway"
+        shown = f"{name} ({'x'.join(map(str, shape))} voxels of {' x '.join(f'{s:g}' for s in spacing)} mm)"
+        lines: list[str] = []
+        low, high = fp.get("min_spacing"), fp.get("max_spacing")
+        if low and high:
+            if all(abs(float(a) - 1.0) < 1e-6 for a in (*low, *high)) and any(abs(s - 1.0) > 1e-3 for s in spacing):
+                # every training case said 1 x 1 x 1: spacing lost (voxel units); a real spacing resamples wrongly
+                raise ReCoKDError(
+                    f"{shown}: the model was trained on images without physical spacing (every training case had "
+                    "1 x 1 x 1, i.e. voxel units), so it expects an image with spacing 1 x 1 x 1 at its training "
+                    f"resolution; set the header spacing to 1 x 1 x 1 (or use a model trained in mm), or {fix}")
+            far = [i for i, s in enumerate(spacing)
+                   if s < float(low[i]) / INPUT_CHECKS["spacing_factor"] or s > float(high[i]) * INPUT_CHECKS["spacing_factor"]]
+            if far:
+                lines.append(f"{shown}: spacing along axis {far[0]} is far from the training range "
+                             f"{float(low[far[0]]):g}-{float(high[far[0]]):g} mm; the result may be poor")
+        small, large = fp.get("min_shape_after_crop"), fp.get("max_shape_after_crop")
+        if small and large:
+            extent = [n * s for n, s in zip(shape, spacing)]
+            top = [float(m) * t for m, t in zip(large, plans.target_spacing)]
+            bottom = [float(m) * t for m, t in zip(small, plans.target_spacing)]
+            wide = [i for i in range(3) if extent[i] > top[i] * INPUT_CHECKS["extent_factor"]]
+            narrow = [i for i in range(3) if extent[i] < bottom[i] / INPUT_CHECKS["extent_factor"]]
+            if wide:
+                i = wide[0]
+                lines.append(f"{shown}: its field of view ({extent[i]:.0f} mm along axis {i}) is far larger than the "
+                             f"training cases' (at most {top[i]:.0f} mm); a model trained on cropped images may "
+                             "mark structures outside the region it knows; crop the image to that region")
+            elif narrow:
+                i = narrow[0]
+                lines.append(f"{shown}: its field of view ({extent[i]:.0f} mm along axis {i}) is far smaller than "
+                             f"the training cases' (at least {bottom[i]:.0f} mm); structures may be cut off")
+        resampled = [max(int(round(n * s / t)), 1) for n, s, t in zip(shape, spacing, plans.target_spacing)]
+        usual = count_windows(plans.median_shape, plans.patch_size, self.overlap) if all(plans.median_shape) else 0
+        windows = count_windows(resampled, plans.patch_size, self.overlap)
+        if usual and windows > INPUT_CHECKS["windows_refuse"] * usual:
+            raise ReCoKDError(f"{shown} needs {windows} windows at the model's spacing, {windows / usual:.0f}x a "
+                              f"typical training case's {usual}; check its spacing and field of view, or {fix}")
+        if usual and windows > INPUT_CHECKS["windows_warn"] * usual:
+            lines.append(f"{shown} needs {windows} windows at the model's spacing, {windows / usual:.0f}x a typical "
+                         f"training case's {usual}: it will take that much longer")
+        for c, norm in enumerate(plans.normalisation):
+            intensities = fp.get("foreground_intensity") or []
+            stats = intensities[c] if c < len(intensities) else None
+            if norm.scheme != "ct" or not stats:  # z-scored per image: a linear rescaling changes nothing
+                continue
+            median = float(np.median(image[c]))
+            lo, hi = float(stats["percentile_00_5"]), float(stats["percentile_99_5"])
+            span = hi - lo
+            if not lo - span <= median <= hi + span:
+                lines.append(f"{shown}: channel {c}'s median intensity {median:g} is far outside the training "
+                             f"foreground's {lo:g} to {hi:g} (another modality, or other units?)")
+        return lines
 
     def _tta_axes(self, asked: tuple[int, ...]) -> tuple[int, ...]:
         """The axes mirror TTA may flip: those asked for that the model saw mirrored in training (its
@@ -596,6 +661,12 @@ def check_label_outputs(jobs: Sequence[tuple[Sequence[str | Path], str | Path]],
     check_output_files([out for _, out in jobs], overwrite=overwrite, kind="label map", is_kind=looks_like_label_map,
                        inputs=list(inputs.values()))
 
+
+#: thresholds of :meth:`Predictor.input_warnings` (documented in the README, "Predicting"): spacing more
+#: than ``spacing_factor`` x outside the training range and a field of view more than ``extent_factor`` x
+#: the largest (or under 1/x the smallest) training case warn; a run of more than ``windows_warn`` x the
+#: windows of a median training case warns, more than ``windows_refuse`` x refuses (--force overrides)
+INPUT_CHECKS = {"spacing_factor": 2.0, "extent_factor": 1.5, "windows_warn": 4.0, "windows_refuse": 16.0}
 
 #: a label map has at most this many distinct values (TotalSegmentator: 118); an image has far more
 MAX_LABEL_VALUES = 255
