@@ -160,3 +160,48 @@ def test_the_same_weights_give_the_same_bytes_and_the_same_bundle(tmp_path):
     os.umask(umask)
     for path in (tmp_path / "w0.safetensors", tmp_path / "a.recokd", run / "model_best.safetensors"):
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+
+
+def test_the_model_card_round_trips_through_export_and_is_shown(tmp_path, capsys):
+    """`recokd export --card` records the author's statements; `recokd models NAME` and `predict --info`
+    show them with what the bundle's plan and provenance say (issue 28)."""
+    import json as _json
+
+    from bundle_helpers import make_run
+    from ReCoKDLib.cli import main as cli
+    from ReCoKDLib.deployment.bundle import load_bundle
+    from ReCoKDLib.deployment.card import model_card
+
+    run = make_run(tmp_path / "run")
+    card = {"intended_use": "research only, not for clinical use", "accuracy": "0.79 +- 0.02 (3-fold CV, n = 48)",
+            "limitations": "cine short-axis only", "field_of_view": "cropped around the heart"}
+    (tmp_path / "card.json").write_text(_json.dumps(card))
+    assert cli(["export", str(run), "-o", str(tmp_path / "m.recokd"), "--card", str(tmp_path / "card.json"),
+                "--license", "CC-BY-NC"]) == 0
+    bundle = load_bundle(tmp_path / "m.recokd")
+    assert bundle.manifest["card"] == card
+    rows = dict(model_card(bundle))
+    assert rows["accuracy"].startswith("0.79 +- 0.02 (3-fold CV, n = 48)") and rows["licence"] == "CC-BY-NC"
+    assert rows["limitations"] == "cine short-axis only" and rows["field of view"].startswith("cropped around the heart")
+    capsys.readouterr()
+    for argv in (["models", str(tmp_path / "m.recokd")], ["predict", "-m", str(tmp_path / "m.recokd"), "--info"]):
+        assert cli(argv) == 0
+        out = capsys.readouterr().out
+        assert "cine short-axis only" in out and "research only, not for clinical use" in out and "CC-BY-NC" in out
+    (tmp_path / "bad.json").write_text(_json.dumps({"accuracy": "0.9", "sales_pitch": "best"}))
+    assert cli(["export", str(run), "-o", str(tmp_path / "b.recokd"), "--card", str(tmp_path / "bad.json")]) == 2
+    assert "unknown model card field(s) sales_pitch" in capsys.readouterr().err and not (tmp_path / "b.recokd").exists()
+
+
+def test_a_card_without_statements_says_what_is_not_known():
+    from pathlib import Path as _Path
+
+    from ReCoKDLib.deployment.bundle import load_bundle
+    from ReCoKDLib.deployment.card import model_card
+
+    acdc = load_bundle(_Path(__file__).resolve().parents[1] / "ReCoKDLib" / "resources" / "models" / "acdc-heart.recokd")
+    rows = dict(model_card(acdc))
+    assert rows["intended use"] == "research only, not for clinical use"
+    assert "no physical spacing" in rows["spacing"] and "voxels" in rows["field of view"]
+    assert "no cross-validated figure recorded" in rows["accuracy"] and "not an estimate" in rows["accuracy"]
+    assert rows["test-time augmentation"].startswith("not available")

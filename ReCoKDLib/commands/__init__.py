@@ -5,7 +5,7 @@ modules listed in :data:`COMMAND_MODULES`, in order."""
 import argparse
 from typing import Callable
 
-COMMAND_MODULES = ("demo", "plan", "train", "distill", "benchmark_train", "predict", "export", "evaluate", "benchmark", "benchmark_speed", "benchmark_study")
+COMMAND_MODULES = ("demo", "plan", "train", "distill", "benchmark_train", "predict", "export", "evaluate", "benchmark", "benchmark_speed", "benchmark_study", "models")
 
 
 def add_command(sub: argparse._SubParsersAction, name: str, func: Callable[[argparse.Namespace], int],

@@ -22,7 +22,12 @@ def run_export(args: argparse.Namespace) -> int:
         from ..utils.labels import check_terminology
 
         check_terminology(terminology, f"--terminology {args.terminology}")
-    extras = {"terminology": terminology,
+    card = _read_json_option(args.card, "--card")
+    if card is not None:
+        from ..deployment.card import check_card
+
+        card = check_card(card, f"--card {args.card}")
+    extras = {"card": card, "terminology": terminology,
               "test_metrics": _read_json_option(args.test_metrics, "--test-metrics"),
               "license": args.license, "postprocessing": args.postprocess}
     bundle = bundle_from_run(args.run, name=args.name, weights=args.weights, reference_direction=reference,
@@ -118,6 +123,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "standard codes (e.g. SNOMED-CT) that Slicer gives the segments")
     p.add_argument("--test-metrics", dest="test_metrics",
                    help="JSON from `recokd evaluate --json` on held-out cases, recorded in the bundle's provenance")
+    p.add_argument("--card", help="JSON with the model card's statements only a person can make: intended_use, "
+                   "modality, field_of_view, intensities, training_data, accuracy (cross-validated mean +- sd, n), "
+                   "limitations; the rest of the card is derived from the run")
     p.add_argument("--license", help="terms of use of the model (follow its training data's), recorded in the bundle")
     p.add_argument("--postprocess", choices=POSTPROCESSING,
                    help="label post-processing the model's predictions get by default (choose it on held-out cases "

@@ -14,6 +14,14 @@ def run(args: argparse.Namespace) -> int:
     from ..inference.predictor import Predictor, check_label_outputs, label_output_ending, write_label
     from ..deployment.registry import resolve_model
 
+    if args.info:  # the model card, nothing segmented
+        from ..deployment.bundle import open_model
+        from ..deployment.card import format_card
+
+        print(format_card(open_model(resolve_model(args.model, registry=args.registry, progress=not args.no_progress))))
+        return 0
+    if not args.input or not args.output:
+        raise ReCoKDError("give -i INPUT and -o OUTPUT (or --info to see the model's card)")
     inputs = [Path(p) for p in args.input]
     output = Path(args.output)
     folder_mode = len(inputs) == 1 and inputs[0].is_dir()
@@ -92,9 +100,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "folder of images (channels by the _0000 suffix), or a folder holding one DICOM series; "
                        "labels are written on the input's grid.")
     p.add_argument("-m", "--model", required=True, help="bundle (.recokd or folder), run folder, or registry name")
-    p.add_argument("-i", "--input", required=True, nargs="+",
+    p.add_argument("-i", "--input", nargs="+",
                    help="image file(s) of one case, a folder of images, or a folder of one DICOM series")
-    p.add_argument("-o", "--output", required=True, help="output file, or folder")
+    p.add_argument("-o", "--output", help="output file, or folder")
+    p.add_argument("--info", action="store_true",
+                   help="show the model's card (the input it expects, training, accuracy, terms) and stop")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
     p.add_argument("--sw-batch", dest="sw_batch", type=int, default=2, help="windows per forward pass (default 2)")

@@ -492,6 +492,7 @@ def bundle_from_run(
     test_metrics: Mapping[str, Any] | None = None,
     license: str | None = None,
     postprocessing: str | None = None,
+    card: Mapping[str, Any] | None = None,
 ) -> Bundle:
     """Assemble a bundle from a training run folder (``run.json``, ``plans.json``, ``network.json``,
     ``model_best.safetensors`` / ``model_final.safetensors``).
@@ -565,6 +566,10 @@ def bundle_from_run(
                          provenance, description, created=weights_path.stat().st_mtime)
     if postprocessing is not None:
         manifest["postprocessing"] = postprocessing
+    if card is not None:  # the author's statements of the model card (deployment/card.py)
+        from .card import check_card
+
+        manifest["card"] = check_card(dict(card), f"the model card of run {run_dir}")
     config = run.get("config") or {}
     mirrored = trained_mirror_axes(config.get("augment"), config.get("patch_size"))
     if mirrored is not None:
