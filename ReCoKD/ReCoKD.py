@@ -422,12 +422,7 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if info is None:
             self.ui.modelInfoLabel.text = ""
             return
-        text = f"{info.name}: {len(info.labels.foreground())} structure(s), {info.numChannels} channel(s)" if info.labels else \
-            f"{info.name}: {info.numChannels} channel(s); fetched on first use"
-        dice = (info.provenance.get("test_metrics") or {}).get("dice_mean") if info.provenance else None
-        if isinstance(dice, (int, float)):
-            text += f"; test Dice {dice:.3f}"
-        self.ui.modelInfoLabel.text = text
+        self.ui.modelInfoLabel.text = info.summary()  # the model card's essentials: accuracy, limits, terms
 
     def _volumeSelectors(self):
         return [(self.ui.inputVolumeSelector, self.ui.inputVolumeSelectorLabel),

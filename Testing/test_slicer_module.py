@@ -629,3 +629,17 @@ def test_the_console_default_of_segment_is_the_panels():
     panel = re.search(r"^\s+fast: bool = (True|False)$", source, re.M)
     assert panel is not None
     assert inspect.signature(ReCoKDLogic.segment).parameters["fast"].default is (panel.group(1) == "True")
+
+
+def test_the_model_box_shows_the_cards_accuracy_limits_and_terms():
+    """The module showed "test Dice 0.823" for acdc-heart: one fold's frames with post-processing. It now
+    shows the card's cross-validated figure with how it was measured, the limits and the terms."""
+    from ReCoKDSlicer import models
+
+    shipped = Path(__file__).resolve().parents[1] / "ReCoKDLib" / "resources" / "models"
+    text = models.readBundleInfo(shipped / "acdc-heart.recokd").summary()
+    assert "Accuracy: cross-validated 0.793 +- 0.017" in text and "test Dice" not in text
+    assert "Limitations: expects spacing 1 x 1 x 1" in text
+    assert "Intended use: research only, not for clinical use" in text and "Terms: Research and non-commercial" in text
+    for name in ("la2018-left-atrium", "phantom-abdomen"):
+        assert "Accuracy: " in models.readBundleInfo(shipped / f"{name}.recokd").summary()

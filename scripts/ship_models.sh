@@ -43,7 +43,8 @@ ship() {
   recokd predict --overwrite -m "$runs/student_recokd" -i "$images" -o "$runs/pred" --device cpu --no-progress --postprocess "$post"
   recokd evaluate --overwrite "$runs/pred" "$labels" --labels "$data/dataset.json" --json "$runs/test.json"
   recokd export --overwrite "$runs/student_recokd" -o "$OUT/$name.recokd" --name "$name" --description "$8" \
-    --terminology "$TERMS/$name.json" --test-metrics "$runs/test.json" --license "$9" --postprocess "$post"
+    --terminology "$TERMS/$name.json" --test-metrics "$runs/test.json" --license "$9" --postprocess "$post" \
+    --card "$(dirname "$0")/../configs/model_cards/$name.json"
 }
 
 # -- LA2018-lowres: left atrium, 80 training cases, scored on the 10 test cases --------------------

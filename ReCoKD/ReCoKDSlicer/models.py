@@ -62,10 +62,28 @@ class BundleInfo:
     labels: Any  # ReCoKDLib.utils.labels.LabelSet (names, values, colours, terminology); None when not known yet
     channelNames: list[str]
     provenance: dict = field(default_factory=dict)
+    card: dict = field(default_factory=dict)  # the author's model-card statements (recokd export --card)
 
     @property
     def numChannels(self) -> int:
         return len(self.channelNames)
+
+    def summary(self) -> str:
+        """The model box's text: structures and channels, how accurate it is and how that was measured (the
+        card's statement, else the held-out figure with its case count), its intended use and terms."""
+        text = (f"{self.name}: {len(self.labels.foreground())} structure(s), {self.numChannels} channel(s)"
+                if self.labels else f"{self.name}: {self.numChannels} channel(s); fetched on first use")
+        test = self.provenance.get("test_metrics") or {}
+        if self.card.get("accuracy"):
+            text += f"\nAccuracy: {self.card['accuracy']}"
+        elif isinstance(test.get("dice_mean"), (int, float)):
+            text += f"\nAccuracy: mean Dice {test['dice_mean']:.3f} on {test.get('num_cases', '?')} held-out case(s); no cross-validated figure recorded"
+        if self.card.get("limitations"):
+            text += f"\nLimitations: {self.card['limitations']}"
+        text += f"\nIntended use: {self.card.get('intended_use', 'research only, not for clinical use')}"
+        if self.provenance.get("license"):
+            text += f"\nTerms: {self.provenance['license']}"
+        return text
 
 
 def defaultModelsFolder() -> Path:
@@ -244,5 +262,6 @@ def readBundleInfo(path: str | Path) -> BundleInfo:
     channels = manifest.get("channel_names") or {"0": "image"}
     channelNames = [str(channels[k]) for k in sorted(channels, key=lambda s: int(s))]
     provenance = manifest.get("provenance") if isinstance(manifest.get("provenance"), dict) else {}
+    card = manifest.get("card") if isinstance(manifest.get("card"), dict) else {}
     return BundleInfo(name=str(manifest.get("name") or path.stem), labels=labels, channelNames=channelNames,
-                      provenance=provenance)
+                      provenance=provenance, card=card)
