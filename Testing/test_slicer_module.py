@@ -618,19 +618,6 @@ print("CTEST", result.testsRun, len(result.skipped), len(result.failures) + len(
     assert "CTEST 1 1 0" in out
 
 
-def test_the_console_default_of_segment_is_the_panels():
-    """logic.segment() ran mirror TTA by default while the panel's Fast box is checked by default: a
-    console user got another (slower, for the shipped models worse) result than a panel user."""
-    import inspect
-
-    from ReCoKDSlicer.logic import ReCoKDLogic
-
-    source = (Path(__file__).resolve().parents[1] / "ReCoKD" / "ReCoKD.py").read_text(encoding="utf-8")
-    panel = re.search(r"^\s+fast: bool = (True|False)$", source, re.M)
-    assert panel is not None
-    assert inspect.signature(ReCoKDLogic.segment).parameters["fast"].default is (panel.group(1) == "True")
-
-
 def test_the_model_box_shows_the_cards_accuracy_limits_and_terms():
     """The module showed "test Dice 0.823" for acdc-heart: one fold's frames with post-processing. It now
     shows the card's cross-validated figure with how it was measured, the limits and the terms."""

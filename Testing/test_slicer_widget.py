@@ -105,6 +105,13 @@ def test_setup_enter_change_exit_through_the_real_parameter_node_wrapper(gui):
     names = [s.name for s in widget._modelSources]
     assert "la2018-left-atrium" in names and "phantom-abdomen" in names
     assert p.model in names and ui.modelComboBox.currentIndex == names.index(p.model)
+    # the console's logic.segment() runs what the panel runs by default (Fast: no mirror TTA)
+    import inspect
+
+    assert ui.fastCheckBox.checked and p.fast is True
+    assert inspect.signature(type(widget.logic).segment).parameters["fast"].default is p.fast
+    # the model box shows the card's accuracy and terms, not one fold's test Dice
+    assert "Intended use:" in ui.modelInfoLabel.text and "test Dice" not in ui.modelInfoLabel.text
     # GUI -> parameter node
     ui.kdMethodComboBox.currentIndex = list(module.KD_METHODS).index("cwd")
     ui.datasetPathLineEdit.currentPath = "/data/Dataset001_Liver"

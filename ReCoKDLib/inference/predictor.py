@@ -589,7 +589,11 @@ class Predictor:
         except ReCoKDError as exc:
             text = str(exc)
             raise (exc if str(inputs[0]) in text else ReCoKDError(f"{inputs[0]}: {text}")) from None
-        return write_label(labels, output, overwrite=overwrite)
+        if not overwrite:  # a file that appeared during the inference; with overwrite, its kind was checked above
+            from ..utils.outputs import check_output_file
+
+            check_output_file(output, overwrite=False, kind="label map")
+        return atomic_write_image(labels, Path(output))
 
 
 def _check_same_grid(geometry: ImageGeometry, reference: ImageGeometry, what: str) -> None:
