@@ -15,7 +15,8 @@ never freezes, and Cancel kills the whole process tree.
 Console example::
 
     logic = slicer.util.getModuleLogic("ReCoKD")          # or ReCoKD.ReCoKDLogic()
-    seg = logic.segment([slicer.util.getNode("MRHead")], "/path/model.recokd", device="auto", fast=True)
+    print(logic.modelCard("/path/model.recokd"))                 # what it expects, how accurate, its terms
+    seg = logic.segment([slicer.util.getNode("MRHead")], "/path/model.recokd", device="auto")
 """
 
 import logging
@@ -207,7 +208,8 @@ if parameterNodeWrapper is not None:
         inputVolume4: slicer.vtkMRMLScalarVolumeNode
         model: str = ""  # a model name (registry, models folder) or a bundle path
         device: Annotated[str, Choice(list(DEVICES))] = "auto"
-        fast: bool = True
+        tta: bool = False  # mirror test-time augmentation (only along the model's trained mirror axes)
+        skipInputChecks: bool = False  # segment without checking the input against the training data
         datasetFolder: str = ""
         teacherPath: str = ""
         trainTeacherFirst: bool = False
@@ -270,6 +272,7 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.refreshModelsButton.connect("clicked(bool)", self.refreshModels)
         self.ui.loadModelButton.connect("clicked(bool)", self.onLoadModelFromFile)
+        self.ui.modelCardButton.connect("clicked(bool)", self.onModelCard)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
         self.ui.startTrainingButton.connect("clicked(bool)", self.onStartTraining)
         self.ui.stopTrainingButton.connect("clicked(bool)", self.onStopTraining)
@@ -419,16 +422,55 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if visible:
                 label.text = f"{channels[i]}:" if len(channels) > 1 else "Input volume:"
                 selector.setToolTip(channels[i])
+        self._updateTtaCheckBox(info)
+        self.ui.modelCardButton.enabled = bool(p is not None and p.model)
         if info is None:
             self.ui.modelInfoLabel.text = ""
             return
         self.ui.modelInfoLabel.text = info.summary()  # the model card's essentials: accuracy, limits, terms
+
+    def _updateTtaCheckBox(self, info):
+        """Say what mirror TTA costs for this model, or that it has none (left enabled while checked, so it
+        can be unchecked)."""
+        box, factor = self.ui.ttaCheckBox, info.ttaFactor if info is not None else 8
+        if factor > 1:
+            box.text = f"Mirror test-time augmentation ({factor}x slower)"
+        else:
+            box.text = "Mirror test-time augmentation (not available: trained without mirroring)"
+        box.enabled = factor > 1 or bool(self._parameterNode is not None and self._parameterNode.tta)
 
     def _volumeSelectors(self):
         return [(self.ui.inputVolumeSelector, self.ui.inputVolumeSelectorLabel),
                 (self.ui.inputVolumeSelector2, self.ui.inputVolumeSelector2Label),
                 (self.ui.inputVolumeSelector3, self.ui.inputVolumeSelector3Label),
                 (self.ui.inputVolumeSelector4, self.ui.inputVolumeSelector4Label)]
+
+    def onModelCard(self, _=None):
+        p = self._parameterNode
+        if p is None or not p.model:
+            return
+        try:
+            rows = self.logic.modelCardRows(p.model)
+        except ReCoKDError as exc:
+            slicer.util.errorDisplay(str(exc))
+            return
+        self._ask(f"Model card: {_modelName(p.model)}", _cardHtml(rows), None)
+
+    def _ask(self, title, text, acceptText, warning=False) -> bool:
+        """A message box; with ``acceptText``, that button and Cancel (returns whether it was chosen)."""
+        box = qt.QMessageBox(self.parent)
+        box.setWindowTitle(title)
+        box.setIcon(qt.QMessageBox.Warning if warning else qt.QMessageBox.Information)
+        box.setText(text)
+        if acceptText is None:
+            box.addButton(qt.QMessageBox.Close)
+            box.exec_()
+            return False
+        accept = box.addButton(acceptText, qt.QMessageBox.AcceptRole)
+        cancel = box.addButton(qt.QMessageBox.Cancel)
+        box.setDefaultButton(cancel if warning else accept)
+        box.exec_()
+        return box.clickedButton() == accept
 
     # -- segment ----------------------------------------------------------------------------------
     def _ensureDependencies(self) -> bool:
@@ -448,10 +490,24 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if task is not None and task.state == RUNNING:
             self.logic.cancel()
             return
+        p = self._parameterNode
+        try:  # the model's card before its first use: what it expects, how accurate it is, its terms
+            if p.model and not self.logic.modelCardSeen(p.model):
+                if not self._ask(f"Model card: {_modelName(p.model)}", _cardHtml(self.logic.modelCardRows(p.model)) +
+                                 "<p>Segment with this model? (The card stays one click away: <i>Model card…</i>)</p>",
+                                 "Segment"):
+                    return
+                self.logic.markModelCardSeen(p.model)
+        except ReCoKDError as exc:
+            slicer.util.errorDisplay(str(exc))
+            return
         if not self._ensureDependencies():
             return
+        self._startSegmentation(lambda: self.logic.segmentWithParameters(p, wait=False, onFinished=self.onSegmentFinished))
+
+    def _startSegmentation(self, start):
         try:
-            self.logic.segmentWithParameters(self._parameterNode, wait=False, onFinished=self.onSegmentFinished)
+            start()
         except ReCoKDError as exc:
             slicer.util.errorDisplay(str(exc))
             return
@@ -467,6 +523,14 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = task.message
         if task.segmentationNode is not None:
             slicer.util.setSliceViewerLayers(background=task.volumeNodes[0])
+        elif task.inputWarnings:  # stopped before the network ran: the user decides
+            self.ui.statusLabel.text = "The input is unlike the model's training data"
+            text = "".join(f"<p>{_escape(line)}</p>" for line in task.inputWarnings)
+            if self._ask("The input is unlike the model's training data", text + "<p>Segment anyway?</p>",
+                         "Segment anyway", warning=True):
+                self._startSegmentation(lambda: self.logic.segmentAnyway(task, onFinished=self.onSegmentFinished))
+                return
+            self.ui.statusLabel.text = "Segmentation cancelled after the input checks; nothing was added to the scene"
         elif task.state == FAILED:
             slicer.util.errorDisplay(task.message)
         self.updateGUIFromParameterNode()
@@ -529,6 +593,21 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._timer.stop()
 
 
+def _modelName(model: str) -> str:
+    """A model's name for a title: a bundle path's file name without its ending."""
+    return Path(model).stem if ("/" in model or "\\" in model) else model
+
+
+def _escape(text: str) -> str:
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _cardHtml(rows) -> str:
+    """Model-card rows as a two-column table (a message box's proportional font breaks aligned text)."""
+    cells = "".join(f"<tr><td valign='top'><b>{_escape(h)}</b></td><td>{_escape(t)}</td></tr>" for h, t in rows)
+    return f"<table cellspacing='4'>{cells}</table>"
+
+
 #
 # Test (runs inside Slicer: Developer mode → Reload and Test, or `Slicer --testing --python-code ...`)
 #
@@ -569,12 +648,12 @@ class ReCoKDTest(ScriptedLoadableModuleTest):
             volume = logic.loadSample()
             before = slicer.mrmlScene.GetNumberOfNodes()
             self.delayDisplay("Segmenting")
-            node = logic.segment([volume], SAMPLE_MODEL, device="cpu", fast=True)
+            node = logic.segment([volume], SAMPLE_MODEL, device="cpu")
             self.assertEqual(node.GetName(), f"{SAMPLE_NAME} – {SAMPLE_MODEL}")
             self.assertEqual(node.GetSegmentation().GetNumberOfSegments(), 4)
             self.assertGreater(slicer.mrmlScene.GetNumberOfNodes(), before)
             with self.assertRaises(ReCoKDError):
-                logic.segment([volume, volume], SAMPLE_MODEL, device="cpu", fast=True)
+                logic.segment([volume, volume], SAMPLE_MODEL, device="cpu")
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         self.delayDisplay("Test passed")

@@ -400,6 +400,58 @@ class QFileDialog:
         raise AssertionError("a file dialog was opened without the user asking for one")
 
 
+class QMessageBox(QWidget):
+    """A message box that records what it showed and clicks the button a test chose.
+
+    Tests set ``QMessageBox.answers`` (button texts, one per box to come, e.g. ``["Segment anyway"]``);
+    a box with no answer left fails the test (the module asked something the test did not expect).
+    ``QMessageBox.shown`` collects ``(title, text, [button texts])`` of every box.
+    """
+
+    Ok, Cancel, Close = 0x400, 0x400000, 0x200000
+    AcceptRole, RejectRole = 0, 1
+    Information, Warning, Question = 1, 2, 4
+    _STANDARD = {Ok: "OK", Cancel: "Cancel", Close: "Close"}
+    answers: list = []
+    shown: list = []
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self._title, self._text, self._buttons, self._clicked, self.default = "", "", [], None, None
+
+    def setWindowTitle(self, title):
+        self._title = title
+
+    def setText(self, text):
+        self._text = text
+
+    def setIcon(self, icon):
+        self.icon = icon
+
+    def addButton(self, button, role=None):
+        button = QPushButton(self._STANDARD[button] if isinstance(button, int) else button)
+        self._buttons.append(button)
+        return button
+
+    def setDefaultButton(self, button):
+        self.default = button
+
+    def exec_(self):
+        texts = [b.text for b in self._buttons]
+        QMessageBox.shown.append((self._title, self._text, texts))
+        if not QMessageBox.answers:
+            raise AssertionError(f"unexpected message box {self._title!r} with buttons {texts}")
+        answer = QMessageBox.answers.pop(0)
+        assert answer in texts, f"{answer!r} is not a button of {self._title!r} ({texts})"
+        self._clicked = self._buttons[texts.index(answer)]
+        return 0
+
+    exec = exec_
+
+    def clickedButton(self):
+        return self._clicked
+
+
 # -- CTK and MRML widgets ------------------------------------------------------------------------
 
 
@@ -472,7 +524,7 @@ def _plain(name, base=QWidget):
 
 QT_CLASSES = {c.__name__: c for c in (QObject, QWidget, QLabel, QPushButton, QToolButton, QCheckBox, QSpinBox,
                                       QDoubleSpinBox, QSlider, QProgressBar, QComboBox, QLineEdit, QTextEdit,
-                                      QPlainTextEdit, QColor, QIcon, QTimer, QFileDialog)}
+                                      QPlainTextEdit, QColor, QIcon, QTimer, QFileDialog, QMessageBox)}
 CTK_CLASSES = {"ctkCollapsibleButton": ctkCollapsibleButton, "ctkPathLineEdit": ctkPathLineEdit,
                **{n: _plain(n) for n in ("ctkCheckBox", "ctkCheckablePushButton", "ctkSliderWidget", "ctkDoubleSlider",
                                          "ctkDoubleSpinBox", "ctkComboBox", "ctkRangeWidget", "ctkDoubleRangeSlider",

@@ -368,3 +368,24 @@ def test_a_run_far_longer_than_usual_is_refused_and_a_longer_one_warns():
         la.input_warnings(big, (1.25, 1.25, 1.25))
     lines = la.input_warnings(np.zeros((1, 88, 142, 96), np.float32), (1.25, 1.25, 1.25))
     assert any("windows" in line and "it will take that much longer" in line for line in lines), lines
+
+
+def test_a_front_end_that_asks_gets_every_finding_and_only_input_checks_are_skippable():
+    """confirm_warnings=True (3D Slicer's 'Segment anyway?'): the findings are raised together as an
+    InputCheckError before preprocessing; refusals are InputCheckErrors too (--force skips them), while an
+    error no --force can fix (mirror TTA on a model trained without mirroring) is a plain ReCoKDError."""
+    from ReCoKDLib.errors import InputCheckError
+
+    crop = np.random.default_rng(1).random((44, 71, 96), dtype=np.float32)
+    la = Predictor(SHIPPED / "la2018-left-atrium.recokd", device="cpu", confirm_warnings=True)
+    expected = la.input_warnings(crop[None], (3.0, 1.25, 1.25), "crop")
+    with pytest.raises(InputCheckError) as info:
+        la.preprocess(crop, (1.25, 1.25, 3.0), name="crop")  # SimpleITK's (x, y, z) order
+    assert info.value.lines == expected and len(expected) >= 1
+    la.preprocess(crop, (1.25, 1.25, 1.25), name="crop")  # nothing found: goes ahead
+    acdc = Predictor(SHIPPED / "acdc-heart.recokd", device="cpu")
+    with pytest.raises(InputCheckError, match="without physical spacing"):
+        acdc.preprocess(crop[:9], (1.5, 1.5, 10.0), name="frame")
+    with pytest.raises(ReCoKDError) as plain:
+        Predictor(SHIPPED / "acdc-heart.recokd", device="cpu", mirror_tta=True)
+    assert not isinstance(plain.value, InputCheckError)

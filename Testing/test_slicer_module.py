@@ -117,7 +117,7 @@ def test_segment_matches_predictor_in_volume_geometry(env):
 
     before = scene.GetNumberOfNodes()
     fractions = []
-    node = logic.segment([volume], env["bundle_path"], device="cpu", fast=True, progress=fractions.append)
+    node = logic.segment([volume], env["bundle_path"], device="cpu", progress=fractions.append)
     assert node is not None and node.GetName() == "CT – tiny"
     assert fractions and fractions[-1] == 1.0
     assert node.GetAttribute("ReCoKD.device") == "cpu" and float(node.GetAttribute("ReCoKD.seconds")) > 0
@@ -145,9 +145,9 @@ def test_wrong_number_of_volumes_is_refused(env):
     scene, volume, logic = env["scene"], env["volume"], env["logic"]
     before = scene.GetNumberOfNodes()
     with pytest.raises(module.ReCoKDError, match=r"needs 2 input volume\(s\) \(MRI0, MRI1\) but 1 were given"):
-        logic.segment([volume], env["bundle2_path"], device="cpu", fast=True)
+        logic.segment([volume], env["bundle2_path"], device="cpu")
     with pytest.raises(module.ReCoKDError, match="needs 1 input volume"):
-        logic.segment([volume, volume], env["bundle_path"], device="cpu", fast=True)
+        logic.segment([volume, volume], env["bundle_path"], device="cpu")
     with pytest.raises(module.ReCoKDError, match="device must be one of"):
         logic.segment([volume], env["bundle_path"], device="tpu")
     assert scene.GetNumberOfNodes() == before
@@ -163,7 +163,7 @@ def test_failed_job_leaves_scene_unchanged_with_one_message(env, tmp_path):
             dst.writestr(name, data[:-8] + b"corrupt!" if name == "weights.safetensors" else data)
     before = scene.GetNumberOfNodes()
     with pytest.raises(module.ReCoKDError) as info:
-        logic.segment([volume], broken, device="cpu", fast=True)
+        logic.segment([volume], broken, device="cpu")
     message = str(info.value)
     assert "sha256" in message and "\n" not in message
     assert scene.GetNumberOfNodes() == before
@@ -175,7 +175,7 @@ def test_cancel_kills_process_tree_and_leaves_scene(env):
     logic.debugDelay = 5.0  # seconds per window: the job cannot finish before we cancel
     finished = []
     try:
-        task = logic.segment([volume], env["bundle_path"], device="cpu", fast=True, wait=False, onFinished=finished.append)
+        task = logic.segment([volume], env["bundle_path"], device="cpu", wait=False, onFinished=finished.append)
     finally:
         logic.debugDelay = 0.0
     deadline = time.monotonic() + 120
@@ -380,6 +380,33 @@ def test_bridge_reports_errors_in_one_line(tmp_path, capsys):
     assert code == 2 and out[-1].startswith("ERROR ") and "does not exist" in out[-1]
 
 
+def test_bridge_asks_on_input_check_findings_and_force_skips_them(tmp_path, capsys):
+    """--ask: the findings as CHECK lines and status 3 before the network runs (nothing written); no flag:
+    warnings in the log and the labels written, as `recokd predict`; --force: no checks at all."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from ReCoKDLib.inference import slicer_bridge
+
+    model = Path(__file__).resolve().parents[1] / "ReCoKDLib" / "resources" / "models" / "la2018-left-atrium.recokd"
+    image = sitk.GetImageFromArray((np.random.default_rng(0).random((20, 64, 48)) * 100).astype(np.float32))
+    image.SetSpacing((1.25, 1.25, 3.0))  # 3 mm slices; the model saw at most 1.25 mm
+    sitk.WriteImage(image, str(tmp_path / "lge.nrrd"))
+    common = ["segment", "--model", str(model), "--inputs", str(tmp_path / "lge.nrrd"), "--device", "cpu", "--backend", "torch"]
+    code = slicer_bridge.main(common + ["--output", str(tmp_path / "a.nrrd"), "--ask"])
+    out = capsys.readouterr().out.splitlines()
+    checks = [line for line in out if line.startswith("CHECK ")]
+    assert code == 3 and checks and "far from the training range" in checks[0] and out[-1].startswith("ERROR ")
+    assert not (tmp_path / "a.nrrd").exists() and not any(line.startswith("PROGRESS 0.5") for line in out)
+    assert slicer_bridge.main(common + ["--output", str(tmp_path / "b.nrrd")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line[len("LOG warning: "):] for line in out if line.startswith("LOG warning: ")] == [c[6:] for c in checks]
+    assert (tmp_path / "b.nrrd").is_file()
+    assert slicer_bridge.main(common + ["--output", str(tmp_path / "c.nrrd"), "--force"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert not any("warning" in line for line in out) and (tmp_path / "c.nrrd").is_file()
+
+
 def test_dependency_check_installs_nothing_at_import():
     from ReCoKDSlicer import dependencies
 
@@ -424,7 +451,7 @@ import ReCoKDLib
 assert ReCoKDLib.__file__.startswith({str(checkout)!r}), ReCoKDLib.__file__
 volume = slicer.util.addVolumeFromArray(np.random.default_rng(0).random((10, 12, 14)).astype(np.float32), name="CT")
 logic = ReCoKD.ReCoKDLogic(modelsFolder={str(tmp_path / "models")!r}, registries=[])
-node = logic.segment([volume], {str(env["bundle_path"])!r}, device="cpu", fast=True)
+node = logic.segment([volume], {str(env["bundle_path"])!r}, device="cpu")
 print("SEGMENTS", node.GetSegmentation().GetNumberOfSegments())
 """)
     result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -553,7 +580,7 @@ def test_channels_under_different_transforms_are_refused_whichever_has_one(env):
             moved.SetAndObserveTransformNodeID(transform.GetID())
             before = scene.GetNumberOfNodes()
             with pytest.raises(module.ReCoKDError, match="under different transforms; harden the transforms"):
-                logic.segment([first, second], env["bundle2_path"], device="cpu", fast=True)
+                logic.segment([first, second], env["bundle2_path"], device="cpu")
             assert scene.GetNumberOfNodes() == before
             moved.SetAndObserveTransformNodeID(None)
     finally:
@@ -598,6 +625,8 @@ assert ReCoKD.LIBRARY_ERROR == "", ReCoKD.LIBRARY_ERROR
 logic = ReCoKD.ReCoKDLogic()
 print("MODELS", sorted(s.name for s in logic.availableModels()))
 print("INFO", logic.modelInfo("la2018-left-atrium").channelNames)
+import json
+print("CARD", json.dumps(logic.modelCardRows("acdc-heart")))
 print("SAMPLE", ReCoKD.samplePhantomPath().is_file())
 test = ReCoKD.ReCoKDTest()
 test.delayDisplay = lambda message: print("SAID", message)
@@ -614,6 +643,15 @@ print("CTEST", result.testsRun, len(result.skipped), len(result.failures) + len(
     out = result.stdout
     assert "'la2018-left-atrium'" in out and "'phantom-abdomen'" in out
     assert "INFO ['LGE-MRI']" in out and "SAMPLE True" in out
+    # the model card before PyTorch is installed is the card `recokd models acdc-heart` prints
+    import json
+
+    from ReCoKDLib.deployment.bundle import load_bundle
+    from ReCoKDLib.deployment.card import model_card
+
+    shown = json.loads(next(line for line in out.splitlines() if line.startswith("CARD "))[5:])
+    shipped = Path(__file__).resolve().parents[1] / "ReCoKDLib" / "resources" / "models" / "acdc-heart.recokd"
+    assert [tuple(row) for row in shown] == model_card(load_bundle(shipped))
     assert "SAID ReCoKDTest skipped: these Python packages are missing: torch, monai" in out
     assert "CTEST 1 1 0" in out
 

@@ -52,6 +52,7 @@ def gui(monkeypatch, tmp_path):
     scene = slicer.vtkMRMLScene()
     monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
     slicer_standins.QFileDialog.calls = []
+    slicer_standins.QMessageBox.answers, slicer_standins.QMessageBox.shown = [], []
     module = slicer_standins.load_module_fresh(monkeypatch, MODULE_FILE)
     assert module.ReCoKDParameterNode is not None, "the real parameterNodeWrapper was not picked up"
     return module, scene, errors
@@ -105,19 +106,25 @@ def test_setup_enter_change_exit_through_the_real_parameter_node_wrapper(gui):
     names = [s.name for s in widget._modelSources]
     assert "la2018-left-atrium" in names and "phantom-abdomen" in names
     assert p.model in names and ui.modelComboBox.currentIndex == names.index(p.model)
-    # the console's logic.segment() runs what the panel runs by default (Fast: no mirror TTA)
+    # the console's logic.segment() runs what the panel runs by default (no mirror TTA, input checks on)
     import inspect
 
-    assert ui.fastCheckBox.checked and p.fast is True
-    assert inspect.signature(type(widget.logic).segment).parameters["fast"].default is p.fast
+    defaults = inspect.signature(type(widget.logic).segment).parameters
+    assert not ui.ttaCheckBox.checked and p.tta is False and defaults["tta"].default is p.tta
+    assert not ui.skipInputChecksCheckBox.checked and p.skipInputChecks is False and defaults["force"].default is False
+    # the TTA option says what it costs for the selected model, or that the model has none
+    assert ui.ttaCheckBox.text == "Mirror test-time augmentation (not available: trained without mirroring)"
+    assert not ui.ttaCheckBox.enabled  # every shipped model was trained without mirroring
     # the model box shows the card's accuracy and terms, not one fold's test Dice
     assert "Intended use:" in ui.modelInfoLabel.text and "test Dice" not in ui.modelInfoLabel.text
     # GUI -> parameter node
     ui.kdMethodComboBox.currentIndex = list(module.KD_METHODS).index("cwd")
     ui.datasetPathLineEdit.currentPath = "/data/Dataset001_Liver"
     ui.widthFactorSpinBox.value = 8.0
-    ui.fastCheckBox.checked = False
-    assert (p.kdMethod, p.datasetFolder, p.widthFactor, p.fast) == ("cwd", "/data/Dataset001_Liver", 8.0, False)
+    ui.skipInputChecksCheckBox.checked = True
+    assert (p.kdMethod, p.datasetFolder, p.widthFactor, p.skipInputChecks) == ("cwd", "/data/Dataset001_Liver", 8.0, True)
+    p.tta = True  # e.g. a saved scene: the box stays enabled while checked, so it can be unchecked
+    assert ui.ttaCheckBox.checked and ui.ttaCheckBox.enabled
     # parameter node -> GUI
     p.epochs = 7
     p.device = "cpu"
@@ -175,6 +182,9 @@ def test_segment_button_runs_in_the_background_and_adds_named_coded_segments(gui
     ui.modelComboBox.currentIndex = names.index("tiny")
     assert p.model == "tiny" and p.inputVolume is volume
     assert ui.inputVolumeSelectorLabel.visible and not ui.inputVolumeSelector2Label.visible
+    # a model whose training augmentation is not recorded may mirror all three axes
+    assert ui.ttaCheckBox.text == "Mirror test-time augmentation (8x slower)" and ui.ttaCheckBox.enabled
+    slicer_standins.QMessageBox.answers = ["Segment"]  # its model card comes first
     ui.segmentButton.click()
     assert ui.segmentButton.text == "Cancel" and widget._timer.active
     deadline = time.monotonic() + 120
@@ -277,12 +287,12 @@ def test_console_segment_with_wait_keeps_the_gui_responsive(gui, tmp_path):
     volume = slicer.util.addVolumeFromArray(np.random.default_rng(1).random((10, 11, 12)).astype(np.float32), name="CT")
     logic = module.ReCoKDLogic(modelsFolder=tmp_path / "models", registries=[])
     before = slicer.app.processed
-    node = logic.segment([volume], bundle, device="cpu", fast=True)  # wait=True, as typed in the console
+    node = logic.segment([volume], bundle, device="cpu")  # wait=True, as typed in the console
     assert node is not None and slicer.app.processed > before
     # a job's error names the volume, not the temporary file it was written to
     flat = slicer.util.addVolumeFromArray(np.ones((10, 11, 12), np.float32), name="Flat")
     with pytest.raises(module.ReCoKDError, match=r"^volume 'Flat' channel 0 is constant") as info:
-        logic.segment([flat], bundle, device="cpu", fast=True)
+        logic.segment([flat], bundle, device="cpu")
     assert "/tmp" not in str(info.value) and "input_0000" not in str(info.value)
 
 
@@ -317,7 +327,117 @@ def test_sample_data_is_registered_at_startup_and_written_locally(gui, tmp_path,
     # the sample loads and is segmented by the shipped phantom model with its named, coded structures
     logic = module.ReCoKDLogic(modelsFolder=tmp_path / "models")
     volume = logic.loadSample()
-    node = logic.segment([volume], module.SAMPLE_MODEL, device="cpu", fast=True)
+    node = logic.segment([volume], module.SAMPLE_MODEL, device="cpu")
     segmentation = node.GetSegmentation()
     assert [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())] == \
         ["organ", "kidney", "vessel", "lesion"]
+
+
+def _run_timer(widget, seconds=180):
+    deadline = time.monotonic() + seconds
+    while widget._timer.active:
+        widget.onTimer()
+        assert time.monotonic() < deadline, "the segmentation never finished"
+        time.sleep(0.05)
+
+
+def test_the_model_card_comes_before_a_models_first_segment_and_stays_one_click_away(gui, tmp_path):
+    module, scene, errors = gui
+    boxes = slicer_standins.QMessageBox
+    slicer.util.addVolumeFromArray((np.random.default_rng(0).random((12, 14, 16)) * 100).astype(np.float32), name="CT")
+    models_folder = tmp_path / "home" / "models"
+    models_folder.mkdir(parents=True)
+    _tiny_bundle(models_folder)
+    widget = _new_widget(module)
+    ui, p = widget.ui, widget._parameterNode
+    p.model = "tiny"
+    # one click: the whole card, the same rows `recokd models` prints
+    boxes.answers = ["Close"]
+    ui.modelCardButton.click()
+    title, text, buttons = boxes.shown[-1]
+    from ReCoKDLib.deployment.bundle import load_bundle
+    from ReCoKDLib.deployment.card import model_card
+
+    assert title == "Model card: tiny" and buttons == ["Close"]
+    for heading, line in model_card(load_bundle(models_folder / "tiny.recokd")):
+        assert f"<b>{heading}</b></td><td>{module._escape(line)}</td>" in text, heading
+    # the first Segment shows it first; Cancel runs nothing and is asked again next time
+    boxes.answers = ["Cancel"]
+    ui.segmentButton.click()
+    assert boxes.shown[-1][0] == "Model card: tiny" and boxes.shown[-1][2] == ["Segment", "Cancel"]
+    assert "intended use" in boxes.shown[-1][1] and widget.logic.segmentationTask is None
+    assert ui.segmentButton.text == "Segment" and not widget._timer.active
+    boxes.answers = ["Segment"]
+    ui.segmentButton.click()
+    _run_timer(widget)
+    assert errors == [] and scene.GetFirstNodeByName("CT – tiny") is not None
+    # seen once: the next Segment asks nothing (an unexpected box fails the stand-in), in a new panel too
+    shown = len(boxes.shown)
+    widget2 = _new_widget(module)
+    widget2._parameterNode.model = "tiny"
+    widget2.ui.segmentButton.click()
+    _run_timer(widget2)
+    assert len(boxes.shown) == shown and errors == []
+    # a changed card is a new card
+    from ReCoKDLib.deployment.bundle import bundle_from_network
+
+    plans = tiny_plans(num_classes=3, spacing=(1.0, 1.0, 1.0))
+    changed = bundle_from_network(tiny_network(plans, seed=3), plans, "tiny")
+    changed.manifest["card"] = {"limitations": "a new finding"}
+    changed.save(models_folder / "tiny.recokd", overwrite=True)
+    widget2._modelInfoCache = (None, None)
+    assert not widget2.logic.modelCardSeen("tiny")
+
+
+def test_input_check_findings_ask_segment_anyway_or_cancel(gui, tmp_path):
+    """A volume unlike the model's training data (la2018-left-atrium: 1.25 mm crops around the atrium; here
+    3 mm slices) stops before the network runs, with the findings and 'Segment anyway' / 'Cancel'."""
+    module, scene, errors = gui
+    boxes = slicer_standins.QMessageBox
+    rng = np.random.default_rng(2)
+    volume = slicer.util.addVolumeFromArray((rng.random((20, 64, 48)) * 100).astype(np.float32), name="LGE")
+    volume.SetSpacing(1.25, 1.25, 3.0)  # x, y, z: the slices are 3 mm apart, training's at most 1.25
+    widget = _new_widget(module)
+    ui, p = widget.ui, widget._parameterNode
+    p.model, p.inputVolume = "la2018-left-atrium", volume
+    boxes.answers = ["Segment", "Cancel"]  # the card, then the findings
+    ui.segmentButton.click()
+    _run_timer(widget)
+    title, text, buttons = boxes.shown[-1]
+    assert title == "The input is unlike the model's training data" and buttons == ["Segment anyway", "Cancel"]
+    assert "volume 'LGE'" in text and "far from the training range" in text and "/tmp" not in text
+    assert scene.GetFirstNodeByName("LGE – la2018-left-atrium") is None and errors == []
+    assert "cancelled after the input checks" in ui.statusLabel.text and ui.segmentButton.text == "Segment"
+    # Segment anyway: the same request again, without the checks
+    boxes.answers = ["Segment anyway"]
+    ui.segmentButton.click()
+    _run_timer(widget)  # the findings again, answered; then the segmentation itself
+    assert errors == [] and not boxes.answers  # run with --force: a second question would have failed the stand-in
+    assert scene.GetFirstNodeByName("LGE – la2018-left-atrium") is not None
+    # the checkbox skips the checks up front: no question at all
+    p.skipInputChecks = True
+    ui.segmentButton.click()
+    _run_timer(widget)
+    assert len([n for n in scene.GetNodesByClass("vtkMRMLSegmentationNode")]) == 2 and errors == []
+    assert not boxes.answers
+
+
+def test_a_spacing_less_model_refuses_a_real_spacing_volume_in_one_line_in_the_console(gui, tmp_path):
+    """acdc-heart was trained without physical spacing: a scan with its scanner spacing is refused (it scored
+    0.465) unless forced; the message speaks of the console's force=True, not of --force."""
+    module, scene, errors = gui
+    volume = slicer.util.addVolumeFromArray(np.random.default_rng(3).random((8, 40, 40)).astype(np.float32), name="Cine")
+    volume.SetSpacing(1.5, 1.5, 10.0)
+    logic = module.ReCoKDLogic(modelsFolder=tmp_path / "models")
+    with pytest.raises(module.ReCoKDError) as info:
+        logic.segment([volume], "acdc-heart", device="cpu")
+    message = str(info.value)
+    assert "without physical spacing" in message and "force=True" in message and "--force" not in message
+    assert "\n" not in message and scene.GetFirstNodeByClass("vtkMRMLSegmentationNode") is None
+    # confirmWarnings: the same finding, as the panel's question would show it
+    task = logic.segment([volume], "acdc-heart", device="cpu", confirmWarnings=True, wait=False)
+    while task.poll() == "running":
+        time.sleep(0.05)
+    assert len(task.inputWarnings) == 1 and "without physical spacing" in task.inputWarnings[0]
+    node = logic.segment([volume], "acdc-heart", device="cpu", force=True)
+    assert node is not None

@@ -37,7 +37,7 @@ def main(output: Path) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         logic = ReCoKD.ReCoKDLogic(scene=scene, modelsFolder=Path(tmp) / "models")
         volume = logic.loadSample()
-        node = logic.segment([volume], ReCoKD.SAMPLE_MODEL, device="cpu", fast=True)
+        node = logic.segment([volume], ReCoKD.SAMPLE_MODEL, device="cpu")
     image = slicer.util.arrayFromVolume(volume)
     seg_logic = slicer.vtkSlicerSegmentationsModuleLogic()
     seg_logic.SetMRMLScene(scene)

@@ -8,7 +8,7 @@ caller's thread (Slicer's GUI calls it from a ``QTimer``), so nothing ever block
 node is touched off the main thread.
 
 stdout lines follow the protocol of :mod:`ReCoKDLib.inference.slicer_bridge` (``PROGRESS``, ``DEVICE``,
-``MODEL``, ``LOG``, ``DONE``, ``ERROR``); any other line is kept as log text.
+``MODEL``, ``LOG``, ``CHECK``, ``DONE``, ``ERROR``); any other line is kept as log text.
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ class BackgroundJob:
 
     Attributes (updated by :meth:`poll`): ``state`` (running / succeeded / failed / cancelled),
     ``progress`` (0..1), ``device``, ``model`` (the bundle file used), ``result`` (the ``DONE`` payload), ``error`` (one line),
+    ``checks`` (the input checks' findings, ``CHECK`` lines: the job stopped before running the network),
     ``lines`` (all output lines), ``elapsed`` (seconds).
     """
 
@@ -92,6 +93,7 @@ class BackgroundJob:
         self.model = ""
         self.result = ""
         self.error = ""
+        self.checks: list[str] = []
         self.lines: list[str] = []
         self.process: subprocess.Popen | None = None
         self._queue: queue.Queue = queue.Queue()
@@ -158,6 +160,8 @@ class BackgroundJob:
             self.model = text.strip()
         elif kind == "DONE":
             self.result = text.strip()
+        elif kind == "CHECK":
+            self.checks.append(text.strip())
         elif kind == "ERROR":
             self.error = text.strip()
 

@@ -103,10 +103,19 @@ def samplePhantomPath(folder=None) -> Path:
 
 
 class SegmentationTask:
-    """A running segmentation: the background job plus what is needed to build the result node."""
+    """A running segmentation: the background job plus what is needed to build the result node.
 
-    def __init__(self, logic, job, volumeNodes, info, modelName, tmpdir, output, onFinished=None):
+    ``inputWarnings``: when the task was started with ``confirmWarnings`` and the input checks found the
+    input unlike the model's training data, the findings (one line each): the job stopped before running
+    the network, and :meth:`ReCoKDLogic.segmentAnyway` runs it again without the checks. ``warnings``: the
+    checks' findings of a task that went on regardless (the console's default, as ``recokd predict``).
+    """
+
+    def __init__(self, logic, job, volumeNodes, info, modelName, tmpdir, output, onFinished=None, request=None):
         self.logic = logic
+        self.request = dict(request or {})  # segment()'s arguments, for segmentAnyway()
+        self.inputWarnings: list[str] = []
+        self.warnings: list[str] = []
         self.job = job
         self.volumeNodes = volumeNodes
         self.info = info
@@ -138,6 +147,12 @@ class SegmentationTask:
                 self.segmentationNode.SetAttribute("ReCoKD.device", self.job.device or "")
                 self.segmentationNode.SetAttribute("ReCoKD.seconds", f"{self.job.elapsed:.2f}")
                 self.segmentationNode.SetAttribute("ReCoKD.model", self.modelName)
+                self.warnings = [self._userMessage(line.partition("warning: ")[2]) for line in self.job.lines
+                                 if line.startswith("LOG warning: ")]
+                if self.warnings:
+                    self.message += f"; {len(self.warnings)} input warning(s): " + " ".join(self.warnings)
+                    for line in self.warnings:
+                        log.warning(line)
             except Exception as exc:  # noqa: BLE001 - the scene is left as it was
                 if self.segmentationNode is not None:
                     self.logic.scene.RemoveNode(self.segmentationNode)
@@ -147,6 +162,8 @@ class SegmentationTask:
         if self.job.finished:
             if self.job.state != SUCCEEDED:
                 self.message = self._userMessage(self.job.error)
+                if self.job.checks and self.request.get("confirmWarnings"):
+                    self.inputWarnings = [self._userMessage(line) for line in self.job.checks]
             self.logic.lastMessage = self.message
             self._cleanup()
             if self.onFinished is not None:
@@ -154,9 +171,12 @@ class SegmentationTask:
         return self.job.state
 
     def _userMessage(self, text: str) -> str:
-        """The job speaks of its temporary input files; the user knows the volumes."""
+        """The job speaks of its temporary input files and the command line's options; the user knows the
+        volumes and the panel (or the console's arguments)."""
         for i, node in enumerate(self.volumeNodes):
             text = text.replace(str(Path(self.tmpdir) / f"input_{i:04d}.nrrd"), f"volume '{node.GetName()}'")
+        for option, here in _OPTIONS_HERE:
+            text = text.replace(option, here)
         return text
 
     def cancel(self) -> None:
@@ -172,6 +192,12 @@ class SegmentationTask:
         shutil.rmtree(self.tmpdir, ignore_errors=True)
         if self.logic.segmentationTask is self:
             self.logic.segmentationTask = None
+
+
+#: the library's advice names command-line options; in Slicer they are a checkbox (or an argument)
+_OPTIONS_HERE = (("pass --force to segment it anyway", "tick 'Skip input checks' (force=True in the console) to "
+                  "segment it anyway"),
+                 ("run it without --tta", "untick 'Mirror test-time augmentation' (tta=False in the console)"))
 
 
 class TrainingTask:
@@ -361,6 +387,57 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         except ValueError as exc:
             raise ReCoKDError(str(exc)) from None
 
+    def modelCardRows(self, model) -> list:
+        """The model card as (heading, text) rows: the input it expects, training data, accuracy and how it
+        was measured, known limitations, intended use and licence (what ``recokd models NAME`` prints)."""
+        source = self._resolve(model)
+        info = self.modelInfo(source)
+        if info is not None and info.cardRows:
+            return list(info.cardRows)
+        return [("model", f"{source.name}: {source.description or 'no description'}"),
+                ("model card", "shown once the model is fetched (on its first Segment)")]
+
+    def modelCard(self, model) -> str:
+        """:meth:`modelCardRows` as aligned text lines (for the console)."""
+        rows = self.modelCardRows(model)
+        width = max(len(h) for h, _ in rows)
+        return "\n".join(f"{h:<{width}}  {t}" for h, t in rows)
+
+    def _cardsFile(self) -> Path:
+        return Path(self.modelsFolder) / ".seen-model-cards.json"
+
+    def _cardKey(self, model) -> str:
+        import hashlib
+
+        text = self.modelCard(model)
+        return f"{self._resolve(model).name}:{hashlib.sha256(text.encode('utf-8')).hexdigest()[:16]}"
+
+    def modelCardSeen(self, model) -> bool:
+        """Whether this user has been shown this model's card (this very card: a changed card counts as new)."""
+        try:
+            seen = json.loads(self._cardsFile().read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(seen, list) and self._cardKey(model) in seen
+
+    def markModelCardSeen(self, model) -> None:
+        """Remember that the card was shown (per user, in the models folder), so it is not shown before
+        every Segment; it stays one click away (*Model card*)."""
+        from ReCoKDLib.utils.io import atomic_write_text
+
+        try:
+            seen = json.loads(self._cardsFile().read_text(encoding="utf-8"))
+            seen = seen if isinstance(seen, list) else []
+        except (OSError, ValueError):
+            seen = []
+        key = self._cardKey(model)
+        if key not in seen:
+            self._cardsFile().parent.mkdir(parents=True, exist_ok=True)
+            try:
+                atomic_write_text(self._cardsFile(), json.dumps(seen + [key], indent=1) + "\n")
+            except Exception as exc:  # noqa: BLE001 - not remembering only means the card is shown again
+                self._warn(f"could not remember that the model card was shown ({exc})")
+
     # -- segmentation -----------------------------------------------------------------------------
     def inputVolumes(self, parameterNode) -> list:
         """The parameter node's input volumes, channel order, up to the model's number of channels."""
@@ -373,22 +450,37 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         return [v for v in volumes[:count] if v is not None]
 
     def segmentWithParameters(self, parameterNode, wait=False, progress=None, onFinished=None):
-        """:meth:`segment` with the inputs, model, device and *Fast* of the parameter node (the Segment button)."""
+        """:meth:`segment` with the inputs, model, device, test-time augmentation and input-check choice of the
+        parameter node (the Segment button); input-check warnings stop it for the user's answer
+        (``confirmWarnings``; the panel offers *Segment anyway*, see :meth:`segmentAnyway`)."""
         if not parameterNode.model:
             raise ReCoKDError("select a model (or 'Load from file…')")
         return self.segment(self.inputVolumes(parameterNode), parameterNode.model, device=parameterNode.device,
-                            fast=parameterNode.fast, wait=wait, progress=progress, onFinished=onFinished)
+                            tta=parameterNode.tta, force=parameterNode.skipInputChecks, confirmWarnings=True,
+                            wait=wait, progress=progress, onFinished=onFinished)
 
-    def segment(self, volumeNodes, model, device="auto", fast=True, wait=True, progress=None, onFinished=None):
+    def segmentAnyway(self, task, wait=False, progress=None, onFinished=None):
+        """Run a task that stopped on input-check warnings again, without the checks (*Segment anyway*)."""
+        request = dict(task.request, force=True, confirmWarnings=False)
+        return self.segment(**request, wait=wait, progress=progress, onFinished=onFinished)
+
+    def segment(self, volumeNodes, model, device="auto", tta=False, force=False, confirmWarnings=False, wait=True,
+                progress=None, onFinished=None):
         """Segment ``volumeNodes`` (one per model channel) with ``model``.
+
+        Before the network runs, the input is checked against the model's training data (spacing, field of
+        view, size, intensities: ``recokd predict``'s checks). An input the model cannot work on is refused
+        in one line; the other findings are logged, the segmentation goes on, and ``task.warnings`` lists them.
 
         Args:
             volumeNodes: a scalar volume node or a list of them (channel order of the model).
             model: bundle path, model name (registry / models folder), or a ModelSource.
             device: ``auto`` (GPU when available, else CPU), ``cpu`` or ``cuda``.
-            fast: no mirror test-time augmentation (the panel's default too). ``False`` mirrors along the axes
-                the model was trained mirrored along (2^n x slower); a model trained without mirroring
-                refuses it in one line.
+            tta: mirror test-time augmentation along the axes the model was trained mirrored along (2^n x
+                slower); a model trained without mirroring refuses it in one line. Off by default, as in the panel.
+            force: skip the input checks (the panel's *Skip input checks*; ``recokd predict --force``).
+            confirmWarnings: stop before the network runs when the checks find anything, with the findings in
+                ``task.inputWarnings`` (``wait=True``: raised as one ReCoKDError); :meth:`segmentAnyway` goes on.
             wait: block until done and return the segmentation node (the GUI keeps processing events);
                 else return a :class:`SegmentationTask` to :meth:`poll` (and ``cancel()``).
             progress: ``progress(fraction)`` called while waiting.
@@ -397,6 +489,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         Raises:
             ReCoKDError: a one-line reason; the scene is left unchanged.
         """
+        request = dict(volumeNodes=volumeNodes, model=model, device=device, tta=tta, force=force,
+                       confirmWarnings=confirmWarnings)
         _requireLibrary()
         if self.segmentationTask is not None and self.segmentationTask.state == RUNNING:
             raise ReCoKDError("a segmentation is already running; wait for it or cancel it")
@@ -430,15 +524,19 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             command += ["--registry-entry", json.dumps(source.entry), "--registry-base", source.base]
         else:
             command += ["--model", str(local)]
-        if not fast:
+        if tta:
             command.append("--tta")
+        if force:
+            command.append("--force")
+        elif confirmWarnings:
+            command.append("--ask")
         command += ["--backend", self.backend]
         if self.debugDelay:
             command += ["--debug-delay", str(self.debugDelay)]
         job = BackgroundJob(command, env=_jobEnvironment(), name="segmentation")
         bundleInfo = info if info is not None and info.labels else None  # else read from the fetched bundle
         task = SegmentationTask(self, job, volumeNodes, bundleInfo, info.name if info else source.name, tmpdir, output,
-                                onFinished=onFinished)
+                                onFinished=onFinished, request=request)
         try:
             job.start()
         except OSError as exc:
@@ -460,6 +558,9 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         except BaseException:  # e.g. Ctrl-C in a headless script: never leave the process running
             task.cancel()
             raise
+        if task.inputWarnings:
+            raise ReCoKDError("the input is unlike the model's training data: " + " ".join(task.inputWarnings)
+                              + "; segment with force=True to go on anyway")
         if task.state != SUCCEEDED:
             raise ReCoKDError(task.message or "segmentation failed")
         if progress is not None:

@@ -63,6 +63,19 @@ class BundleInfo:
     channelNames: list[str]
     provenance: dict = field(default_factory=dict)
     card: dict = field(default_factory=dict)  # the author's model-card statements (recokd export --card)
+    cardRows: list = field(default_factory=list)  # the whole model card, (heading, text) rows; [] when not known yet
+    mirrorAxes: Any = None  # the axes the network saw mirrored in training; () none; None not known
+
+    @property
+    def cardText(self) -> str:
+        """The model card as aligned lines (as ``recokd models NAME`` prints it); "" when not known yet."""
+        width = max((len(h) for h, _ in self.cardRows), default=0)
+        return "\n".join(f"{h:<{width}}  {t}" for h, t in self.cardRows)
+
+    @property
+    def ttaFactor(self) -> int:
+        """How many times slower mirror test-time augmentation makes it (1: not available)."""
+        return 2 ** len(self.mirrorAxes) if self.mirrorAxes else (1 if self.mirrorAxes == () else 8)
 
     @property
     def numChannels(self) -> int:
@@ -226,19 +239,25 @@ def scanModelsFolder(folder: str | Path) -> list[ModelSource]:
     return sources
 
 
-def _readManifest(path: Path) -> dict:
+def _readManifest(path: Path) -> tuple[dict, dict]:
+    """``bundle.json`` and ``plans.json`` of a bundle file or folder (a run folder: its run.json's view)."""
     if path.is_dir():
         if (path / "bundle.json").is_file():
-            return json.loads((path / "bundle.json").read_text(encoding="utf-8"))
+            plans = path / "plans.json"
+            return (json.loads((path / "bundle.json").read_text(encoding="utf-8")),
+                    json.loads(plans.read_text(encoding="utf-8")) if plans.is_file() else {})
         if (path / "run.json").is_file():  # a training run folder: labels and channels from the run
             run = json.loads((path / "run.json").read_text(encoding="utf-8"))
             plans = json.loads((path / "plans.json").read_text(encoding="utf-8")) if (path / "plans.json").is_file() else {}
             labels = run.get("labels") or plans.get("labels") or {}
-            return {"name": path.name, "labels": labels, "colors": run.get("colors") or {},
-                    "channel_names": run.get("channel_names") or plans.get("channel_names") or {"0": "image"}}
+            return ({"name": path.name, "role": "training run", "labels": labels, "colors": run.get("colors") or {},
+                     "channel_names": run.get("channel_names") or plans.get("channel_names") or {"0": "image"},
+                     "provenance": {"config": run.get("config") or {}}}, plans)
         raise ValueError(f"{path} is neither a bundle folder nor a training run folder")
     with zipfile.ZipFile(path) as zf:
-        return json.loads(zf.read("bundle.json").decode("utf-8"))
+        names = set(zf.namelist())
+        return (json.loads(zf.read("bundle.json").decode("utf-8")),
+                json.loads(zf.read("plans.json").decode("utf-8")) if "plans.json" in names else {})
 
 
 def readBundleInfo(path: str | Path) -> BundleInfo:
@@ -252,7 +271,7 @@ def readBundleInfo(path: str | Path) -> BundleInfo:
     if not path.exists():
         raise ValueError(f"model {path} does not exist; check the path")
     try:
-        manifest = _readManifest(path)
+        manifest, plans = _readManifest(path)
     except (OSError, KeyError, zipfile.BadZipFile, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path} is not a ReCoKD model bundle ({exc}); export one with recokd export") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("labels"), dict) or not manifest["labels"]:
@@ -263,5 +282,22 @@ def readBundleInfo(path: str | Path) -> BundleInfo:
     channelNames = [str(channels[k]) for k in sorted(channels, key=lambda s: int(s))]
     provenance = manifest.get("provenance") if isinstance(manifest.get("provenance"), dict) else {}
     card = manifest.get("card") if isinstance(manifest.get("card"), dict) else {}
+    cardRows, mirrorAxes = _card(manifest, plans if isinstance(plans, dict) else {}, path)
     return BundleInfo(name=str(manifest.get("name") or path.stem), labels=labels, channelNames=channelNames,
-                      provenance=provenance, card=card)
+                      provenance=provenance, card=card, cardRows=cardRows, mirrorAxes=mirrorAxes)
+
+
+def _card(manifest: dict, plans: dict, path: Path) -> tuple[list, Any]:
+    """The model card's rows and the trained mirror axes, torch-free; a card that cannot be derived (an
+    odd plan) is said so in its one row rather than breaking the model list."""
+    try:
+        from ReCoKDLib.data.augmentation import trained_mirror_axes
+        from ReCoKDLib.deployment.card import card_rows
+
+        config = (manifest.get("provenance") or {}).get("config") or {}
+        mirrorAxes = (tuple(int(a) for a in manifest["mirror_axes"]) if "mirror_axes" in manifest
+                      else trained_mirror_axes(config.get("augment"), config.get("patch_size")))
+        return card_rows(manifest, plans, mirrorAxes), mirrorAxes
+    except Exception as exc:  # noqa: BLE001 - the list must stay usable; the background process checks fully
+        log.warning(f"model card of {path} not shown: {exc}")
+        return [("model card", f"cannot be shown ({exc}); re-export the model with recokd export")], None

@@ -38,6 +38,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
 from .. import __version__
+from ..data.augmentation import trained_mirror_axes
 from ..data.planning import Plans
 from ..errors import ReCoKDError
 from ..utils.io import atomic_write, read_json
@@ -280,19 +281,6 @@ def _save_folder(path: Path, members: dict[str, bytes]) -> None:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(aside, ignore_errors=True)
-
-
-def trained_mirror_axes(augment: Any, patch_size: Any = None) -> tuple[int, ...] | None:
-    """The axes a training with augmentation ``augment`` (a preset name, or run.json's older ``True`` /
-    ``False``) mirrored; ``None`` when ``augment`` is not recorded or not known."""
-    from ..data.loader import AUGMENT_PRESETS, AugmentConfig
-
-    if isinstance(augment, bool):
-        augment = "nnunet" if augment else "none"
-    if augment not in AUGMENT_PRESETS:
-        return None
-    config = AugmentConfig.preset(augment, tuple(patch_size) if patch_size else None)
-    return tuple(config.mirror_axes) if config.enabled else ()
 
 
 def _is_bundle_file(path: Path) -> bool:

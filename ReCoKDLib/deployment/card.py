@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..data.augmentation import trained_mirror_axes
 from ..errors import ReCoKDError
 
-__all__ = ["CARD_FIELDS", "DEFAULT_INTENDED_USE", "check_card", "model_card", "format_card"]
+__all__ = ["CARD_FIELDS", "DEFAULT_INTENDED_USE", "check_card", "model_card", "card_rows", "format_card", "format_rows"]
 
 #: what ``--card`` may state (each a string): shown as given, above the derived facts
 CARD_FIELDS = ("intended_use", "modality", "field_of_view", "intensities", "training_data", "accuracy",
@@ -40,44 +41,62 @@ def _mm(values: Any) -> str:
 
 
 def model_card(bundle: Any) -> list[tuple[str, str]]:
-    """The card of ``bundle`` as (heading, text) rows: the author's statements first, then what the bundle's
-    plan, fingerprint and provenance show."""
-    manifest, plans = bundle.manifest, bundle.plans
+    """The card of ``bundle`` (a :class:`~ReCoKDLib.deployment.bundle.Bundle`) as (heading, text) rows: the
+    author's statements first, then what the bundle's plan, fingerprint and provenance show."""
+    return card_rows(bundle.manifest, bundle.plans.to_dict(), bundle.mirror_axes)
+
+
+def card_rows(manifest: dict[str, Any], plans: dict[str, Any], mirror_axes: Any = "derive") -> list[tuple[str, str]]:
+    """:func:`model_card` from a bundle's ``bundle.json`` and ``plans.json`` as plain dicts, without PyTorch
+    (what the 3D Slicer module shows before the network's libraries are installed).
+
+    Args:
+        mirror_axes: the axes the network saw mirrored in training (``None``: unknown); by default taken
+            from the manifest, else derived from the training augmentation in its provenance.
+    """
     stated = dict(manifest.get("card") or {})
-    fp = plans.fingerprint or {}
-    prov = bundle.provenance
+    fp = plans.get("fingerprint") or {}
+    prov = dict(manifest.get("provenance") or {})
     config = prov.get("config") or {}
-    rows: list[tuple[str, str]] = [("model", f"{bundle.name} ({bundle.role}): {manifest.get('description', '')}".rstrip(": "))]
+    if mirror_axes == "derive":
+        mirror_axes = (tuple(int(a) for a in manifest["mirror_axes"]) if "mirror_axes" in manifest
+                       else trained_mirror_axes(config.get("augment"), config.get("patch_size")))
+    target = [float(t) for t in plans.get("target_spacing") or (1.0, 1.0, 1.0)]
+    median = [float(m) for m in plans.get("median_shape") or (0, 0, 0)]
+    name, role = manifest.get("name", "model"), manifest.get("role", "model")
+    rows: list[tuple[str, str]] = [("model", f"{name} ({role}): {manifest.get('description', '')}".rstrip(": "))]
     rows.append(("intended use", stated.get("intended_use", DEFAULT_INTENDED_USE)))
-    channels = ", ".join(f"{i}: {n}" for i, n in sorted(bundle.channel_names.items()))
-    rows.append(("input", stated.get("modality", f"{len(bundle.channel_names)} channel(s) ({channels})")))
+    names = {int(k): str(v) for k, v in (manifest.get("channel_names") or plans.get("channel_names") or {"0": "image"}).items()}
+    channels = ", ".join(f"{i}: {n}" for i, n in sorted(names.items()))
+    rows.append(("input", stated.get("modality", f"{len(names)} channel(s) ({channels})")))
     low, high = fp.get("min_spacing"), fp.get("max_spacing")
     if low and high and all(abs(float(v) - 1.0) < 1e-6 for v in (*low, *high)):
         spacing = ("1 x 1 x 1 in every training case: the training images had no physical spacing (voxel units); "
                    "give images with spacing 1 x 1 x 1 at the training resolution")
     elif low and high:
-        spacing = f"trained at {_mm(plans.target_spacing)} mm (D x H x W); training cases {_mm(low)} to {_mm(high)} mm"
+        spacing = f"trained at {_mm(target)} mm (D x H x W); training cases {_mm(low)} to {_mm(high)} mm"
     else:
-        spacing = f"trained at {_mm(plans.target_spacing)} mm (D x H x W)"
+        spacing = f"trained at {_mm(target)} mm (D x H x W)"
     rows.append(("spacing", spacing))
     small, large = fp.get("min_shape_after_crop"), fp.get("max_shape_after_crop")
     unit = "voxels" if spacing.startswith("1 x 1 x 1 in every") else "mm"
-    view = f"median training case {_mm(v * s for v, s in zip(plans.median_shape, plans.target_spacing))} {unit}"
+    view = f"median training case {_mm(v * s for v, s in zip(median, target))} {unit}"
     if small and large:
-        view += (f" ({_mm(v * s for v, s in zip(small, plans.target_spacing))} to "
-                 f"{_mm(v * s for v, s in zip(large, plans.target_spacing))} {unit})")
+        view += (f" ({_mm(v * s for v, s in zip(small, target))} to "
+                 f"{_mm(v * s for v, s in zip(large, target))} {unit})")
     rows.append(("field of view", stated.get("field_of_view", view) + ("" if "field_of_view" not in stated else f"; {view}")))
-    schemes = ", ".join(f"{n.scheme}" + (f" (clipped to {n.lower:g}..{n.upper:g})" if n.scheme == "ct" else " (per image)")
-                        for n in plans.normalisation)
+    schemes = ", ".join(f"{n['scheme']}" + (f" (clipped to {float(n['lower']):g}..{float(n['upper']):g})"
+                                             if n["scheme"] == "ct" else " (per image)")
+                        for n in plans.get("normalisation") or [])
     rows.append(("intensities", stated.get("intensities", f"normalised: {schemes}")))
     cases = fp.get("num_cases")
     iterations = (config.get("epochs") or 0) * (config.get("iters_per_epoch") or 0)
-    trained = [f"dataset {prov.get('dataset_name') or plans.dataset_name}" + (f", {cases} cases" if cases else "")]
+    trained = [f"dataset {prov.get('dataset_name') or plans.get('dataset_name', 'not recorded')}" + (f", {cases} cases" if cases else "")]
     if prov.get("method"):
         trained.append(f"distilled with {prov['method']} (width factor {prov.get('width_factor')})")
     if iterations:
         trained.append(f"{iterations} iterations")
-    mirrored = getattr(bundle, "mirror_axes", None)
+    mirrored = mirror_axes
     trained.append("augmentation " + str(config.get("augment", "not recorded")) +
                    ("" if mirrored is None else f"; mirrored along {list(mirrored)}" if mirrored else "; never mirrored"))
     rows.append(("training", stated.get("training_data", "; ".join(trained))))
@@ -108,6 +127,10 @@ def model_card(bundle: Any) -> list[tuple[str, str]]:
 
 def format_card(bundle: Any) -> str:
     """The card as aligned text lines (``recokd models NAME``, ``recokd predict --info``)."""
-    rows = model_card(bundle)
+    return format_rows(model_card(bundle))
+
+
+def format_rows(rows: list[tuple[str, str]]) -> str:
+    """(heading, text) rows as aligned text lines."""
     width = max(len(h) for h, _ in rows)
     return "\n".join(f"{h:<{width}}  {t}" for h, t in rows)

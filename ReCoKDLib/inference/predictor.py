@@ -40,7 +40,7 @@ from torch import nn
 from ..deployment.bundle import Bundle, open_model
 from ..data.datasets import LoadedCase, read_image, split_file_ending
 from ..data.preprocessing import preprocess_case, restore_label
-from ..errors import ReCoKDError
+from ..errors import InputCheckError, ReCoKDError
 from ..utils.geometry import IDENTITY_DIRECTION, ImageGeometry
 from ..utils.geometry import lps_geometry_from_ijk_to_ras as geometry_from_ijk_to_ras
 from ..utils.io import atomic_write_image
@@ -196,8 +196,11 @@ class Predictor:
         network: run this module instead of the bundle's network (same inputs and outputs; e.g. an
             ONNX Runtime session wrapper, see :mod:`ReCoKDLib.inference.export`).
         log: where messages go (default: print to stderr).
-        check_spacing: refuse inputs whose spacing would resample them to an absurd size for the model
-            (:meth:`check_resampled_size`); ``False`` (``recokd predict --force``) segments them anyway.
+        check_spacing: check inputs against the model's training data before segmenting them: refuse those
+            it cannot work on (:meth:`check_resampled_size`, :meth:`input_warnings`), warn about the others;
+            ``False`` (``recokd predict --force``) skips the checks and segments anyway.
+        confirm_warnings: raise :class:`~ReCoKDLib.errors.InputCheckError` with all the warnings instead of
+            logging them and going on (a front-end that asks "segment anyway?", as 3D Slicer's module does).
         postprocess: one of :data:`~ReCoKDLib.inference.postprocessing.POSTPROCESSING`; ``None`` (default):
             the bundle's choice (``none`` for bundles that record none).
         backend: ``"torch"`` (default), ``"onnxruntime"`` (CPU; the bundle's ONNX graph, cached) or ``"auto"``
@@ -229,6 +232,7 @@ class Predictor:
         network: Any = None,
         log: Callable[[str], None] | None = None,
         check_spacing: bool = True,
+        confirm_warnings: bool = False,
         postprocess: str | None = None,
         backend: str = "torch",
         blend: str | None = None,
@@ -255,6 +259,7 @@ class Predictor:
         self.progress = progress
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.check_spacing = bool(check_spacing)
+        self.confirm_warnings = bool(confirm_warnings)
         if backend not in BACKENDS:
             raise ReCoKDError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         # the network is built (and an ONNX graph exported) on first use: a refused input costs nothing
@@ -444,7 +449,10 @@ class Predictor:
         case = LoadedCase(image=orient.apply(array), label=None, geometry=reoriented, case_id=name)
         if self.check_spacing:
             self.check_resampled_size(case.image.shape[1:], reoriented.spacing_dhw, name)
-            for line in self.input_warnings(case.image, reoriented.spacing_dhw, name):
+            lines = self.input_warnings(case.image, reoriented.spacing_dhw, name)
+            if lines and self.confirm_warnings:
+                raise InputCheckError(lines)
+            for line in lines:
                 self.log(f"warning: {line}")
         return orient, preprocess_case(case, self.plans)
 
@@ -464,7 +472,7 @@ class Predictor:
         if low and high:
             if all(abs(float(a) - 1.0) < 1e-6 for a in (*low, *high)) and any(abs(s - 1.0) > 1e-3 for s in spacing):
                 # every training case said 1 x 1 x 1: spacing lost (voxel units); a real spacing resamples wrongly
-                raise ReCoKDError(
+                raise InputCheckError(
                     f"{shown}: the model was trained on images without physical spacing (every training case had "
                     "1 x 1 x 1, i.e. voxel units), so it expects an image with spacing 1 x 1 x 1 at its training "
                     f"resolution; set the header spacing to 1 x 1 x 1 (or use a model trained in mm), or {fix}")
@@ -493,7 +501,7 @@ class Predictor:
         usual = count_windows(plans.median_shape, plans.patch_size, self.overlap) if all(plans.median_shape) else 0
         windows = count_windows(resampled, plans.patch_size, self.overlap)
         if usual and windows > INPUT_CHECKS["windows_refuse"] * usual:
-            raise ReCoKDError(f"{shown} needs {windows} windows at the model's spacing, {windows / usual:.0f}x a "
+            raise InputCheckError(f"{shown} needs {windows} windows at the model's spacing, {windows / usual:.0f}x a "
                               f"typical training case's {usual}; check its spacing and field of view, or {fix}")
         if usual and windows > INPUT_CHECKS["windows_warn"] * usual:
             lines.append(f"{shown} needs {windows} windows at the model's spacing, {windows / usual:.0f}x a typical "
@@ -544,10 +552,10 @@ class Predictor:
         fix = "check the spacing in its header, or pass --force to segment it anyway"
         if voxels > max(64 * median, 256**3):
             gib = voxels * 4 * self.plans.num_channels / 2**30
-            raise ReCoKDError(f"{shown} would become {'x'.join(map(str, out))} voxels ({gib:.0f} GiB) at the model's "
+            raise InputCheckError(f"{shown} would become {'x'.join(map(str, out))} voxels ({gib:.0f} GiB) at the model's "
                               f"{' x '.join(f'{t:g}' for t in target)} mm; {fix}")
         if voxels * 1000 < patch:
-            raise ReCoKDError(f"{shown} would become only {'x'.join(map(str, out))} voxel(s) at the model's "
+            raise InputCheckError(f"{shown} would become only {'x'.join(map(str, out))} voxel(s) at the model's "
                               f"{' x '.join(f'{t:g}' for t in target)} mm, far smaller than one training patch; {fix}")
 
     def predict_image(self, image: sitk.Image | Sequence[sitk.Image], name: str = "image",
@@ -587,8 +595,11 @@ class Predictor:
         try:
             labels = self.predict_image(images, name=str(inputs[0]), progress=progress)
         except ReCoKDError as exc:
-            text = str(exc)
-            raise (exc if str(inputs[0]) in text else ReCoKDError(f"{inputs[0]}: {text}")) from None
+            if str(inputs[0]) in str(exc):
+                raise
+            if isinstance(exc, InputCheckError):
+                raise InputCheckError([f"{inputs[0]}: {line}" for line in exc.lines]) from None
+            raise ReCoKDError(f"{inputs[0]}: {exc}") from None
         if not overwrite:  # a file that appeared during the inference; with overwrite, its kind was checked above
             from ..utils.outputs import check_output_file
 

@@ -9,12 +9,18 @@ process group and reads its standard output, one message per line::
     PROGRESS 0.250                 fraction done (0..1)
     LOG <text>                     something for the log pane
     DONE <output path> <seconds>   success; the label file is complete (written atomically)
+    CHECK <one line>               an input check's finding (the input is unlike the training data); after
+                                   the last one, ERROR, and the process exits with status 3: the module
+                                   may ask the user and run again with --force
     ERROR <one line>               failure; the process then exits with status 2
 
 Sub-commands:
 
-``segment --model BUNDLE --inputs CH0.nrrd [CH1.nrrd ...] --output LABELS.nrrd [--device auto|cpu|cuda] [--tta]``
-    Segment one case with :class:`~ReCoKDLib.inference.predictor.Predictor`. Instead of ``--model``
+``segment --model BUNDLE --inputs CH0.nrrd [CH1.nrrd ...] --output LABELS.nrrd [--device auto|cpu|cuda] [--tta]
+[--ask | --force]``
+    Segment one case with :class:`~ReCoKDLib.inference.predictor.Predictor`.
+    ``--ask`` stops before the network runs when the input checks warn (``CHECK`` lines, status 3),
+    ``--force`` skips the checks; with neither, warnings are ``LOG warning: ...`` lines and it goes on. Instead of ``--model``
     a registry entry can be given (``--registry-entry JSON --registry-base DIR``): it is fetched into
     the model cache first (verified by sha256, never downloaded twice).
 Training and export are plain ``<python> -m ReCoKDLib.cli ...`` processes (Slicer has no ``recokd``
@@ -32,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import ReCoKDError
+from ..errors import InputCheckError, ReCoKDError
 from .backends import BACKENDS
 
 __all__ = ["main", "emit"]
@@ -68,7 +74,7 @@ def _segment(args: argparse.Namespace) -> int:
             time.sleep(delay)  # test hook only: makes the job deterministically slow enough to cancel
 
     predictor = Predictor(model, device=args.device, mirror_tta=args.tta, threads=args.threads, backend=args.backend,
-                          overlap=args.overlap,
+                          overlap=args.overlap, check_spacing=not args.force, confirm_warnings=args.ask,
                           progress=progress, log=lambda msg: emit("LOG", msg))
     emit("DEVICE", predictor.device)
     emit("MODEL", Path(model).resolve())
@@ -92,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", required=True, help="label file to write (e.g. .nrrd)")
     s.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     s.add_argument("--tta", action="store_true", help="mirror test-time augmentation (slower)")
+    checks = s.add_mutually_exclusive_group()
+    checks.add_argument("--ask", action="store_true",
+                        help="stop with CHECK lines (status 3) when the input is unlike the training data")
+    checks.add_argument("--force", action="store_true", help="skip the input checks")
     s.add_argument("--threads", type=int, help="CPU threads")
     s.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto (default: on the CPU the engine timed faster for this model, measured once), "
@@ -106,6 +116,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except InputCheckError as exc:
+        for line in exc.lines:
+            emit("CHECK", line)
+        emit("ERROR", exc)
+        return 3
     except ReCoKDError as exc:
         emit("ERROR", exc)
         return 2
