@@ -212,6 +212,7 @@ if parameterNodeWrapper is not None:
         skipInputChecks: bool = False  # segment without checking the input against the training data
         datasetFolder: str = ""
         teacherPath: str = ""
+        unlabeledFolder: str = ""  # scans without labels: the teacher labels them for the student
         trainTeacherFirst: bool = False
         kdMethod: Annotated[str, Choice(list(KD_METHODS))] = "recokd"
         widthFactor: Annotated[float, WithinRange(1.0, 16.0)] = 4.0

@@ -255,6 +255,15 @@ def test_training_from_the_panel_ends_with_the_student_in_the_model_list_without
     assert p.datasetFolder == "" and not ui.startTrainingButton.enabled
     ui.datasetPathLineEdit.currentPath = str(dataset)
     ui.outputPathLineEdit.currentPath = str(tmp_path / "runs" / "student")
+    # the clinic's own scans, without labels (the Training panel's "Unlabeled scans" folder)
+    import SimpleITK as sitk
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for case in generate_dataset(2, seed=21, shape=(32, 32, 32)):
+        sitk.WriteImage(sitk.GetImageFromArray(case.image[0]), str(scans / f"scan{case.name[-3:]}.nii.gz"))
+    ui.unlabeledPathLineEdit.currentPath = str(scans)
+    assert p.unlabeledFolder == str(scans)
     ui.startTrainingButton.click()
     assert ui.trainingProgressBar.visible and not ui.startTrainingButton.enabled
     deadline = time.monotonic() + 600
@@ -269,6 +278,10 @@ def test_training_from_the_panel_ends_with_the_student_in_the_model_list_without
     bundle = tmp_path / "home" / "models" / "student.recokd"
     assert task.bundlePath == bundle and bundle.is_file()
     assert "student" in [s.name for s in widget._modelSources]  # the list was refreshed
+    import json
+
+    student_run = json.loads((tmp_path / "runs" / "student" / "run.json").read_text())
+    assert student_run["unlabeled"] == [str(scans.resolve())] and student_run["unlabeled_cases"] == 2
     for run in (tmp_path / "runs" / "student_teacher", tmp_path / "runs" / "student"):
         assert (run / "model_final.safetensors").is_file() and (run / "log.csv").is_file()
         assert not (run / "curves.png").exists()  # no matplotlib: the PNG is skipped, nothing fails

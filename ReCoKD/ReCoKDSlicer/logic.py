@@ -723,7 +723,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
 
     def distill(self, datasetFolder, teacher, method="recokd", widthFactor=4, epochs=50, outputFolder=None,
                 device="auto", resume=False, extraArgs=(), wait=True, progress=None, onFinished=None,
-                teacherFolds=None):
+                teacherFolds=None, unlabeledFolders=()):
         """``recokd distill`` in the background, then ``recokd export`` of the student into the models folder.
 
         Args:
@@ -735,6 +735,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             method: KD method (``recokd`` default; baselines selectable).
             widthFactor: student channels = teacher's / R.
             outputFolder: run folder (default ``<runs folder>/<dataset>/student_<method>``).
+            unlabeledFolders: folders of scans without labels (``recokd distill --unlabeled``): the teacher
+                labels each once and they join the training (a clinic's own scans).
         """
         if method not in KD_METHODS:
             raise ReCoKDError(f"KD method must be one of {', '.join(KD_METHODS)}, got {method!r}")
@@ -747,13 +749,20 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             args += ["--teacher", teacher]
         if teacherFolds:
             args += ["--teacher-folds", str(teacherFolds)]
+        if isinstance(unlabeledFolders, (str, Path)):
+            unlabeledFolders = [unlabeledFolders]
+        for folder in unlabeledFolders or ():
+            if not Path(folder).is_dir():
+                raise ReCoKDError(f"unlabeled scans folder {folder} does not exist; select a folder of images")
+        if unlabeledFolders and not resume:
+            args += ["--unlabeled", *map(str, unlabeledFolders)]
         if resume:
             args.append("--resume")
         return self._startTraining("student", args, outputFolder, epochs, wait, progress, onFinished)
 
     def trainWithParameters(self, parameterNode, wait=False, progress=None, onFinished=None, extraArgs=()):
-        """The Start button: distil a student from the parameter node's dataset, teacher, method, R and
-        epochs; with *Train a teacher first*, train the teacher, then distil from it."""
+        """The Start button: distil a student from the parameter node's dataset, teacher, method, R, epochs
+        and unlabelled scans; with *Train a teacher first*, train the teacher, then distil from it."""
         p = parameterNode
         dataset = (p.datasetFolder or "").strip()
         if not dataset:
@@ -770,11 +779,14 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         extraArgs = [*self.extraTrainingArgs, *extraArgs]
         output = (p.outputFolder or "").strip() or str(self.runsFolder / Path(dataset).name / f"student_{method}")
         device = p.device
+        unlabeled = [(p.unlabeledFolder or "").strip()] if (p.unlabeledFolder or "").strip() else []
+        if unlabeled and not Path(unlabeled[0]).is_dir():
+            raise ReCoKDError(f"unlabeled scans folder {unlabeled[0]} does not exist; select a folder of images")
 
         def distil(teacherTask=None):
             return self.distill(dataset, str(teacherTask.outputFolder) if teacherTask else teacher, method=method,
                                 widthFactor=width, epochs=epochs, outputFolder=output, device=device,
-                                extraArgs=extraArgs, wait=False, onFinished=onFinished)
+                                extraArgs=extraArgs, wait=False, onFinished=onFinished, unlabeledFolders=unlabeled)
 
         if not p.trainTeacherFirst:
             task = distil()

@@ -43,3 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="learning rate of the adapters and KD terms relative to the student's (default 1)")
     p.add_argument("--width-factor", dest="width_factor", type=float,
                    help="student channels = teacher's / R, at least 8 (default 4)")
+    p.add_argument("--unlabeled", nargs="+", metavar="DIR",
+                   help="folders of scans without labels (one file per case, or <case>_0000, _0001, ... per channel; or a "
+                        "dataset folder, whose labels are not read): the teacher labels them once and they join the training")
+    p.add_argument("--labeled-cases", dest="labeled_cases", metavar="FILE",
+                   help="keep the labels of these training cases only (one id per line); the split's other training "
+                        "cases are used as unlabeled scans, labelled by the teacher")
+    p.add_argument("--unlabeled-fraction", dest="unlabeled_fraction", type=float,
+                   help="share of training patches drawn from unlabeled scans (default: every case alike)")

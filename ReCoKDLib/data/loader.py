@@ -109,6 +109,8 @@ class PatchBatches(Dataset):
         seed, rank: see the module docstring.
         augment: :class:`AugmentConfig` (``None``: no augmentation).
         length: number of batches the dataset reports (the run's total iterations).
+        case_weights: how often each case is drawn (normalised here; ``None``: every case alike), e.g. to
+            hold the share of patches from unlabelled, teacher-labelled cases.
     """
 
     def __init__(
@@ -122,6 +124,7 @@ class PatchBatches(Dataset):
         rank: int = 0,
         augment: AugmentConfig | None = None,
         length: int = 1,
+        case_weights: Sequence[float] | None = None,
     ):
         if len(images) != len(labels) or not images:
             raise ReCoKDError(f"need matching, non-empty image and label lists, got {len(images)} and {len(labels)}")
@@ -135,6 +138,12 @@ class PatchBatches(Dataset):
         self.seed = int(seed)
         self.rank = int(rank)
         self.length = int(length)
+        self.case_weights = None
+        if case_weights is not None:
+            weights = np.asarray(case_weights, np.float64)
+            if weights.shape != (len(images),) or not np.all(np.isfinite(weights)) or weights.min() < 0 or weights.sum() <= 0:
+                raise ReCoKDError(f"case_weights must be {len(images)} finite non-negative numbers, not all 0")
+            self.case_weights = weights / weights.sum()
         index_rng = np.random.default_rng([self.seed, 7919])
         self.centres = [_class_centres(lab, index_rng) for lab in self.labels]
         self.augment_config = augment if augment is not None and augment.enabled else None
@@ -168,7 +177,8 @@ class PatchBatches(Dataset):
         aug = self.augment_config
         imgs, labs = [], []
         for i in range(self.batch_size):
-            case = int(rng.integers(len(self.images)))
+            case = (int(rng.integers(len(self.images))) if self.case_weights is None
+                    else int(rng.choice(len(self.images), p=self.case_weights)))
             corner = self._corner(rng, case, force_foreground=i >= n_random)
             affine = aug is not None and rng.random() < aug.affine_prob
             margin = self._affine_margin() if affine else [0, 0, 0]

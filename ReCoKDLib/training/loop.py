@@ -59,14 +59,16 @@ CONFIG_FLAGS = {"epochs": "--epochs", "iters_per_epoch": "--iters-per-epoch", "b
                 "foreground_fraction": "--foreground-fraction", "adapter_lr_scale": "--adapter-lr-scale",
                 "augment": "--augment", "elastic": "--elastic", "num_workers": "--workers", "val_every": "--val-every",
                 "val_max_cases": "--val-max-cases", "checkpoint_every": "--checkpoint-every", "seed": "--seed",
-                "device": "--device", "deterministic": "--deterministic", "amp": "--no-amp", "num_threads": "--threads"}
+                "device": "--device", "deterministic": "--deterministic", "amp": "--no-amp", "num_threads": "--threads",
+                "unlabeled_fraction": "--unlabeled-fraction"}
 # whole-number options and their least value: a run needs at least one epoch of one iteration of one patch
 _LEAST_WHOLE = {"epochs": 1, "iters_per_epoch": 1, "batch_size": 1, "num_workers": 0, "val_every": 0,
                 "val_max_cases": 0, "checkpoint_every": 0, "seed": 0, "num_threads": 1}
 # real options: (least, whether the least itself is allowed, most); a non-finite value is never allowed
 _REAL_RANGES = {"lr": (0.0, False, math.inf), "adapter_lr_scale": (0.0, False, math.inf),
                 "momentum": (0.0, True, 1.0), "weight_decay": (0.0, True, math.inf), "grad_clip": (0.0, True, math.inf),
-                "ema_decay": (0.0, True, 1.0), "foreground_fraction": (0.0, True, 1.0)}
+                "ema_decay": (0.0, True, 1.0), "foreground_fraction": (0.0, True, 1.0),
+                "unlabeled_fraction": (0.0, True, 1.0)}
 
 
 def _is_whole(value: object) -> bool:
@@ -109,7 +111,7 @@ def check_training_options(values: dict) -> None:
             kind = "" if _is_whole(value) else "a whole number "
             raise ReCoKDError(f"{CONFIG_FLAGS[name]} must be {kind}>= {least}, got {value}")
     for name, (least, inclusive, most) in _REAL_RANGES.items():
-        if name in values:
+        if name in values and not (name == "unlabeled_fraction" and values[name] is None):  # None: by case count
             check_real_option(CONFIG_FLAGS[name], values[name], least, inclusive, most)
     patch = values.get("patch_size")
     if patch is not None and (not isinstance(patch, (list, tuple)) or len(patch) != 3
@@ -174,6 +176,8 @@ class RunConfig:
     deterministic: bool = False
     amp: bool = True
     num_threads: int | None = None
+    # share of patches drawn from unlabelled (teacher-labelled) cases; None: every case alike
+    unlabeled_fraction: float | None = None
 
     def __post_init__(self) -> None:
         self.augment = augment_name(self.augment)

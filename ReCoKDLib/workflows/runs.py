@@ -50,6 +50,7 @@ from ..training.loop import (DistillTrainModule, EpochTrainer, RunConfig, SegTra
                              check_distill_options, check_training_options)
 from ..training.memory import check_training_memory
 from ..training.splits import fixed_split, kfold_split, read_case_list
+from ..training.unlabeled import TeacherTargets, case_fractions, split_labeled, teacher_targets, unlabeled_records
 
 RUN_VERSION = 1
 TEMPERATURE_TERMS = ("msard", "logit_kd", "cwd")
@@ -273,7 +274,7 @@ _CLI_TO_CONFIG = {"epochs": "epochs", "iters_per_epoch": "iters_per_epoch", "bat
                   "val_every": "val_every", "val_max_cases": "val_max_cases", "checkpoint_every": "checkpoint_every",
                   "seed": "seed", "device": "device", "deterministic": "deterministic", "threads": "num_threads",
                   "augment": "augment", "foreground_fraction": "foreground_fraction",
-                  "adapter_lr_scale": "adapter_lr_scale"}  # distill only
+                  "adapter_lr_scale": "adapter_lr_scale", "unlabeled_fraction": "unlabeled_fraction"}  # the last two: distill only
 _CLI_NEGATED = {"no_amp": "amp"}
 #: what a resumed run may change (applied and recorded); everything else comes from its run.json, and
 #: giving it another value with --resume is refused (the weights would no longer be one run's)
@@ -312,6 +313,8 @@ class RunSpec:
     lambda_max: float | None = None
     temperature: float | None = None
     warmup_fraction: float = 0.6
+    unlabeled: tuple[str, ...] = ()  # student: folders of unlabelled scans the teacher labels
+    labeled_cases_file: str | None = None  # student: only these training cases keep their labels
     training: dict[str, Any] = field(default_factory=dict)
     resume: bool = False
     stop_after_epochs: int | None = None
@@ -344,7 +347,9 @@ class RunSpec:
             identity.update(teacher=args.teacher, method=args.method, taps=args.taps, width_factor=args.width_factor,
                             lambda_max=args.lambda_max, temperature=args.temperature,
                             warmup_fraction=args.warmup_fraction, teacher_folds=args.teacher_folds,
-                            teacher_checkpoint=args.teacher_checkpoint)
+                            teacher_checkpoint=args.teacher_checkpoint,
+                            unlabeled=tuple(args.unlabeled) if args.unlabeled else None,
+                            labeled_cases_file=args.labeled_cases)
         given = {k: v for k, v in identity.items() if v is not None}
         spec = cls(role=role, dataset=args.dataset, output=args.output, cache=args.cache, training=training,
                    resume=args.resume, stop_after_epochs=args.stop_after_epochs, progress=not args.no_progress,
@@ -390,6 +395,7 @@ class RunSpec:
             width_factor=saved.get("width_factor"), lambda_max=saved.get("lambda_max"),
             temperature=kd.get("temperature"), warmup_fraction=kd.get("warmup_fraction", 0.6),
             teacher_folds=saved.get("teacher_folds"), teacher_checkpoint=saved.get("teacher_checkpoint"),
+            unlabeled=tuple(saved.get("unlabeled") or ()), labeled_cases_file=saved.get("labeled_cases_file"),
             training={**saved["config"], **resumable},
         )
 
@@ -406,16 +412,22 @@ class RunSpec:
             "width_factor": saved.get("width_factor"), "lambda_max": saved.get("lambda_max"),
             "temperature": kd.get("temperature"), "warmup_fraction": kd.get("warmup_fraction"),
             "teacher_folds": saved.get("teacher_folds"), "teacher_checkpoint": saved.get("teacher_checkpoint"),
+            "unlabeled": saved.get("unlabeled") or [], "labeled_cases_file": saved.get("labeled_cases_file"),
         }
         flags = {"val_cases_file": "--val-cases", "width_factor": "--width-factor", "lambda_max": "--lambda-max",
                  "warmup_fraction": "--warmup-fraction", "teacher_folds": "--teacher-folds",
-                 "teacher_checkpoint": "--teacher-checkpoint"}
+                 "teacher_checkpoint": "--teacher-checkpoint", "labeled_cases_file": "--labeled-cases"}
         changed = []
         for name in sorted(self.given):
             mine, theirs = getattr(self, name), saved_identity.get(name)
             if name == "val_cases_file" and mine and Path(mine).is_file() \
                     and sorted(read_case_list(mine)) == sorted(saved.get("val_cases") or []):
                 continue  # the run's cases from a list elsewhere: a copied or moved run with its split file
+            if name == "unlabeled":
+                mine = [str(Path(m).resolve()) for m in mine]
+            if name == "labeled_cases_file" and mine and Path(mine).is_file() \
+                    and sorted(read_case_list(mine)) == sorted(saved.get("labeled_cases") or []):
+                continue  # the same labelled cases, from a list elsewhere
             if name in ("teacher", "val_cases_file") and mine is not None and theirs is not None:
                 if name == "teacher" and not (Path(mine) / "run.json").is_file() and is_nnunet_folder(mine):
                     mine = _nnunet_model_folder(mine)  # a dataset's results folder names its one model
@@ -505,6 +517,37 @@ def _teacher_sha256(teacher_run: Path, nnunet_teacher: Any) -> str:
 
 #: files that mark a folder as something a run or a cache must never write into
 _FOREIGN_MARKERS = {"bundle.json": "a model bundle", "dataset.json": "a dataset"}
+
+
+def _teacher_labelled_cases(run_spec: RunSpec, dataset: DatasetInfo, plans: Plans, root: Path, train_ids: list[str],
+                            cases: dict, teacher: torch.nn.Module, teacher_sha256: str, device: torch.device,
+                            progress: bool) -> tuple[list[str], list[str], TeacherTargets | None]:
+    """A student's (labelled training ids, unlabelled ids, the teacher's labels of the unlabelled): the scans
+    of ``--unlabeled`` (checked, preprocessed with the teacher's plan) and the training cases ``--labeled-cases``
+    leaves out; ``cases`` gains the unlabelled ones. The teacher labels each once (cached by its weights)."""
+    train_ids, hidden = split_labeled(train_ids, run_spec.labeled_cases_file)
+    records = unlabeled_records(run_spec.unlabeled, dataset, progress=progress) if run_spec.unlabeled else []
+    if records:
+        if _is_main():
+            preprocess_dataset(dataset, plans, root, progress=progress, cases=records)
+        _barrier()
+    unlabeled_ids = hidden + [r.case_id for r in records]
+    if not unlabeled_ids:
+        return train_ids, [], None
+    for i in unlabeled_ids:
+        if i not in cases:
+            cases[i] = load_preprocessed(root, plans, i)
+    folder = Path(root) / f"teacher-labels-{plans.plans_hash()[:12]}-{teacher_sha256[:12]}"
+    unlabelled = [cases[i] for i in unlabeled_ids]
+    if _is_main():
+        teacher.to(device)
+        teacher_targets(teacher, unlabelled, plans.patch_size, folder, device=device, progress=progress)
+    _barrier()
+    targets = teacher_targets(teacher, unlabelled, plans.patch_size, folder, device=device, progress=False)
+    if _is_main():
+        _tell(f"{len(unlabeled_ids)} unlabeled case(s) labelled by the teacher (cached in {folder}); "
+              f"{len(train_ids)} labelled training case(s)")
+    return train_ids, unlabeled_ids, targets
 
 
 def check_run_folder(output: str | Path, cache: str | Path | None = None) -> None:
@@ -679,10 +722,21 @@ def _run(run_spec: RunSpec, device: torch.device, rank: int, world: int) -> int:
             raise ReCoKDError(f"{out} was distilled from other teacher weights than {teacher_run} holds now; resume with "
                               f"the teacher it started with, or start a new run in another -o folder")
 
+    unlabeled_ids: list[str] = []
+    targets = None
+    if role == "student":
+        train_ids, unlabeled_ids, targets = _teacher_labelled_cases(run_spec, dataset, plans, root, train_ids, cases,
+                                                                    teacher, teacher_sha256, device, progress)
+    images = [cases[i].image for i in train_ids]
+    labels = [cases[i].label for i in train_ids]
+    if targets is not None:  # the teacher's labels, never a hidden case's own
+        images += [cases[i].image for i in unlabeled_ids]
+        labels += [targets.labels[i] for i in unlabeled_ids]
     data = PatchBatches(
-        [cases[i].image for i in train_ids], [cases[i].label for i in train_ids], config.patch_size,
+        images, labels, config.patch_size,
         batch_size=config.batch_size, foreground_fraction=config.foreground_fraction, seed=config.seed, rank=rank,
         augment=AugmentConfig.preset(config.augment, config.patch_size, elastic=config.elastic), length=config.total_steps,
+        case_weights=case_fractions(len(train_ids), len(unlabeled_ids), config.unlabeled_fraction),
     )
     run_info = {
         "version": RUN_VERSION,
@@ -709,6 +763,13 @@ def _run(run_spec: RunSpec, device: torch.device, rank: int, world: int) -> int:
         "val_cases_file": str(val_file) if val_file else None,
         "train_cases": train_ids,
         "val_cases": val_ids,
+        # unlabelled scans: their folders, the training cases used without their labels, and where the
+        # teacher's labels of them are cached
+        "unlabeled": [str(Path(f).resolve()) for f in run_spec.unlabeled] if role == "student" else [],
+        "labeled_cases_file": run_spec.labeled_cases_file if role == "student" else None,
+        "labeled_cases": train_ids if role == "student" and run_spec.labeled_cases_file else None,
+        "unlabeled_cases": len(unlabeled_ids),
+        "teacher_labels": str(targets.folder) if targets is not None else None,
         "world_size": world,
         "metrics": {},
     }

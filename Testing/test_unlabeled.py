@@ -1,0 +1,186 @@
+"""Distilling with unlabelled scans (issue 29): the teacher labels them once, they join the training stream
+at the asked share, their own labels (when a study hides them) are never read, they never enter
+validation, and a bad scan folder is one line per bad file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from ReCoKDLib.cli import main
+from ReCoKDLib.data.loader import PatchBatches
+from ReCoKDLib.data.phantom import generate_dataset, save_dataset_nnunet
+from ReCoKDLib.errors import ReCoKDError
+from ReCoKDLib.training.unlabeled import UnlabeledValidationError, case_fractions, unlabeled_records
+
+TINY = ["--epochs", "1", "--iters-per-epoch", "3", "--patch-size", "16", "32", "32", "--threads", "1",
+        "--no-progress", "--workers", "0", "--val-max-cases", "1"]
+PLANNER = ["--patch-budget", "32768", "--max-levels", "4", "--base-filters", "8", "--max-filters", "32"]
+
+
+def _scans(folder: Path, cases) -> Path:
+    """Images only (``<case>_0000.nii.gz``), as a clinic's folder of scans; the names are the dataset's own
+    (phantom_000, ...): the scans must still be other cases."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for case in cases:
+        sitk.WriteImage(case.geometry.apply_to(sitk.GetImageFromArray(case.image[0].astype(np.float32))),
+                        str(folder / f"{case.name}_0000.nii.gz"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("unlabeled")
+    data = save_dataset_nnunet(generate_dataset(5, shape=(32, 32, 32)), root / "ds")
+    cache = root / "cache"
+    assert main(["plan", str(data), "--cache", str(cache), *PLANNER, "--no-progress"]) == 0
+    teacher = root / "teacher"
+    assert main(["train", str(data), "-o", str(teacher), "--cache", str(cache), *TINY]) == 0
+    scans = _scans(root / "scans", [c for c in generate_dataset(3, seed=11, shape=(32, 32, 32))])
+    return {"root": root, "data": data, "cache": cache, "teacher": teacher, "scans": scans}
+
+
+def test_a_student_distilled_with_a_folder_of_scans_is_a_bundle_predict_runs(setup, tmp_path):
+    s = setup
+    student = tmp_path / "student"
+    assert main(["distill", str(s["data"]), "--teacher", str(s["teacher"]), "-o", str(student), "--cache",
+                 str(s["cache"]), "--unlabeled", str(s["scans"]), "--method", "recokd", "--width-factor", "2",
+                 "--unlabeled-fraction", "0.5", *TINY]) == 0
+    info = json.loads((student / "run.json").read_text())
+    assert info["unlabeled"] == [str(s["scans"].resolve())] and info["unlabeled_cases"] == 3
+    assert info["config"]["unlabeled_fraction"] == 0.5
+    # validation is on labelled dataset cases only
+    assert all(not c.startswith("unlabeled-") for c in info["val_cases"] + info["train_cases"])
+    cached = sorted(Path(info["teacher_labels"]).glob("*.npz"))
+    assert len(cached) == 3 and all(p.name.startswith("unlabeled-") for p in cached)
+    # the teacher's labels are its arg-max over the whole preprocessed scan
+    from ReCoKDLib.data.planning import Plans
+    from ReCoKDLib.data.preprocessing import load_preprocessed
+    from ReCoKDLib.inference.sliding_window import predict_logits
+    from ReCoKDLib.models import UNetSpec, build_unet, load_weights
+
+    plans = Plans.load(s["teacher"] / "plans.json")
+    net = build_unet(UNetSpec.from_json((s["teacher"] / "network.json").read_text()))
+    load_weights(net, s["teacher"] / "model_best.safetensors")
+    case_id = cached[0].stem
+    root = next(p.parent for p in s["cache"].rglob(f"{case_id}.npz") if "teacher-labels" not in p.parent.name)
+    case = load_preprocessed(root.parent, plans, case_id)
+    expected = predict_logits(net, torch.from_numpy(case.image), plans.patch_size, overlap=0.5).argmax(0).numpy()
+    with np.load(cached[0]) as stored:
+        assert np.array_equal(stored["label"], expected)
+    # a second run reuses the teacher's labels (same files, not recomputed)
+    stamp = cached[0].stat().st_mtime_ns
+    assert main(["distill", str(s["data"]), "--teacher", str(s["teacher"]), "-o", str(tmp_path / "again"), "--cache",
+                 str(s["cache"]), "--unlabeled", str(s["scans"]), "--method", "none", "--width-factor", "2", *TINY]) == 0
+    assert cached[0].stat().st_mtime_ns == stamp
+    # resuming with another folder of scans is refused in one line
+    other = _scans(tmp_path / "other", generate_dataset(1, seed=12, shape=(32, 32, 32)))
+    assert main(["distill", str(s["data"]), "-o", str(student), "--resume", "--unlabeled", str(other), *TINY]) == 2
+    # the student is a plain bundle that predicts
+    assert main(["export", str(student), "-o", str(tmp_path / "s.recokd")]) == 0
+    scan = next(s["scans"].iterdir())
+    assert main(["predict", "-m", str(tmp_path / "s.recokd"), "-i", str(scan), "-o", str(tmp_path / "seg.nii.gz"),
+                 "--device", "cpu", "--no-progress"]) == 0
+    assert sitk.ReadImage(str(tmp_path / "seg.nii.gz")).GetSize() == sitk.ReadImage(str(scan)).GetSize()
+
+
+def test_hidden_training_labels_are_never_read_the_teachers_are_used(setup, tmp_path, monkeypatch):
+    """--labeled-cases: the other training cases of the split are trained on with the teacher's labels;
+    planting their true labels instead would show (the recorded stream's labels are compared)."""
+    s = setup
+    from ReCoKDLib.workflows import runs
+
+    seen = {}
+    real = runs.PatchBatches
+
+    def spy(images, labels, *args, **kwargs):
+        seen["labels"], seen["weights"] = labels, kwargs.get("case_weights")
+        return real(images, labels, *args, **kwargs)
+
+    monkeypatch.setattr(runs, "PatchBatches", spy)
+    info_teacher = json.loads((s["teacher"] / "run.json").read_text())
+    labelled = info_teacher["train_cases"][:1]
+    (tmp_path / "labeled.txt").write_text("\n".join(labelled) + "\n")
+    out = tmp_path / "student"
+    assert main(["distill", str(s["data"]), "--teacher", str(s["teacher"]), "-o", str(out), "--cache", str(s["cache"]),
+                 "--labeled-cases", str(tmp_path / "labeled.txt"), "--method", "none", "--width-factor", "2", *TINY]) == 0
+    info = json.loads((out / "run.json").read_text())
+    hidden = [c for c in info_teacher["train_cases"] if c not in labelled]
+    assert info["train_cases"] == labelled and info["unlabeled_cases"] == len(hidden) == 3
+    assert info["labeled_cases"] == labelled
+    folder = Path(info["teacher_labels"])
+    from ReCoKDLib.data.planning import Plans
+    from ReCoKDLib.data.preprocessing import load_preprocessed
+
+    plans = Plans.load(s["teacher"] / "plans.json")
+    root = Path(info["teacher_labels"]).parent
+    for i, case_id in enumerate(hidden):
+        with np.load(folder / f"{case_id}.npz") as stored:
+            teacher_label = stored["label"]
+        true = load_preprocessed(root, plans, case_id).label
+        streamed = seen["labels"][1 + i]
+        assert np.array_equal(streamed, teacher_label)
+        assert not np.array_equal(streamed, true)  # a 1-iteration teacher: its labels differ from the truth
+    assert seen["weights"] is None  # every case alike by default
+    # a labelled case that is a validation case is refused in one line
+    (tmp_path / "bad.txt").write_text(info_teacher["val_cases"][0] + "\n")
+    assert main(["distill", str(s["data"]), "--teacher", str(s["teacher"]), "-o", str(tmp_path / "bad"), "--cache",
+                 str(s["cache"]), "--labeled-cases", str(tmp_path / "bad.txt"), *TINY]) == 2
+
+
+def test_the_mixed_stream_holds_its_share_and_is_reproducible():
+    rng = np.random.default_rng(0)
+    images = [rng.random((1, 16, 16, 16), dtype=np.float32) for _ in range(5)]
+    labels = [np.full((16, 16, 16), i, np.int16) for i in range(5)]  # a case is known by its label value
+    weights = case_fractions(1, 4, 0.75)
+    assert np.allclose(weights, [0.25, 0.1875, 0.1875, 0.1875, 0.1875])
+    stream = PatchBatches(images, labels, (8, 8, 8), batch_size=4, foreground_fraction=0.0, seed=3, length=500,
+                          case_weights=weights)
+    drawn = np.array([int(stream[i][1][b].flatten()[0]) for i in range(500) for b in range(4)])
+    assert abs(np.mean(drawn > 0) - 0.75) < 0.03
+    again = PatchBatches(images, labels, (8, 8, 8), batch_size=4, foreground_fraction=0.0, seed=3, length=500,
+                         case_weights=weights)
+    assert all(torch.equal(stream[i][0], again[i][0]) for i in (0, 17, 499))
+    assert case_fractions(3, 0, 0.5) is None and case_fractions(2, 4, None) is None
+    with pytest.raises(ReCoKDError, match="case_weights"):
+        PatchBatches(images, labels, (8, 8, 8), case_weights=[1.0, 0.0])
+
+
+def test_a_bad_scan_folder_is_one_line_per_bad_file(setup, tmp_path):
+    from ReCoKDLib.data.datasets import open_dataset
+
+    dataset = open_dataset(setup["data"])
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    good = sitk.GetImageFromArray(np.random.default_rng(0).random((20, 20, 20)).astype(np.float32))
+    sitk.WriteImage(good, str(folder / "ok_0000.nii.gz"))
+    flat = sitk.GetImageFromArray(np.zeros((20, 20), np.float32))
+    sitk.WriteImage(flat, str(folder / "flat_0000.nii.gz"))
+    nan = np.random.default_rng(1).random((20, 20, 20)).astype(np.float32)
+    nan[3, 3, 3] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(nan), str(folder / "nan_0000.nii.gz"))
+    sitk.WriteImage(good, str(folder / "two_0000.nii.gz"))
+    sitk.WriteImage(good, str(folder / "two_0001.nii.gz"))  # 2 channels; the dataset has 1
+    (folder / "broken_0000.nii.gz").write_bytes(b"not an image")
+    with pytest.raises(UnlabeledValidationError) as info:
+        unlabeled_records([folder], dataset)
+    lines = str(info.value).splitlines()
+    assert lines[0].startswith("4 problems in the unlabeled scans")
+    named = {Path(line.strip().split(":")[0]).name for line in lines[1:]}
+    assert named == {"flat_0000.nii.gz", "nan_0000.nii.gz", "two_0000.nii.gz", "broken_0000.nii.gz"}
+    assert len(unlabeled_records([folder], dataset, check=False)) == 5
+    with pytest.raises(ReCoKDError, match="does not exist"):
+        unlabeled_records([tmp_path / "nope"], dataset)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReCoKDError, match="holds no image files"):
+        unlabeled_records([tmp_path / "empty"], dataset)
+    # through the command line: exit 2 and the same lines, before anything is trained
+    out = tmp_path / "student"
+    assert main(["distill", str(setup["data"]), "--teacher", str(setup["teacher"]), "-o", str(out), "--cache",
+                 str(setup["cache"]), "--unlabeled", str(folder), *TINY]) == 2
+    assert not (out / "model_final.safetensors").exists()
