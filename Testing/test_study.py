@@ -334,3 +334,39 @@ def test_paired_difference_pairs_by_seed_and_fold_with_a_t_interval():
     variants = {"none": {"method": "none"}, "kd": {"method": "recokd"}, "none-R8": {"method": "none", "width_factor": 8},
                 "kd-R8": {"method": "recokd", "width_factor": 8}}
     assert reference_of("kd", variants) == "none" and reference_of("kd-R8", variants) == "none-R8"
+
+
+def test_a_label_scarce_dataset_gives_every_variant_of_a_seed_the_same_labelled_cases(tmp_path):
+    """``labeled``: each student keeps that many labelled case groups, drawn per seed (and fold) and the
+    same for every variant of that seed; labels-only students leave the others out, ``unlabeled`` ones
+    have the teacher label them; the report compares with labels-only, not with teacher-labelled no-KD."""
+    from ReCoKDLib.training.splits import read_case_list
+    from ReCoKDLib.workflows.study_report import reference_of
+
+    cfg = tmp_path / "study.json"
+    students = {"labels-only": {"method": "none"}, "teacher": {"method": "none", "unlabeled": True},
+                "teacher+recokd": {"method": "recokd", "unlabeled": True}}
+    cfg.write_text(json.dumps({"datasets": {"a": {"phantom": {"train_cases": 6, "test_cases": 1, "size": 32},
+                                                  "labeled": 2}},
+                               "seeds": [0, 1], "students": students, "latency": {"enabled": False}}))
+    jobs = {j.name: j for j in plan_jobs(load_config(cfg), tmp_path / "out")}
+
+    def option(job, flag):
+        argv = job.spec["argv"]
+        return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+    files = {}
+    for seed in (0, 1):
+        lists = {option(jobs[f"a/{v}_s{seed}"], "--labeled-cases")[0] for v in students}
+        assert len(lists) == 1  # paired: one list per seed
+        files[seed] = read_case_list(lists.pop())
+        assert len(files[seed]) == 2
+        assert option(jobs[f"a/labels-only_s{seed}"], "--unlabeled-fraction") == ["0"]
+        assert option(jobs[f"a/teacher_s{seed}"], "--unlabeled-fraction") == []
+    assert files[0] != files[1]  # another seed, another draw
+    assert option(jobs["a/teacher"], "--labeled-cases") == []  # the teacher learns from every labelled case
+    assert reference_of("teacher", students) == "labels-only" and reference_of("teacher+recokd", students) == "labels-only"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"datasets": {"a": {"phantom": {}, "labeled": 0}}, "students": students}))
+    with pytest.raises(ReCoKDError, match="'labeled'"):
+        load_config(bad)

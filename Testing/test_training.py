@@ -86,17 +86,30 @@ def test_adapter_lr_scale_puts_adapters_and_kd_terms_in_their_own_faster_group(t
 
 def test_demo_quick_writes_table_weights_and_figure(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--no-progress", "-o", str(out), "--device", "cpu"]) == 0
+    assert main(["demo", "--quick", "--no-progress", "-o", str(out), "--device", "cpu", "--equal-labels"]) == 0
     printed = capsys.readouterr().out
-    assert "| teacher |" in printed and "student + ReCo-KD" in printed and "gap" in printed
-    for name in ("results.md", "results.json", "demo.png", "teacher.safetensors", "student_recokd.safetensors"):
+    assert "| teacher |" in printed and "+ teacher labels + ReCo-KD" in printed and "gap recovered" in printed
+    assert "Students with 1 labelled and 2 unlabelled training cases" in printed
+    assert "Students with all 3 training cases labelled" in printed
+    for name in ("results.md", "results.json", "demo.png", "teacher.safetensors", "student_labels_only.safetensors",
+                 "student_teacher_labels.safetensors", "student_teacher_labels_recokd.safetensors",
+                 "student_none.safetensors", "student_recokd.safetensors"):
         assert (out / name).is_file(), name
-    for run in ("teacher", "student_none", "student_recokd"):  # the same loop as recokd train/distill: run folders
+    for run in ("teacher", "student_labels_only", "student_teacher_labels_recokd", "student_none"):  # run folders
         assert (out / "runs" / run / "log.csv").is_file() and (out / "runs" / run / "checkpoint_latest.pt").is_file()
     summary = json.loads((out / "results.json").read_text())
-    assert [r["name"] for r in summary["results"]] == ["teacher", "student (no KD)", "student + ReCo-KD"]
-    teacher, student = (summary["results"][i]["parameters"] for i in (0, 1))
+    scarce, equal = summary["tables"]
+    assert [r["name"] for r in scarce["results"]] == ["teacher", "student, 1 labelled", "+ teacher labels of 2 unlabelled",
+                                                       "+ teacher labels + ReCo-KD"]
+    assert [r["name"] for r in equal["results"]] == ["teacher", "student (no KD)", "student + ReCo-KD"]
+    teacher, student = (scarce["results"][i]["parameters"] for i in (0, 1))
     assert student < teacher
+    # the share recovered is what the table's Dice say
+    t, ref, kd = (scarce["results"][i]["dice_mean"] for i in (0, 1, 3))
+    if t - ref > 1e-9:
+        assert scarce["results"][3]["gap_recovered"] == pytest.approx((kd - ref) / (t - ref))
+    # the students trained on what they were given: 1 labelled case, or it plus the teacher's labels of 2 more
+    assert json.loads((out / "runs" / "student_labels_only" / "run.json").read_text())["config"]["epochs"] >= 1
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the overwrite rule: a second demo into the folder needs --overwrite; a folder of other files, never
     before = (out / "results.json").read_bytes()
@@ -195,10 +208,12 @@ def test_demo_table_reports_the_gap_per_class_where_there_is_one():
         return ModelResult(name, {"organ": organ, "lesion": lesion}, (organ + lesion) / 2, 10, 0.1, 1.0)
 
     rows = [model("teacher", 0.97, 0.90), model("plain", 0.965, 0.67), model("kd", 0.96, 0.785)]
-    text = format_table(rows, ["organ", "lesion"], gap_recovered(0.935, 0.8175, 0.8725), "logit")
+    text = format_table(rows, ["organ", "lesion"])
+    assert gap_recovered(0.935, 0.8175, 0.8725) == pytest.approx(0.468, abs=1e-3)
+    assert "| kd | 0.960 | 0.785 | 0.873 | 46.8 % |" in text  # the share, in the student's row
     last = text.splitlines()[-1]
-    assert "recovered by logit: 46.8 %" in last
-    assert "lesion 50 % of 0.230" in last and "organ" not in last  # the organ's 0.005 gap is not a gap
+    assert "between 'plain' and the teacher" in last
+    assert "kd: lesion 50 % of 0.230" in last and "organ" not in last  # the organ's 0.005 gap is not a gap
 
 
 def test_foreground_fraction_is_a_checked_training_option():

@@ -39,15 +39,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     demo = sub.add_parser(
         "demo",
-        help="train a teacher, a plain student and a ReCo-KD student on the built-in phantom and compare them",
-        description="The main job, end to end on the built-in phantom (no data needed): trains a teacher, "
-        "a student without KD and a student with ReCo-KD for the same steps, then prints and writes a table "
-        "and a figure.",
+        help="train a teacher and label-scarce students (labels only, + the teacher's labels of unlabelled "
+             "scans, + ReCo-KD) on the built-in phantom and compare them",
+        description="The main job, end to end on the built-in phantom (no data needed): trains a teacher on "
+        "every labelled case, then students that keep only a few labels (--labeled) and learn from labels "
+        "alone, from the teacher's labels of the other scans too, and from those plus ReCo-KD, all for the same "
+        "steps; prints and writes a table (the share of the labels-only -> teacher gap each recovers) and a figure.",
     )
     demo.add_argument("-o", "--output", help="output folder (default: ./recokd_demo_output)")
     demo.add_argument("--steps", type=int, help=f"training steps of the teacher and of each student (default {DemoConfig.steps})")
     demo.add_argument("--train-cases", dest="train_cases", type=int, help="phantom training cases (default 16)")
     demo.add_argument("--test-cases", dest="test_cases", type=int, help="phantom test cases (default 6)")
+    demo.add_argument("--labeled", dest="labeled_cases", type=int,
+                      help=f"training cases the students keep labelled (default {DemoConfig.labeled_cases}; the "
+                           "others are scans without labels, labelled by the teacher; 0: all labelled)")
+    demo.add_argument("--equal-labels", dest="equal_labels", action="store_true", default=None,
+                      help="also compare no KD with ReCo-KD when the students have every label, as the teacher")
     demo.add_argument("--method", help="KD method for the distilled student (default recokd)")
     demo.add_argument("--lambda-max", dest="lambda_max", type=float, help="final KD weight λ (default: the method's)")
     demo.add_argument("--width-factor", dest="width_factor", type=float, help="student width divisor R (default 4)")

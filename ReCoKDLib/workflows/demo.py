@@ -1,8 +1,14 @@
 """``recokd demo``: the main job on the built-in phantom, end to end.
 
-It generates a phantom dataset, trains a teacher, then trains two students of the same width for the
-same number of steps and seed, one on labels alone and one with ReCo-KD, evaluates all three on held-out
-phantom cases and writes a table (markdown + JSON), the weights (safetensors) and a figure.
+It generates a phantom dataset and trains a teacher on every labelled case: the strong teacher a clinic has.
+The students, all of one width, trained for as many steps from the same initial weights and seed, stand
+where the clinic stands: only ``labeled_cases`` of the training cases keep their labels, the others are
+scans without labels. One student learns from the labels alone, one also from the teacher's labels of
+the unlabelled scans (``recokd distill --unlabeled``), one from those plus ReCo-KD's feature terms. All
+are evaluated on held-out phantom cases; the table gives each student's share of the labels-only → teacher
+gap recovered. ``equal_labels`` adds the comparison at equal labels (every training case labelled for the
+students too: no KD against ReCo-KD). It writes the tables (markdown + JSON), the weights (safetensors)
+and a figure.
 
 Training runs through the same loop as ``recokd train`` / ``distill`` (:class:`EpochTrainer`: the batch
 stream of :class:`~ReCoKDLib.data.loader.PatchBatches` over the in-memory cases, EMA, validation with the
@@ -55,6 +61,10 @@ class DemoConfig:
     # the teacher and both students train equally long, so that the gap is the student's width, not its
     # training time (issue 14's paired design)
     steps: int = 400
+    # the students' labelled training cases; the others are unlabelled scans the teacher labels (0, or as
+    # many as train_cases: every case labelled, the equal-labels comparison alone)
+    labeled_cases: int = 2
+    equal_labels: bool = False  # also run no KD vs ReCo-KD with every training case labelled
     method: str = "recokd"
     lambda_max: float | None = None
     taps: str = "encoder"
@@ -66,7 +76,7 @@ class DemoConfig:
     @classmethod
     def quick(cls, **overrides) -> "DemoConfig":
         """A seconds-long configuration for smoke tests (numbers are meaningless)."""
-        base = dict(train_cases=3, test_cases=2, size=32, filters=(8, 16, 32), steps=3, timing_repeats=1,
+        base = dict(train_cases=3, test_cases=2, size=32, filters=(8, 16, 32), steps=3, timing_repeats=1, labeled_cases=1,
                     training=demo_training(patch_size=(32, 32, 32)))
         base.update(overrides)
         return cls(**base)
@@ -81,11 +91,13 @@ class ModelResult:
     seconds_per_volume: float
     train_seconds: float
     history: list[dict] = field(default_factory=list, repr=False)
+    gap_recovered: float | None = None  # of the table's reference → teacher gap (students after the reference)
 
 
 def _check(cfg: DemoConfig) -> None:
     for flag, value, low in (("--train-cases", cfg.train_cases, 1), ("--test-cases", cfg.test_cases, 1),
-                             ("--steps", cfg.steps, 1), ("--width-factor", cfg.width_factor, 1)):
+                             ("--steps", cfg.steps, 1), ("--width-factor", cfg.width_factor, 1),
+                             ("--labeled", cfg.labeled_cases, 0)):
         if value < low:
             raise ReCoKDError(f"{flag} must be >= {low}, got {value}")
     check_distill_options(width_factor=cfg.width_factor, lambda_max=cfg.lambda_max)  # the Python API too
@@ -156,25 +168,30 @@ def gap_recovered(teacher: float, student: float, distilled: float) -> float | N
     return (distilled - student) / gap
 
 
-def format_table(results: list[ModelResult], label_names: list[str], recovered: float | None,
-                 method: str = "recokd") -> str:
-    head = ["model", *label_names, "mean Dice", "parameters", "CPU s/volume"]
+def format_table(results: list[ModelResult], label_names: list[str]) -> str:
+    """The models' per-class and mean Dice, size and speed; after the teacher and the reference student (the
+    first two rows), each student's share of the reference → teacher gap recovered, with the classes where
+    the gap is (≥ 0.02)."""
+    head = ["model", *label_names, "mean Dice", "gap recovered", "parameters", "CPU s/volume"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in results:
-        cells = [r.name, *(f"{r.dice[n]:.3f}" for n in label_names), f"{r.dice_mean:.3f}",
+    teacher, reference = results[0], results[1]
+    notes = []
+    for i, r in enumerate(results):
+        share = gap_recovered(teacher.dice_mean, reference.dice_mean, r.dice_mean) if i >= 2 else None
+        shown = "" if i < 2 else ("n/a" if share is None else f"{100 * share:.1f} %")
+        cells = [r.name, *(f"{r.dice[n]:.3f}" for n in label_names), f"{r.dice_mean:.3f}", shown,
                  f"{r.parameters:,}", f"{r.seconds_per_volume:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    teacher, plain, distilled = results[:3]
-    per_class = []
-    for n in label_names:  # where the gap is (small structures), the share recovered per class
-        share = gap_recovered(teacher.dice[n], plain.dice[n], distilled.dice[n])
-        if share is not None and teacher.dice[n] - plain.dice[n] >= 0.02:
-            per_class.append(f"{n} {100 * share:.0f} % of {teacher.dice[n] - plain.dice[n]:.3f}")
-    share = "n/a (the student is not below the teacher)" if recovered is None else f"{100 * recovered:.1f} %"
-    who = "ReCo-KD" if method == "recokd" else method
+        if i >= 2:
+            per_class = [f"{n} {100 * c:.0f} % of {teacher.dice[n] - reference.dice[n]:.3f}" for n in label_names
+                         if teacher.dice[n] - reference.dice[n] >= 0.02
+                         and (c := gap_recovered(teacher.dice[n], reference.dice[n], r.dice[n])) is not None]
+            if per_class:
+                notes.append(f"{r.name}: {', '.join(per_class)}")
     lines.append("")
-    lines.append(f"Teacher–student gap in mean Dice recovered by {who}: {share}"
-                 + (f" (per class, where the gap is ≥ 0.02: {', '.join(per_class)})" if per_class else ""))
+    lines.append(f"Gap recovered: the share of the gap in mean Dice between '{reference.name}' and the teacher that "
+                 "a student closes" + (" (per class, where the gap is ≥ 0.02: " + "; ".join(notes) + ")" if notes else "")
+                 + ("; n/a: the reference is not below the teacher" if teacher.dice_mean - reference.dice_mean <= 1e-9 else ""))
     return "\n".join(lines)
 
 
@@ -225,56 +242,81 @@ def run_demo(cfg: DemoConfig) -> dict:
     t_run = _train("teacher", SegTrainModule(teacher), teacher, make_teacher, cfg, train, test, label_names,
                    runs / "teacher", device)
 
-    # Both students start from the same initial weights and see the same batches; the teacher they learn
-    # from is its EMA weights, as `recokd distill` loads them.
+    # Every student starts from the same initial weights and sees the same batch stream (seed); the teacher
+    # it learns from is the teacher's EMA weights, as `recokd distill` loads them.
     torch.manual_seed(seed + 1)
     init_state = {k: v.clone() for k, v in make_student().state_dict().items()}
-    plain = make_student()
-    plain.load_state_dict(init_state)
-    s_run = _train("student (no KD)", SegTrainModule(plain), plain, make_student, cfg, train, test, label_names,
-                   runs / "student_none", device)
-
-    distilled = make_student()
-    distilled.load_state_dict(init_state)
     taps = dynunet_tap_names(spec, cfg.taps)
-    with Distiller(t_run.ema_net, distilled, taps, taps, num_classes, method=cfg.method, lambda_max=cfg.lambda_max,
-                   probe_shape=(1, 1, *patch)) as distiller:
-        k_run = _train(f"student ({cfg.method})", DistillTrainModule(distiller), distilled, make_student, cfg,
-                       train, test, label_names, runs / f"student_{cfg.method}", device)
-        lambda_max = distiller.lambda_max
+    kd = "ReCo-KD" if cfg.method == "recokd" else cfg.method
+    lambda_max = None
 
-    kd_name = "student + ReCo-KD" if cfg.method == "recokd" else f"student + {cfg.method}"
-    results, predictions = [], {}
-    for name, run in (("teacher", t_run), ("student (no KD)", s_run), (kd_name, k_run)):
-        r, preds = _evaluate(name, run, test, cfg, device, label_names)
-        results.append(r)
+    def student(name: str, folder: str, method: str, cases) -> ModelResult:
+        nonlocal lambda_max
+        net = make_student()
+        net.load_state_dict(init_state)
+        if method == "none":
+            run = _train(name, SegTrainModule(net), net, make_student, cfg, cases, test, label_names, runs / folder, device)
+        else:
+            with Distiller(t_run.ema_net, net, taps, taps, num_classes, method=method, lambda_max=cfg.lambda_max,
+                           probe_shape=(1, 1, *patch)) as distiller:
+                run = _train(name, DistillTrainModule(distiller), net, make_student, cfg, cases, test, label_names,
+                             runs / folder, device)
+                lambda_max = distiller.lambda_max
+        save_weights(run.ema_net, out / f"{folder}.safetensors")
+        result, preds = _evaluate(name, run, test, cfg, device, label_names)
         predictions[name] = preds
-    recovered = gap_recovered(results[0].dice_mean, results[1].dice_mean, results[2].dice_mean)
+        return result
 
-    table = format_table(results, label_names, recovered, cfg.method)
-    for name, run in (("teacher", t_run), ("student_nokd", s_run), ("student_recokd", k_run)):
-        save_weights(run.ema_net, out / f"{name}.safetensors")
+    predictions: dict = {}
+    teacher_result, predictions["teacher"] = _evaluate("teacher", t_run, test, cfg, device, label_names)
+    save_weights(t_run.ema_net, out / "teacher.safetensors")
+    scarce = 0 < cfg.labeled_cases < cfg.train_cases
+    tables = []
+    if scarce:
+        labelled, unlabelled = train[: cfg.labeled_cases], train[cfg.labeled_cases:]
+        # the teacher labels the scans without labels, whole (sliding window), once
+        teacher_labelled = [ValCase(c.name, c.image, predict_labels(t_run.ema_net, c.image, patch, device=device))
+                            for c in unlabelled]
+        n, m = len(labelled), len(unlabelled)
+        results = [teacher_result,
+                   student(f"student, {n} labelled", "student_labels_only", "none", labelled),
+                   student(f"+ teacher labels of {m} unlabelled", "student_teacher_labels", "none",
+                           labelled + teacher_labelled),
+                   student(f"+ teacher labels + {kd}", f"student_teacher_labels_{cfg.method}", cfg.method,
+                           labelled + teacher_labelled)]
+        tables.append((f"Students with {n} labelled and {m} unlabelled training cases "
+                       f"(the teacher learnt from all {cfg.train_cases} labelled)", results))
+    if not scarce or cfg.equal_labels:
+        results = [teacher_result,
+                   student("student (no KD)", "student_none", "none", train),
+                   student(f"student + {kd}", f"student_{cfg.method}", cfg.method, train)]
+        tables.append((f"Students with all {cfg.train_cases} training cases labelled, as the teacher", results))
+    for table in tables:
+        for r in table[1][2:]:
+            r.gap_recovered = gap_recovered(teacher_result.dice_mean, table[1][1].dice_mean, r.dice_mean)
+    text = "\n\n".join(f"{title}:\n\n{format_table(results, label_names)}" for title, results in tables)
     atomic_write_text(out / "teacher_spec.json", spec.to_json())
     atomic_write_text(out / "student_spec.json", spec.student(cfg.width_factor).to_json())
 
     from .reporting import demo_figure  # matplotlib only when a figure is drawn
 
     figure = out / "demo.png"
-    demo_figure(figure, test, predictions, results, label_names, [PHANTOM_LABELS.colors[n] for n in label_names])
+    shown = [teacher_result] + [r for _, results in tables for r in results[1:]]
+    demo_figure(figure, test, predictions, shown, label_names, [PHANTOM_LABELS.colors[n] for n in label_names])
     summary = {
         "config": {**asdict(cfg), "filters": list(cfg.filters), "lambda_max": lambda_max,
                    "training": cfg.training.to_dict()},
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
-        "results": [{k: v for k, v in asdict(r).items() if k != "history"} for r in results],
-        "gap_recovered": recovered,
+        "tables": [{"title": title, "results": [{k: v for k, v in asdict(r).items() if k != "history"} for r in results]}
+                   for title, results in tables],
         "wall_seconds": time.perf_counter() - started,
     }
     machine = f"{device}, {torch.get_num_threads()} threads"
-    md = (f"# ReCoKD demo on the built-in phantom\n\n{table}\n\nMeasured on {machine}; "
+    md = (f"# ReCoKD demo on the built-in phantom\n\n{text}\n\nMeasured on {machine}; "
           f"{cfg.test_cases} test volumes of {cfg.size}³; total wall time {summary['wall_seconds']:.0f} s.\n")
     atomic_write_text(out / "results.md", md)
     atomic_write_text(out / "results.json", json.dumps(summary, indent=2))
-    summary["table"] = table
+    summary["table"] = text
     summary["output"] = str(out)
     return summary

@@ -54,7 +54,8 @@ from .study_report import build_report
 __all__ = ["StudyConfig", "Job", "load_config", "plan_jobs", "run_study", "cv_folds", "evaluate_run", "build_report"]
 
 STUDY_VERSION = 1
-METHOD_KEYS = {"method", "lambda_max", "taps", "width_factor", "temperature", "warmup_fraction", "adapter_lr_scale"}
+METHOD_KEYS = {"method", "lambda_max", "taps", "width_factor", "temperature", "warmup_fraction", "adapter_lr_scale",
+               "unlabeled", "unlabeled_fraction"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -73,6 +74,7 @@ class DatasetEntry:
     students: list[str] | None = None  # the student variants run on this dataset (None: all)
     phantom: dict[str, int] | None = None  # {"train_cases", "test_cases", "size", "seed"}
     seeds: list[int] | None = None  # this dataset's student seeds (None: the study's)
+    labeled: int | None = None  # label-scarce: the students keep this many labelled case groups per run
 
     def runs(self, variant: str) -> bool:
         return self.students is None or variant in self.students
@@ -154,6 +156,13 @@ def _variant(name: str, spec: Any, where: str) -> dict[str, Any]:
     return dict(spec)
 
 
+def _labeled(value: Any, where: str) -> int | None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ReCoKDError(f"{where}: 'labeled' (labelled case groups each student keeps) must be an integer >= 1, "
+                          f"got {value!r}")
+    return value
+
+
 def _seeds(value: Any, where: str) -> list[int]:
     if (not isinstance(value, list) or not value or not all(isinstance(s, int) and s >= 0 for s in value)
             or len(set(value)) != len(value)):
@@ -210,7 +219,8 @@ def load_config(path: str | Path) -> StudyConfig:
             d.get("group_pattern"), int(d.get("teacher_epochs", raw.get("teacher_epochs", 10))),
             int(d.get("student_epochs", raw.get("student_epochs", 4))), wanted,
             {**PHANTOM_DEFAULTS, **phantom} if phantom is not None else None,
-            _seeds(d["seeds"], f"{where}: dataset {name!r}") if "seeds" in d else None)
+            _seeds(d["seeds"], f"{where}: dataset {name!r}") if "seeds" in d else None,
+            _labeled(d.get("labeled"), f"{where}: dataset {name!r}"))
     students = {k: _variant(k, v, where) for k, v in raw["students"].items()}
     abl = raw.get("ablations") or {}
     ablations = {k: _variant(k, v, where) for k, v in (abl.get("variants") or {}).items()}
@@ -300,11 +310,37 @@ def _train_options(config: StudyConfig, epochs: int, seed: int) -> list[str]:
     return opts
 
 
+def _labeled_cases_file(out: Path, dname: str, d: DatasetEntry, dataset_path: Path, fold: int, seed: int,
+                        evaluation: dict[str, Any]) -> Path:
+    """The labelled training cases of one label-scarce student: ``d.labeled`` case groups (a patient's
+    frames stay together, as in the folds) drawn with the seed from the fold's training cases; the same
+    for every variant of that seed and fold, so the variants stay paired."""
+    from ..data.datasets import open_dataset
+
+    held_out = set(evaluation["cases"]) if evaluation.get("cases") != "test" else set()
+    train = sorted(r.case_id for r in open_dataset(dataset_path).training if r.case_id not in held_out)
+    groups = cv_folds(train, len({_group(c, d.group_pattern) for c in train}), d.group_pattern, seed=seed)
+    if d.labeled > len(groups):
+        raise ReCoKDError(f"dataset {dname}: 'labeled' {d.labeled} exceeds the {len(groups)} training case groups")
+    chosen = sorted(c for g in groups[: d.labeled] for c in g)
+    path = out / "splits" / dname / f"labeled_f{fold}_s{seed}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "\n".join(chosen) + "\n"
+    if not path.is_file() or path.read_text() != text:
+        atomic_write_text(path, text)
+    return path
+
+
+def _group(case_id: str, pattern: str | None) -> str:
+    m = re.search(pattern, case_id) if pattern else None
+    return (m.group(1 if m.groups() else 0) if m else case_id)
+
+
 def _variant_options(v: dict[str, Any]) -> list[str]:
     opts = ["--method", v["method"]]
     for key, flag in (("lambda_max", "--lambda-max"), ("taps", "--taps"), ("width_factor", "--width-factor"),
                       ("temperature", "--temperature"), ("warmup_fraction", "--warmup-fraction"),
-                      ("adapter_lr_scale", "--adapter-lr-scale")):
+                      ("adapter_lr_scale", "--adapter-lr-scale"), ("unlabeled_fraction", "--unlabeled-fraction")):
         if key in v:
             opts += [flag, str(v[key])]
     return opts
@@ -366,6 +402,10 @@ def plan_jobs(config: StudyConfig, out: str | Path) -> list[Job]:
         argv = ["distill", str(paths[dname]), "-o", str(folder), "--cache", str(out / "cache" / dname),
                 "--teacher", str(teacher.folder), *split_opts, *_train_options(config, d.student_epochs, seed),
                 *_variant_options(v)]
+        if d.labeled:  # label-scarce: the seed's labelled cases; the others are teacher-labelled or left out
+            argv += ["--labeled-cases", str(_labeled_cases_file(out, dname, d, paths[dname], k, seed, evaluation))]
+            if not v.get("unlabeled"):
+                argv += ["--unlabeled-fraction", "0"]
         spec = {"argv": argv, "eval": evaluation, "variant": vname, "group": group, "seed": seed, "fold": k}
         return Job(f"{dname}/{folder.name}", "train", folder, spec, deps=[teacher.name])
 

@@ -84,10 +84,16 @@ def width_of(variant: dict[str, Any]) -> float:
     return float(variant.get("width_factor", 4))
 
 
+def is_baseline(variant: dict[str, Any]) -> bool:
+    """A variant others are compared with: labels only (method ``none``, no teacher-labelled scans)."""
+    return variant["method"] == "none" and not variant.get("unlabeled")
+
+
 def reference_of(name: str, variants: dict[str, dict[str, Any]]) -> str | None:
-    """The no-KD variant a variant is compared with: the one of method ``none`` at the same width R."""
+    """The labels-only variant a variant is compared with: method ``none`` without teacher-labelled
+    scans, at the same width R."""
     r = width_of(variants[name])
-    return next((n for n, v in variants.items() if v["method"] == "none" and width_of(v) == r), None)
+    return next((n for n, v in variants.items() if is_baseline(v) and width_of(v) == r), None)
 
 
 def paired_difference(runs: list[dict], reference: list[dict], cls: str = "mean", metric: str = "dice",
@@ -125,7 +131,7 @@ def paired_table(data: dict[str, Any], variants: dict[str, dict[str, Any]], grou
     base_runs = dict(runs_of)
     if baseline is not None:
         for n, v in baseline["variants"].items():
-            if v["method"] == "none" and n not in all_variants:
+            if is_baseline(v) and n not in all_variants:
                 all_variants[n], base_runs[n] = v, baseline["runs"].get(n, [])
     some = next((r for r in base_runs.values() if r), None)
     if not some:
@@ -135,7 +141,7 @@ def paired_table(data: dict[str, Any], variants: dict[str, dict[str, Any]], grou
     rows, numbers = [], {}
     for name, v in variants.items():
         ref = reference_of(name, all_variants)
-        if v["method"] == "none" or ref is None:
+        if is_baseline(v) or ref is None:
             continue
         diffs = {c: paired_difference(runs_of.get(name, []), base_runs.get(ref, []), c) for c in classes}
         numbers[name] = {"reference": ref, "width_factor": width_of(v), "dice": diffs}
@@ -192,7 +198,7 @@ def main_table(dname: str, data: dict[str, Any], latency: list[dict] | None, exp
     variants = variants or {n: {"method": "none" if n == "none" else n} for n in expected}
     reference_means = {}
     for n in expected:
-        ref = reference_of(n, variants) if n in variants and variants[n]["method"] != "none" else None
+        ref = reference_of(n, variants) if n in variants and not is_baseline(variants[n]) else None
         runs = main.get(ref, []) if ref else []
         reference_means[n] = {c: aggregate(runs, "dice", c)[0] for c in ["mean", *classes]} if runs else {}
     lat = fastest_rows(latency or [])  # several backends: each model on its fastest
