@@ -184,3 +184,38 @@ def test_a_bad_scan_folder_is_one_line_per_bad_file(setup, tmp_path):
     assert main(["distill", str(setup["data"]), "--teacher", str(setup["teacher"]), "-o", str(out), "--cache",
                  str(setup["cache"]), "--unlabeled", str(folder), *TINY]) == 2
     assert not (out / "model_final.safetensors").exists()
+
+
+def test_cases_dataset_json_lists_without_a_label_are_a_students_unlabelled_scans(setup, tmp_path, capsys):
+    """An MSD dataset.json whose training entries may lack a "label": a teacher refuses it in one line, a
+    student uses those cases as unlabelled scans (the teacher labels them), never for validation."""
+    import shutil
+
+    s = setup
+    src = json.loads((s["data"] / "dataset.json").read_text())
+    data = tmp_path / "msd"
+    (data / "imagesTr").mkdir(parents=True)
+    (data / "labelsTr").mkdir()
+    entries = []
+    for i, image in enumerate(sorted((s["data"] / "imagesTr").glob("*_0000.nii.gz"))):
+        case = image.name.replace("_0000.nii.gz", "")
+        shutil.copy(image, data / "imagesTr" / f"{case}.nii.gz")
+        entry = {"image": f"./imagesTr/{case}.nii.gz"}
+        if i < 3:
+            shutil.copy(s["data"] / "labelsTr" / f"{case}.nii.gz", data / "labelsTr" / f"{case}.nii.gz")
+            entry["label"] = f"./labelsTr/{case}.nii.gz"
+        entries.append(entry)
+    for scan in s["scans"].iterdir():  # two more cases without labels
+        shutil.copy(scan, data / "imagesTr" / scan.name.replace("_0000", "_extra"))
+        entries.append({"image": f"./imagesTr/{scan.name.replace('_0000', '_extra')}"})
+    (data / "dataset.json").write_text(json.dumps({"name": "MSDPartly", "modality": {"0": "MRI"},
+                                                   "labels": src["labels"], "training": entries}))
+    assert main(["train", str(data), "-o", str(tmp_path / "t"), "--cache", str(tmp_path / "c"), *PLANNER, *TINY]) == 2
+    assert f"has no label ({len(entries) - 3} such); a teacher trains on labelled cases only" in capsys.readouterr().err
+    out = tmp_path / "student"
+    assert main(["distill", str(data), "--teacher", str(s["teacher"]), "-o", str(out), "--cache", str(tmp_path / "c"),
+                 "--method", "none", "--width-factor", "2", "--fold", "all", *TINY]) == 0
+    info = json.loads((out / "run.json").read_text())
+    labelled = {e["image"].split("/")[-1].replace(".nii.gz", "") for e in entries if "label" in e}
+    assert set(info["train_cases"]) == labelled and set(info["val_cases"]) == labelled
+    assert info["unlabeled_cases"] == len(entries) - 3

@@ -521,17 +521,18 @@ _FOREIGN_MARKERS = {"bundle.json": "a model bundle", "dataset.json": "a dataset"
 
 def _teacher_labelled_cases(run_spec: RunSpec, dataset: DatasetInfo, plans: Plans, root: Path, train_ids: list[str],
                             cases: dict, teacher: torch.nn.Module, teacher_sha256: str, device: torch.device,
-                            progress: bool) -> tuple[list[str], list[str], TeacherTargets | None]:
+                            progress: bool, label_less: list[str]) -> tuple[list[str], list[str], TeacherTargets | None]:
     """A student's (labelled training ids, unlabelled ids, the teacher's labels of the unlabelled): the scans
-    of ``--unlabeled`` (checked, preprocessed with the teacher's plan) and the training cases ``--labeled-cases``
-    leaves out; ``cases`` gains the unlabelled ones. The teacher labels each once (cached by its weights)."""
+    of ``--unlabeled`` (checked, preprocessed with the teacher's plan), the training cases ``--labeled-cases``
+    leaves out and those ``dataset.json`` lists without a label; ``cases`` gains the unlabelled ones. The
+    teacher labels each once (cached by its weights)."""
     train_ids, hidden = split_labeled(train_ids, run_spec.labeled_cases_file)
     records = unlabeled_records(run_spec.unlabeled, dataset, progress=progress) if run_spec.unlabeled else []
     if records:
         if _is_main():
             preprocess_dataset(dataset, plans, root, progress=progress, cases=records)
         _barrier()
-    unlabeled_ids = hidden + [r.case_id for r in records]
+    unlabeled_ids = hidden + list(label_less) + [r.case_id for r in records]
     if not unlabeled_ids:
         return train_ids, [], None
     for i in unlabeled_ids:
@@ -675,7 +676,13 @@ def _run(run_spec: RunSpec, device: torch.device, rank: int, world: int) -> int:
                           half_precision=bool(config.amp and device.type == "cuda"),
                           processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")), what=f"the {role}")
 
-    ids = [r.case_id for r in dataset.training]
+    # training cases dataset.json lists without a label: a student's unlabelled scans (the teacher labels them)
+    label_less = [r.case_id for r in dataset.training if r.label_file is None]
+    if label_less and role == "teacher":
+        raise ReCoKDError(f"training case {label_less[0]!r} of {dataset.root} has no label ({len(label_less)} such); a "
+                          "teacher trains on labelled cases only: add their labels, or use them as unlabelled scans "
+                          "of a student (recokd distill)")
+    ids = [r.case_id for r in dataset.training if r.label_file is not None]
     val_file = run_spec.val_cases_file
     train_ids, val_ids = fixed_split(ids, val_file) if val_file else kfold_split(ids, fold, config.seed)
 
@@ -726,7 +733,8 @@ def _run(run_spec: RunSpec, device: torch.device, rank: int, world: int) -> int:
     targets = None
     if role == "student":
         train_ids, unlabeled_ids, targets = _teacher_labelled_cases(run_spec, dataset, plans, root, train_ids, cases,
-                                                                    teacher, teacher_sha256, device, progress)
+                                                                    teacher, teacher_sha256, device, progress,
+                                                                    label_less)
     images = [cases[i].image for i in train_ids]
     labels = [cases[i].label for i in train_ids]
     if targets is not None:  # the teacher's labels, never a hidden case's own
