@@ -219,3 +219,93 @@ def test_cases_dataset_json_lists_without_a_label_are_a_students_unlabelled_scan
     labelled = {e["image"].split("/")[-1].replace(".nii.gz", "") for e in entries if "label" in e}
     assert set(info["train_cases"]) == labelled and set(info["val_cases"]) == labelled
     assert info["unlabeled_cases"] == len(entries) - 3
+
+
+def test_the_masked_loss_is_monais_without_a_left_out_voxel_and_ignores_the_left_out():
+    from monai.losses import DiceCELoss
+
+    from ReCoKDLib.losses.segmentation import DeepSupervisedDiceCELoss, masked_dice_ce
+    from ReCoKDLib.utils.labels import IGNORE_LABEL
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 8, 8, 8)
+    labels = torch.randint(0, 4, (2, 1, 8, 8, 8))
+    monai = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, smooth_nr=1e-5, smooth_dr=1e-5)
+    assert float(masked_dice_ce(logits, labels)) == pytest.approx(float(monai(logits, labels.float())), rel=1e-6)
+    left_out = labels.clone()
+    left_out[:, :, :4] = IGNORE_LABEL
+    changed = logits.clone()
+    changed[:, :, :4] = torch.randn_like(changed[:, :, :4]) * 10  # what the left-out voxels predict does not count
+    loss = DeepSupervisedDiceCELoss()
+    assert float(loss([logits, logits[:, :, ::2, ::2, ::2]], left_out)) == pytest.approx(
+        float(loss([changed, changed[:, :, ::2, ::2, ::2]], left_out)), rel=1e-6)
+    assert float(loss(logits, left_out)) != pytest.approx(float(loss(logits, labels)))
+
+
+def test_patch_targets_are_the_teachers_argmax_of_the_patch_and_masks_fill_the_left_out():
+    """TEACHER_LABEL voxels train on the teacher's arg-max of the very patch; IGNORE_LABEL voxels are left out
+    of the segmentation loss while MS-SARD's class masks take the teacher's arg-max there."""
+    from ReCoKDLib.distill import Distiller
+    from ReCoKDLib.models import build_pair, dynunet_tap_names, isotropic_spec
+    from ReCoKDLib.utils.labels import IGNORE_LABEL, TEACHER_LABEL
+
+    torch.manual_seed(0)
+    spec = isotropic_spec(1, 3, num_levels=3, filters=(8, 16, 32))
+    teacher, student = build_pair(spec, 2)
+    teacher.eval()
+    taps = dynunet_tap_names(spec, "encoder")
+    images = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        guess = teacher(images).argmax(1, keepdim=True)
+    seen = {}
+    with Distiller(teacher, student, taps, taps, 3, method="recokd", probe_shape=(1, 1, 16, 16, 16)) as d:
+        msard = d.kd_terms["msard"]
+        real = msard.forward
+
+        def spy(s_feats, t_feats, labels):
+            seen["labels"] = labels.clone()
+            return real(s_feats, t_feats, labels)
+
+        msard.forward = spy
+        torch.manual_seed(1)
+        online = d(images, torch.full((2, 1, 16, 16, 16), TEACHER_LABEL), 1.0).terms
+        torch.manual_seed(1)
+        explicit = d(images, guess, 1.0).terms
+        assert float(online["seg"]) == pytest.approx(float(explicit["seg"]), rel=1e-6)
+        assert torch.equal(seen["labels"], guess)
+        left_out = guess.clone()
+        left_out[0] = IGNORE_LABEL
+        d(images, left_out, 1.0)
+        assert torch.equal(seen["labels"], guess)  # the masks see the teacher's labels where none is given
+        with pytest.raises(ReCoKDError, match="outside 0..2"):
+            d(images, torch.full((2, 1, 16, 16, 16), 7), 1.0)
+
+
+def test_teacher_target_options_reach_the_stream(setup, tmp_path, monkeypatch):
+    from ReCoKDLib.utils.labels import IGNORE_LABEL, TEACHER_LABEL
+    from ReCoKDLib.workflows import runs
+
+    s = setup
+    seen = {}
+    real = runs.PatchBatches
+
+    def spy(images, labels, *args, **kwargs):
+        seen["labels"] = labels
+        return real(images, labels, *args, **kwargs)
+
+    monkeypatch.setattr(runs, "PatchBatches", spy)
+    base = ["distill", str(s["data"]), "--teacher", str(s["teacher"]), "--cache", str(s["cache"]), "--unlabeled",
+            str(s["scans"]), "--width-factor", "2", *TINY]
+    assert main([*base, "-o", str(tmp_path / "patch"), "--teacher-targets", "patch", "--method", "none"]) == 0
+    assert all(np.all(lab == TEACHER_LABEL) for lab in seen["labels"][-3:])
+    assert json.loads((tmp_path / "patch" / "run.json").read_text())["config"]["teacher_targets"] == "patch"
+    assert main([*base, "-o", str(tmp_path / "soft"), "--teacher-targets", "soft", "--method", "none"]) == 2
+    assert main([*base, "-o", str(tmp_path / "soft"), "--teacher-targets", "soft", "--method", "logit"]) == 0
+    assert all(np.all(lab == IGNORE_LABEL) for lab in seen["labels"][-3:])
+    assert main([*base, "-o", str(tmp_path / "conf"), "--teacher-confidence", "0.9", "--method", "none"]) == 0
+    folder = Path(json.loads((tmp_path / "conf" / "run.json").read_text())["teacher_labels"])
+    case_id = sorted(p.stem for p in folder.glob("unlabeled-*.npz"))[0]  # (the folder may hold other runs' too)
+    with np.load(folder / f"{case_id}.npz") as stored:
+        expected = np.where(stored["confidence"] < round(0.9 * 255), IGNORE_LABEL, stored["label"])
+    assert any(np.array_equal(lab, expected) for lab in seen["labels"][-3:])
+    assert main([*base, "-o", str(tmp_path / "bad"), "--teacher-confidence", "1.5"]) == 2

@@ -51,3 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "cases are used as unlabeled scans, labelled by the teacher")
     p.add_argument("--unlabeled-fraction", dest="unlabeled_fraction", type=float,
                    help="share of training patches drawn from unlabeled scans (default: every case alike)")
+    p.add_argument("--teacher-targets", dest="teacher_targets", choices=["hard", "patch", "soft"],
+                   help="targets of unlabeled scans: hard (default: the teacher's arg-max of the whole scan, computed once), "
+                        "patch (its arg-max of each training patch) or soft (none: only the KD terms learn from them)")
+    p.add_argument("--teacher-confidence", dest="teacher_confidence", type=float,
+                   help="hard targets: leave out voxels where the teacher's top probability is below this (default 0)")

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ReCoKDError
+from ..utils.labels import TEACHER_LABEL
 from .augmentation import AUGMENT_PRESETS, THIN_SLAB_RATIO, AugmentConfig  # noqa: F401 - their home before
 
 # at most this many voxels per case and class are kept as foreground-sampling centres
@@ -85,7 +86,7 @@ def _class_centres(label: np.ndarray, rng: np.random.Generator) -> dict[int, np.
     flat = label.reshape(-1)
     out = {}
     for value in np.unique(flat):
-        if value == 0:
+        if value == 0 or value >= TEACHER_LABEL:  # background, and targets that are not classes (left out, or the teacher's)
             continue
         idx = np.flatnonzero(flat == value)
         if idx.size > MAX_CENTRES_PER_CLASS:

@@ -14,6 +14,7 @@ from ..losses.checks import require_5d, require_labels
 from ..losses.registry import KDContext, build_kd_terms, resolve_method
 from ..losses.segmentation import DeepSupervisedDiceCELoss
 from ..models.taps import FeatureTaps, TapInfo
+from ..utils.labels import IGNORE_LABEL, TEACHER_LABEL
 
 
 @dataclass
@@ -158,16 +159,29 @@ class Distiller(nn.Module):
 
         Args:
             images: (B, C_in, D, H, W).
-            labels: integer labels (B, 1, D, H, W), values in [0, num_classes).
+            labels: integer labels (B, 1, D, H, W), values in [0, num_classes), and for unlabelled scans
+                :data:`~ReCoKDLib.utils.labels.TEACHER_LABEL` (the teacher's arg-max of this very patch is the
+                target) or :data:`~ReCoKDLib.utils.labels.IGNORE_LABEL` (no segmentation target; the KD
+                terms' class-aware masks take the teacher's arg-max there).
             progress: share of training done, in [0, 1], for the λ warm-up.
         """
         require_5d(images, "images")
-        require_labels(labels, self.num_classes)
+        require_labels(labels, self.num_classes, special=True)
+        special = bool((labels >= TEACHER_LABEL).any())
         try:
             student_out = self.student(images)
-            terms: dict[str, torch.Tensor] = {"seg": self.seg_loss(student_out, labels)}
+            teacher_logits = None
+            if len(self.kd_terms) or special:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(images)
+            seg_labels = kd_labels = labels
+            if special:
+                guess = teacher_logits.argmax(1, keepdim=True).to(labels.dtype)
+                seg_labels = torch.where(labels == TEACHER_LABEL, guess, labels)  # IGNORE_LABEL stays left out
+                kd_labels = torch.where(seg_labels == IGNORE_LABEL, guess, seg_labels)
+            terms: dict[str, torch.Tensor] = {"seg": self.seg_loss(student_out, seg_labels)}
             if len(self.kd_terms):
-                terms.update(self._kd_terms(images, labels, student_out))
+                terms.update(self._kd_terms(kd_labels, student_out, teacher_logits))
         finally:
             self.teacher_taps.clear()
             self.student_taps.clear()
@@ -176,9 +190,7 @@ class Distiller(nn.Module):
         loss = terms["seg"] + lam * sum(kd) if kd else terms["seg"]
         return DistillOutput(loss=loss, terms=terms, kd_weight=lam, student_output=student_out)
 
-    def _kd_terms(self, images, labels, student_out) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            teacher_logits = self.teacher(images)
+    def _kd_terms(self, labels, student_out, teacher_logits) -> dict[str, torch.Tensor]:
         teacher_feats = [f.detach() for f in self.teacher_taps.features()]
         student_feats = self.student_taps.features()
         for t, s in zip(teacher_feats, student_feats):

@@ -31,13 +31,20 @@ def require_same_grid(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
         )
 
 
-def require_labels(labels: torch.Tensor, num_classes: int, what: str = "labels") -> None:
-    """Labels are integer class indices (B, 1, D, H, W) in [0, num_classes)."""
+def require_labels(labels: torch.Tensor, num_classes: int, what: str = "labels", special: bool = False) -> None:
+    """Labels are integer class indices (B, 1, D, H, W) in [0, num_classes); with ``special``, also
+    :data:`~ReCoKDLib.utils.labels.IGNORE_LABEL` and :data:`~ReCoKDLib.utils.labels.TEACHER_LABEL`."""
     require_5d(labels, what)
     if labels.shape[1] != 1:
         raise ReCoKDError(f"{what} must have one channel of class indices, got shape {tuple(labels.shape)}")
     if labels.is_floating_point() and not torch.equal(labels, labels.round()):
         raise ReCoKDError(f"{what} must hold integer class indices, found fractional values")
+    if special:
+        from ..utils.labels import TEACHER_LABEL
+
+        labels = labels[labels < TEACHER_LABEL]
+        if not labels.numel():
+            return
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= num_classes:
         bad = hi if hi >= num_classes else lo

@@ -60,7 +60,8 @@ CONFIG_FLAGS = {"epochs": "--epochs", "iters_per_epoch": "--iters-per-epoch", "b
                 "augment": "--augment", "elastic": "--elastic", "num_workers": "--workers", "val_every": "--val-every",
                 "val_max_cases": "--val-max-cases", "checkpoint_every": "--checkpoint-every", "seed": "--seed",
                 "device": "--device", "deterministic": "--deterministic", "amp": "--no-amp", "num_threads": "--threads",
-                "unlabeled_fraction": "--unlabeled-fraction"}
+                "unlabeled_fraction": "--unlabeled-fraction", "teacher_targets": "--teacher-targets",
+                "teacher_confidence": "--teacher-confidence"}
 # whole-number options and their least value: a run needs at least one epoch of one iteration of one patch
 _LEAST_WHOLE = {"epochs": 1, "iters_per_epoch": 1, "batch_size": 1, "num_workers": 0, "val_every": 0,
                 "val_max_cases": 0, "checkpoint_every": 0, "seed": 0, "num_threads": 1}
@@ -68,7 +69,11 @@ _LEAST_WHOLE = {"epochs": 1, "iters_per_epoch": 1, "batch_size": 1, "num_workers
 _REAL_RANGES = {"lr": (0.0, False, math.inf), "adapter_lr_scale": (0.0, False, math.inf),
                 "momentum": (0.0, True, 1.0), "weight_decay": (0.0, True, math.inf), "grad_clip": (0.0, True, math.inf),
                 "ema_decay": (0.0, True, 1.0), "foreground_fraction": (0.0, True, 1.0),
-                "unlabeled_fraction": (0.0, True, 1.0)}
+                "unlabeled_fraction": (0.0, True, 1.0), "teacher_confidence": (0.0, True, 1.0)}
+#: where an unlabelled scan's targets come from (``--teacher-targets``): ``hard``, the teacher's arg-max of the
+#: whole scan (computed once, cached); ``patch``, its arg-max of each training patch (the step's own teacher
+#: forward); ``soft``, none (the scan trains the KD terms only, e.g. ``--method logit``'s soft targets)
+TEACHER_TARGETS = ("hard", "patch", "soft")
 
 
 def _is_whole(value: object) -> bool:
@@ -120,6 +125,9 @@ def check_training_options(values: dict) -> None:
     optimizer = values.get("optimizer")
     if optimizer is not None and optimizer not in ("sgd", "adamw"):
         raise ReCoKDError(f"--optimizer must be sgd or adamw, got {optimizer!r}")
+    targets = values.get("teacher_targets")
+    if targets is not None and targets not in TEACHER_TARGETS:
+        raise ReCoKDError(f"--teacher-targets must be one of {', '.join(TEACHER_TARGETS)}, got {targets!r}")
 
 
 def check_distill_options(width_factor: float | None = None, lambda_max: float | None = None,
@@ -178,6 +186,10 @@ class RunConfig:
     num_threads: int | None = None
     # share of patches drawn from unlabelled (teacher-labelled) cases; None: every case alike
     unlabeled_fraction: float | None = None
+    teacher_targets: str = "hard"  # TEACHER_TARGETS
+    # hard targets: voxels where the teacher's top softmax probability is below this are left out of the
+    # segmentation loss (0: none)
+    teacher_confidence: float = 0.0
 
     def __post_init__(self) -> None:
         self.augment = augment_name(self.augment)

@@ -18,10 +18,15 @@ from typing import Any, Iterator
 
 from ..errors import ReCoKDError
 
-__all__ = ["LabelSet", "NAMED_COLORS", "DEFAULT_PALETTE", "IGNORE", "check_terminology"]
+__all__ = ["LabelSet", "NAMED_COLORS", "DEFAULT_PALETTE", "IGNORE", "IGNORE_LABEL", "TEACHER_LABEL", "check_terminology"]
 
 #: nnU-Net's name for the label whose voxels are left out of the loss; it is not a class
 IGNORE = "ignore"
+#: values a training target may hold besides classes (never in a label map on disk): voxels the segmentation
+#: loss leaves out (a teacher label below the confidence threshold, unlabelled scans with soft targets only),
+#: and voxels the step's own teacher forward labels (``--teacher-targets patch``)
+IGNORE_LABEL = 255
+TEACHER_LABEL = 254
 
 #: Colours (RGB in 0..1) of class names ReCoKD knows: the built-in phantom's classes.
 NAMED_COLORS: dict[str, tuple[float, float, float]] = {

@@ -44,6 +44,7 @@ from ..utils.nnunet_layout import is_nnunet_folder
 from ..models.unet import UNetSpec, build_unet, dynunet_tap_names
 from ..models.weights import load_weights
 from ..utils.io import atomic_write_text, new_folder, read_json, remove_partial_files
+from ..utils.labels import IGNORE_LABEL, TEACHER_LABEL
 from ..utils.locks import locked_folder, waiting_lock
 from ..utils.runtime import configure_cpu, resolve_device
 from ..training.loop import (DistillTrainModule, EpochTrainer, RunConfig, SegTrainModule, ValCase, augment_name,
@@ -274,7 +275,8 @@ _CLI_TO_CONFIG = {"epochs": "epochs", "iters_per_epoch": "iters_per_epoch", "bat
                   "val_every": "val_every", "val_max_cases": "val_max_cases", "checkpoint_every": "checkpoint_every",
                   "seed": "seed", "device": "device", "deterministic": "deterministic", "threads": "num_threads",
                   "augment": "augment", "foreground_fraction": "foreground_fraction",
-                  "adapter_lr_scale": "adapter_lr_scale", "unlabeled_fraction": "unlabeled_fraction"}  # the last two: distill only
+                  "adapter_lr_scale": "adapter_lr_scale", "unlabeled_fraction": "unlabeled_fraction",
+                  "teacher_targets": "teacher_targets", "teacher_confidence": "teacher_confidence"}  # from adapter_lr_scale: distill only
 _CLI_NEGATED = {"no_amp": "amp"}
 #: what a resumed run may change (applied and recorded); everything else comes from its run.json, and
 #: giving it another value with --resume is refused (the weights would no longer be one run's)
@@ -519,9 +521,23 @@ def _teacher_sha256(teacher_run: Path, nnunet_teacher: Any) -> str:
 _FOREIGN_MARKERS = {"bundle.json": "a model bundle", "dataset.json": "a dataset"}
 
 
+def _unlabelled_targets(config: RunConfig, targets: TeacherTargets | None, case: Any, case_id: str) -> np.ndarray:
+    """The training target of an unlabelled scan for ``--teacher-targets`` and ``--teacher-confidence``."""
+    shape = case.image.shape[1:]
+    if config.teacher_targets == "patch":
+        return np.full(shape, TEACHER_LABEL, np.int16)
+    if config.teacher_targets == "soft":
+        return np.full(shape, IGNORE_LABEL, np.int16)
+    label = targets.labels[case_id].astype(np.int16)
+    if config.teacher_confidence > 0:
+        label = np.where(targets.confidence[case_id] < round(255 * config.teacher_confidence), IGNORE_LABEL, label)
+    return label
+
+
 def _teacher_labelled_cases(run_spec: RunSpec, dataset: DatasetInfo, plans: Plans, root: Path, train_ids: list[str],
                             cases: dict, teacher: torch.nn.Module, teacher_sha256: str, device: torch.device,
-                            progress: bool, label_less: list[str]) -> tuple[list[str], list[str], TeacherTargets | None]:
+                            progress: bool, label_less: list[str], teacher_targets_mode: str = "hard"
+                            ) -> tuple[list[str], list[str], TeacherTargets | None]:
     """A student's (labelled training ids, unlabelled ids, the teacher's labels of the unlabelled): the scans
     of ``--unlabeled`` (checked, preprocessed with the teacher's plan), the training cases ``--labeled-cases``
     leaves out and those ``dataset.json`` lists without a label; ``cases`` gains the unlabelled ones. The
@@ -535,6 +551,11 @@ def _teacher_labelled_cases(run_spec: RunSpec, dataset: DatasetInfo, plans: Plan
     unlabeled_ids = hidden + list(label_less) + [r.case_id for r in records]
     if not unlabeled_ids:
         return train_ids, [], None
+    if teacher_targets_mode != "hard":  # nothing to label ahead: the step's teacher forward, or no target
+        for i in unlabeled_ids:
+            if i not in cases:
+                cases[i] = load_preprocessed(root, plans, i)
+        return train_ids, unlabeled_ids, None
     for i in unlabeled_ids:
         if i not in cases:
             cases[i] = load_preprocessed(root, plans, i)
@@ -734,12 +755,15 @@ def _run(run_spec: RunSpec, device: torch.device, rank: int, world: int) -> int:
     if role == "student":
         train_ids, unlabeled_ids, targets = _teacher_labelled_cases(run_spec, dataset, plans, root, train_ids, cases,
                                                                     teacher, teacher_sha256, device, progress,
-                                                                    label_less)
+                                                                    label_less, config.teacher_targets)
+        if config.teacher_targets == "soft" and unlabeled_ids and not len(distiller.kd_terms):
+            raise ReCoKDError("--teacher-targets soft gives the unlabeled scans no segmentation target, so they teach "
+                              "only through the KD terms; choose a method with some (e.g. --method logit)")
     images = [cases[i].image for i in train_ids]
     labels = [cases[i].label for i in train_ids]
-    if targets is not None:  # the teacher's labels, never a hidden case's own
+    if unlabeled_ids:  # the teacher's labels (or none), never a hidden case's own
         images += [cases[i].image for i in unlabeled_ids]
-        labels += [targets.labels[i] for i in unlabeled_ids]
+        labels += [_unlabelled_targets(config, targets, cases[i], i) for i in unlabeled_ids]
     data = PatchBatches(
         images, labels, config.patch_size,
         batch_size=config.batch_size, foreground_fraction=config.foreground_fraction, seed=config.seed, rank=rank,

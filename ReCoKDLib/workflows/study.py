@@ -55,7 +55,7 @@ __all__ = ["StudyConfig", "Job", "load_config", "plan_jobs", "run_study", "cv_fo
 
 STUDY_VERSION = 1
 METHOD_KEYS = {"method", "lambda_max", "taps", "width_factor", "temperature", "warmup_fraction", "adapter_lr_scale",
-               "unlabeled", "unlabeled_fraction"}
+               "unlabeled", "unlabeled_fraction", "teacher_targets", "teacher_confidence"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -340,7 +340,8 @@ def _variant_options(v: dict[str, Any]) -> list[str]:
     opts = ["--method", v["method"]]
     for key, flag in (("lambda_max", "--lambda-max"), ("taps", "--taps"), ("width_factor", "--width-factor"),
                       ("temperature", "--temperature"), ("warmup_fraction", "--warmup-fraction"),
-                      ("adapter_lr_scale", "--adapter-lr-scale"), ("unlabeled_fraction", "--unlabeled-fraction")):
+                      ("adapter_lr_scale", "--adapter-lr-scale"), ("unlabeled_fraction", "--unlabeled-fraction"),
+                      ("teacher_targets", "--teacher-targets"), ("teacher_confidence", "--teacher-confidence")):
         if key in v:
             opts += [flag, str(v[key])]
     return opts
