@@ -779,7 +779,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         extraArgs = [*self.extraTrainingArgs, *extraArgs]
         output = (p.outputFolder or "").strip() or str(self.runsFolder / Path(dataset).name / f"student_{method}")
         device = p.device
-        unlabeled = [(p.unlabeledFolder or "").strip()] if (p.unlabeledFolder or "").strip() else []
+        folder = (getattr(p, "unlabeledFolder", "") or "").strip()  # (a node saved before the field existed)
+        unlabeled = [folder] if folder else []
         if unlabeled and not Path(unlabeled[0]).is_dir():
             raise ReCoKDError(f"unlabeled scans folder {unlabeled[0]} does not exist; select a folder of images")
 
