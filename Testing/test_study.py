@@ -88,6 +88,9 @@ def test_config_errors_name_the_problem(tmp_path):
     bad.write_text(json.dumps({"datasets": {"a": {"path": str(tmp_path)}}, "students": {"s": {"method": "none", "lr": 1}}}))
     with pytest.raises(ReCoKDError, match="unknown key"):
         load_config(bad)
+    bad.write_text(json.dumps({"datasets": {"a": {"phantom": {}}}, "students": {"teacher": {"method": "none"}}}))
+    with pytest.raises(ReCoKDError, match="'teacher' names the teacher model"):
+        load_config(bad)
     bad.write_text(json.dumps({"datasets": {"a": {"path": "nowhere"}}, "students": {"s": {"method": "none"}}}))
     with pytest.raises(ReCoKDError, match="'a': nowhere is not a folder"):
         load_config(bad)
@@ -344,7 +347,7 @@ def test_a_label_scarce_dataset_gives_every_variant_of_a_seed_the_same_labelled_
     from ReCoKDLib.workflows.study_report import reference_of
 
     cfg = tmp_path / "study.json"
-    students = {"labels-only": {"method": "none"}, "teacher": {"method": "none", "unlabeled": True},
+    students = {"labels-only": {"method": "none"}, "teacher-labels": {"method": "none", "unlabeled": True},
                 "teacher+recokd": {"method": "recokd", "unlabeled": True}}
     cfg.write_text(json.dumps({"datasets": {"a": {"phantom": {"train_cases": 6, "test_cases": 1, "size": 32},
                                                   "labeled": 2}},
@@ -362,10 +365,10 @@ def test_a_label_scarce_dataset_gives_every_variant_of_a_seed_the_same_labelled_
         files[seed] = read_case_list(lists.pop())
         assert len(files[seed]) == 2
         assert option(jobs[f"a/labels-only_s{seed}"], "--unlabeled-fraction") == ["0"]
-        assert option(jobs[f"a/teacher_s{seed}"], "--unlabeled-fraction") == []
+        assert option(jobs[f"a/teacher-labels_s{seed}"], "--unlabeled-fraction") == []
     assert files[0] != files[1]  # another seed, another draw
     assert option(jobs["a/teacher"], "--labeled-cases") == []  # the teacher learns from every labelled case
-    assert reference_of("teacher", students) == "labels-only" and reference_of("teacher+recokd", students) == "labels-only"
+    assert reference_of("teacher-labels", students) == "labels-only" and reference_of("teacher+recokd", students) == "labels-only"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"datasets": {"a": {"phantom": {}, "labeled": 0}}, "students": students}))
     with pytest.raises(ReCoKDError, match="'labeled'"):

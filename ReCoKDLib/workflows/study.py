@@ -144,6 +144,9 @@ class StudyConfig:
 
 
 def _variant(name: str, spec: Any, where: str) -> dict[str, Any]:
+    if name == "teacher":  # the report keys the teacher model's rows by this name
+        raise ReCoKDError(f"{where}: 'teacher' names the teacher model in the report; give this student variant "
+                          "another name (e.g. 'teacher-labels')")
     if not isinstance(spec, dict) or "method" not in spec:
         raise ReCoKDError(f"{where}: variant {name!r} needs an object with at least a 'method'")
     unknown = set(spec) - METHOD_KEYS
