@@ -373,3 +373,46 @@ def test_a_label_scarce_dataset_gives_every_variant_of_a_seed_the_same_labelled_
     bad.write_text(json.dumps({"datasets": {"a": {"phantom": {}, "labeled": 0}}, "students": students}))
     with pytest.raises(ReCoKDError, match="'labeled'"):
         load_config(bad)
+
+
+def test_label_scarce_report_compares_kd_with_teacher_labels_alone_and_plots_dice_against_labelled_cases(tmp_path):
+    """Each KD variant on teacher-labelled scans is paired with the variant that differs only by having no KD
+    terms; the label-count figure's points are the runs' means with a t interval."""
+    from ReCoKDLib.workflows.study_report import (kd_counterpart_of, kd_over_teacher_labels, labeled_figure,
+                                                  labeled_numbers, paired_table)
+
+    students = {"labels-only": {"method": "none"}, "teacher-labels": {"method": "none", "unlabeled": True},
+                "teacher+recokd": {"method": "recokd", "unlabeled": True, "lambda_max": 0.5},
+                "conf0.9": {"method": "none", "unlabeled": True, "teacher_confidence": 0.9},
+                "conf0.9+logit": {"method": "logit", "unlabeled": True, "teacher_confidence": 0.9},
+                "recokd": {"method": "recokd"}}
+    assert kd_counterpart_of("teacher+recokd", students) == "teacher-labels"
+    assert kd_counterpart_of("conf0.9+logit", students) == "conf0.9"
+    assert kd_counterpart_of("recokd", students) == "labels-only"
+    assert kd_over_teacher_labels("recokd", students) is None  # against labels only: the main table's pair
+    assert kd_counterpart_of("teacher-labels", students) is None
+
+    def run(seed, mean, organ):
+        return {"seed": seed, "fold": 0, "summary": {"dice": {"mean": mean, "organ": organ}}}
+
+    scores = {"labels-only": [0.60, 0.70, 0.65], "teacher-labels": [0.80, 0.84, 0.82],
+              "teacher+recokd": [0.81, 0.83, 0.85], "conf0.9": [0.8, 0.8, 0.8], "conf0.9+logit": [0.7, 0.9, 0.8]}
+    found = {f"L{n}": {"teacher": {"teacher": [run(0, 0.9, 0.9)]},
+                       "main": {v: [run(s, x - 0.1 * (n == 2), x) for s, x in enumerate(xs)] for v, xs in scores.items()}}
+             for n in (2, 4)}
+    table, numbers = paired_table(found["L4"], students, reference=kd_over_teacher_labels)
+    assert set(numbers) == {"teacher+recokd", "conf0.9+logit"}
+    assert numbers["teacher+recokd"]["reference"] == "teacher-labels"
+    assert numbers["teacher+recokd"]["dice"]["mean"]["mean"] == pytest.approx(np.mean([0.01, -0.01, 0.03]))
+    assert numbers["teacher+recokd"]["dice"]["mean"]["wins"] == 2 and "| teacher+recokd | teacher-labels |" in table
+
+    cfg = tmp_path / "study.json"
+    cfg.write_text(json.dumps({"datasets": {f"L{n}": {"phantom": {}, "labeled": n} for n in (2, 4)},
+                               "students": students, "latency": {"enabled": False}}))
+    got = labeled_numbers(load_config(cfg), found)["phantom"]
+    assert got["datasets"] == ["L2", "L4"] and got["teacher"] == {2: 0.9, 4: 0.9}
+    point = got["variants"]["teacher-labels"][2]
+    assert point["mean"] == pytest.approx(0.72) and point["runs"] == 3
+    half = 4.302653 * np.std([0.70, 0.74, 0.72], ddof=1) / np.sqrt(3)  # t_{0.975, 2}
+    assert point["high"] - point["mean"] == pytest.approx(half, rel=1e-4)
+    assert labeled_figure(labeled_numbers(load_config(cfg), found), tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"

@@ -96,6 +96,29 @@ def reference_of(name: str, variants: dict[str, dict[str, Any]]) -> str | None:
     return next((n for n, v in variants.items() if is_baseline(v) and width_of(v) == r), None)
 
 
+#: variant keys that only shape the KD terms (a variant without KD has no use for them)
+KD_ONLY_KEYS = {"lambda_max", "taps", "temperature", "warmup_fraction", "adapter_lr_scale"}
+
+
+def kd_counterpart_of(name: str, variants: dict[str, dict[str, Any]]) -> str | None:
+    """The variant that differs from ``name`` only by having no KD terms (method ``none``, the same width
+    and targets), so that the pair isolates what the KD terms add; ``None`` for a variant without KD or
+    without such a counterpart."""
+    v = variants[name]
+    if v["method"] == "none":
+        return None
+    want = {k: x for k, x in v.items() if k not in KD_ONLY_KEYS and k != "method"}
+    return next((n for n, u in variants.items() if u["method"] == "none"
+                 and {k: x for k, x in u.items() if k not in KD_ONLY_KEYS and k != "method"} == want), None)
+
+
+def kd_over_teacher_labels(name: str, variants: dict[str, dict[str, Any]]) -> str | None:
+    """:func:`kd_counterpart_of` where that counterpart learns from teacher-labelled scans (against labels
+    only, the main paired table already compares)."""
+    ref = kd_counterpart_of(name, variants)
+    return ref if ref is not None and not is_baseline(variants[ref]) else None
+
+
 def paired_difference(runs: list[dict], reference: list[dict], cls: str = "mean", metric: str = "dice",
                       confidence: float = 0.95) -> dict[str, float]:
     """Mean paired difference ``D_variant − D_reference`` over the runs both have (same seed and fold),
@@ -120,12 +143,16 @@ def paired_difference(runs: list[dict], reference: list[dict], cls: str = "mean"
 
 
 def paired_table(data: dict[str, Any], variants: dict[str, dict[str, Any]], group: str = "main",
-                 baseline: dict[str, Any] | None = None) -> tuple[str, dict]:
+                 baseline: dict[str, Any] | None = None,
+                 reference: Callable[[str, dict[str, dict[str, Any]]], str | None] | None = None) -> tuple[str, dict]:
     """Markdown table of every distillation variant's paired Dice difference to no-KD at the same width
     (per class and mean, 95 % interval over seeds), and its numbers.
 
     ``baseline``: the ``main`` group's data and variants, for an ablation group without its own no-KD runs.
+    ``reference``: which variant each one is compared with (default :func:`reference_of`, labels only;
+    :func:`kd_counterpart_of`: the same targets without KD terms); variants without one are left out.
     """
+    reference = reference or reference_of
     runs_of = data.get(group, {})
     all_variants = dict(variants)
     base_runs = dict(runs_of)
@@ -137,10 +164,10 @@ def paired_table(data: dict[str, Any], variants: dict[str, dict[str, Any]], grou
     if not some:
         return "No paired runs yet.\n", {}
     classes = ["mean", *_class_names(some)]
-    head = ["variant", "R", "pairs", *[f"Δ Dice {c} (95 % CI)" for c in classes], "seeds better"]
+    head = ["variant", "vs", "R", "pairs", *[f"Δ Dice {c} (95 % CI)" for c in classes], "seeds better"]
     rows, numbers = [], {}
     for name, v in variants.items():
-        ref = reference_of(name, all_variants)
+        ref = reference(name, all_variants)
         if is_baseline(v) or ref is None:
             continue
         diffs = {c: paired_difference(runs_of.get(name, []), base_runs.get(ref, []), c) for c in classes}
@@ -148,7 +175,7 @@ def paired_table(data: dict[str, Any], variants: dict[str, dict[str, Any]], grou
         m = diffs["mean"]
         cells = [f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if d["n"] > 1 else
                  (f"{d['mean']:+.3f}" if d["n"] else "–") for d in diffs.values()]
-        rows.append([name, f"{width_of(v):g}", str(m["n"]), *cells, f"{m['wins']}/{m['n']}" if m["n"] else "–"])
+        rows.append([name, ref, f"{width_of(v):g}", str(m["n"]), *cells, f"{m['wins']}/{m['n']}" if m["n"] else "–"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n", numbers
 
@@ -344,6 +371,64 @@ def dice_chart(numbers: dict[str, dict], title: str, path: Path) -> Path | None:
     return path
 
 
+def labeled_numbers(config, found: dict[str, Any]) -> dict[str, Any]:
+    """Per data source (a dataset's path, or ``phantom``) of the label-scarce datasets: for each number of
+    labelled cases, each variant's mean Dice with a 95 % t interval of the mean over runs, and the teacher's
+    mean: ``{source: {"teacher": {n: mean}, "variants": {variant: {n: {"mean", "low", "high", "runs"}}}}}``."""
+    from scipy import stats
+
+    out: dict[str, Any] = {}
+    for dname, d in config.datasets.items():
+        if d.labeled is None or dname not in found:
+            continue
+        source = str(d.path) if d.path is not None else "phantom"
+        entry = out.setdefault(source, {"datasets": [], "teacher": {}, "variants": {}})
+        entry["datasets"].append(dname)
+        teacher = found[dname].get("teacher", {}).get("teacher", [])
+        if teacher:
+            entry["teacher"][d.labeled] = aggregate(teacher, "dice")[0]
+        for variant, runs in found[dname].get("main", {}).items():
+            mean, std, n = aggregate(runs, "dice")
+            half = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else math.nan
+            entry["variants"].setdefault(variant, {})[d.labeled] = {"mean": mean, "low": mean - half,
+                                                                     "high": mean + half, "runs": n}
+    return out
+
+
+def labeled_figure(numbers: dict[str, Any], path: Path) -> Path | None:
+    """One panel per data source: mean Dice against the number of labelled cases, a line per variant with
+    its 95 % interval, the teacher dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sources = [s for s, e in numbers.items() if e["variants"]]
+    if not sources:
+        return None
+    fig, axes = plt.subplots(1, len(sources), figsize=(4.6 * len(sources) + 1.5, 3.8), squeeze=False)
+    for ax, source in zip(axes[0], sources):
+        e = numbers[source]
+        for k, (variant, points) in enumerate(sorted(e["variants"].items())):
+            xs = sorted(points)
+            shift = (k - (len(e["variants"]) - 1) / 2) * 0.06 * max(1, max(xs) - min(xs) or 1)  # overlapping bars apart
+            ys = [points[x]["mean"] for x in xs]
+            lows = [points[x]["mean"] - points[x]["low"] if math.isfinite(points[x]["low"]) else 0 for x in xs]
+            highs = [points[x]["high"] - points[x]["mean"] if math.isfinite(points[x]["high"]) else 0 for x in xs]
+            ax.errorbar([x + shift for x in xs], ys, yerr=[lows, highs], marker="o", capsize=3, label=variant)
+        if e["teacher"]:
+            ts = sorted(e["teacher"])
+            ax.plot(ts, [e["teacher"][t] for t in ts], "k--", marker="_", label="teacher (all labels)")
+        ax.set_xlabel("labelled training cases")
+        ax.set_ylabel("mean Dice (95 % CI)")
+        ax.set_title(Path(source).name, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path
+
+
 def contour_figure(panels: list[dict], path: Path) -> Path | None:
     """One row per dataset: the image slice with the reference and each model's contours.
 
@@ -453,6 +538,12 @@ def build_report(config, out: str | Path, jobs, log: Callable[[str], None] = pri
         paired, paired_numbers = paired_table(data, students)
         results["datasets"][dname] = numbers
         results.setdefault("paired", {})[dname] = paired_numbers
+        if any(kd_over_teacher_labels(n, students) for n in students):  # what KD adds to the teacher's labels alone
+            kd_paired, kd_numbers = paired_table(data, students, reference=kd_over_teacher_labels)
+            results.setdefault("paired_kd_terms", {})[dname] = kd_numbers
+            paired += ("\nWhat the KD terms add to the same targets: paired differences to the variant that differs "
+                       "only by having no KD terms (same seed, labelled cases, teacher labels and batch order):\n\n"
+                       + kd_paired)
         how = ("its test cases (imagesTs)" if d.evaluate_on == "test" else
                f"{d.folds}-fold cross-validation (run i: seed i, fold i mod {d.folds}; scores on the held-out fold)")
         parts += [f"## {dname}\n", f"Scored on {how}; mean ± std over runs. "
@@ -488,6 +579,14 @@ def build_report(config, out: str | Path, jobs, log: Callable[[str], None] = pri
         results["ablations_paired"] = paired_numbers
         parts += [f"## Ablations ({config.ablation_dataset}, seeds {config.ablation_seeds})\n", table,
                   "Paired differences to the main no-KD student of the same width and seed:\n", paired]
+    scarce = labeled_numbers(config, found)
+    if scarce:
+        results["labeled"] = scarce
+        fig = labeled_figure(scarce, out / "dice_vs_labeled.png") if figures else None
+        parts += ["## Dice against the number of labelled cases\n",
+                  "Label-scarce datasets (`labeled` in the config), grouped by their data: mean Dice per variant "
+                  "with a 95 % Student-t interval of the mean over runs; the dashed line is the teacher, trained on "
+                  "every labelled case.\n"] + ([f"![Dice vs labelled cases]({fig.name})\n"] if fig else [])
     if figures and panels:
         fig = contour_figure(panels, out / "contours.png")
         parts.append(f"![contours]({fig.name})\n")
