@@ -60,7 +60,7 @@ class DemoConfig:
     width_factor: float = 4
     # the teacher and both students train equally long, so that the gap is the student's width, not its
     # training time (issue 14's paired design)
-    steps: int = 400
+    steps: int = 800
     # the students' labelled training cases; the others are unlabelled scans the teacher labels (0, or as
     # many as train_cases: every case labelled, the equal-labels comparison alone)
     labeled_cases: int = 2
