@@ -8,6 +8,7 @@ NRRD -> ``python -m ReCoKDLib.inference.slicer_bridge`` in a background process 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import py_compile
 import re
@@ -272,14 +273,19 @@ def test_distill_runs_in_background_and_exports_the_student(env, tmp_path, monke
     args = next(line for line in task.job.lines if line.startswith("ARGS")).split()[1:]
     assert args[0] == "distill" and args[args.index("--teacher") + 1] == str(tmp_path / "teacher")
     assert args[args.index("--method") + 1] == "msard" and float(args[args.index("--width-factor") + 1]) == 2.0
-    assert task.bundlePath == models_folder / "student.recokd" and task.bundlePath.is_file()
-    assert "student" in [s.name for s in logic.availableModels()]
+    # named by dataset, method, width and run (two students never share a model-list name)
+    name = f"Dataset001_msard_R2_{hashlib.sha256(str((tmp_path / 'student').resolve()).encode()).hexdigest()[:6]}"
+    assert task.bundlePath == models_folder / f"{name}.recokd" and task.bundlePath.is_file()
+    assert name in [s.name for s in logic.availableModels()]
     # resume restarts the same command with --resume
     task2 = logic.resumeTraining(wait=True)
     args2 = next(line for line in task2.job.lines if line.startswith("ARGS")).split()[1:]
     assert args2.count("--resume") == 1 and args2[:-2] == args[:-1]
     # the second export does not replace the first student's bundle (the overwrite rule): it takes a free name
-    assert task2.bundlePath == models_folder / "student-2.recokd" and (models_folder / "student.recokd").is_file()
+    assert task2.bundlePath == models_folder / f"{name}-2.recokd" and (models_folder / f"{name}.recokd").is_file()
+    other = logic.distill(str(tmp_path / "Dataset002"), str(tmp_path / "teacher"), method="msard", widthFactor=2,
+                          epochs=1, outputFolder=str(tmp_path / "student"), device="cpu", wait=True)
+    assert other.bundlePath.name.startswith("Dataset002_msard_R2_")  # another dataset: another name
     teacher = logic.trainTeacher(str(tmp_path / "Dataset001"), str(tmp_path / "teacher"), epochs=2, device="cpu")
     args3 = next(line for line in teacher.job.lines if line.startswith("ARGS")).split()[1:]
     assert teacher.state == jobs.SUCCEEDED and teacher.bundlePath is None and len(teacher.history) == 2

@@ -275,9 +275,10 @@ def test_training_from_the_panel_ends_with_the_student_in_the_model_list_without
     assert errors == [], errors + [log[-2000:]]
     task = logic.trainingTask
     assert task.role == "student" and task.state == "succeeded", log[-2000:]
-    bundle = tmp_path / "home" / "models" / "student.recokd"
-    assert task.bundlePath == bundle and bundle.is_file()
-    assert "student" in [s.name for s in widget._modelSources]  # the list was refreshed
+    bundle = task.bundlePath
+    assert bundle.parent == tmp_path / "home" / "models" and bundle.is_file()
+    assert bundle.name.startswith(f"{Path(p.datasetFolder).name}_recokd_R4_"), bundle.name
+    assert bundle.stem in [s.name for s in widget._modelSources]  # the list was refreshed
     import json
 
     student_run = json.loads((tmp_path / "runs" / "student" / "run.json").read_text())

@@ -9,9 +9,11 @@ arguments or from the module's parameter node (:meth:`ReCoKDLogic.segmentWithPar
 """
 
 import csv
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -274,7 +276,7 @@ class TrainingTask:
     def _startExport(self) -> None:
         folder = Path(self.logic.modelsFolder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.bundlePath = freeBundlePath(folder, self.outputFolder.name)
+        self.bundlePath = freeBundlePath(folder, studentBundleStem(self.arguments, self.outputFolder))
         command = [pythonExecutable(), "-m", "ReCoKDLib.cli", "export", str(self.outputFolder), "-o", str(self.bundlePath)]
         self._exportJob = BackgroundJob(command, env=_jobEnvironment(), name="export",
                                         onLine=self.logic.onTrainingLine).start()
@@ -295,6 +297,23 @@ class TrainingTask:
             self._exportJob.cancel()
         self.job.cancel()
         self.message = "training stopped; Resume continues from the last finished epoch"
+
+
+def studentBundleStem(arguments, outputFolder) -> str:
+    """The model-list name of a distilled student, ``<dataset>_<method>_R<width>_<id>``: two students of other
+    datasets, methods or widths never share a name, and ``id`` (from the run folder) tells apart two runs of
+    the same settings while staying the same for one run exported again."""
+    args = [str(a) for a in arguments]
+
+    def option(flag, default):
+        return args[args.index(flag) + 1] if flag in args[:-1] else default
+
+    dataset = Path(args[1]).name if len(args) > 1 else "dataset"
+    width = _number(option("--width-factor", "4"))
+    width = f"{width:g}" if isinstance(width, float) else str(width)
+    run_id = hashlib.sha256(str(Path(outputFolder).resolve()).encode("utf-8")).hexdigest()[:6]
+    stem = f"{dataset}_{option('--method', 'recokd')}_R{width}_{run_id}"
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", stem)
 
 
 def freeBundlePath(folder: Path, stem: str) -> Path:
