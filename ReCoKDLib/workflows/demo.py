@@ -49,7 +49,7 @@ def demo_training(**overrides) -> RunConfig:
 
 @dataclass
 class DemoConfig:
-    """What the demo builds and compares, with defaults sized for 2 CPU cores and < 15 minutes; how each
+    """What the demo builds and compares, with defaults sized for 2 CPU cores and about 20 minutes; how each
     model trains is ``training`` (seed, device, threads, augmentation, optimiser, patch)."""
 
     output: str = "recokd_demo_output"
