@@ -553,10 +553,12 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateGUIFromParameterNode()
 
     def onStopTraining(self):
-        self.logic.stopTraining()
+        task = self.logic.trainingTask
+        self.logic.stopTraining()  # the task ends: its onFinished (onTrainingFinished, when started here) reports
         self.ui.trainingProgressBar.setValue(0)
         self.ui.trainingProgressBar.setVisible(False)
-        self.ui.logTextEdit.appendPlainText("stopped; Resume continues from the last finished epoch")
+        if task is not None and task.onFinished is None:  # started from the console
+            self.ui.logTextEdit.appendPlainText(task.message)
         self.updateGUIFromParameterNode()
 
     def onResumeTraining(self):

@@ -236,10 +236,11 @@ def _fake_python(tmp_path: Path) -> Path:
     """A stand-in for Slicer's python: `-m ReCoKDLib.cli distill|train|export ...` without torch."""
     script = tmp_path / "fakepython"
     script.write_text(f"""#!{sys.executable}
-import sys, pathlib, time
+import os, sys, pathlib, time
 args = sys.argv[sys.argv.index("ReCoKDLib.cli") + 1:]
 out = pathlib.Path(args[args.index("-o") + 1])
 if args[0] == "export":
+    time.sleep(float(os.environ.get("FAKE_EXPORT_SECONDS", "0")))
     out.write_bytes(b"bundle")
     print("bundle:", out)
     sys.exit(0)
@@ -254,6 +255,40 @@ print("ARGS", " ".join(args))
 """)
     script.chmod(0o755)
     return script
+
+
+@pytest.mark.skipif(sys.platform.startswith("win"), reason="uses a POSIX script as the interpreter")
+def test_stop_during_the_export_ends_the_task_once_and_resume_exports(env, tmp_path, monkeypatch):
+    from ReCoKDSlicer import logic as slicer_logic
+
+    monkeypatch.setattr(slicer_logic, "pythonExecutable", lambda: str(_fake_python(tmp_path)))
+    monkeypatch.setenv("FAKE_EXPORT_SECONDS", "60")
+    models_folder = tmp_path / "models"
+    logic = module.ReCoKDLogic(scene=env["scene"], modelsFolder=models_folder, registries=[])
+    ended = []
+    task = logic.distill(str(tmp_path / "Dataset001"), str(tmp_path / "teacher"), epochs=2,
+                         outputFolder=str(tmp_path / "student"), device="cpu", wait=False, onFinished=ended.append)
+    deadline = time.monotonic() + 60
+    while task._exportJob is None:  # the training ends, the export starts (and takes its time)
+        task.poll()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert task.state == jobs.RUNNING and ended == []
+    logic.stopTraining()
+    assert ended == [task] and task.state == jobs.CANCELLED and task.bundlePath is None
+    assert "Resume exports" in task.message and not list(models_folder.glob("*.recokd"))
+    for _ in range(3):  # later polls (the widget's timer) do not end it again, nor call it failed
+        task.poll()
+    assert ended == [task] and task.state == jobs.CANCELLED
+    monkeypatch.setenv("FAKE_EXPORT_SECONDS", "0")
+    again = logic.resumeTraining(wait=True)
+    assert again.state == jobs.SUCCEEDED and again.bundlePath.is_file()
+    # a stop during the training itself ends the task too (cancelled, onFinished once)
+    monkeypatch.setenv("FAKE_EXPORT_SECONDS", "60")
+    task3 = logic.distill(str(tmp_path / "Dataset001"), str(tmp_path / "teacher"), epochs=2,
+                          outputFolder=str(tmp_path / "student3"), device="cpu", wait=False, onFinished=ended.append)
+    logic.stopTraining()
+    assert ended[1:] == [again, task3] and task3.state == jobs.CANCELLED  # (Resume keeps onFinished)
 
 
 @pytest.mark.skipif(sys.platform.startswith("win"), reason="uses a POSIX script as the interpreter")

@@ -24,7 +24,7 @@ import slicer
 import vtk
 
 from . import geometry, library, models, terminology
-from .jobs import FAILED, RUNNING, SUCCEEDED, BackgroundJob
+from .jobs import CANCELLED, FAILED, RUNNING, SUCCEEDED, BackgroundJob
 
 try:  # inside Slicer: the template's base class (parameter nodes, module name)
     from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
@@ -222,6 +222,7 @@ class TrainingTask:
         self.bundlePath = None  # Path of the exported student bundle
         self.message = ""
         self._exportJob = None
+        self._ended = False  # onFinished has run (or the next step of the chain took over)
 
     @property
     def state(self) -> str:
@@ -246,6 +247,8 @@ class TrainingTask:
         return self.history
 
     def poll(self) -> str:
+        if self._ended:
+            return self.state
         if self._exportJob is not None:
             state = self._exportJob.poll()
             if state != RUNNING:
@@ -266,12 +269,12 @@ class TrainingTask:
         if self.job.state == SUCCEEDED and self.followUp is not None:
             try:
                 self.followUp(self)
+                self._ended = True
                 return  # the next step reports when the whole chain ends
             except ReCoKDError as exc:
                 self.job.state, self.job.error = FAILED, str(exc)
         self.message = "training finished" if self.job.state == SUCCEEDED else self.job.error
-        if self.onFinished is not None:
-            self.onFinished(self)
+        self._end()
 
     def _startExport(self) -> None:
         folder = Path(self.logic.modelsFolder)
@@ -288,15 +291,30 @@ class TrainingTask:
             self.job.state = FAILED
             self.job.error = self.message = f"training finished but the export failed: {self._exportJob.error}"
             self.bundlePath = None
+        self._end()
+
+    def _end(self) -> None:
+        self._ended = True
         if self.onFinished is not None:
             self.onFinished(self)
 
     def stop(self) -> None:
-        """Stop now (the run keeps its last epoch checkpoint; :meth:`ReCoKDLogic.resumeTraining` continues it)."""
-        if self._exportJob is not None:
+        """Stop now (the run keeps its last epoch checkpoint; :meth:`ReCoKDLogic.resumeTraining` continues it).
+        The task then ends like any other: cancelled, and ``onFinished`` runs, also when the stop comes
+        during the export (the bundle is then not in the model list; Resume exports it)."""
+        if self._ended:
+            return
+        exporting = self._exportJob is not None and not self._exportJob.finished
+        if exporting:
             self._exportJob.cancel()
+            self.bundlePath = None
         self.job.cancel()
-        self.message = "training stopped; Resume continues from the last finished epoch"
+        if exporting:  # the training itself had succeeded: the task did not
+            self.job.state, self.job.error = CANCELLED, "the export was cancelled"
+            self.message = "stopped during the export; Resume exports the trained student"
+        else:
+            self.message = "training stopped; Resume continues from the last finished epoch"
+        self._end()
 
 
 def studentBundleStem(arguments, outputFolder) -> str:
