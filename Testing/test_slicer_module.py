@@ -12,6 +12,7 @@ import hashlib
 import json
 import py_compile
 import re
+import shutil
 import sys
 import time
 import xml.etree.ElementTree as ET
@@ -230,6 +231,15 @@ def test_bad_registry_entry_is_skipped_with_a_warning(env, tmp_path):
     assert logic.modelInfo("good-model") is None
     info = logic.modelInfo(env["bundle_path"])
     assert info.numChannels == 1 and info.labels == {"background": 0, "organ": 1, "kidney": 2}
+    # once fetched, its verified copy in the models folder (the cache) is the registry entry, listed once
+    copy = Path(env["folder"]) / f"good-model-{'a' * 12}.recokd"
+    shutil.copyfile(env["bundle_path"], copy)
+    try:
+        names = [s.name for s in logic.availableModels()]
+        assert names.count("good-model") == 1 and copy.stem not in names
+        assert logic.modelInfo("good-model").labels == info.labels
+    finally:
+        copy.unlink()
 
 
 def _fake_python(tmp_path: Path) -> Path:

@@ -395,8 +395,18 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         sources = []
         for registry in self.registries:
             sources += models.readRegistry(registry, warn=self._warn)
-        sources += models.scanModelsFolder(self.modelsFolder)
+        cached = {models.cachedCopyName(s) for s in sources}  # a fetched registry model is listed once, by its name
+        sources += [s for s in models.scanModelsFolder(self.modelsFolder) if Path(s.path).name not in cached]
         return sources
+
+    def _localCopy(self, source):
+        """The bundle file of a source on this disk: a file, a local registry URL, or a fetched registry
+        model's verified copy in the models folder (the cache); None when it is still to be fetched."""
+        path = models.localBundlePath(source)
+        if path is None and source.kind == "registry":
+            copy = Path(self.modelsFolder) / models.cachedCopyName(source)
+            path = copy if copy.is_file() else None
+        return path
 
     def _resolve(self, model):
         """A :class:`~ReCoKDSlicer.models.ModelSource` for a path, a model name or a source."""
@@ -416,7 +426,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         """Labels, colours, channel names and terminology of a model; None for a registry model that is
         neither on this disk nor describes its channels in its entry."""
         source = self._resolve(model)
-        path = models.localBundlePath(source)
+        path = self._localCopy(source)
         if path is None:
             return models.registryInfo(source)
         try:

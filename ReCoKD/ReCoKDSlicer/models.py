@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 __all__ = ["ModelSource", "BundleInfo", "readRegistry", "scanModelsFolder", "readBundleInfo", "defaultModelsFolder",
-           "defaultRunsFolder", "builtinRegistry", "localBundlePath", "registryInfo"]
+           "defaultRunsFolder", "builtinRegistry", "localBundlePath", "registryInfo", "cachedCopyName"]
 
 log = logging.getLogger("ReCoKD")
 
@@ -138,6 +138,14 @@ def localBundlePath(source: "ModelSource") -> Path | None:
     else:
         candidate = Path(url) if Path(url).is_absolute() else Path(source.base) / url
     return candidate if candidate.is_file() else None
+
+
+def cachedCopyName(source: "ModelSource") -> str | None:
+    """The file name a fetched registry model has in the models folder (the cache: ``<name>-<sha256[:12]>.recokd``,
+    as ReCoKDLib's ``fetch_model`` writes it); None for a file source."""
+    if source.kind != "registry":
+        return None
+    return f"{source.name}-{str(source.entry.get('sha256', ''))[:12]}.recokd"
 
 
 def registryInfo(source: "ModelSource") -> BundleInfo | None:
