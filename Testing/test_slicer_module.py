@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import py_compile
 import re
 import shutil
@@ -719,3 +720,40 @@ def test_the_model_box_shows_the_cards_accuracy_limits_and_terms():
     assert "Intended use: research only, not for clinical use" in text and "Terms: Research and non-commercial" in text
     for name in ("la2018-left-atrium", "phantom-abdomen"):
         assert "Accuracy: " in models.readBundleInfo(shipped / f"{name}.recokd").summary()
+
+
+@pytest.mark.skipif(sys.platform.startswith("win"), reason="tells a dead process by its pid (POSIX)")
+def test_temp_folders_of_a_killed_slicer_are_removed_at_start(env, tmp_path, monkeypatch):
+    """A segmentation's temporary folder holds the patient's image: one whose Slicer is gone is removed when
+    the logic starts; one of a running Slicer (or too young to tell) is kept."""
+    import subprocess
+    import tempfile
+
+    from ReCoKDSlicer import logic as slicer_logic
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    root = tmp_path / "tmp"
+    root.mkdir()
+
+    def folder(name, owner=None, age_s=0.0):
+        f = root / name
+        f.mkdir()
+        (f / "input_0.nrrd").write_bytes(b"patient")
+        if owner is not None:
+            (f / "owner.pid").write_text(str(owner))
+        if age_s:
+            t = time.time() - age_s
+            os.utime(f, (t, t))
+        return f
+
+    orphan = folder("ReCoKD-orphan", owner=dead.pid)
+    mine = folder("ReCoKD-mine", owner=os.getpid())
+    young = folder("ReCoKD-young")  # no owner file (an older version wrote none): kept for a day
+    old = folder("ReCoKD-old", age_s=2 * 24 * 3600)
+    other = folder("SomethingElse-1", owner=dead.pid)
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    module.ReCoKDLogic(scene=env["scene"], modelsFolder=env["folder"], registries=[])
+    assert not orphan.exists() and not old.exists()
+    assert mine.exists() and young.exists() and other.exists()
+    assert slicer_logic.cleanStaleTempFolders(root) == []  # nothing more to remove

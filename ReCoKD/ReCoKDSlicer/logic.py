@@ -317,6 +317,49 @@ class TrainingTask:
         self._end()
 
 
+#: a segmentation's temporary folder (it holds the patient's image): its name, and the file naming its Slicer
+TEMP_PREFIX, OWNER_FILE = "ReCoKD-", "owner.pid"
+#: a folder without an owner file is left alone for this long (it may be another Slicer's, just made)
+STALE_WITHOUT_OWNER_S = 24 * 3600
+
+
+def _processAlive(pid: int) -> bool | None:
+    """Whether process ``pid`` exists; None where this cannot be told (Windows without a handle API here)."""
+    if sys.platform.startswith("win"):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def cleanStaleTempFolders(root=None) -> list:
+    """Remove the temporary folders of segmentations whose Slicer is gone (killed, crashed): they hold
+    patient images. A folder is stale when the process named in its owner file no longer exists (where
+    that cannot be told, or without an owner file: when it is older than a day). Returns the removed paths."""
+    removed = []
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*"):
+        try:
+            if not folder.is_dir() or folder.is_symlink():
+                continue
+            try:
+                alive = _processAlive(int((folder / OWNER_FILE).read_text(encoding="utf-8").strip()))
+            except (OSError, ValueError):
+                alive = None
+            if alive is None:
+                alive = time.time() - folder.stat().st_mtime < STALE_WITHOUT_OWNER_S
+            if alive:
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+        except OSError:
+            continue
+    return removed
+
+
 def studentBundleStem(arguments, outputFolder) -> str:
     """The model-list name of a distilled student, ``<dataset>_<method>_R<width>_<id>``: two students of other
     datasets, methods or widths never share a name, and ``id`` (from the run folder) tells apart two runs of
@@ -383,6 +426,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         self.debugDelay = 0.0  # seconds per sliding window; test hook only
         self.timeout = None  # seconds; wait=True cancels after it
         self._plotNodes: dict = {}
+        for folder in cleanStaleTempFolders():  # left by a Slicer that was killed mid-segmentation
+            log.info(f"removed the stale temporary folder {folder}")
 
     def _warn(self, message: str) -> None:
         self.warnings.append(message)
@@ -557,7 +602,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
                 f"model '{info.name}' needs {info.numChannels} input volume(s) ({', '.join(info.channelNames)}) "
                 f"but {len(volumeNodes)} were given; select one volume per channel"
             )
-        tmpdir = tempfile.mkdtemp(prefix="ReCoKD-")
+        tmpdir = tempfile.mkdtemp(prefix=TEMP_PREFIX)
+        (Path(tmpdir) / OWNER_FILE).write_text(str(os.getpid()), encoding="utf-8")  # see cleanStaleTempFolders
         try:
             inputs = self._writeInputs(volumeNodes, Path(tmpdir))
         except Exception as exc:
