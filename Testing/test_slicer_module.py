@@ -757,3 +757,26 @@ def test_temp_folders_of_a_killed_slicer_are_removed_at_start(env, tmp_path, mon
     assert not orphan.exists() and not old.exists()
     assert mine.exists() and young.exists() and other.exists()
     assert slicer_logic.cleanStaleTempFolders(root) == []  # nothing more to remove
+
+
+def test_a_result_whose_input_left_the_scene_is_discarded_in_one_line(env):
+    """An input volume removed (or the scene closed) during Segment: the result is not added anywhere."""
+    scene, logic = env["scene"], env["logic"]
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "to be removed")
+    volume.Copy(env["volume"])
+    volume.SetName("to be removed")
+    before = scene.GetNumberOfNodes()
+    logic.debugDelay = 0.5
+    finished = []
+    try:
+        task = logic.segment([volume], env["bundle_path"], device="cpu", wait=False, onFinished=finished.append)
+    finally:
+        logic.debugDelay = 0.0
+    scene.RemoveNode(volume)  # the user deletes the input mid-run
+    deadline = time.monotonic() + 120
+    while task.poll() == jobs.RUNNING:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert task.state == jobs.FAILED and task.segmentationNode is None and finished == [task]
+    assert "'to be removed' was removed from the scene" in task.message and "\n" not in task.message
+    assert scene.GetNumberOfNodes() == before - 1  # the volume went; no segmentation (nor its display) came

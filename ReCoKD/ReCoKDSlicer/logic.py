@@ -120,6 +120,7 @@ class SegmentationTask:
         self.warnings: list[str] = []
         self.job = job
         self.volumeNodes = volumeNodes
+        self.scene = logic.scene  # the scene the result belongs to
         self.info = info
         self.modelName = modelName
         self.tmpdir = tmpdir
@@ -141,7 +142,10 @@ class SegmentationTask:
         if self.job.finished:
             return self.job.state
         state = self.job.poll()
-        if state == SUCCEEDED:
+        gone = self._inputGone() if state == SUCCEEDED else None
+        if gone:  # a result must never land beside the wrong image, or in another scene
+            self.job.state, self.job.error = FAILED, f"the result was discarded: {gone}; segment it again"
+        elif state == SUCCEEDED:
             try:
                 self.segmentationNode = self.logic._createSegmentationNode(self)
                 self.message = (f"'{self.segmentationNode.GetName()}' done in {self.job.elapsed:.1f} s "
@@ -171,6 +175,17 @@ class SegmentationTask:
             if self.onFinished is not None:
                 self.onFinished(self)
         return self.job.state
+
+    def _inputGone(self) -> str:
+        """Why the inputs the job started from are no longer there ("" when they are): the scene was
+        replaced or closed, or an input volume was removed from it during the run."""
+        scene = self.logic.scene
+        if scene is not self.scene:
+            return "the scene changed during the segmentation"
+        for node in self.volumeNodes:
+            if not scene.IsNodePresent(node):
+                return f"volume '{node.GetName()}' was removed from the scene (or the scene was closed) during the segmentation"
+        return ""
 
     def _userMessage(self, text: str) -> str:
         """The job speaks of its temporary input files and the command line's options; the user knows the
