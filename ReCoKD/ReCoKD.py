@@ -210,6 +210,7 @@ if parameterNodeWrapper is not None:
         device: Annotated[str, Choice(list(DEVICES))] = "auto"
         tta: bool = False  # mirror test-time augmentation (only along the model's trained mirror axes)
         skipInputChecks: bool = False  # segment without checking the input against the training data
+        show3D: bool = True  # build the result's closed surfaces (3D views)
         datasetFolder: str = ""
         teacherPath: str = ""
         unlabeledFolder: str = ""  # scans without labels: the teacher labels them for the student

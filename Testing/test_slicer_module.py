@@ -56,6 +56,10 @@ def env(tmp_path_factory):
     folder = tmp_path_factory.mktemp("slicer")
     scene = slicer.vtkMRMLScene()
     slicer.mrmlScene = scene  # slicer.util's helpers use the global scene
+    # Slicer's Segmentations module registers the labelmap -> surface converter at start; slicer-core does not
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    if not any(isinstance(r, slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule) for r in factory.GetConverterRules()):
+        factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
     plans = tiny_plans(num_classes=3, spacing=(1.0, 1.0, 1.0))
     colors = {"background": [0, 0, 0], "organ": [0.9, 0.1, 0.2], "kidney": [0.1, 0.7, 0.3]}
     # a reference direction makes the predictor reorient the input: a wrong RAS->LPS conversion would show
@@ -141,7 +145,12 @@ def test_segment_matches_predictor_in_volume_geometry(env):
     assert ref is volume
     assert sh.GetItemParent(sh.GetItemByDataNode(node)) == study
     assert logic.segmentationTask is None  # finished and cleaned up
+    surface = "Closed surface"
+    assert segmentation.ContainsRepresentation(surface)  # shown in 3D
     scene.RemoveNode(node)
+    flat = logic.segment([volume], env["bundle_path"], device="cpu", show3D=False)  # the panel's Show 3D unticked
+    assert not flat.GetSegmentation().ContainsRepresentation(surface) and flat.GetSegmentation().GetNumberOfSegments() == 2
+    scene.RemoveNode(flat)
 
 
 def test_wrong_number_of_volumes_is_refused(env):

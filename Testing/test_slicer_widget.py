@@ -123,6 +123,9 @@ def test_setup_enter_change_exit_through_the_real_parameter_node_wrapper(gui):
     ui.widthFactorSpinBox.value = 8.0
     ui.skipInputChecksCheckBox.checked = True
     assert (p.kdMethod, p.datasetFolder, p.widthFactor, p.skipInputChecks) == ("cwd", "/data/Dataset001_Liver", 8.0, True)
+    assert p.show3D and ui.show3DCheckBox.checked  # on by default
+    ui.show3DCheckBox.checked = False
+    assert p.show3D is False
     p.tta = True  # e.g. a saved scene: the box stays enabled while checked, so it can be unchecked
     assert ui.ttaCheckBox.checked and ui.ttaCheckBox.enabled
     # parameter node -> GUI

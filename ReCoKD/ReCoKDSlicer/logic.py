@@ -564,6 +564,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             raise ReCoKDError("select a model (or 'Load from file…')")
         return self.segment(self.inputVolumes(parameterNode), parameterNode.model, device=parameterNode.device,
                             tta=parameterNode.tta, force=parameterNode.skipInputChecks, confirmWarnings=True,
+                            show3D=getattr(parameterNode, "show3D", True),  # (a node saved before the field)
                             wait=wait, progress=progress, onFinished=onFinished)
 
     def segmentAnyway(self, task, wait=False, progress=None, onFinished=None):
@@ -571,8 +572,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         request = dict(task.request, force=True, confirmWarnings=False)
         return self.segment(**request, wait=wait, progress=progress, onFinished=onFinished)
 
-    def segment(self, volumeNodes, model, device="auto", tta=False, force=False, confirmWarnings=False, wait=True,
-                progress=None, onFinished=None):
+    def segment(self, volumeNodes, model, device="auto", tta=False, force=False, confirmWarnings=False, show3D=True,
+                wait=True, progress=None, onFinished=None):
         """Segment ``volumeNodes`` (one per model channel) with ``model``.
 
         Before the network runs, the input is checked against the model's training data (spacing, field of
@@ -588,6 +589,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             force: skip the input checks (the panel's *Skip input checks*; ``recokd predict --force``).
             confirmWarnings: stop before the network runs when the checks find anything, with the findings in
                 ``task.inputWarnings`` (``wait=True``: raised as one ReCoKDError); :meth:`segmentAnyway` goes on.
+            show3D: also build the segments' closed surfaces, shown in 3D views (the panel's *Show 3D*); off,
+                only the labelmap is made (faster on large results).
             wait: block until done and return the segmentation node (the GUI keeps processing events);
                 else return a :class:`SegmentationTask` to :meth:`poll` (and ``cancel()``).
             progress: ``progress(fraction)`` called while waiting.
@@ -597,7 +600,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             ReCoKDError: a one-line reason; the scene is left unchanged.
         """
         request = dict(volumeNodes=volumeNodes, model=model, device=device, tta=tta, force=force,
-                       confirmWarnings=confirmWarnings)
+                       confirmWarnings=confirmWarnings, show3D=bool(show3D))
         _requireLibrary()
         if self.segmentationTask is not None and self.segmentationTask.state == RUNNING:
             raise ReCoKDError("a segmentation is already running; wait for it or cancel it")
@@ -751,7 +754,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             if hasattr(segmentation, "CollapseBinaryLabelmaps"):
                 segmentation.CollapseBinaryLabelmaps(False)
             self._placeInStudy(node, volume)
-            if _inSlicerApplication() and hasattr(node, "CreateClosedSurfaceRepresentation"):
+            if task.request.get("show3D", True) and hasattr(node, "CreateClosedSurfaceRepresentation"):
                 node.CreateClosedSurfaceRepresentation()  # shown in 3D
         except Exception:
             scene.RemoveNode(node)
