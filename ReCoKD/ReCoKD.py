@@ -291,6 +291,13 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.refreshModels()
         self.initializeParameterNode()
 
+    def onReload(self):
+        """Developer mode's Reload: the module's own package (ReCoKDSlicer) is imported anew too, so an
+        edit to the logic takes effect without restarting Slicer (Slicer re-runs only ReCoKD.py)."""
+        for name in [n for n in sys.modules if n == "ReCoKDSlicer" or n.startswith("ReCoKDSlicer.")]:
+            del sys.modules[name]
+        ScriptedLoadableModuleWidget.onReload(self)
+
     def cleanup(self):
         """Module unloaded or Slicer closing: nothing may keep running (a stopped training keeps its checkpoint)."""
         if self.logic is not None:

@@ -458,3 +458,21 @@ def test_a_spacing_less_model_refuses_a_real_spacing_volume_in_one_line_in_the_c
     assert len(task.inputWarnings) == 1 and "without physical spacing" in task.inputWarnings[0]
     node = logic.segment([volume], "acdc-heart", device="cpu", force=True)
     assert node is not None
+
+
+def test_developer_reload_imports_the_modules_package_anew(gui, monkeypatch):
+    """Slicer's Reload re-runs ReCoKD.py only; the widget drops ReCoKDSlicer.* first so they are re-imported."""
+    import importlib
+
+    module, _, _ = gui
+    widget = _new_widget(module)
+    reloaded = []
+    monkeypatch.setattr(slicer.util, "reloadScriptedModule", reloaded.append)
+    saved = {n: m for n, m in sys.modules.items() if n == "ReCoKDSlicer" or n.startswith("ReCoKDSlicer.")}
+    old = sys.modules["ReCoKDSlicer.logic"]
+    try:
+        widget.onReload()
+        assert reloaded == ["ReCoKD"]
+        assert importlib.import_module("ReCoKDSlicer.logic") is not old
+    finally:
+        sys.modules.update(saved)  # the other tests keep the classes they imported
