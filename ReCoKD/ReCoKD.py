@@ -531,7 +531,8 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentProgressBar.setVisible(False)
         self.ui.statusLabel.text = task.message
         if task.segmentationNode is not None:
-            slicer.util.setSliceViewerLayers(background=task.volumeNodes[0])
+            if not _shownInASliceView(task.volumeNodes[0]):  # else leave the user's view layers as they are
+                slicer.util.setSliceViewerLayers(background=task.volumeNodes[0])
         elif task.inputWarnings:  # stopped before the network ran: the user decides
             self.ui.statusLabel.text = "The input is unlike the model's training data"
             text = "".join(f"<p>{_escape(line)}</p>" for line in task.inputWarnings)
@@ -602,6 +603,17 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.logic.plotTrainingHistory(training.history)
         if (task is None or task.state != RUNNING) and (training is None or training.state != RUNNING):
             self._timer.stop()
+
+
+def _shownInASliceView(volume) -> bool:
+    """Whether some slice view shows ``volume`` (as background or foreground layer)."""
+    scene = volume.GetScene() or slicer.mrmlScene
+    nodes = scene.GetNodesByClass("vtkMRMLSliceCompositeNode") if scene is not None else None
+    for i in range(nodes.GetNumberOfItems() if nodes is not None else 0):
+        composite = nodes.GetItemAsObject(i)
+        if volume.GetID() in (composite.GetBackgroundVolumeID(), composite.GetForegroundVolumeID()):
+            return True
+    return False
 
 
 def _modelName(model: str) -> str:

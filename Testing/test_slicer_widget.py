@@ -476,3 +476,23 @@ def test_developer_reload_imports_the_modules_package_anew(gui, monkeypatch):
         assert importlib.import_module("ReCoKDSlicer.logic") is not old
     finally:
         sys.modules.update(saved)  # the other tests keep the classes they imported
+
+
+def test_a_result_shows_its_volume_only_where_no_view_shows_it(gui, monkeypatch):
+    """The user's slice-view layers stay as they are when a view already shows the segmented volume."""
+    from types import SimpleNamespace
+
+    module, scene, _ = gui
+    widget = _new_widget(module)
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
+    other = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "MR")
+    shown = []
+    monkeypatch.setattr(slicer.util, "setSliceViewerLayers", lambda **kw: shown.append(kw))
+    task = SimpleNamespace(segmentationNode=object(), volumeNodes=[volume], message="done", inputWarnings=[])
+    composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+    composite.SetBackgroundVolumeID(other.GetID())
+    widget.onSegmentFinished(task)  # the views show another volume: the result's volume is brought up
+    assert shown == [{"background": volume}]
+    composite.SetForegroundVolumeID(volume.GetID())
+    widget.onSegmentFinished(task)  # already shown (as foreground): nothing changes
+    assert len(shown) == 1
