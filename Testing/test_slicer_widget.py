@@ -496,3 +496,30 @@ def test_a_result_shows_its_volume_only_where_no_view_shows_it(gui, monkeypatch)
     composite.SetForegroundVolumeID(volume.GetID())
     widget.onSegmentFinished(task)  # already shown (as foreground): nothing changes
     assert len(shown) == 1
+
+
+def test_segment_takes_its_choices_from_the_parameter_node_not_the_controls(gui, tmp_path):
+    """The parameter node is the state: controls that disagree with it (signals blocked) are not read."""
+    module, scene, _ = gui
+    models_folder = Path(tmp_path / "home" / "models")
+    models_folder.mkdir(parents=True)
+    _tiny_bundle(models_folder)
+    volume = slicer.util.addVolumeFromArray(np.zeros((8, 8, 8), np.float32), name="CT")
+    widget = _new_widget(module)
+    ui, p, logic = widget.ui, widget._parameterNode, widget.logic
+    p.model = "tiny"
+    p.inputVolume, p.tta, p.skipInputChecks, p.show3D, p.device = volume, True, True, False, "cpu"
+    for box, value in ((ui.ttaCheckBox, False), (ui.skipInputChecksCheckBox, False), (ui.show3DCheckBox, True)):
+        box.blockSignals(True)
+        box.checked = value  # the control now disagrees with the node
+        box.blockSignals(False)
+    calls = []
+    logic.segment = lambda volumes, model, **kw: calls.append((volumes, model, kw))
+    logic.markModelCardSeen("tiny")
+    widget._ensureDependencies = lambda: True
+    ui.segmentButton.click()
+    widget._timer.stop()
+    assert len(calls) == 1
+    volumes, model, kw = calls[0]
+    assert volumes == [volume] and model == "tiny"
+    assert (kw["tta"], kw["force"], kw["show3D"], kw["device"]) == (True, True, False, "cpu")
