@@ -789,3 +789,26 @@ def test_a_result_whose_input_left_the_scene_is_discarded_in_one_line(env):
     assert task.state == jobs.FAILED and task.segmentationNode is None and finished == [task]
     assert "'to be removed' was removed from the scene" in task.message and "\n" not in task.message
     assert scene.GetNumberOfNodes() == before - 1  # the volume went; no segmentation (nor its display) came
+
+
+def test_the_module_and_its_logic_never_import_matplotlib_in_slicers_process(env, tmp_path):
+    """Slicer's own Python must not load matplotlib (it clashes with Slicer's Qt and slows the start): the
+    module, its logic's model list, model cards and training plot run without it (a fresh interpreter)."""
+    import subprocess
+
+    code = f"""
+import sys
+sys.path.insert(0, {str(MODULE_DIR)!r})
+import slicer
+import ReCoKD
+from ReCoKDSlicer import logic
+L = logic.ReCoKDLogic(scene=slicer.vtkMRMLScene(), modelsFolder={str(env["folder"])!r}, registries=[])
+assert L.availableModels()
+L.modelInfo({str(env["bundle_path"])!r}); L.modelCardRows({str(env["bundle_path"])!r})
+L.plotTrainingHistory([{{"epoch": 1.0, "loss_seg": 1.0, "dice_mean": 0.5}}, {{"epoch": 2.0, "loss_seg": 0.5, "dice_mean": 0.7}}])
+loaded = sorted(m for m in sys.modules if m.split(".")[0] == "matplotlib")
+print("MATPLOTLIB", loaded)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "MATPLOTLIB []" in done.stdout, done.stdout[-500:]
