@@ -812,3 +812,39 @@ print("MATPLOTLIB", loaded)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "MATPLOTLIB []" in done.stdout, done.stdout[-500:]
+
+
+def test_other_channels_are_resampled_onto_the_first_channels_grid(env, tmp_path):
+    """The background process gets every channel on channel 1's grid (size, spacing, origin, direction)."""
+    import SimpleITK as sitk
+
+    scene, logic = env["scene"], env["logic"]
+    first = env["volume"]
+    second = slicer.util.addVolumeFromArray(env["array"][::2, :, ::2].copy(), ijkToRAS=_oblique_ijk_to_ras(), name="MR2")
+    try:
+        written = logic._writeInputs([first, second], tmp_path)
+        a, b = (sitk.ReadImage(str(p)) for p in written)
+        assert b.GetSize() == a.GetSize() and np.allclose(b.GetSpacing(), a.GetSpacing())
+        assert np.allclose(b.GetOrigin(), a.GetOrigin()) and np.allclose(b.GetDirection(), a.GetDirection())
+    finally:
+        scene.RemoveNode(second)
+
+
+def test_the_result_lies_under_the_inputs_transform(env):
+    """Inputs under a (shared) transform: the segmentation is placed under it too, so it overlays them."""
+    scene, logic = env["scene"], env["logic"]
+    first = env["volume"]
+    second = slicer.util.addVolumeFromArray(env["array"], ijkToRAS=_oblique_ijk_to_ras(), name="CT2")
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
+    node = None
+    try:
+        for volume in (first, second):
+            volume.SetAndObserveTransformNodeID(transform.GetID())
+        node = logic.segment([first, second], env["bundle2_path"], device="cpu", show3D=False)
+        assert node.GetParentTransformNode() is transform
+    finally:
+        for volume in (first, second):
+            volume.SetAndObserveTransformNodeID(None)
+        for n in (node, second, transform):
+            if n is not None:
+                scene.RemoveNode(n)
