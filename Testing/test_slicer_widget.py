@@ -523,3 +523,29 @@ def test_segment_takes_its_choices_from_the_parameter_node_not_the_controls(gui,
     volumes, model, kw = calls[0]
     assert volumes == [volume] and model == "tiny"
     assert (kw["tta"], kw["force"], kw["show3D"], kw["device"]) == (True, True, False, "cpu")
+
+
+def test_the_segment_progress_bar_moves_while_the_windows_run(gui, tmp_path):
+    module, scene, errors = gui
+    models_folder = Path(tmp_path / "home" / "models")
+    models_folder.mkdir(parents=True)
+    _tiny_bundle(models_folder)
+    volume = slicer.util.addVolumeFromArray(np.random.default_rng(1).random((40, 40, 40)).astype(np.float32), name="CT")
+    widget = _new_widget(module)
+    ui, p, logic = widget.ui, widget._parameterNode, widget.logic
+    p.model, p.inputVolume, p.show3D = "tiny", volume, False
+    logic.markModelCardSeen("tiny")
+    logic.debugDelay = 0.05  # seconds per sliding window, so that the timer sees the run between its ends
+    ui.segmentButton.click()
+    seen = set()
+    deadline = time.monotonic() + 180
+    while widget._timer.active:
+        widget.onTimer()
+        if ui.segmentProgressBar.visible:
+            seen.add(ui.segmentProgressBar.value)
+        assert time.monotonic() < deadline, "the segmentation never finished"
+        time.sleep(0.05)
+    assert errors == [], errors
+    assert scene.GetFirstNodeByName("CT – tiny") is not None
+    assert any(0 < v < 100 for v in seen), sorted(seen)  # it moved, before the end
+    widget.exit()
