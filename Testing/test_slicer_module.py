@@ -848,3 +848,19 @@ def test_the_result_lies_under_the_inputs_transform(env):
         for n in (node, second, transform):
             if n is not None:
                 scene.RemoveNode(n)
+
+
+def test_the_device_list_offers_what_pytorch_can_and_refuses_what_is_missing(env):
+    """auto / cpu / cuda / mps in the panel; a device this machine lacks is refused in one line that names
+    the way out, and no node is added."""
+    import torch
+
+    scene, volume, logic = env["scene"], env["volume"], env["logic"]
+    assert list(module.DEVICES) == ["auto", "cpu", "cuda", "mps"]
+    missing = [d for d, ok in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available())) if not ok]
+    before = scene.GetNumberOfNodes()
+    for device in missing:
+        with pytest.raises(module.ReCoKDError) as info:
+            logic.segment([volume], env["bundle_path"], device=device)
+        assert device in str(info.value) and "cpu" in str(info.value) and "\n" not in str(info.value)
+    assert scene.GetNumberOfNodes() == before and logic.segmentationTask is None

@@ -129,6 +129,8 @@ def test_demo_quick_writes_table_weights_and_figure(tmp_path, capsys):
         (["demo", "--quick", "--method", "magic"], "unknown KD method 'magic'"),
         (["demo", "--quick", "--train-cases", "0"], "--train-cases must be >= 1, got 0"),
         (["demo", "--quick", "--device", "tpu"], "unknown device 'tpu'"),
+        pytest.param(["demo", "--quick", "--device", "mps"], "no Apple Metal (MPS) device here",
+                     marks=pytest.mark.skipif(__import__("torch").backends.mps.is_available(), reason="this machine has MPS")),
         (["demo", "--quick", "--taps", "decoder", "--width-factor", "0.5"], "--width-factor must be >= 1"),
     ],
 )

@@ -48,7 +48,7 @@ except ImportError:
 
 log = logging.getLogger("ReCoKD")
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda", "mps")  # mps: Apple Metal, only when asked for (never auto)
 SAMPLE_NAME = "ReCoKDPhantom"
 SAMPLE_MODEL = "phantom-abdomen"
 

@@ -62,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--augment", choices=AUGMENT_PRESETS,
                       help="augmentation preset, as recokd train (default none; the README says why)")
     demo.add_argument("--seed", type=int, help="random seed (default 0)")
-    demo.add_argument("--device", help="auto (default), cpu or cuda")
+    demo.add_argument("--device", help="auto (default: CUDA when present, else CPU), cpu, cuda or mps")
     demo.add_argument("--threads", type=int, help="CPU threads (default: torch's, i.e. the physical cores)")
     demo.add_argument("--quick", action="store_true", help="a tiny, seconds-long run to check the installation")
     demo.add_argument("--overwrite", action="store_true",

@@ -105,7 +105,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", help="output file, or folder")
     p.add_argument("--info", action="store_true",
                    help="show the model's card (the input it expects, training, accuracy, terms) and stop")
-    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument("--device", default="auto", help="auto (default: CUDA when present, else CPU), cpu, cuda or mps")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
     p.add_argument("--sw-batch", dest="sw_batch", type=int, default=2, help="windows per forward pass (default 2)")
     p.add_argument("--tta", action="store_true",

@@ -65,7 +65,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-after-epochs", dest="stop_after_epochs", type=int,
                    help="stop (checkpointed) after N epochs of this invocation; continue later with --resume")
     p.add_argument("--seed", type=int, help=f"random seed (default {D.seed})")
-    p.add_argument("--device", help=f"auto, cpu or cuda (default {D.device})")
+    p.add_argument("--device", help=f"auto, cpu, cuda or mps (default {D.device})")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit-exact resume)")
     p.add_argument("--no-amp", dest="no_amp", action="store_true", help="no mixed precision on CUDA")
     p.add_argument("--threads", type=int, help="CPU threads per process (default: torch's)")

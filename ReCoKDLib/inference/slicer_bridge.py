@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--registry-base", dest="registry_base", help="folder relative registry URLs are relative to")
     s.add_argument("--inputs", nargs="+", required=True, help="one image file per channel")
     s.add_argument("--output", required=True, help="label file to write (e.g. .nrrd)")
-    s.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    s.add_argument("--device", default="auto", help="auto (default: CUDA when present, else CPU), cpu, cuda or mps")
     s.add_argument("--tta", action="store_true", help="mirror test-time augmentation (slower)")
     checks = s.add_mutually_exclusive_group()
     checks.add_argument("--ask", action="store_true",
