@@ -549,3 +549,14 @@ def test_the_segment_progress_bar_moves_while_the_windows_run(gui, tmp_path):
     assert scene.GetFirstNodeByName("CT – tiny") is not None
     assert any(0 < v < 100 for v in seen), sorted(seen)  # it moved, before the end
     widget.exit()
+
+
+def test_every_control_has_a_tooltip():
+    """Each control the user can touch or read (inputs, buttons, progress bars, the log) says what it does."""
+    import xml.etree.ElementTree as ET
+
+    passive = {"QLabel", "QWidget", "qMRMLWidget", "ctkCollapsibleButton", "QGroupBox", "QFrame"}
+    missing = [w.get("name") for w in ET.parse(MODULE_FILE.parent / "Resources" / "UI" / "ReCoKD.ui").iter("widget")
+               if w.get("class") not in passive
+               and not any(p.get("name") == "toolTip" and (p.findtext("string") or "").strip() for p in w.findall("property"))]
+    assert missing == []
