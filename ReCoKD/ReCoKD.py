@@ -593,8 +593,14 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.poll()
         task = self.logic.segmentationTask
         if task is not None and task.state == RUNNING:
-            self.ui.segmentProgressBar.setValue(int(100 * task.progress))
-            self.ui.statusLabel.text = f"Segmenting on {task.job.device or '…'}: {task.job.elapsed:.0f} s"
+            done, total = task.job.download
+            if done and not task.job.device:  # still fetching the registry model (the network has not started)
+                self.ui.segmentProgressBar.setValue(int(100 * done / total) if total else 0)
+                self.ui.statusLabel.text = (f"Downloading the model: {done / 1e6:.1f}" +
+                                            (f" of {total / 1e6:.1f} MB" if total else " MB"))
+            else:
+                self.ui.segmentProgressBar.setValue(int(100 * task.progress))
+                self.ui.statusLabel.text = f"Segmenting on {task.job.device or '…'}: {task.job.elapsed:.0f} s"
         training = self.logic.trainingTask
         if training is not None:
             self.ui.trainingProgressBar.setValue(int(100 * training.progress))

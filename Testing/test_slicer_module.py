@@ -864,3 +864,36 @@ def test_the_device_list_offers_what_pytorch_can_and_refuses_what_is_missing(env
             logic.segment([volume], env["bundle_path"], device=device)
         assert device in str(info.value) and "cpu" in str(info.value) and "\n" not in str(info.value)
     assert scene.GetNumberOfNodes() == before and logic.segmentationTask is None
+
+
+def test_a_registry_download_reports_its_bytes_and_the_job_reads_them(env, tmp_path):
+    """The bridge reports a registry model's download (FETCH lines; none once it is cached) and the
+    background job keeps the latest figures for the panel."""
+    import subprocess
+
+    import SimpleITK as sitk
+
+    from ReCoKDLib.deployment.registry import sha256_file
+
+    size = Path(env["bundle_path"]).stat().st_size
+    entry = {"name": "tiny-remote", "url": Path(env["bundle_path"]).resolve().as_uri(),
+             "sha256": sha256_file(env["bundle_path"]), "size": size}
+    image = tmp_path / "ct.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(env["array"].astype(np.float32)), str(image))
+    command = [sys.executable, "-m", "ReCoKDLib.inference.slicer_bridge", "segment", "--registry-entry", json.dumps(entry),
+               "--inputs", str(image), "--output", str(tmp_path / "labels.nrrd"), "--device", "cpu"]
+    environment = dict(os.environ, RECOKD_HOME=str(tmp_path / "home"))
+    first = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
+    assert first.returncode == 0, first.stdout[-1000:] + first.stderr[-1000:]
+    fetch = [line.split()[1:] for line in first.stdout.splitlines() if line.startswith("FETCH ")]
+    assert fetch and fetch[-1] == [str(size), str(size)]
+    command[command.index("--output") + 1] = str(tmp_path / "labels2.nrrd")
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
+    assert again.returncode == 0 and "FETCH" not in again.stdout  # from the cache: nothing to download
+
+    job = jobs.BackgroundJob([sys.executable, "-c", "print('FETCH 1048576 4194304', flush=True)"], name="fetch").start()
+    deadline = time.monotonic() + 30
+    while job.poll() == jobs.RUNNING:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert job.download == (1048576, 4194304)

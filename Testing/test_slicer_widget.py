@@ -560,3 +560,22 @@ def test_every_control_has_a_tooltip():
                if w.get("class") not in passive
                and not any(p.get("name") == "toolTip" and (p.findtext("string") or "").strip() for p in w.findall("property"))]
     assert missing == []
+
+
+def test_the_panel_shows_a_registry_models_download(gui):
+    """While the model is fetched (before the network runs), the bar and the status show the download."""
+    from types import SimpleNamespace
+
+    module, _, _ = gui
+    widget = _new_widget(module)
+    job = SimpleNamespace(download=(5_000_000, 10_000_000), device="", elapsed=1.0)
+    widget.logic.segmentationTask = SimpleNamespace(poll=lambda: "running", state="running", progress=0.0, job=job)
+    widget._timer.start()
+    widget.onTimer()
+    assert widget.ui.segmentProgressBar.value == 50
+    assert widget.ui.statusLabel.text == "Downloading the model: 5.0 of 10.0 MB"
+    job.device = "cpu"  # the network runs: the bar is the segmentation's again
+    widget.onTimer()
+    assert widget.ui.segmentProgressBar.value == 0 and widget.ui.statusLabel.text.startswith("Segmenting on cpu")
+    widget.logic.segmentationTask = None
+    widget._timer.stop()

@@ -94,6 +94,7 @@ class BackgroundJob:
         self.result = ""
         self.error = ""
         self.checks: list[str] = []
+        self.download = (0, 0)  # a registry model's bytes received and expected (0: unknown), from FETCH lines
         self.lines: list[str] = []
         self.process: subprocess.Popen | None = None
         self._queue: queue.Queue = queue.Queue()
@@ -162,6 +163,12 @@ class BackgroundJob:
             self.result = text.strip()
         elif kind == "CHECK":
             self.checks.append(text.strip())
+        elif kind == "FETCH":
+            try:
+                done, total = (int(x) for x in text.split()[:2])
+                self.download = (done, total)
+            except ValueError:
+                pass
         elif kind == "ERROR":
             self.error = text.strip()
 

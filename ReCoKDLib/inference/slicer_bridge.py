@@ -8,6 +8,7 @@ process group and reads its standard output, one message per line::
     MODEL <path>                   the bundle file used (a registry model: where it was fetched to)
     PROGRESS 0.250                 fraction done (0..1)
     LOG <text>                     something for the log pane
+    FETCH <bytes> <total>          a registry model is being downloaded (total 0: unknown)
     DONE <output path> <seconds>   success; the label file is complete (written atomically)
     CHECK <one line>               an input check's finding (the input is unlike the training data); after
                                    the last one, ERROR, and the process exits with status 3: the module
@@ -60,7 +61,17 @@ def _segment(args: argparse.Namespace) -> int:
         entry = RegistryEntry(entry_data["name"], entry_data["url"], entry_data["sha256"],
                               entry_data.get("description", ""), entry_data.get("size"))
         emit("LOG", f"fetching model {entry.name} (cached after the first time)")
-        model = fetch_model(entry, base=Path(args.registry_base) if args.registry_base else None)
+        shown = [0, 0]  # bytes received, bytes last reported
+
+        def fetched(done: int) -> None:  # about every 1 % (at least every MiB), so the panel's bar moves
+            shown[0] = done
+            if done - shown[1] >= max(1 << 20, (entry.size or 0) // 100):
+                shown[1] = done
+                emit("FETCH", f"{done} {entry.size or 0}")
+
+        model = fetch_model(entry, base=Path(args.registry_base) if args.registry_base else None, progress=fetched)
+        if shown[0]:  # downloaded now (not from the cache): the last figure too
+            emit("FETCH", f"{shown[0]} {entry.size or shown[0]}")
     elif args.model:
         model = Path(args.model)
     else:
