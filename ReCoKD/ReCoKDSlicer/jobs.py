@@ -51,17 +51,29 @@ def killProcessTree(pid: int, grace: float = 2.0, process: subprocess.Popen | No
         pass
 
 
-def processGroupAlive(pgid: int) -> bool:
-    """Whether any process of group ``pgid`` still exists (POSIX; zombies of a reaped leader excluded)."""
-    if sys.platform.startswith("win"):
-        return False
+def _answersSignalZero(send, ident: int) -> bool:
+    """Whether ``send(ident, 0)`` (``os.kill`` / ``os.killpg``) finds a process: one owned by someone else counts."""
     try:
-        os.killpg(pgid, 0)
+        send(ident, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
     return True
+
+
+def processGroupAlive(pgid: int) -> bool:
+    """Whether any process of group ``pgid`` still exists (POSIX; zombies of a reaped leader excluded)."""
+    if sys.platform.startswith("win"):
+        return False
+    return _answersSignalZero(os.killpg, pgid)
+
+
+def processAlive(pid: int) -> bool | None:
+    """Whether process ``pid`` exists; None where this cannot be told (Windows: no handle API here)."""
+    if sys.platform.startswith("win"):
+        return None
+    return _answersSignalZero(os.kill, pid)
 
 
 class BackgroundJob:

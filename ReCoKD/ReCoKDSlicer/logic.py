@@ -24,7 +24,7 @@ import slicer
 import vtk
 
 from . import geometry, library, models, terminology
-from .jobs import CANCELLED, FAILED, RUNNING, SUCCEEDED, BackgroundJob
+from .jobs import CANCELLED, FAILED, RUNNING, SUCCEEDED, BackgroundJob, processAlive
 
 try:  # inside Slicer: the template's base class (parameter nodes, module name)
     from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
@@ -338,19 +338,6 @@ TEMP_PREFIX, OWNER_FILE = "ReCoKD-", "owner.pid"
 STALE_WITHOUT_OWNER_S = 24 * 3600
 
 
-def _processAlive(pid: int) -> bool | None:
-    """Whether process ``pid`` exists; None where this cannot be told (Windows without a handle API here)."""
-    if sys.platform.startswith("win"):
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 def cleanStaleTempFolders(root=None) -> list:
     """Remove the temporary folders of segmentations whose Slicer is gone (killed, crashed): they hold
     patient images. A folder is stale when the process named in its owner file no longer exists (where
@@ -361,7 +348,7 @@ def cleanStaleTempFolders(root=None) -> list:
             if not folder.is_dir() or folder.is_symlink():
                 continue
             try:
-                alive = _processAlive(int((folder / OWNER_FILE).read_text(encoding="utf-8").strip()))
+                alive = processAlive(int((folder / OWNER_FILE).read_text(encoding="utf-8").strip()))
             except (OSError, ValueError):
                 alive = None
             if alive is None:
