@@ -211,6 +211,8 @@ if parameterNodeWrapper is not None:
         tta: bool = False  # mirror test-time augmentation (only along the model's trained mirror axes)
         skipInputChecks: bool = False  # segment without checking the input against the training data
         show3D: bool = True  # build the result's closed surfaces (3D views)
+        outputSegmentation: slicer.vtkMRMLSegmentationNode  # None: a new one (then the result, for Segment again)
+        skippedStructures: list[str]  # structures left out of the output (empty: all of them)
         datasetFolder: str = ""
         teacherPath: str = ""
         unlabeledFolder: str = ""  # scans without labels: the teacher labels them for the student
@@ -275,6 +277,7 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.refreshModelsButton.connect("clicked(bool)", self.refreshModels)
         self.ui.loadModelButton.connect("clicked(bool)", self.onLoadModelFromFile)
         self.ui.modelCardButton.connect("clicked(bool)", self.onModelCard)
+        self.ui.structuresComboBox.connect("checkedIndexesChanged()", self.onStructuresChanged)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
         self.ui.startTrainingButton.connect("clicked(bool)", self.onStartTraining)
         self.ui.stopTrainingButton.connect("clicked(bool)", self.onStopTraining)
@@ -366,7 +369,10 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelComboBox.blockSignals(wasBlocked)
         self._updateChannelSelectors()
         segmenting = self.logic.segmentationTask is not None and self.logic.segmentationTask.state == RUNNING
-        self.ui.segmentButton.enabled = not library.error() and (segmenting or bool(p.inputVolume and p.model))
+        someStructure = self.ui.structuresComboBox.count == 0 or not self.ui.structuresComboBox.noneChecked()
+        self.ui.segmentButton.enabled = not library.error() and (segmenting or bool(p.inputVolume and p.model
+                                                                                    and someStructure))
+        self.ui.engineNoteLabel.text = self.logic.engineNote(p.device, self._modelInfo(p.model) if p.model else None)
         self.ui.teacherPathLineEdit.enabled = not p.trainTeacherFirst
         training = self.logic.trainingTask is not None and self.logic.trainingTask.state == RUNNING
         self.ui.startTrainingButton.enabled = not library.error() and not training and bool(
@@ -432,11 +438,39 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 label.text = f"{channels[i]}:" if len(channels) > 1 else "Input volume:"
                 selector.setToolTip(channels[i])
         self._updateTtaCheckBox(info)
+        self._updateStructures(info)
         self.ui.modelCardButton.enabled = bool(p is not None and p.model)
         if info is None:
             self.ui.modelInfoLabel.text = ""
             return
         self.ui.modelInfoLabel.text = info.summary()  # the model card's essentials: accuracy, limits, terms
+
+    def _updateStructures(self, info):
+        """The model's structures, each ticked unless the parameter node leaves it out."""
+        combo = self.ui.structuresComboBox
+        names = info.labels.foreground_names if info is not None and info.labels else []
+        skipped = set(self._parameterNode.skippedStructures) if self._parameterNode is not None else set()
+        wasBlocked = combo.blockSignals(True)
+        if [combo.itemText(i) for i in range(combo.count)] != names:
+            combo.clear()
+            for name in names:
+                combo.addItem(name)
+        for i, name in enumerate(names):
+            state = qt.Qt.Unchecked if name in skipped else qt.Qt.Checked
+            if combo.checkState(combo.model().index(i, 0)) != state:
+                combo.setCheckState(combo.model().index(i, 0), state)
+        combo.blockSignals(wasBlocked)
+        combo.enabled = bool(names)
+
+    def onStructuresChanged(self):
+        p = self._parameterNode
+        combo = self.ui.structuresComboBox
+        if p is None:
+            return
+        checked = {index.row() for index in combo.checkedIndexes()}
+        skipped = [combo.itemText(i) for i in range(combo.count) if i not in checked]
+        if list(p.skippedStructures) != skipped:
+            p.skippedStructures = skipped
 
     def _updateTtaCheckBox(self, info):
         """Say what mirror TTA costs for this model, or that it has none (left enabled while checked, so it

@@ -300,6 +300,9 @@ class QComboBox(QWidget):
     def count(self):
         return len(self.items)
 
+    def itemText(self, index):
+        return self.items[index] if 0 <= index < len(self.items) else ""
+
     def addItem(self, text):
         self.items.append(str(text))
         if self._index < 0:
@@ -315,6 +318,72 @@ class QComboBox(QWidget):
     def clear(self):
         self.items = []
         self.currentIndex = -1
+
+
+class Qt:
+    """``qt.Qt``: the enum values the module uses."""
+
+    Unchecked, PartiallyChecked, Checked = 0, 1, 2
+
+
+class _ModelIndex:
+    def __init__(self, row):
+        self._row = row
+
+    def row(self):
+        return self._row
+
+    def isValid(self):
+        return self._row >= 0
+
+
+class _ItemModel:
+    def __init__(self, combo):
+        self._combo = combo
+
+    def index(self, row, column=0):
+        return _ModelIndex(row if 0 <= row < len(self._combo.items) else -1)
+
+    def rowCount(self):
+        return len(self._combo.items)
+
+
+class ctkCheckableComboBox(QComboBox):
+    """CTK's combo box with a check box per item (new items start checked, as CTK's do)."""
+
+    SIGNALS = ("checkedIndexesChanged",)
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self._states: list[int] = []
+
+    def model(self):
+        return _ItemModel(self)
+
+    def addItem(self, text):
+        self._states.append(Qt.Checked)
+        super().addItem(text)
+
+    def clear(self):
+        self._states = []
+        super().clear()
+
+    def checkState(self, index):
+        return self._states[index.row()]
+
+    def setCheckState(self, index, state):
+        if self._states[index.row()] != state:
+            self._states[index.row()] = state
+            self._emit("checkedIndexesChanged")
+
+    def checkedIndexes(self):
+        return [_ModelIndex(i) for i, s in enumerate(self._states) if s == Qt.Checked]
+
+    def allChecked(self):
+        return all(s == Qt.Checked for s in self._states)
+
+    def noneChecked(self):
+        return not any(s == Qt.Checked for s in self._states)
 
 
 class QLineEdit(QWidget):
@@ -526,6 +595,7 @@ QT_CLASSES = {c.__name__: c for c in (QObject, QWidget, QLabel, QPushButton, QTo
                                       QDoubleSpinBox, QSlider, QProgressBar, QComboBox, QLineEdit, QTextEdit,
                                       QPlainTextEdit, QColor, QIcon, QTimer, QFileDialog, QMessageBox)}
 CTK_CLASSES = {"ctkCollapsibleButton": ctkCollapsibleButton, "ctkPathLineEdit": ctkPathLineEdit,
+               "ctkCheckableComboBox": ctkCheckableComboBox,
                **{n: _plain(n) for n in ("ctkCheckBox", "ctkCheckablePushButton", "ctkSliderWidget", "ctkDoubleSlider",
                                          "ctkDoubleSpinBox", "ctkComboBox", "ctkRangeWidget", "ctkDoubleRangeSlider",
                                          "ctkDirectoryButton", "ctkColorPickerButton")}}
@@ -652,6 +722,7 @@ def install(monkeypatch, slicer_python: Path, module_file: Path, errors: list):
         setattr(qt, name, cls)
     for name in LAYOUTS:
         setattr(qt, name, QLayout)
+    qt.Qt = Qt
     qt.QSettings = lambda *a: types.SimpleNamespace(value=lambda key, default=None: default, setValue=lambda *a: None)
     ctk = types.ModuleType("ctk")
     for name, cls in CTK_CLASSES.items():

@@ -897,3 +897,112 @@ def test_a_registry_download_reports_its_bytes_and_the_job_reads_them(env, tmp_p
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert job.download == (1048576, 4194304)
+
+
+def _segment_names(node) -> list:
+    segmentation = node.GetSegmentation()
+    return [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+
+
+def test_an_existing_output_keeps_other_segments_and_this_models_are_replaced(env, monkeypatch):
+    """Writing into a chosen segmentation: the user's own segments stay, this model's earlier result is
+    replaced (no duplicates on a second run), a structure subset keeps only those, and a failure while the
+    new segments are added leaves the node as it was."""
+    from ReCoKDSlicer import geometry
+
+    scene, volume, logic = env["scene"], env["volume"], env["logic"]
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mine")
+    node.CreateDefaultDisplayNodes()
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    node.GetSegmentation().AddEmptySegment("tumour", "tumour")
+    try:
+        before = scene.GetNumberOfNodes()
+        assert logic.segment([volume], env["bundle_path"], device="cpu", show3D=False, outputSegmentation=node) is node
+        assert _segment_names(node) == ["tumour", "organ", "kidney"] and scene.GetNumberOfNodes() == before
+        logic.segment([volume], env["bundle_path"], device="cpu", show3D=False, outputSegmentation=node)
+        assert _segment_names(node) == ["tumour", "organ", "kidney"]  # replaced, not piled up
+        logic.segment([volume], env["bundle_path"], device="cpu", show3D=False, outputSegmentation=node,
+                      structures=["kidney"])
+        assert _segment_names(node) == ["tumour", "kidney"]
+        kidney = _segment_on_volume_grid(scene, node, node.GetSegmentation().GetSegmentIdBySegmentName("kidney"), volume)
+        assert (kidney > 0).sum() == (_expected_labels(env["bundle"], env["array"]) == 2).sum()
+
+        calls = []
+        real = geometry.orientedImageFromArray
+
+        def failing(*args, **kwargs):  # the second new segment cannot be made
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("out of memory")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(geometry, "orientedImageFromArray", failing)
+        with pytest.raises(module.ReCoKDError, match="could not load the result"):
+            logic.segment([volume], env["bundle_path"], device="cpu", show3D=False, outputSegmentation=node)
+        assert _segment_names(node) == ["tumour", "kidney"]  # the earlier result, untouched
+    finally:
+        scene.RemoveNode(node)
+
+
+def test_structures_and_outputs_the_model_cannot_use_are_refused_before_it_runs(env):
+    scene, volume, logic = env["scene"], env["volume"], env["logic"]
+    before = scene.GetNumberOfNodes()
+    with pytest.raises(module.ReCoKDError, match=r"^model 'tiny' has no structure 'liver'; it segments organ, kidney$"):
+        logic.segment([volume], env["bundle_path"], device="cpu", structures=["organ", "liver"])
+    with pytest.raises(module.ReCoKDError, match="no structure chosen; choose at least one of organ, kidney"):
+        logic.segment([volume], env["bundle_path"], device="cpu", structures=[])
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "elsewhere")
+    other = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "moved result")
+    other.SetAndObserveTransformNodeID(transform.GetID())
+    try:
+        with pytest.raises(module.ReCoKDError, match="'moved result' and the input 'CT' are under different transforms"):
+            logic.segment([volume], env["bundle_path"], device="cpu", outputSegmentation=other)
+        assert scene.GetNumberOfNodes() == before + 2 and logic.segmentationTask is None
+    finally:
+        scene.RemoveNode(other)
+        scene.RemoveNode(transform)
+
+
+def test_the_panel_output_becomes_the_result_and_another_volume_gets_a_new_node(env):
+    """Segment twice from the parameter node: one node, replaced; a result made for another volume is not
+    overwritten when the input changes (a new node is made and becomes the output)."""
+    import types
+
+    scene, volume, logic = env["scene"], env["volume"], env["logic"]
+    p = types.SimpleNamespace(inputVolume=volume, inputVolume2=None, inputVolume3=None, inputVolume4=None,
+                              model=str(env["bundle_path"]), device="cpu", tta=False, skipInputChecks=True,
+                              show3D=False, outputSegmentation=None, skippedStructures=["organ"])
+    made = []
+    second = slicer.util.addVolumeFromArray(env["array"], ijkToRAS=_oblique_ijk_to_ras(), name="CT second")
+    try:
+        first = logic.segmentWithParameters(p, wait=True)
+        made.append(first)
+        assert p.outputSegmentation is first and _segment_names(first) == ["kidney"]
+        assert logic.segmentWithParameters(p, wait=True) is first
+        assert len(list(scene.GetNodesByClass("vtkMRMLSegmentationNode"))) == 1
+        p.inputVolume = second
+        other = logic.segmentWithParameters(p, wait=True)
+        made.append(other)
+        assert other is not first and p.outputSegmentation is other and _segment_names(first) == ["kidney"]
+        assert other.GetName() == "CT second – tiny"
+    finally:
+        for n in made + [second]:
+            scene.RemoveNode(n)
+
+
+def test_the_engine_note_says_when_the_chosen_device_is_slow(env):
+    from ReCoKDSlicer import models
+
+    logic = env["logic"]
+    student = logic.modelInfo(env["bundle_path"])
+    teacher = models.BundleInfo(name="big", labels=student.labels, channelNames=["image"], role="teacher")
+    logic.devicesSeen = set()
+    try:
+        assert logic.engineNote("auto", student) == "" and logic.engineNote("cpu", student) == ""
+        assert "teacher-size network on the CPU (when no GPU is found)" in logic.engineNote("auto", teacher)
+        assert "MPS" in logic.engineNote("mps", student)
+        logic.devicesSeen = {"cuda"}
+        assert "although this computer has a CUDA GPU" in logic.engineNote("cpu", student)
+        assert logic.engineNote("auto", teacher) == ""  # auto takes the GPU
+    finally:
+        logic.devicesSeen = set()

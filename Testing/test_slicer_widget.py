@@ -430,13 +430,14 @@ def test_input_check_findings_ask_segment_anyway_or_cancel(gui, tmp_path):
     ui.segmentButton.click()
     _run_timer(widget)  # the findings again, answered; then the segmentation itself
     assert errors == [] and not boxes.answers  # run with --force: a second question would have failed the stand-in
-    assert scene.GetFirstNodeByName("LGE – la2018-left-atrium") is not None
-    # the checkbox skips the checks up front: no question at all
+    first = scene.GetFirstNodeByName("LGE – la2018-left-atrium")
+    assert first is not None and p.outputSegmentation is first  # the result is the panel's output now
+    # the checkbox skips the checks up front: no question at all; the result replaces the first (no second node)
     p.skipInputChecks = True
     ui.segmentButton.click()
     _run_timer(widget)
-    assert len([n for n in scene.GetNodesByClass("vtkMRMLSegmentationNode")]) == 2 and errors == []
-    assert not boxes.answers
+    assert list(scene.GetNodesByClass("vtkMRMLSegmentationNode")) == [first] and errors == []
+    assert first.GetSegmentation().GetNumberOfSegments() == 1 and not boxes.answers
 
 
 def test_a_spacing_less_model_refuses_a_real_spacing_volume_in_one_line_in_the_console(gui, tmp_path):
@@ -509,6 +510,8 @@ def test_segment_takes_its_choices_from_the_parameter_node_not_the_controls(gui,
     ui, p, logic = widget.ui, widget._parameterNode, widget.logic
     p.model = "tiny"
     p.inputVolume, p.tta, p.skipInputChecks, p.show3D, p.device = volume, True, True, False, "cpu"
+    output = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "earlier result")
+    p.outputSegmentation, p.skippedStructures = output, ["kidney"]
     for box, value in ((ui.ttaCheckBox, False), (ui.skipInputChecksCheckBox, False), (ui.show3DCheckBox, True)):
         box.blockSignals(True)
         box.checked = value  # the control now disagrees with the node
@@ -523,6 +526,30 @@ def test_segment_takes_its_choices_from_the_parameter_node_not_the_controls(gui,
     volumes, model, kw = calls[0]
     assert volumes == [volume] and model == "tiny"
     assert (kw["tta"], kw["force"], kw["show3D"], kw["device"]) == (True, True, False, "cpu")
+    assert kw["outputSegmentation"] is output and kw["structures"] == ["organ"]
+
+
+def test_the_structure_list_follows_the_model_and_the_parameter_node(gui, tmp_path):
+    """Unticking a structure is stored in the parameter node (and back); with none ticked Segment is off."""
+    module, scene, _ = gui
+    models_folder = Path(tmp_path / "home" / "models")
+    models_folder.mkdir(parents=True)
+    _tiny_bundle(models_folder)
+    volume = slicer.util.addVolumeFromArray(np.zeros((8, 8, 8), np.float32), name="CT")
+    widget = _new_widget(module)
+    ui, p = widget.ui, widget._parameterNode
+    p.model, p.inputVolume = "tiny", volume
+    combo = ui.structuresComboBox
+    assert [combo.itemText(i) for i in range(combo.count)] == ["organ", "kidney"] and combo.allChecked()
+    assert list(p.skippedStructures) == [] and ui.segmentButton.enabled
+    combo.setCheckState(combo.model().index(1, 0), slicer_standins.Qt.Unchecked)  # the user unticks kidney
+    assert list(p.skippedStructures) == ["kidney"]
+    p.skippedStructures = ["organ", "kidney"]  # e.g. a saved scene, or the console
+    assert combo.noneChecked() and not ui.segmentButton.enabled
+    p.skippedStructures = []
+    assert combo.allChecked() and ui.segmentButton.enabled
+    p.model = "la2018-left-atrium"  # another model: its own structures
+    assert [combo.itemText(i) for i in range(combo.count)] == ["left_atrium"]
 
 
 def test_the_segment_progress_bar_moves_while_the_windows_run(gui, tmp_path):

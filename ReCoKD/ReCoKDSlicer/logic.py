@@ -104,6 +104,38 @@ def samplePhantomPath(folder=None) -> Path:
     return write_sample_volume(folder / f"{SAMPLE_NAME}.nrrd")
 
 
+#: the segment tag naming the model that made a segment (so that running it again replaces only its own)
+MODEL_TAG = "ReCoKD.model"
+#: the attribute of a segmentation ReCoKD created naming its input volume's node ID
+INPUT_ATTRIBUTE = "ReCoKD.inputVolume"
+
+
+def _chosenStructures(info, structures) -> list:
+    """The model's structure names to keep: all (``structures`` None) or those named, refused in one line
+    when a name is not the model's or none is left."""
+    names = info.labels.foreground_names
+    if structures is None:
+        return names
+    unknown = [n for n in structures if n not in names]
+    if unknown:
+        raise ReCoKDError(f"model '{info.name}' has no structure {', '.join(map(repr, unknown))}; "
+                          f"it segments {', '.join(names)}")
+    if not structures:
+        raise ReCoKDError(f"no structure chosen; choose at least one of {', '.join(names)}")
+    return [n for n in names if n in structures]
+
+
+def _segmentsMadeBy(segmentation, modelName: str) -> list:
+    """IDs of the segments ``modelName`` made in ``segmentation`` (tagged when they were added)."""
+    made = []
+    for i in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(i)
+        value = vtk.reference("")
+        if segment.GetTag(MODEL_TAG, value) and str(value) == modelName:
+            made.append(segmentation.GetNthSegmentID(i))
+    return made
+
+
 class SegmentationTask:
     """A running segmentation: the background job plus what is needed to build the result node.
 
@@ -128,6 +160,9 @@ class SegmentationTask:
         self.onFinished = onFinished
         self.segmentationNode = None
         self.message = ""
+        #: the panel's parameter node, when started from it: its output becomes the result (Segment again
+        #: then replaces this result instead of adding a second node)
+        self.parameterNode = None
 
     @property
     def state(self) -> str:
@@ -153,6 +188,10 @@ class SegmentationTask:
                 self.segmentationNode.SetAttribute("ReCoKD.device", self.job.device or "")
                 self.segmentationNode.SetAttribute("ReCoKD.seconds", f"{self.job.elapsed:.2f}")
                 self.segmentationNode.SetAttribute("ReCoKD.model", self.modelName)
+                if self.job.device:
+                    self.logic.devicesSeen.add(self.job.device.split(":")[0])
+                if self.parameterNode is not None and hasattr(self.parameterNode, "outputSegmentation"):
+                    self.parameterNode.outputSegmentation = self.segmentationNode
                 self.warnings = [self._userMessage(line.partition("warning: ")[2]) for line in self.job.lines
                                  if line.startswith("LOG warning: ")]
                 if self.warnings:
@@ -418,6 +457,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         self.registries = [Path(r) for r in registries]
         self.warnings: list[str] = []
         self.lastMessage = ""  # the last segmentation's outcome: elapsed time and device, or the error
+        self.devicesSeen: set = set()  # devices segmentations ran on ("cuda": this computer has a usable GPU)
         self.segmentationTask = None
         self.trainingTask = None
         self.onTrainingLine = None  # called with each output line of training jobs (the log pane)
@@ -480,6 +520,23 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             return models.readBundleInfo(path)
         except ValueError as exc:
             raise ReCoKDError(str(exc)) from None
+
+    def engineNote(self, device, info=None) -> str:
+        """One line on what ``device`` means for the model described by ``info`` (:meth:`modelInfo`), when it
+        is slow ("" when there is nothing to say): the GPUs PyTorch can use are learnt from earlier runs
+        (Slicer's own process never loads PyTorch)."""
+        gpuSeen = "cuda" in self.devicesSeen
+        if device == "mps":
+            return ("Apple GPU (MPS): PyTorch runs some 3D operations on the CPU there, so it can be slower than "
+                    "'cpu'; compare once and keep the faster")
+        if device == "cpu" and gpuSeen:
+            return ("The CPU is chosen although this computer has a CUDA GPU (an earlier segmentation used it): "
+                    "expect it to be many times slower; 'auto' uses the GPU")
+        onCpu = device == "cpu" or (device == "auto" and not gpuSeen)
+        if onCpu and info is not None and info.role == "teacher":
+            return ("A teacher-size network on the CPU" + (" (when no GPU is found)" if device == "auto" else "") +
+                    ": expect minutes per volume; a student distilled from it runs several times faster")
+        return ""
 
     def modelCardRows(self, model) -> list:
         """The model card as (heading, text) rows: the input it expects, training data, accuracy and how it
@@ -549,18 +606,38 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         (``confirmWarnings``; the panel offers *Segment anyway*, see :meth:`segmentAnyway`)."""
         if not parameterNode.model:
             raise ReCoKDError("select a model (or 'Load from file…')")
-        return self.segment(self.inputVolumes(parameterNode), parameterNode.model, device=parameterNode.device,
-                            tta=parameterNode.tta, force=parameterNode.skipInputChecks, confirmWarnings=True,
-                            show3D=getattr(parameterNode, "show3D", True),  # (a node saved before the field)
-                            wait=wait, progress=progress, onFinished=onFinished)
+        volumes = self.inputVolumes(parameterNode)
+        output = getattr(parameterNode, "outputSegmentation", None)  # (a node saved before the field has none)
+        if output is not None and volumes and output.GetAttribute(INPUT_ATTRIBUTE) not in (None, volumes[0].GetID()):
+            output = None  # ReCoKD made it for another volume: never overwrite that, start a new one
+        structures = None
+        skipped = list(getattr(parameterNode, "skippedStructures", None) or [])
+        if skipped:
+            info = self.modelInfo(parameterNode.model)
+            if info is not None and info.labels:
+                structures = [n for n in info.labels.foreground_names if n not in skipped]
+        result = self.segment(volumes, parameterNode.model, device=parameterNode.device,
+                              tta=parameterNode.tta, force=parameterNode.skipInputChecks, confirmWarnings=True,
+                              show3D=getattr(parameterNode, "show3D", True), outputSegmentation=output,
+                              structures=structures, wait=wait, progress=progress, onFinished=onFinished)
+        if isinstance(result, SegmentationTask):
+            result.parameterNode = parameterNode  # told the output when it is done (see SegmentationTask.poll)
+        elif hasattr(parameterNode, "outputSegmentation"):
+            parameterNode.outputSegmentation = result
+        return result
 
     def segmentAnyway(self, task, wait=False, progress=None, onFinished=None):
         """Run a task that stopped on input-check warnings again, without the checks (*Segment anyway*)."""
         request = dict(task.request, force=True, confirmWarnings=False)
-        return self.segment(**request, wait=wait, progress=progress, onFinished=onFinished)
+        again = self.segment(**request, wait=wait, progress=progress, onFinished=onFinished)
+        if isinstance(again, SegmentationTask):
+            again.parameterNode = task.parameterNode
+        elif task.parameterNode is not None and hasattr(task.parameterNode, "outputSegmentation"):
+            task.parameterNode.outputSegmentation = again
+        return again
 
     def segment(self, volumeNodes, model, device="auto", tta=False, force=False, confirmWarnings=False, show3D=True,
-                wait=True, progress=None, onFinished=None):
+                outputSegmentation=None, structures=None, wait=True, progress=None, onFinished=None):
         """Segment ``volumeNodes`` (one per model channel) with ``model``.
 
         Before the network runs, the input is checked against the model's training data (spacing, field of
@@ -578,6 +655,11 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
                 ``task.inputWarnings`` (``wait=True``: raised as one ReCoKDError); :meth:`segmentAnyway` goes on.
             show3D: also build the segments' closed surfaces, shown in 3D views (the panel's *Show 3D*); off,
                 only the labelmap is made (faster on large results).
+            outputSegmentation: a segmentation node to write into (the panel's *Output segmentation*): the
+                segments this model made there before are replaced, all others kept. None: a new node
+                '<volume> – <model>'. It must lie under the same transform as the input.
+            structures: the names of the structures to keep (None: all). The network computes every structure
+                anyway: a subset is not faster to predict, only to load (and to build 3D surfaces for).
             wait: block until done and return the segmentation node (the GUI keeps processing events);
                 else return a :class:`SegmentationTask` to :meth:`poll` (and ``cancel()``).
             progress: ``progress(fraction)`` called while waiting.
@@ -587,7 +669,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             ReCoKDError: a one-line reason; the scene is left unchanged.
         """
         request = dict(volumeNodes=volumeNodes, model=model, device=device, tta=tta, force=force,
-                       confirmWarnings=confirmWarnings, show3D=bool(show3D))
+                       confirmWarnings=confirmWarnings, show3D=bool(show3D), outputSegmentation=outputSegmentation,
+                       structures=None if structures is None else list(structures))
         _requireLibrary()
         if self.segmentationTask is not None and self.segmentationTask.state == RUNNING:
             raise ReCoKDError("a segmentation is already running; wait for it or cancel it")
@@ -607,6 +690,16 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
                 f"model '{info.name}' needs {info.numChannels} input volume(s) ({', '.join(info.channelNames)}) "
                 f"but {len(volumeNodes)} were given; select one volume per channel"
             )
+        if structures is not None and info is not None and info.labels:
+            _chosenStructures(info, structures)  # refused now, not after the network ran
+        if outputSegmentation is not None:
+            if not outputSegmentation.IsA("vtkMRMLSegmentationNode"):
+                raise ReCoKDError(f"'{outputSegmentation.GetName()}' is not a segmentation; choose a segmentation "
+                                  "node as the output (or none, for a new one)")
+            if outputSegmentation.GetParentTransformNode() is not volumeNodes[0].GetParentTransformNode():
+                raise ReCoKDError(f"the output segmentation '{outputSegmentation.GetName()}' and the input "
+                                  f"'{volumeNodes[0].GetName()}' are under different transforms; choose another "
+                                  "output (or none, for a new one)")
         tmpdir = tempfile.mkdtemp(prefix=TEMP_PREFIX)
         (Path(tmpdir) / OWNER_FILE).write_text(str(os.getpid()), encoding="utf-8")  # see cleanStaleTempFolders
         try:
@@ -706,7 +799,9 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         return paths
 
     def _createSegmentationNode(self, task: SegmentationTask):
-        """Build '<volume> – <model>' from the job's label file; on any error nothing stays in the scene."""
+        """Write the job's labels into the chosen output node (replacing the segments this model made there
+        before, keeping all others) or into a new '<volume> – <model>'; on any error the scene is left as
+        it was (a new node removed, an existing one without the segments just added)."""
         import numpy as np
         import SimpleITK as sitk
 
@@ -719,32 +814,54 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             if not task.job.model:
                 raise ReCoKDError("the segmentation process did not say which model file it used")
             info = models.readBundleInfo(task.job.model)
+        chosen = _chosenStructures(info, task.request.get("structures"))
         ijkToRas = geometry.ijkToRasArray(volume)
         scene = self.scene
-        node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume.GetName()} – {task.modelName}")
+        target = task.request.get("outputSegmentation")
+        reuse = target is not None and scene.IsNodePresent(target)
+        node = target if reuse else scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                                            f"{volume.GetName()} – {task.modelName}")
+        segmentation = node.GetSegmentation()
+        added = []
         try:
-            node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-            if volume.GetParentTransformNode() is not None:
-                node.SetAndObserveTransformNodeID(volume.GetParentTransformNode().GetID())
-            node.CreateDefaultDisplayNodes()
-            segmentation = node.GetSegmentation()
+            if not reuse:
+                node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+                node.SetAttribute(INPUT_ATTRIBUTE, volume.GetID())
+                if volume.GetParentTransformNode() is not None:
+                    node.SetAndObserveTransformNodeID(volume.GetParentTransformNode().GetID())
+            if node.GetDisplayNode() is None:
+                node.CreateDefaultDisplayNodes()
+            previous = _segmentsMadeBy(segmentation, task.modelName)
             for name, value in info.labels.foreground():
+                if name not in chosen:
+                    continue
                 mask = (labels == value).astype(np.uint8)
                 image = geometry.orientedImageFromArray(mask, ijkToRas)
                 segment_id = node.AddSegmentFromBinaryLabelmapRepresentation(image, name, list(info.labels.colors[name]))
                 if not segment_id:
                     raise ReCoKDError(f"could not add segment {name}")
+                added.append(segment_id)
+                segment = segmentation.GetSegment(segment_id)
+                segment.SetTag(MODEL_TAG, task.modelName)
                 codes = info.labels.terminology.get(name)
                 if codes:
-                    segment = segmentation.GetSegment(segment_id)
                     segment.SetTag(segment.GetTerminologyEntryTagName(), terminology.entryString(codes))
-            if hasattr(segmentation, "CollapseBinaryLabelmaps"):
+            for segment_id in previous:  # only now: a failure above leaves the earlier result in place
+                segmentation.RemoveSegment(segment_id)
+            if not reuse and hasattr(segmentation, "CollapseBinaryLabelmaps"):
+                # one shared labelmap for the new node; in a node of the user's, merging into layers of another
+                # geometry would resample (and shift) this result, so its segments keep their own layers
                 segmentation.CollapseBinaryLabelmaps(False)
-            self._placeInStudy(node, volume)
+            if not reuse:
+                self._placeInStudy(node, volume)
             if task.request.get("show3D", True) and hasattr(node, "CreateClosedSurfaceRepresentation"):
                 node.CreateClosedSurfaceRepresentation()  # shown in 3D
         except Exception:
-            scene.RemoveNode(node)
+            if reuse:
+                for segment_id in added:
+                    segmentation.RemoveSegment(segment_id)
+            else:
+                scene.RemoveNode(node)
             raise
         return node
 

@@ -65,6 +65,7 @@ class BundleInfo:
     card: dict = field(default_factory=dict)  # the author's model-card statements (recokd export --card)
     cardRows: list = field(default_factory=list)  # the whole model card, (heading, text) rows; [] when not known yet
     mirrorAxes: Any = None  # the axes the network saw mirrored in training; () none; None not known
+    role: str = ""  # "teacher" or "student" (the bundle's manifest); "" when not known
 
     @property
     def cardText(self) -> str:
@@ -292,7 +293,8 @@ def readBundleInfo(path: str | Path) -> BundleInfo:
     card = manifest.get("card") if isinstance(manifest.get("card"), dict) else {}
     cardRows, mirrorAxes = _card(manifest, plans if isinstance(plans, dict) else {}, path)
     return BundleInfo(name=str(manifest.get("name") or path.stem), labels=labels, channelNames=channelNames,
-                      provenance=provenance, card=card, cardRows=cardRows, mirrorAxes=mirrorAxes)
+                      provenance=provenance, card=card, cardRows=cardRows, mirrorAxes=mirrorAxes,
+                      role=str(manifest.get("role") or ""))
 
 
 def _card(manifest: dict, plans: dict, path: Path) -> tuple[list, Any]:
