@@ -30,6 +30,17 @@ from typing import Annotated
 import slicer
 import vtk
 
+try:  # Slicer >= 5.4: the user's language (lupdate finds the _() strings)
+    from slicer.i18n import tr as _
+    from slicer.i18n import translate
+except ImportError:  # slicer-core, older Slicer: English
+
+    def _(text):
+        return text
+
+    def translate(context, text):
+        return text
+
 try:  # inside the Slicer application
     import ctk
     import qt
@@ -113,18 +124,23 @@ class ReCoKD(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         if parent is None:
             return
-        self.parent.title = "ReCoKD"
-        self.parent.categories = ["Segmentation"]
+        self.parent.title = _("ReCoKD")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
         self.parent.contributors = ["ReCoKD contributors"]
-        self.parent.helpText = (
+        self.parent.helpText = _(
             "Segment volumes with compact students distilled by ReCo-KD (region- and context-aware knowledge "
             "distillation), and train new ones. The network runs in a background process: the GUI stays "
             "responsive, progress is shown and Cancel stops it at once. Try it: Sample Data → ReCoKD → "
             "ReCoKD phantom, then Segment with the phantom-abdomen model."
         )
-        self.parent.acknowledgementText = (
-            "ReCo-KD follows Lan et al., arXiv 2601.08301. Built on MONAI and PyTorch."
+        self.parent.acknowledgementText = _(
+            "ReCo-KD follows Lan et al., arXiv 2601.08301. Built on MONAI, PyTorch and SimpleITK. The shipped "
+            "models were trained on public data; cite it when you publish results made with them: "
+            "la2018-left-atrium on the 2018 Atrial Segmentation Challenge (Xiong et al., Medical Image Analysis "
+            "67:101832, 2021; via the UA-MT repository, Yu et al., MICCAI 2019), acdc-heart on ACDC (Bernard et "
+            "al., IEEE Transactions on Medical Imaging 37(11):2514-2525, 2018); phantom-abdomen on synthetic "
+            "phantoms made by ReCoKD. Research use only, not for clinical use."
         )
         if HAVE_SLICER_GUI and getattr(slicer, "app", None) is not None:
             slicer.app.connect("startupCompleted()", registerSampleData)
@@ -381,7 +397,7 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resumeTrainingButton.enabled = not training and self.logic.trainingTask is not None
 
     # -- models -----------------------------------------------------------------------------------
-    def refreshModels(self, _=None):
+    def refreshModels(self, _checked=False):
         """Fill the model list (never opens a dialog; a file is picked only with 'Load from file…')."""
         self._modelSources = self.logic.availableModels()
         self._modelInfoCache = (None, None)
@@ -392,7 +408,8 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             combo.addItem(source.label)
         combo.blockSignals(wasBlocked)
         if self.logic.warnings:
-            self.ui.statusLabel.text = f"{len(self.logic.warnings)} model entr(y/ies) skipped; see the Python console"
+            self.ui.statusLabel.text = _("{count} model entr(y/ies) skipped; see the Python console").format(
+                count=len(self.logic.warnings))
         self.updateGUIFromParameterNode()
 
     def _addModelSource(self, source):
@@ -401,8 +418,9 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelComboBox.addItem(source.label)
         self.ui.modelComboBox.blockSignals(wasBlocked)
 
-    def onLoadModelFromFile(self, _=None):
-        path = qt.QFileDialog.getOpenFileName(self.parent, "Load a ReCoKD model", "", "ReCoKD bundles (*.recokd *.zip)")
+    def onLoadModelFromFile(self, _checked=False):
+        path = qt.QFileDialog.getOpenFileName(self.parent, _("Load a ReCoKD model"), "",
+                                              _("ReCoKD bundles (*.recokd *.zip)"))
         if not path:
             return
         source = models.ModelSource(name=Path(path).stem, kind="file", path=path)
@@ -435,7 +453,7 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             selector.setVisible(visible)
             label.setVisible(visible)
             if visible:
-                label.text = f"{channels[i]}:" if len(channels) > 1 else "Input volume:"
+                label.text = f"{channels[i]}:" if len(channels) > 1 else _("Input volume:")
                 selector.setToolTip(channels[i])
         self._updateTtaCheckBox(info)
         self._updateStructures(info)
@@ -477,9 +495,9 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         can be unchecked)."""
         box, factor = self.ui.ttaCheckBox, info.ttaFactor if info is not None else 8
         if factor > 1:
-            box.text = f"Mirror test-time augmentation ({factor}x slower)"
+            box.text = _("Mirror test-time augmentation ({factor}x slower)").format(factor=factor)
         else:
-            box.text = "Mirror test-time augmentation (not available: trained without mirroring)"
+            box.text = _("Mirror test-time augmentation (not available: trained without mirroring)")
         box.enabled = factor > 1 or bool(self._parameterNode is not None and self._parameterNode.tta)
 
     def _volumeSelectors(self):
@@ -488,7 +506,7 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 (self.ui.inputVolumeSelector3, self.ui.inputVolumeSelector3Label),
                 (self.ui.inputVolumeSelector4, self.ui.inputVolumeSelector4Label)]
 
-    def onModelCard(self, _=None):
+    def onModelCard(self, _checked=False):
         p = self._parameterNode
         if p is None or not p.model:
             return
@@ -497,7 +515,7 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except ReCoKDError as exc:
             slicer.util.errorDisplay(str(exc))
             return
-        self._ask(f"Model card: {_modelName(p.model)}", _cardHtml(rows), None)
+        self._ask(_("Model card: {name}").format(name=_modelName(p.model)), _cardHtml(rows), None)
 
     def _ask(self, title, text, acceptText, warning=False) -> bool:
         """A message box; with ``acceptText``, that button and Cancel (returns whether it was chosen)."""
@@ -524,7 +542,7 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:  # the user is asked first; pip and the PyTorch extension show their own progress
             dependencies.installDependencies(confirm=slicer.util.confirmOkCancelDisplay)
         except Exception as exc:  # noqa: BLE001 - declined or failed: one message, no traceback
-            slicer.util.errorDisplay(f"ReCoKD cannot run yet: {exc}")
+            slicer.util.errorDisplay(_("ReCoKD cannot run yet: {reason}").format(reason=exc))
             return False
         return True
 
@@ -536,9 +554,10 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         try:  # the model's card before its first use: what it expects, how accurate it is, its terms
             if p.model and not self.logic.modelCardSeen(p.model):
-                if not self._ask(f"Model card: {_modelName(p.model)}", _cardHtml(self.logic.modelCardRows(p.model)) +
-                                 "<p>Segment with this model? (The card stays one click away: <i>Model card…</i>)</p>",
-                                 "Segment"):
+                if not self._ask(_("Model card: {name}").format(name=_modelName(p.model)),
+                                 _cardHtml(self.logic.modelCardRows(p.model)) + "<p>" +
+                                 _("Segment with this model? (The card stays one click away: <i>Model card…</i>)") +
+                                 "</p>", _("Segment")):
                     return
                 self.logic.markModelCardSeen(p.model)
         except ReCoKDError as exc:
@@ -554,27 +573,27 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except ReCoKDError as exc:
             slicer.util.errorDisplay(str(exc))
             return
-        self.ui.segmentButton.text = "Cancel"
+        self.ui.segmentButton.text = _("Cancel")
         self.ui.segmentProgressBar.setValue(0)
         self.ui.segmentProgressBar.setVisible(True)
-        self.ui.statusLabel.text = "Segmenting…"
+        self.ui.statusLabel.text = _("Segmenting…")
         self._timer.start()
 
     def onSegmentFinished(self, task):
-        self.ui.segmentButton.text = "Segment"
+        self.ui.segmentButton.text = _("Segment")
         self.ui.segmentProgressBar.setVisible(False)
         self.ui.statusLabel.text = task.message
         if task.segmentationNode is not None:
             if not _shownInASliceView(task.volumeNodes[0]):  # else leave the user's view layers as they are
                 slicer.util.setSliceViewerLayers(background=task.volumeNodes[0])
         elif task.inputWarnings:  # stopped before the network ran: the user decides
-            self.ui.statusLabel.text = "The input is unlike the model's training data"
+            title = _("The input is unlike the model's training data")
+            self.ui.statusLabel.text = title
             text = "".join(f"<p>{_escape(line)}</p>" for line in task.inputWarnings)
-            if self._ask("The input is unlike the model's training data", text + "<p>Segment anyway?</p>",
-                         "Segment anyway", warning=True):
+            if self._ask(title, text + "<p>" + _("Segment anyway?") + "</p>", _("Segment anyway"), warning=True):
                 self._startSegmentation(lambda: self.logic.segmentAnyway(task, onFinished=self.onSegmentFinished))
                 return
-            self.ui.statusLabel.text = "Segmentation cancelled after the input checks; nothing was added to the scene"
+            self.ui.statusLabel.text = _("Segmentation cancelled after the input checks; nothing was added to the scene")
         elif task.state == FAILED:
             slicer.util.errorDisplay(task.message)
         self.updateGUIFromParameterNode()
@@ -630,11 +649,13 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             done, total = task.job.download
             if done and not task.job.device:  # still fetching the registry model (the network has not started)
                 self.ui.segmentProgressBar.setValue(int(100 * done / total) if total else 0)
-                self.ui.statusLabel.text = (f"Downloading the model: {done / 1e6:.1f}" +
-                                            (f" of {total / 1e6:.1f} MB" if total else " MB"))
+                self.ui.statusLabel.text = (_("Downloading the model: {done:.1f} of {total:.1f} MB") if total else
+                                            _("Downloading the model: {done:.1f} MB")).format(done=done / 1e6,
+                                                                                             total=total / 1e6)
             else:
                 self.ui.segmentProgressBar.setValue(int(100 * task.progress))
-                self.ui.statusLabel.text = f"Segmenting on {task.job.device or '…'}: {task.job.elapsed:.0f} s"
+                self.ui.statusLabel.text = _("Segmenting on {device}: {seconds:.0f} s").format(
+                    device=task.job.device or "…", seconds=task.job.elapsed)
         training = self.logic.trainingTask
         if training is not None:
             self.ui.trainingProgressBar.setValue(int(100 * training.progress))
@@ -698,19 +719,20 @@ class ReCoKDTest(ScriptedLoadableModuleTest):
     def runTest(self):
         reason = self.skipReason()
         if reason:
-            self.delayDisplay(f"ReCoKDTest skipped: {reason} (open the module and click Segment to install them)")
+            self.delayDisplay(_("ReCoKDTest skipped: {reason} (open the module and click Segment to install "
+                                "them)").format(reason=reason))
             return
         self.setUp()
         self.test_segment_phantom()
 
     def test_segment_phantom(self):
-        self.delayDisplay("Loading the sample phantom")
+        self.delayDisplay(_("Loading the sample phantom"))
         folder = Path(tempfile.mkdtemp(prefix="ReCoKDTest-"))
         try:
             logic = ReCoKDLogic(modelsFolder=folder)
             volume = logic.loadSample()
             before = slicer.mrmlScene.GetNumberOfNodes()
-            self.delayDisplay("Segmenting")
+            self.delayDisplay(_("Segmenting"))
             node = logic.segment([volume], SAMPLE_MODEL, device="cpu")
             self.assertEqual(node.GetName(), f"{SAMPLE_NAME} – {SAMPLE_MODEL}")
             self.assertEqual(node.GetSegmentation().GetNumberOfSegments(), 4)
@@ -719,4 +741,4 @@ class ReCoKDTest(ScriptedLoadableModuleTest):
                 logic.segment([volume, volume], SAMPLE_MODEL, device="cpu")
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        self.delayDisplay("Test passed")
+        self.delayDisplay(_("Test passed"))

@@ -1006,3 +1006,70 @@ def test_the_engine_note_says_when_the_chosen_device_is_slow(env):
         assert logic.engineNote("auto", teacher) == ""  # auto takes the GPU
     finally:
         logic.devicesSeen = set()
+
+
+def _untranslated_texts(source: str) -> list:
+    """User-facing literals of the module file not passed through ``_()``: texts given to labels, buttons,
+    titles, the module's help and acknowledgement, message boxes, file dialogs and the self-test's display.
+    An f-string is never translatable (its placeholders are filled before the lookup): ``_("{x}").format()``."""
+    import ast
+
+    tree = ast.parse(source)
+    targets = {"text", "title", "helpText", "acknowledgementText"}
+    calls = {"errorDisplay": None, "delayDisplay": None, "_ask": (0, 1, 2), "getOpenFileName": (1, 3)}
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+
+    def inside_tr(node):
+        while node in parents:
+            node = parents[node]
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("_", "translate"):
+                return True
+        return False
+
+    def literals(expr):
+        for node in ast.walk(expr):
+            if isinstance(node, ast.JoinedStr) and any(isinstance(v, ast.Constant) and re.search("[A-Za-z]{2}", v.value)
+                                                       for v in node.values):
+                yield node
+            elif (isinstance(node, ast.Constant) and isinstance(node.value, str) and re.search("[A-Za-z]{2}", node.value)
+                  and not isinstance(parents.get(node), ast.JoinedStr)):
+                yield node
+
+    found = []
+    for node in ast.walk(tree):
+        values = []
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Attribute) and t.attr in targets for t in node.targets):
+            values = [node.value]
+        elif isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if name in calls:
+                values = [a for i, a in enumerate(node.args) if calls[name] is None or i in calls[name]]
+        for value in values:
+            for literal in literals(value):
+                if not inside_tr(literal) or isinstance(literal, ast.JoinedStr):
+                    found.append(f"line {literal.lineno}: {ast.unparse(literal)[:60]}")
+    return found
+
+
+def test_the_panels_texts_are_translatable():
+    """Every text the module shows goes through Slicer's ``_()`` (slicer.i18n.tr), as Slicer's own modules do."""
+    source = (MODULE_DIR / "ReCoKD.py").read_text(encoding="utf-8")
+    assert "from slicer.i18n import tr as _" in source
+    assert _untranslated_texts(source) == []
+    # the check itself finds what it guards against
+    assert len(_untranslated_texts('w.text = "Segment"\nw.text = _(f"on {d}")\nslicer.util.errorDisplay(f"failed: {e}")\n')) == 3
+
+
+def test_the_acknowledgement_cites_the_data_of_every_shipped_model():
+    """A model trained on public data asks to be cited (its terms): the module's acknowledgement names it."""
+    import types
+
+    from ReCoKDLib.deployment.registry import builtin_registry_path
+
+    registry = json.loads(Path(builtin_registry_path()).read_text(encoding="utf-8"))
+    text = module.ReCoKD(types.SimpleNamespace()).parent.acknowledgementText
+    assert registry["models"]
+    for entry in registry["models"]:
+        assert entry["name"] in text
+        for author in re.findall(r"([A-Z][a-z]+) et al", entry.get("license", "")):
+            assert f"{author} et al" in text, (entry["name"], author)
