@@ -229,6 +229,7 @@ if parameterNodeWrapper is not None:
         show3D: bool = True  # build the result's closed surfaces (3D views)
         outputSegmentation: slicer.vtkMRMLSegmentationNode  # None: a new one (then the result, for Segment again)
         skippedStructures: list[str]  # structures left out of the output (empty: all of them)
+        allFrames: bool = True  # an input shown by a sequence browser (cine, 4D): segment every frame
         datasetFolder: str = ""
         teacherPath: str = ""
         unlabeledFolder: str = ""  # scans without labels: the teacher labels them for the student
@@ -388,6 +389,11 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         someStructure = self.ui.structuresComboBox.count == 0 or not self.ui.structuresComboBox.noneChecked()
         self.ui.segmentButton.enabled = not library.error() and (segmenting or bool(p.inputVolume and p.model
                                                                                     and someStructure))
+        browser = self.logic.sequenceBrowserOf(p.inputVolume)
+        self.ui.allFramesCheckBox.visible = browser is not None
+        if browser is not None:
+            frames = browser.GetSequenceNode(p.inputVolume).GetNumberOfDataNodes()
+            self.ui.allFramesCheckBox.text = _("All {count} frames").format(count=frames)
         self.ui.engineNoteLabel.text = self.logic.engineNote(p.device, self._modelInfo(p.model) if p.model else None)
         self.ui.teacherPathLineEdit.enabled = not p.trainTeacherFirst
         training = self.logic.trainingTask is not None and self.logic.trainingTask.state == RUNNING
@@ -654,8 +660,13 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                                                              total=total / 1e6)
             else:
                 self.ui.segmentProgressBar.setValue(int(100 * task.progress))
-                self.ui.statusLabel.text = _("Segmenting on {device}: {seconds:.0f} s").format(
-                    device=task.job.device or "…", seconds=task.job.elapsed)
+                frame, frames = task.job.frame
+                if frames > 1:
+                    self.ui.statusLabel.text = _("Segmenting frame {frame} of {frames} on {device}: {seconds:.0f} s").format(
+                        frame=frame, frames=frames, device=task.job.device or "…", seconds=task.job.elapsed)
+                else:
+                    self.ui.statusLabel.text = _("Segmenting on {device}: {seconds:.0f} s").format(
+                        device=task.job.device or "…", seconds=task.job.elapsed)
         training = self.logic.trainingTask
         if training is not None:
             self.ui.trainingProgressBar.setValue(int(100 * training.progress))

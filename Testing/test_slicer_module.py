@@ -60,6 +60,7 @@ def env(tmp_path_factory):
     factory = slicer.vtkSegmentationConverterFactory.GetInstance()
     if not any(isinstance(r, slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule) for r in factory.GetConverterRules()):
         factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
+    scene.RegisterNodeClass(slicer.vtkMRMLSequenceBrowserNode())  # as Slicer's Sequences module does
     plans = tiny_plans(num_classes=3, spacing=(1.0, 1.0, 1.0))
     colors = {"background": [0, 0, 0], "organ": [0.9, 0.1, 0.2], "kidney": [0.1, 0.7, 0.3]}
     # a reference direction makes the predictor reorient the input: a wrong RAS->LPS conversion would show
@@ -1073,3 +1074,94 @@ def test_the_acknowledgement_cites_the_data_of_every_shipped_model():
         assert entry["name"] in text
         for author in re.findall(r"([A-Z][a-z]+) et al", entry.get("license", "")):
             assert f"{author} et al" in text, (entry["name"], author)
+
+
+def _cine(scene, arrays, name="cine"):
+    """A sequence of volumes (one per array, oblique geometry) in a browser; returns (browser, sequence, proxy)."""
+    sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", name)
+    for t, array in enumerate(arrays):
+        frame = slicer.util.addVolumeFromArray(array, ijkToRAS=_oblique_ijk_to_ras(), name=f"{name} {t}")
+        sequence.SetDataNodeAtValue(frame, str(t * 40))  # ms
+        scene.RemoveNode(frame)
+    browser = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", f"{name} browser")
+    browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+    browser.SetSelectedItemNumber(0)
+    sequences = slicer.vtkSlicerSequencesLogic()
+    sequences.SetMRMLScene(scene)
+    sequences.UpdateProxyNodesFromSequences(browser)
+    return browser, sequence, browser.GetProxyNode(sequence)
+
+
+def _voxels(segmentation_node, name) -> int:
+    segmentation = segmentation_node.GetSegmentation()
+    image = slicer.vtkOrientedImageData()
+    segmentation_node.GetBinaryLabelmapRepresentation(segmentation.GetSegmentIdBySegmentName(name), image)
+    from vtk.util import numpy_support
+
+    scalars = image.GetPointData().GetScalars()
+    return int((numpy_support.vtk_to_numpy(scalars) > 0).sum()) if scalars is not None else 0
+
+
+def test_a_cine_sequence_is_segmented_frame_by_frame_into_a_sequence_that_plays_with_it(env):
+    """Every frame of a sequence input, with progress over all frames; the result is a segmentation sequence
+    in the input's browser (each frame the model's labels of that frame); Segment again replaces it; the
+    shown frame alone when allFrames is off."""
+    scene, logic = env["scene"], env["logic"]
+    arrays = [env["array"], np.flip(env["array"], 2).copy(), env["array"] ** 2]
+    browser, sequence, proxy = _cine(scene, arrays)
+    expected = [_expected_labels(env["bundle"], a) for a in arrays]
+    assert len({int((e == 2).sum()) for e in expected}) == 3  # the frames differ: a frame mix-up shows
+    made = []
+    try:
+        assert logic.sequenceBrowserOf(proxy) is browser and logic.sequenceBrowserOf(env["volume"]) is None
+        fractions = []
+        shown = logic.segment([proxy], env["bundle_path"], device="cpu", show3D=False, structures=["kidney"],
+                              progress=fractions.append)
+        out = browser.GetSequenceNode(shown)
+        made += [shown, out]
+        assert out is not None and out.GetName() == "cine – tiny" and out.GetNumberOfDataNodes() == 3
+        assert out.GetIndexName() == sequence.GetIndexName() and out.GetNthIndexValue(2) == "80"
+        for f in range(3):
+            frame = out.GetNthDataNode(f)
+            assert _segment_names(frame) == ["kidney"]
+            assert _voxels(frame, "kidney") == int((expected[f] == 2).sum()), f
+        assert fractions[-1] == 1.0 and fractions == sorted(fractions)
+        browser.SetSelectedItemNumber(1)
+        logic._updateProxies(browser)
+        assert _voxels(shown, "kidney") == int((expected[1] == 2).sum())  # it plays with the images
+        # again: the earlier result is replaced, not piled up
+        again = logic.segment([proxy], env["bundle_path"], device="cpu", show3D=False)
+        made += [again, browser.GetSequenceNode(again)]
+        outputs = [n for n in scene.GetNodesByClass("vtkMRMLSequenceNode") if n.GetAttribute("ReCoKD.model") == "tiny"]
+        assert outputs == [browser.GetSequenceNode(again)] and not scene.IsNodePresent(out)
+        assert len([n for n in scene.GetNodesByClass("vtkMRMLSegmentationNode")]) == 1
+        assert _segment_names(again) == ["organ", "kidney"]
+        # the shown frame only
+        single = logic.segment([proxy], env["bundle_path"], device="cpu", show3D=False, allFrames=False)
+        made.append(single)
+        assert browser.GetSequenceNode(single) is None and _voxels(single, "kidney") == int((expected[1] == 2).sum())
+    finally:
+        for n in made + [browser, sequence, proxy]:
+            if n is not None and scene.IsNodePresent(n):
+                scene.RemoveNode(n)
+
+
+def test_cancelling_a_cine_run_adds_nothing_and_reports_the_frame(env):
+    scene, logic = env["scene"], env["logic"]
+    browser, sequence, proxy = _cine(scene, [env["array"]] * 4, name="cine2")
+    before = scene.GetNumberOfNodes()
+    logic.debugDelay = 0.3
+    try:
+        task = logic.segment([proxy], env["bundle_path"], device="cpu", wait=False)
+        deadline = time.monotonic() + 120
+        while task.poll() == jobs.RUNNING and task.job.frame[0] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert task.job.frame == (2, 4) and 0.25 <= task.progress < 0.75
+        task.cancel()
+        assert task.state == jobs.CANCELLED and scene.GetNumberOfNodes() == before
+        assert browser.GetNumberOfSynchronizedSequenceNodes() == 0
+    finally:
+        logic.debugDelay = 0.0
+        for n in (browser, sequence, proxy):
+            scene.RemoveNode(n)

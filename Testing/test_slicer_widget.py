@@ -595,7 +595,7 @@ def test_the_panel_shows_a_registry_models_download(gui):
 
     module, _, _ = gui
     widget = _new_widget(module)
-    job = SimpleNamespace(download=(5_000_000, 10_000_000), device="", elapsed=1.0)
+    job = SimpleNamespace(download=(5_000_000, 10_000_000), device="", elapsed=1.0, frame=(0, 0))
     widget.logic.segmentationTask = SimpleNamespace(poll=lambda: "running", state="running", progress=0.0, job=job)
     widget._timer.start()
     widget.onTimer()
@@ -606,3 +606,38 @@ def test_the_panel_shows_a_registry_models_download(gui):
     assert widget.ui.segmentProgressBar.value == 0 and widget.ui.statusLabel.text.startswith("Segmenting on cpu")
     widget.logic.segmentationTask = None
     widget._timer.stop()
+
+
+def test_a_sequence_input_offers_all_frames_and_the_status_counts_them(gui):
+    """A volume shown by a sequence browser (a cine): the 'All N frames' switch appears (bound to the
+    parameter node), and while the frames run the status says which one."""
+    from types import SimpleNamespace
+
+    module, scene, _ = gui
+    scene.RegisterNodeClass(slicer.vtkMRMLSequenceBrowserNode())
+    static = slicer.util.addVolumeFromArray(np.zeros((4, 5, 6), np.float32), name="CT")
+    sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", "cine")
+    for t in range(3):
+        frame = slicer.util.addVolumeFromArray(np.full((4, 5, 6), t, np.float32), name=f"frame {t}")
+        sequence.SetDataNodeAtValue(frame, str(t))
+        scene.RemoveNode(frame)
+    browser = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", "cine browser")
+    browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+    browser.SetSelectedItemNumber(0)
+    sequences = slicer.vtkSlicerSequencesLogic()
+    sequences.SetMRMLScene(scene)
+    sequences.UpdateProxyNodesFromSequences(browser)
+    widget = _new_widget(module)
+    ui, p = widget.ui, widget._parameterNode
+    p.inputVolume = static
+    assert not ui.allFramesCheckBox.visible
+    p.inputVolume = browser.GetProxyNode(sequence)
+    assert ui.allFramesCheckBox.visible and ui.allFramesCheckBox.text == "All 3 frames" and p.allFrames
+    ui.allFramesCheckBox.click()
+    assert p.allFrames is False
+    job = SimpleNamespace(download=(0, 0), device="cpu", elapsed=3.0, frame=(2, 3))
+    widget.logic.segmentationTask = SimpleNamespace(poll=lambda: "running", state="running", progress=0.5, job=job)
+    widget._timer.start()
+    widget.onTimer()
+    assert ui.statusLabel.text == "Segmenting frame 2 of 3 on cpu: 3 s" and ui.segmentProgressBar.value == 50
+    widget.logic.segmentationTask = None

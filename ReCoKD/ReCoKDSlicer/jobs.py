@@ -8,7 +8,7 @@ caller's thread (Slicer's GUI calls it from a ``QTimer``), so nothing ever block
 node is touched off the main thread.
 
 stdout lines follow the protocol of :mod:`ReCoKDLib.inference.slicer_bridge` (``PROGRESS``, ``DEVICE``,
-``MODEL``, ``LOG``, ``CHECK``, ``DONE``, ``ERROR``); any other line is kept as log text.
+``MODEL``, ``LOG``, ``FETCH``, ``FRAME``, ``CHECK``, ``DONE``, ``ERROR``); any other line is kept as log text.
 """
 
 from __future__ import annotations
@@ -106,6 +106,7 @@ class BackgroundJob:
         self.result = ""
         self.error = ""
         self.checks: list[str] = []
+        self.frame = (0, 0)  # the frame being segmented (1-based) and the number of frames, from FRAME lines
         self.download = (0, 0)  # a registry model's bytes received and expected (0: unknown), from FETCH lines
         self.lines: list[str] = []
         self.process: subprocess.Popen | None = None
@@ -175,12 +176,15 @@ class BackgroundJob:
             self.result = text.strip()
         elif kind == "CHECK":
             self.checks.append(text.strip())
-        elif kind == "FETCH":
+        elif kind in ("FETCH", "FRAME"):
             try:
                 done, total = (int(x) for x in text.split()[:2])
-                self.download = (done, total)
             except ValueError:
-                pass
+                return
+            if kind == "FETCH":
+                self.download = (done, total)
+            else:
+                self.frame = (done, total)
         elif kind == "ERROR":
             self.error = text.strip()
 

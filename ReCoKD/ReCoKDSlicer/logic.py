@@ -145,8 +145,12 @@ class SegmentationTask:
     checks' findings of a task that went on regardless (the console's default, as ``recokd predict``).
     """
 
-    def __init__(self, logic, job, volumeNodes, info, modelName, tmpdir, output, onFinished=None, request=None):
+    def __init__(self, logic, job, volumeNodes, info, modelName, tmpdir, output, onFinished=None, request=None,
+                 sequence=None):
         self.logic = logic
+        #: (browser, input sequence, frames) when every frame of a sequence is segmented: ``frames[i]`` holds
+        #: frame i's node per channel; None for one volume
+        self.sequence = sequence
         self.request = dict(request or {})  # segment()'s arguments, for segmentAnyway()
         self.inputWarnings: list[str] = []
         self.warnings: list[str] = []
@@ -182,7 +186,10 @@ class SegmentationTask:
             self.job.state, self.job.error = FAILED, f"the result was discarded: {gone}; segment it again"
         elif state == SUCCEEDED:
             try:
-                self.segmentationNode = self.logic._createSegmentationNode(self)
+                if self.sequence is not None:
+                    self.segmentationNode = self.logic._createSegmentationSequence(self)
+                else:
+                    self.segmentationNode = self.logic._createSegmentationNode(self)
                 self.message = (f"'{self.segmentationNode.GetName()}' done in {self.job.elapsed:.1f} s "
                                 f"on {self.job.device or 'unknown device'}")
                 self.segmentationNode.SetAttribute("ReCoKD.device", self.job.device or "")
@@ -190,10 +197,12 @@ class SegmentationTask:
                 self.segmentationNode.SetAttribute("ReCoKD.model", self.modelName)
                 if self.job.device:
                     self.logic.devicesSeen.add(self.job.device.split(":")[0])
-                if self.parameterNode is not None and hasattr(self.parameterNode, "outputSegmentation"):
+                if (self.parameterNode is not None and hasattr(self.parameterNode, "outputSegmentation")
+                        and self.sequence is None):  # (a sequence's result is replaced through its browser)
                     self.parameterNode.outputSegmentation = self.segmentationNode
-                self.warnings = [self._userMessage(line.partition("warning: ")[2]) for line in self.job.lines
-                                 if line.startswith("LOG warning: ")]
+                self.warnings = list(dict.fromkeys(  # (each frame of a sequence repeats its input's findings)
+                    self._userMessage(line.partition("warning: ")[2]) for line in self.job.lines
+                    if line.startswith("LOG warning: ")))
                 if self.warnings:
                     self.message += f"; {len(self.warnings)} input warning(s): " + " ".join(self.warnings)
                     for line in self.warnings:
@@ -224,13 +233,20 @@ class SegmentationTask:
         for node in self.volumeNodes:
             if not scene.IsNodePresent(node):
                 return f"volume '{node.GetName()}' was removed from the scene (or the scene was closed) during the segmentation"
+        if self.sequence is not None:
+            for node in self.sequence[:2]:
+                if not scene.IsNodePresent(node):
+                    return f"'{node.GetName()}' was removed from the scene during the segmentation"
         return ""
 
     def _userMessage(self, text: str) -> str:
         """The job speaks of its temporary input files and the command line's options; the user knows the
         volumes and the panel (or the console's arguments)."""
-        for i, node in enumerate(self.volumeNodes):
-            text = text.replace(str(Path(self.tmpdir) / f"input_{i:04d}.nrrd"), f"volume '{node.GetName()}'")
+        frames = self.sequence[2] if self.sequence is not None else [self.volumeNodes]
+        for f in range(len(frames)):
+            for i, node in enumerate(self.volumeNodes):
+                here = f"volume '{node.GetName()}'" + (f" (frame {f + 1})" if len(frames) > 1 else "")
+                text = text.replace(str(Path(self.tmpdir) / f"input_{f * len(self.volumeNodes) + i:04d}.nrrd"), here)
         for option, here in _OPTIONS_HERE:
             text = text.replace(option, here)
         return text
@@ -616,13 +632,15 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             info = self.modelInfo(parameterNode.model)
             if info is not None and info.labels:
                 structures = [n for n in info.labels.foreground_names if n not in skipped]
+        allFrames = getattr(parameterNode, "allFrames", True)
         result = self.segment(volumes, parameterNode.model, device=parameterNode.device,
                               tta=parameterNode.tta, force=parameterNode.skipInputChecks, confirmWarnings=True,
                               show3D=getattr(parameterNode, "show3D", True), outputSegmentation=output,
-                              structures=structures, wait=wait, progress=progress, onFinished=onFinished)
+                              structures=structures, allFrames=allFrames, wait=wait, progress=progress,
+                              onFinished=onFinished)
         if isinstance(result, SegmentationTask):
             result.parameterNode = parameterNode  # told the output when it is done (see SegmentationTask.poll)
-        elif hasattr(parameterNode, "outputSegmentation"):
+        elif hasattr(parameterNode, "outputSegmentation") and not (allFrames and self.sequenceBrowserOf(volumes[0])):
             parameterNode.outputSegmentation = result
         return result
 
@@ -637,7 +655,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         return again
 
     def segment(self, volumeNodes, model, device="auto", tta=False, force=False, confirmWarnings=False, show3D=True,
-                outputSegmentation=None, structures=None, wait=True, progress=None, onFinished=None):
+                outputSegmentation=None, structures=None, allFrames=True, wait=True, progress=None, onFinished=None):
         """Segment ``volumeNodes`` (one per model channel) with ``model``.
 
         Before the network runs, the input is checked against the model's training data (spacing, field of
@@ -660,6 +678,11 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
                 '<volume> – <model>'. It must lie under the same transform as the input.
             structures: the names of the structures to keep (None: all). The network computes every structure
                 anyway: a subset is not faster to predict, only to load (and to build 3D surfaces for).
+            allFrames: when the first volume is the proxy of a sequence (a cine loaded as a sequence, shown one
+                frame at a time), segment every frame: the result is a segmentation sequence in the same
+                browser, played with the images (``outputSegmentation`` does not apply; Segment again replaces
+                this model's earlier sequence). Other channels that are proxies in that browser give their
+                frame at the same index; any other volume is used for every frame. False: the shown frame only.
             wait: block until done and return the segmentation node (the GUI keeps processing events);
                 else return a :class:`SegmentationTask` to :meth:`poll` (and ``cancel()``).
             progress: ``progress(fraction)`` called while waiting.
@@ -670,7 +693,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         """
         request = dict(volumeNodes=volumeNodes, model=model, device=device, tta=tta, force=force,
                        confirmWarnings=confirmWarnings, show3D=bool(show3D), outputSegmentation=outputSegmentation,
-                       structures=None if structures is None else list(structures))
+                       structures=None if structures is None else list(structures), allFrames=bool(allFrames))
         _requireLibrary()
         if self.segmentationTask is not None and self.segmentationTask.state == RUNNING:
             raise ReCoKDError("a segmentation is already running; wait for it or cancel it")
@@ -700,16 +723,20 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
                 raise ReCoKDError(f"the output segmentation '{outputSegmentation.GetName()}' and the input "
                                   f"'{volumeNodes[0].GetName()}' are under different transforms; choose another "
                                   "output (or none, for a new one)")
+        browser = self.sequenceBrowserOf(volumeNodes[0]) if allFrames else None
+        sequence = (browser, browser.GetSequenceNode(volumeNodes[0]), self._frames(browser, volumeNodes)) if browser else None
         tmpdir = tempfile.mkdtemp(prefix=TEMP_PREFIX)
         (Path(tmpdir) / OWNER_FILE).write_text(str(os.getpid()), encoding="utf-8")  # see cleanStaleTempFolders
         try:
-            inputs = self._writeInputs(volumeNodes, Path(tmpdir))
+            inputs = self._writeInputs(volumeNodes, Path(tmpdir), frames=sequence[2] if sequence else None)
         except Exception as exc:
             shutil.rmtree(tmpdir, ignore_errors=True)
             raise ReCoKDError(str(exc)) from None
-        output = Path(tmpdir) / "labels.nrrd"
+        output = Path(tmpdir) / ("frames" if sequence else "labels.nrrd")
         command = [pythonExecutable(), "-m", "ReCoKDLib.inference.slicer_bridge", "segment", "--inputs", *map(str, inputs),
                    "--output", str(output), "--device", device]
+        if sequence:
+            command += ["--frames", str(len(sequence[2]))]
         local = models.localBundlePath(source)
         if source.kind == "registry" and local is None:
             command += ["--registry-entry", json.dumps(source.entry), "--registry-base", source.base]
@@ -727,7 +754,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         job = BackgroundJob(command, env=_jobEnvironment(), name="segmentation")
         bundleInfo = info if info is not None and info.labels else None  # else read from the fetched bundle
         task = SegmentationTask(self, job, volumeNodes, bundleInfo, info.name if info else source.name, tmpdir, output,
-                                onFinished=onFinished, request=request)
+                                onFinished=onFinished, request=request, sequence=sequence)
         try:
             job.start()
         except OSError as exc:
@@ -772,12 +799,12 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         if self.segmentationTask is not None:
             self.segmentationTask.cancel()
 
-    def _writeInputs(self, volumeNodes, folder: Path) -> list[Path]:
+    def _writeInputs(self, volumeNodes, folder: Path, frames=None) -> list[Path]:
+        """The inputs as files for the background process: ``input_0000.nrrd`` ... one per channel (of each
+        frame in turn, with ``frames``), every channel on the first channel's grid."""
         from ReCoKDLib.errors import ReCoKDError as LibraryError
         from ReCoKDLib.utils.io import atomic_write_image
 
-        reference = None
-        paths = []
         first = volumeNodes[0]
         for i, node in enumerate(volumeNodes):
             if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
@@ -785,35 +812,136 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             if node.GetParentTransformNode() is not first.GetParentTransformNode():
                 raise ReCoKDError(f"'{node.GetName()}' and '{first.GetName()}' are under different transforms; "
                                   "harden the transforms (Data module) first")
-            image = geometry.volumeNodeToImage(node)
-            if reference is None:
-                reference = image
-            else:
-                image = geometry.imageOnVolumeGrid(image, reference)  # channels on the first volume's grid
-            path = folder / f"input_{i:04d}.nrrd"
-            try:  # verified: a full temporary disk is one line, not a truncated input
-                atomic_write_image(image, path, use_compression=False)
-            except LibraryError as exc:
-                raise ReCoKDError(str(exc)) from None
-            paths.append(path)
+        paths = []
+        for nodes in frames or [volumeNodes]:
+            reference = None
+            for i, node in enumerate(nodes):
+                if not node.IsA("vtkMRMLScalarVolumeNode"):  # a frame of a sequence that holds something else
+                    raise ReCoKDError(f"a frame of '{volumeNodes[i].GetName()}' is a {node.GetClassName()}, not an "
+                                      "image volume; segment a sequence of volumes")
+                image = geometry.volumeNodeToImage(node)
+                if reference is None:
+                    reference = image
+                else:
+                    image = geometry.imageOnVolumeGrid(image, reference)  # channels on the first volume's grid
+                path = folder / f"input_{len(paths):04d}.nrrd"
+                try:  # verified: a full temporary disk is one line, not a truncated input
+                    atomic_write_image(image, path, use_compression=False)
+                except LibraryError as exc:
+                    raise ReCoKDError(str(exc)) from None
+                paths.append(path)
         return paths
+
+    # -- sequences (cine, 4D) -----------------------------------------------------------------------
+    def sequenceBrowserOf(self, volume):
+        """The sequence browser that shows ``volume`` as the proxy of a sequence of more than one frame (a
+        cine or other time series), or None."""
+        if volume is None or self.scene is None:
+            return None
+        browsers = self.scene.GetNodesByClass("vtkMRMLSequenceBrowserNode")
+        for i in range(browsers.GetNumberOfItems() if browsers is not None else 0):
+            browser = browsers.GetItemAsObject(i)
+            if browser.IsProxyNodeID(volume.GetID()):
+                sequence = browser.GetSequenceNode(volume)
+                if sequence is not None and sequence.GetNumberOfDataNodes() > 1:
+                    return browser
+        return None
+
+    def _frames(self, browser, volumeNodes) -> list:
+        """Per frame of the first volume's sequence, the node of each channel at that frame's index."""
+        master = browser.GetSequenceNode(volumeNodes[0])
+        frames = []
+        for f in range(master.GetNumberOfDataNodes()):
+            index = master.GetNthIndexValue(f)
+            nodes = []
+            for volume in volumeNodes:
+                sequence = browser.GetSequenceNode(volume) if browser.IsProxyNodeID(volume.GetID()) else None
+                node = volume if sequence is None else sequence.GetDataNodeAtValue(index)
+                if node is None:
+                    raise ReCoKDError(f"'{sequence.GetName()}' has no frame at {master.GetIndexName()} {index} "
+                                      f"where '{master.GetName()}' has one; channels must have the same frames")
+                nodes.append(node)
+            frames.append(nodes)
+        return frames
+
+    def _updateProxies(self, browser) -> None:
+        """Show the browser's selected frame in its proxy nodes (Slicer's Sequences module logic; under
+        slicer-core, a logic of the same class)."""
+        modules = getattr(slicer, "modules", None)
+        sequencesLogic = modules.sequences.logic() if modules is not None and hasattr(modules, "sequences") else None
+        if sequencesLogic is None:
+            sequencesLogic = slicer.vtkSlicerSequencesLogic()
+            sequencesLogic.SetMRMLScene(self.scene)
+        sequencesLogic.UpdateProxyNodesFromSequences(browser)
+
+    def _createSegmentationSequence(self, task: SegmentationTask):
+        """The frames' labels as a segmentation sequence '<sequence> – <model>' in the input's browser (so it
+        plays with the images); this model's earlier sequence for the same input is replaced. Returns the
+        proxy segmentation node (the frame on show); on any error the scene is left as it was."""
+        browser, master, frames = task.sequence
+        info = self._resultInfo(task)
+        chosen = _chosenStructures(info, task.request.get("structures"))
+        scene = self.scene
+        volume = task.volumeNodes[0]
+        earlier = []
+        sequences = scene.GetNodesByClass("vtkMRMLSequenceNode")
+        for i in range(sequences.GetNumberOfItems()):
+            node = sequences.GetItemAsObject(i)
+            if (browser.IsSynchronizedSequenceNodeID(node.GetID()) and node.GetAttribute(MODEL_TAG) == task.modelName
+                    and node.GetAttribute(INPUT_ATTRIBUTE) == master.GetID()):
+                earlier.append(node)
+        name = f"{master.GetName()} – {task.modelName}"
+        out = scene.AddNewNodeByClass("vtkMRMLSequenceNode", name)
+        proxy = None
+        try:
+            out.SetIndexName(master.GetIndexName())
+            out.SetIndexUnit(master.GetIndexUnit())
+            out.SetIndexType(master.GetIndexType())
+            out.SetAttribute(MODEL_TAG, task.modelName)
+            out.SetAttribute(INPUT_ATTRIBUTE, master.GetID())
+            for f, nodes in enumerate(frames):
+                segmentationNode = slicer.vtkMRMLSegmentationNode()  # copied into the sequence, never in the scene
+                segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(nodes[0])
+                labels = self._readLabels(Path(task.output) / f"frame_{f:04d}.nrrd", nodes[0])
+                self._addSegments(segmentationNode, labels, geometry.ijkToRasArray(nodes[0]), info, chosen, task.modelName)
+                segmentation = segmentationNode.GetSegmentation()
+                if hasattr(segmentation, "CollapseBinaryLabelmaps"):
+                    segmentation.CollapseBinaryLabelmaps(False)
+                if task.request.get("show3D", True) and hasattr(segmentationNode, "CreateClosedSurfaceRepresentation"):
+                    segmentationNode.CreateClosedSurfaceRepresentation()
+                out.SetDataNodeAtValue(segmentationNode, master.GetNthIndexValue(f))
+            browser.AddSynchronizedSequenceNode(out)
+            self._updateProxies(browser)
+            proxy = browser.GetProxyNode(out)
+            if proxy is None:
+                raise ReCoKDError(f"the sequence browser '{browser.GetName()}' made no node to show the result")
+            if proxy.GetDisplayNode() is None:
+                proxy.CreateDefaultDisplayNodes()
+            if volume.GetParentTransformNode() is not None:
+                proxy.SetAndObserveTransformNodeID(volume.GetParentTransformNode().GetID())
+            self._placeInStudy(proxy, volume)
+        except Exception:
+            if proxy is not None:
+                scene.RemoveNode(proxy)
+            if browser.IsSynchronizedSequenceNodeID(out.GetID()):
+                browser.RemoveSynchronizedSequenceNode(out.GetID())
+            scene.RemoveNode(out)
+            raise
+        for node in earlier:  # only now: a failure above leaves the earlier result in place
+            earlierProxy = browser.GetProxyNode(node)
+            browser.RemoveSynchronizedSequenceNode(node.GetID())
+            if earlierProxy is not None:
+                scene.RemoveNode(earlierProxy)
+            scene.RemoveNode(node)
+        return proxy
 
     def _createSegmentationNode(self, task: SegmentationTask):
         """Write the job's labels into the chosen output node (replacing the segments this model made there
         before, keeping all others) or into a new '<volume> – <model>'; on any error the scene is left as
         it was (a new node removed, an existing one without the segments just added)."""
-        import numpy as np
-        import SimpleITK as sitk
-
         volume = task.volumeNodes[0]
-        reference = geometry.volumeNodeToImage(volume)
-        label_image = geometry.imageOnVolumeGrid(sitk.ReadImage(str(task.output)), reference, interpolator="nearest")
-        labels = sitk.GetArrayFromImage(label_image)
-        info = task.info
-        if info is None:  # a registry model: the background process says where it fetched the bundle to
-            if not task.job.model:
-                raise ReCoKDError("the segmentation process did not say which model file it used")
-            info = models.readBundleInfo(task.job.model)
+        labels = self._readLabels(task.output, volume)
+        info = self._resultInfo(task)
         chosen = _chosenStructures(info, task.request.get("structures"))
         ijkToRas = geometry.ijkToRasArray(volume)
         scene = self.scene
@@ -832,20 +960,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             if node.GetDisplayNode() is None:
                 node.CreateDefaultDisplayNodes()
             previous = _segmentsMadeBy(segmentation, task.modelName)
-            for name, value in info.labels.foreground():
-                if name not in chosen:
-                    continue
-                mask = (labels == value).astype(np.uint8)
-                image = geometry.orientedImageFromArray(mask, ijkToRas)
-                segment_id = node.AddSegmentFromBinaryLabelmapRepresentation(image, name, list(info.labels.colors[name]))
-                if not segment_id:
-                    raise ReCoKDError(f"could not add segment {name}")
-                added.append(segment_id)
-                segment = segmentation.GetSegment(segment_id)
-                segment.SetTag(MODEL_TAG, task.modelName)
-                codes = info.labels.terminology.get(name)
-                if codes:
-                    segment.SetTag(segment.GetTerminologyEntryTagName(), terminology.entryString(codes))
+            self._addSegments(node, labels, ijkToRas, info, chosen, task.modelName, added)
             for segment_id in previous:  # only now: a failure above leaves the earlier result in place
                 segmentation.RemoveSegment(segment_id)
             if not reuse and hasattr(segmentation, "CollapseBinaryLabelmaps"):
@@ -864,6 +979,44 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
                 scene.RemoveNode(node)
             raise
         return node
+
+    def _resultInfo(self, task: SegmentationTask):
+        """The model's labels for building the result (a registry model's from the bundle the process fetched)."""
+        if task.info is not None:
+            return task.info
+        if not task.job.model:
+            raise ReCoKDError("the segmentation process did not say which model file it used")
+        return models.readBundleInfo(task.job.model)
+
+    def _readLabels(self, path, volume):
+        """The label file the process wrote, as an array on ``volume``'s voxel grid (K, J, I)."""
+        import SimpleITK as sitk
+
+        reference = geometry.volumeNodeToImage(volume)
+        image = geometry.imageOnVolumeGrid(sitk.ReadImage(str(path)), reference, interpolator="nearest")
+        return sitk.GetArrayFromImage(image)
+
+    def _addSegments(self, node, labels, ijkToRas, info, chosen, modelName, added=None) -> list:
+        """One segment per chosen structure (name, colour, terminology, tagged with the model); the IDs are
+        appended to ``added`` as they are made, so that a caller can undo a partial result."""
+        import numpy as np
+
+        added = [] if added is None else added
+        segmentation = node.GetSegmentation()
+        for name, value in info.labels.foreground():
+            if name not in chosen:
+                continue
+            image = geometry.orientedImageFromArray((labels == value).astype(np.uint8), ijkToRas)
+            segment_id = node.AddSegmentFromBinaryLabelmapRepresentation(image, name, list(info.labels.colors[name]))
+            if not segment_id:
+                raise ReCoKDError(f"could not add segment {name}")
+            added.append(segment_id)
+            segment = segmentation.GetSegment(segment_id)
+            segment.SetTag(MODEL_TAG, modelName)
+            codes = info.labels.terminology.get(name)
+            if codes:
+                segment.SetTag(segment.GetTerminologyEntryTagName(), terminology.entryString(codes))
+        return added
 
     def _placeInStudy(self, node, volume) -> None:
         shClass = getattr(slicer, "vtkMRMLSubjectHierarchyNode", None)

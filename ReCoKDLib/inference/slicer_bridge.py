@@ -9,6 +9,7 @@ process group and reads its standard output, one message per line::
     PROGRESS 0.250                 fraction done (0..1)
     LOG <text>                     something for the log pane
     FETCH <bytes> <total>          a registry model is being downloaded (total 0: unknown)
+    FRAME <i> <n>                  frame i (1-based) of n is being segmented (``--frames``)
     DONE <output path> <seconds>   success; the label file is complete (written atomically)
     CHECK <one line>               an input check's finding (the input is unlike the training data); after
                                    the last one, ERROR, and the process exits with status 3: the module
@@ -18,8 +19,11 @@ process group and reads its standard output, one message per line::
 Sub-commands:
 
 ``segment --model BUNDLE --inputs CH0.nrrd [CH1.nrrd ...] --output LABELS.nrrd [--device auto|cpu|cuda] [--tta]
-[--ask | --force]``
-    Segment one case with :class:`~ReCoKDLib.inference.predictor.Predictor`.
+[--ask | --force] [--frames N]``
+    Segment one case with :class:`~ReCoKDLib.inference.predictor.Predictor`. With ``--frames N`` (a cine or
+    other time series), ``--inputs`` holds N cases one after the other (frame 0's channels, then frame 1's,
+    ...), the network is loaded once, ``--output`` is a folder that receives ``frame_0000.nrrd`` ... and
+    ``PROGRESS`` is the share of all frames done.
     ``--ask`` stops before the network runs when the input checks warn (``CHECK`` lines, status 3),
     ``--force`` skips the checks; with neither, warnings are ``LOG warning: ...`` lines and it goes on. Instead of ``--model``
     a registry entry can be given (``--registry-entry JSON --registry-base DIR``): it is fetched into
@@ -78,9 +82,15 @@ def _segment(args: argparse.Namespace) -> int:
         raise ReCoKDError("give --model BUNDLE or --registry-entry JSON")
 
     delay = max(float(args.debug_delay or 0.0), 0.0)
+    frames = int(args.frames)
+    if frames < 1 or len(args.inputs) % frames:
+        raise ReCoKDError(f"--frames {frames} needs a multiple of {frames} input files (the same channels for every "
+                          f"frame), got {len(args.inputs)}")
+    channels = len(args.inputs) // frames
+    frame = [0]  # the frame being segmented
 
     def progress(fraction: float) -> None:
-        emit("PROGRESS", f"{fraction:.4f}")
+        emit("PROGRESS", f"{(frame[0] + fraction) / frames:.4f}")
         if delay:
             time.sleep(delay)  # test hook only: makes the job deterministically slow enough to cancel
 
@@ -91,7 +101,16 @@ def _segment(args: argparse.Namespace) -> int:
     emit("MODEL", Path(model).resolve())
     emit("LOG", f"model {predictor.bundle.describe()}")
     emit("PROGRESS", "0.0")
-    written = predictor.predict_files([Path(p) for p in args.inputs], Path(args.output))
+    if frames == 1:
+        written = predictor.predict_files([Path(p) for p in args.inputs], Path(args.output))
+    else:
+        written = Path(args.output)
+        written.mkdir(parents=True, exist_ok=True)
+        for i in range(frames):
+            frame[0] = i
+            emit("FRAME", f"{i + 1} {frames}")
+            predictor.predict_files([Path(p) for p in args.inputs[i * channels:(i + 1) * channels]],
+                                    written / f"frame_{i:04d}.nrrd")
     emit("DEVICE", predictor.device)  # may have fallen back to the CPU on out-of-memory
     emit("DONE", f"{written} {time.perf_counter() - start:.2f}")
     return 0
@@ -106,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--registry-entry", dest="registry_entry", help="a registry entry as JSON (fetched into the cache)")
     s.add_argument("--registry-base", dest="registry_base", help="folder relative registry URLs are relative to")
     s.add_argument("--inputs", nargs="+", required=True, help="one image file per channel")
-    s.add_argument("--output", required=True, help="label file to write (e.g. .nrrd)")
+    s.add_argument("--output", required=True, help="label file to write (e.g. .nrrd); with --frames, a folder")
+    s.add_argument("--frames", type=int, default=1,
+                   help="number of frames (time points) in --inputs, one case after the other (default 1)")
     s.add_argument("--device", default="auto", help="auto (default: CUDA when present, else CPU), cpu, cuda or mps")
     s.add_argument("--tta", action="store_true", help="mirror test-time augmentation (slower)")
     checks = s.add_mutually_exclusive_group()
