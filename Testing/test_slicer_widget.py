@@ -499,16 +499,22 @@ def test_a_result_shows_its_volume_only_where_no_view_shows_it(gui, monkeypatch)
     assert len(shown) == 1
 
 
-def test_segment_takes_its_choices_from_the_parameter_node_not_the_controls(gui, tmp_path):
-    """The parameter node is the state: controls that disagree with it (signals blocked) are not read."""
-    module, scene, _ = gui
+def _widget_with_the_tiny_model(module, tmp_path):
+    """A panel with the tiny model (in the per-user models folder) and an 8³ volume selected."""
     models_folder = Path(tmp_path / "home" / "models")
     models_folder.mkdir(parents=True)
     _tiny_bundle(models_folder)
     volume = slicer.util.addVolumeFromArray(np.zeros((8, 8, 8), np.float32), name="CT")
     widget = _new_widget(module)
+    widget._parameterNode.model, widget._parameterNode.inputVolume = "tiny", volume
+    return widget, volume
+
+
+def test_segment_takes_its_choices_from_the_parameter_node_not_the_controls(gui, tmp_path):
+    """The parameter node is the state: controls that disagree with it (signals blocked) are not read."""
+    module, scene, _ = gui
+    widget, volume = _widget_with_the_tiny_model(module, tmp_path)
     ui, p, logic = widget.ui, widget._parameterNode, widget.logic
-    p.model = "tiny"
     p.inputVolume, p.tta, p.skipInputChecks, p.show3D, p.device = volume, True, True, False, "cpu"
     output = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "earlier result")
     p.outputSegmentation, p.skippedStructures = output, ["kidney"]
@@ -532,13 +538,8 @@ def test_segment_takes_its_choices_from_the_parameter_node_not_the_controls(gui,
 def test_the_structure_list_follows_the_model_and_the_parameter_node(gui, tmp_path):
     """Unticking a structure is stored in the parameter node (and back); with none ticked Segment is off."""
     module, scene, _ = gui
-    models_folder = Path(tmp_path / "home" / "models")
-    models_folder.mkdir(parents=True)
-    _tiny_bundle(models_folder)
-    volume = slicer.util.addVolumeFromArray(np.zeros((8, 8, 8), np.float32), name="CT")
-    widget = _new_widget(module)
+    widget, _volume = _widget_with_the_tiny_model(module, tmp_path)
     ui, p = widget.ui, widget._parameterNode
-    p.model, p.inputVolume = "tiny", volume
     combo = ui.structuresComboBox
     assert [combo.itemText(i) for i in range(combo.count)] == ["organ", "kidney"] and combo.allChecked()
     assert list(p.skippedStructures) == [] and ui.segmentButton.enabled
