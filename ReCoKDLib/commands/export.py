@@ -1,4 +1,5 @@
-"""``recokd export`` (run folder -> bundle) and ``recokd export-model`` (bundle -> ONNX / TorchScript)."""
+"""``recokd export`` (run folder -> bundle, or run / bundle -> nnU-Net v2 results folder) and
+``recokd export-model`` (bundle -> ONNX / TorchScript / nnU-Net)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from ..errors import ReCoKDError
 
 
 def run_export(args: argparse.Namespace) -> int:
+    if getattr(args, "format", "bundle") == "nnunet":
+        return _export_nnunet(args.run, args.output, args.dataset_id, args.overwrite)
     from ..deployment.bundle import bundle_from_run
     from ..inference.export import export_bundle, sidecar_path
 
@@ -37,6 +40,21 @@ def run_export(args: argparse.Namespace) -> int:
     for fmt, wanted in (("onnx", args.onnx), ("torchscript", args.torchscript)):
         if wanted:
             print(f"{fmt}: {export_bundle(bundle, fmt, sidecar_path(path, fmt), overwrite=args.overwrite)}")
+    return 0
+
+
+def _export_nnunet(source, output, dataset_id: int, overwrite: bool) -> int:
+    from ..deployment.bundle import open_model
+    from ..deployment.nnunet_export import export_nnunet, reference_direction_note
+
+    folder = export_nnunet(source, output, dataset_id=dataset_id, overwrite=overwrite)
+    print(f"nnU-Net v2 model folder: {folder}")
+    note = reference_direction_note(open_model(source))
+    if note:
+        print(note)
+    dataset = folder.parent.name
+    print(f"use it: copy {folder.parent} into $nnUNet_results, then nnUNetv2_predict -i IN -o OUT -d {dataset} "
+          f"-c 3d_fullres -f 0 (or nnUNetv2_predict_from_modelfolder -m {folder} -f 0)")
     return 0
 
 
@@ -78,6 +96,10 @@ def run_export_model(args: argparse.Namespace) -> int:
     from ..deployment.bundle import load_bundle
     from ..inference.export import export_bundle
 
+    if args.format == "nnunet":
+        if not args.output:
+            raise ReCoKDError("--format nnunet needs -o FOLDER (where Dataset<NNN>_<name>/ is written)")
+        return _export_nnunet(args.bundle, args.output, args.dataset_id, args.overwrite)
     bundle = load_bundle(args.bundle)
     print(export_bundle(bundle, args.format, args.output, overwrite=args.overwrite))
     return 0
@@ -112,8 +134,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="package a training run as a model bundle (.recokd)",
                        description="Package a training run folder (run.json, plans.json, network.json, weights) as a "
                        "model bundle; optionally also as ONNX / TorchScript files next to it.")
-    p.add_argument("run", help="training run folder")
-    p.add_argument("-o", "--output", required=True, help="bundle path: NAME.recokd (one file) or a folder")
+    p.add_argument("run", help="training run folder (with --format nnunet also a .recokd bundle)")
+    p.add_argument("-o", "--output", required=True,
+                   help="bundle path: NAME.recokd (one file) or a folder; with --format nnunet, the folder that "
+                   "receives Dataset<NNN>_<name>/nnUNetTrainer__nnUNetPlans__3d_fullres")
+    p.add_argument("--format", choices=["bundle", "nnunet"], default="bundle",
+                   help="bundle (default): a ReCoKD model bundle; nnunet: an nnU-Net v2 results folder (stock "
+                   "PlainConvUNet, for nnUNetv2_predict and SlicerNNUnet)")
+    p.add_argument("--dataset-id", dest="dataset_id", type=int, default=999,
+                   help="with --format nnunet: the Dataset<NNN> number (default 999)")
     p.add_argument("--name", help="model name (default: the run folder's name)")
     p.add_argument("--weights", choices=["best", "final"], default="best", help="which weights (default best)")
     p.add_argument("--reference-image", dest="reference_image",
@@ -138,8 +167,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     q = sub.add_parser("export-model", help="export a bundle's network to ONNX or TorchScript")
     q.add_argument("bundle", help="model bundle (.recokd or folder)")
-    q.add_argument("--format", choices=["onnx", "torchscript"], required=True)
-    q.add_argument("-o", "--output", help="output file (default: next to the bundle)")
+    q.add_argument("--format", choices=["onnx", "torchscript", "nnunet"], required=True)
+    q.add_argument("-o", "--output", help="output file (default: next to the bundle); nnunet: the folder that "
+                   "receives Dataset<NNN>_<name>/")
+    q.add_argument("--dataset-id", dest="dataset_id", type=int, default=999,
+                   help="with --format nnunet: the Dataset<NNN> number (default 999)")
     q.add_argument("--overwrite", action="store_true", help="replace an earlier export of this format at -o")
     q.set_defaults(func=run_export_model)
 

@@ -1,0 +1,139 @@
+"""``recokd export --format nnunet``: a ReCoKD student as an nnU-Net v2 results folder, run by nnU-Net itself.
+
+The exported folder is loaded by nnU-Net's own ``nnUNetPredictor`` (and, on a real LA2018 case, run by its
+``nnUNetv2_predict_from_modelfolder`` command in a subprocess); the logits of nnU-Net's stock
+``PlainConvUNet`` must match ReCoKD's network, and the labels ``recokd predict`` gives (with nnU-Net's
+window blending) on whole cases.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("nnunetv2", reason="nnU-Net v2 is not installed (pip install .[test])")
+
+from bundle_helpers import tiny_plans  # noqa: E402
+from ReCoKDLib.cli import main  # noqa: E402
+from ReCoKDLib.data.phantom import generate_dataset  # noqa: E402
+from ReCoKDLib.deployment.bundle import bundle_from_network, load_bundle  # noqa: E402
+from ReCoKDLib.deployment.nnunet_export import NNUNET_MODEL_FOLDER, export_nnunet  # noqa: E402
+from ReCoKDLib.errors import ReCoKDError  # noqa: E402
+from ReCoKDLib.inference.predictor import Predictor  # noqa: E402
+from ReCoKDLib.models import UNetSpec, build_unet  # noqa: E402
+
+MODELS = Path(__file__).resolve().parents[1] / "ReCoKDLib" / "resources" / "models"
+PHANTOM_MODEL = MODELS / "phantom-abdomen.recokd"
+
+
+def _nnunet_predictor(folder: Path):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, device=torch.device("cpu"),
+                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(folder), use_folds=(0,), checkpoint_name="checkpoint_final.pth")
+    return predictor
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    out = tmp_path_factory.mktemp("nnunet_export")
+    return export_nnunet(PHANTOM_MODEL, out, dataset_id=42)
+
+
+def test_nnunet_loads_the_export_without_warnings_and_computes_recokds_logits(exported):
+    assert exported.name == NNUNET_MODEL_FOLDER and exported.parent.name == "Dataset042_ReCoKDPhantom"
+    assert {p.name for p in exported.iterdir()} == {"dataset.json", "plans.json", "dataset_fingerprint.json", "fold_0"}
+    checkpoint = torch.load(exported / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=True)
+    assert checkpoint["trainer_name"] == "nnUNetTrainer" and checkpoint["init_args"]["configuration"] == "3d_fullres"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        predictor = _nnunet_predictor(exported)
+    assert [str(w.message) for w in caught] == []
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    assert type(predictor.network) is PlainConvUNet  # the stock class, built by nnU-Net from the plans
+    ours = load_bundle(PHANTOM_MODEL).build_network()
+    case = generate_dataset(1, seed=5, shape=(64, 64, 64))[0]
+    image = case.image.astype(np.float32)
+    patch = torch.from_numpy((image - image.mean()) / image.std())[None, :, 8:48, 12:52, 4:44]  # one 40³ window
+    with torch.no_grad():
+        difference = (predictor.network.eval()(patch) - ours(patch)).abs().max().item()
+    assert difference <= 1e-4
+
+
+def test_whole_case_labels_agree_with_recokd_predict(exported):
+    """nnU-Net's predictor on a phantom at the model's spacing against ReCoKD's predictor (nnU-Net's window
+    weights): the same labels on >= 99.5 % of the voxels."""
+    predictor = _nnunet_predictor(exported)
+    recokd = Predictor(PHANTOM_MODEL, device="cpu", blend="nnunet", postprocess="none")
+    case = generate_dataset(1, seed=11, shape=(64, 64, 64))[0]
+    image = case.image.astype(np.float32)
+    theirs = predictor.predict_single_npy_array(image, {"spacing": [1.0, 1.0, 1.0]}, None, None, False)
+    ours = recokd.predict_array(image[0], (1.0, 1.0, 1.0))
+    assert theirs.shape == ours.shape
+    assert (theirs == ours).mean() >= 0.995
+    assert len(np.unique(ours)) == 5  # every structure is there: agreement on background alone would not count
+
+
+def test_nnunetv2_predict_on_a_real_la2018_case_matches_recokd_predict(shared_data, tmp_path):
+    """The shipped LA2018 student, exported, run by nnU-Net's own command in a subprocess on a test case."""
+    case = shared_data / "LA2018-lowres" / "imagesTs" / "ULHWPWKKLTE921LQLH1P_0000.nii.gz"
+    if not case.is_file():
+        pytest.skip(f"{case} not found")
+    import SimpleITK as sitk
+
+    folder = export_nnunet(MODELS / "la2018-left-atrium.recokd", tmp_path / "results", dataset_id=501)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / case.name).symlink_to(case)
+    env = {"nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed": str(tmp_path / "pre"),
+           "nnUNet_results": str(tmp_path / "results"), "PATH": str(Path(sys.executable).parent)}
+    command = [str(Path(sys.executable).parent / "nnUNetv2_predict_from_modelfolder"), "-i", str(tmp_path / "in"),
+               "-o", str(tmp_path / "out"), "-m", str(folder), "-f", "0", "-device", "cpu", "--disable_tta",
+               "-npp", "1", "-nps", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, **env})
+    assert done.returncode == 0, done.stderr[-2000:]
+    theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "ULHWPWKKLTE921LQLH1P.nii.gz")))
+    ours = Predictor(MODELS / "la2018-left-atrium.recokd", device="cpu", blend="nnunet",
+                     postprocess="none").predict_files([case], tmp_path / "ours.nii.gz")
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(ours)))
+    assert ours.sum() > 1000 and (theirs == ours).mean() >= 0.995
+
+
+def test_a_network_no_stock_nnunet_class_computes_is_refused_and_nothing_is_written(tmp_path):
+    plans = tiny_plans()
+    spec = UNetSpec(1, 3, kernel_sizes=((1, 3, 3), (3, 3, 3), (3, 3, 3)), strides=((1, 1, 1), (1, 2, 2), (2, 2, 2)),
+                    filters=(8, 16, 32))
+    bundle = bundle_from_network(build_unet(spec).eval(), plans, "aniso").save(tmp_path / "aniso.recokd")
+    with pytest.raises(ReCoKDError, match=r"decoder convolves level 0 with level 1's kernel \[3, 3, 3\].*PlainConvUNet "
+                                          r"uses level 0's \[1, 3, 3\]") as caught:
+        export_nnunet(bundle, tmp_path / "out")
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.json"))
+
+
+def test_an_earlier_export_is_replaced_only_when_asked_and_the_command_line_says_how_to_use_it(tmp_path, capsys):
+    out = tmp_path / "results"
+    assert main(["export", str(PHANTOM_MODEL), "--format", "nnunet", "-o", str(out), "--dataset-id", "7"]) == 0
+    printed = capsys.readouterr().out
+    folder = out / "Dataset007_ReCoKDPhantom" / NNUNET_MODEL_FOLDER
+    assert f"nnU-Net v2 model folder: {folder}" in printed and "nnUNetv2_predict" in printed
+    stamp = (folder / "fold_0" / "checkpoint_final.pth").stat().st_mtime_ns
+    assert main(["export", str(PHANTOM_MODEL), "--format", "nnunet", "-o", str(out), "--dataset-id", "7"]) == 2
+    assert "exists; choose another -o or --dataset-id, or pass --overwrite" in capsys.readouterr().err
+    assert (folder / "fold_0" / "checkpoint_final.pth").stat().st_mtime_ns == stamp
+    assert main(["export-model", str(PHANTOM_MODEL), "--format", "nnunet", "-o", str(out), "--dataset-id", "7",
+                 "--overwrite"]) == 0
+    assert (folder / "fold_0" / "checkpoint_final.pth").stat().st_mtime_ns != stamp
+    other = out / "Dataset008_ReCoKDPhantom" / NNUNET_MODEL_FOLDER
+    other.mkdir(parents=True)
+    (other / "notes.txt").write_text("mine")
+    assert main(["export", str(PHANTOM_MODEL), "--format", "nnunet", "-o", str(out), "--dataset-id", "8",
+                 "--overwrite"]) == 2
+    assert (other / "notes.txt").read_text() == "mine"
