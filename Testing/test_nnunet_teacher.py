@@ -203,6 +203,22 @@ def test_a_transposed_model_runs_in_the_image_axes_and_agrees_with_nnunet(nnunet
                  "--threads", "1", "--no-progress"])
     assert code == 0
     assert json.loads((tmp_path / "student" / "plans.json").read_text())["patch_size"] == [16, 48, 32]
+    # and the student goes back to nnU-Net in the image's axes: nnU-Net's own loader builds the stock network
+    # from the exported plans, and it computes the student's logits on an image-axes window
+    from ReCoKDLib.deployment.bundle import open_model
+    from ReCoKDLib.deployment.nnunet_export import export_nnunet
+
+    exported = export_nnunet(tmp_path / "student", tmp_path / "exported")
+    plans = json.loads((exported / "plans.json").read_text())
+    assert plans["transpose_forward"] == [0, 1, 2] and plans["configurations"]["3d_fullres"]["patch_size"] == [16, 48, 32]
+    back = _nnunet_predictor(exported, (0,))
+    student = open_model(tmp_path / "student").build_network()
+    with torch.no_grad():
+        assert (back.network.eval()(x) - student(x)).abs().max().item() <= 1e-4
+    theirs = back.predict_single_npy_array(array, {"spacing": list(image.GetSpacing())[::-1]})
+    ours = sitk.GetArrayFromImage(Predictor(tmp_path / "student", device="cpu", blend="nnunet",
+                                            postprocess="none").predict_image(image))
+    assert (ours == theirs).mean() >= 0.995
 
 
 def test_checkpoints_load_without_unpickling_objects(nnunet, tmp_path):

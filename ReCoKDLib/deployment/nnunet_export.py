@@ -144,10 +144,9 @@ def to_plain_conv_unet(network: SegUNet) -> tuple[torch.nn.Module, dict[str, Any
     return stock, architecture
 
 
-def _check_same_logits(network: SegUNet, stock: torch.nn.Module, where: str) -> float:
-    """Both networks on one random patch (the smallest the strides allow, at least 16³): max |difference|."""
-    divisor = network.spec.divisor
-    shape = [max(d, (16 // d + (16 % d > 0)) * d) for d in divisor]
+def _check_same_logits(network: SegUNet, stock: torch.nn.Module, patch, where: str) -> float:
+    """Both networks on one random window of the plan's patch size: the largest |logit difference|."""
+    shape = [int(p) for p in patch]
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(1, network.spec.in_channels, *shape, generator=generator)
     network.eval()
@@ -251,7 +250,7 @@ def export_nnunet(source: str | Path, output: str | Path, dataset_id: int = 999,
         stock, architecture = to_plain_conv_unet(network)
     except ReCoKDError as exc:
         raise ReCoKDError(f"{where}: {exc}") from None
-    _check_same_logits(network, stock, where)
+    _check_same_logits(network, stock, bundle.plans.patch_size, where)
     dataset_folder = _dataset_folder_name(dataset_id, bundle.plans.dataset_name or bundle.name)
     target = Path(output) / dataset_folder / NNUNET_MODEL_FOLDER
     if target.exists():
