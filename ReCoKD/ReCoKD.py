@@ -230,6 +230,7 @@ if parameterNodeWrapper is not None:
         outputSegmentation: slicer.vtkMRMLSegmentationNode  # None: a new one (then the result, for Segment again)
         skippedStructures: list[str]  # structures left out of the output (empty: all of them)
         allFrames: bool = True  # an input shown by a sequence browser (cine, 4D): segment every frame
+        nnunetFolds: str = ""  # an nnU-Net results folder as the model: folds to ensemble ("": all with a checkpoint)
         datasetFolder: str = ""
         teacherPath: str = ""
         unlabeledFolder: str = ""  # scans without labels: the teacher labels them for the student
@@ -293,6 +294,7 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.refreshModelsButton.connect("clicked(bool)", self.refreshModels)
         self.ui.loadModelButton.connect("clicked(bool)", self.onLoadModelFromFile)
+        self.ui.addModelFolderButton.connect("clicked(bool)", self.onAddModelFolder)
         self.ui.modelCardButton.connect("clicked(bool)", self.onModelCard)
         self.ui.structuresComboBox.connect("checkedIndexesChanged()", self.onStructuresChanged)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
@@ -435,6 +437,20 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode is not None:
             self._parameterNode.model = source.key
 
+    def onAddModelFolder(self, _checked=False):
+        path = qt.QFileDialog.getExistingDirectory(self.parent, _("Add a model folder (nnU-Net results or ReCoKD)"))
+        if not path:
+            return
+        try:
+            source = self.logic.modelFolderSource(path)
+        except ReCoKDError as exc:
+            slicer.util.errorDisplay(str(exc))
+            return
+        if source.key not in [s.key for s in self._modelSources]:
+            self._addModelSource(source)
+        if self._parameterNode is not None:
+            self._parameterNode.model = source.key
+
     def onModelChanged(self, index):
         if self._parameterNode is not None and 0 <= index < len(self._modelSources):
             self._parameterNode.model = self._modelSources[index].key
@@ -463,6 +479,10 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 selector.setToolTip(channels[i])
         self._updateTtaCheckBox(info)
         self._updateStructures(info)
+        folds = bool(info is not None and info.nnunetFolds)
+        self.ui.nnunetFoldsLineEdit.visible = self.ui.nnunetFoldsLabel.visible = folds
+        if folds:
+            self.ui.nnunetFoldsLineEdit.placeholderText = _("all: {folds}").format(folds=", ".join(info.nnunetFolds))
         self.ui.modelCardButton.enabled = bool(p is not None and p.model)
         if info is None:
             self.ui.modelInfoLabel.text = ""
@@ -680,9 +700,7 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 def _shownInASliceView(volume) -> bool:
     """Whether some slice view shows ``volume`` (as background or foreground layer)."""
     scene = volume.GetScene() or slicer.mrmlScene
-    nodes = scene.GetNodesByClass("vtkMRMLSliceCompositeNode") if scene is not None else None
-    for i in range(nodes.GetNumberOfItems() if nodes is not None else 0):
-        composite = nodes.GetItemAsObject(i)
+    for composite in _logic.nodesByClass(scene, "vtkMRMLSliceCompositeNode"):
         if volume.GetID() in (composite.GetBackgroundVolumeID(), composite.GetForegroundVolumeID()):
             return True
     return False

@@ -462,11 +462,19 @@ class QFileDialog:
     """Any call fails the test: the module must never open a dialog on its own."""
 
     calls: list = []
+    answers: list = []  # what the user picks in the next folder dialogs a test expects
 
     @staticmethod
     def getOpenFileName(*args):
         QFileDialog.calls.append(args)
         raise AssertionError("a file dialog was opened without the user asking for one")
+
+    @staticmethod
+    def getExistingDirectory(*args):
+        QFileDialog.calls.append(args)
+        if not QFileDialog.answers:
+            raise AssertionError("a folder dialog was opened without the user asking for one")
+        return QFileDialog.answers.pop(0)
 
 
 class QMessageBox(QWidget):
@@ -558,10 +566,18 @@ class ctkPathLineEdit(QWidget):
 
 
 class qMRMLWidget(QWidget):
+    """Slicer's qMRMLWidget: ``setMRMLScene`` only emits ``mrmlSceneChanged``; a child selector gets the scene
+    through a ``<connection>`` of the .ui file (as in Slicer, a selector left out never sees the scene)."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.sceneReceivers: list[str] = []  # filled by load_ui from the .ui's connections
+
     def setMRMLScene(self, scene):
         self.mrmlScene = scene
         for child in self.findChildren(qMRMLNodeComboBox):
-            child.setMRMLScene(scene)
+            if child.objectName in self.sceneReceivers:
+                child.setMRMLScene(scene)
 
 
 class qMRMLNodeComboBox(QWidget):
@@ -580,6 +596,8 @@ class qMRMLNodeComboBox(QWidget):
         return self._node
 
     def setCurrentNode(self, node):
+        if node is not None and self.mrmlScene is None:
+            return  # as qMRMLNodeComboBox: without a scene it can show no node (it only remembers the ID)
         if node is not None and self.nodeTypes and not any(node.IsA(t) for t in self.nodeTypes):
             raise TypeError(f"{node.GetClassName()} is not one of {self.nodeTypes}")
         if node is not self._node:
@@ -652,8 +670,14 @@ def load_ui(path):
                         build(sub, widget)
         return widget
 
-    root = ET.parse(path).getroot().find("widget")
-    return build(root, None)
+    tree = ET.parse(path).getroot()
+    widget = build(tree.find("widget"), None)
+    if isinstance(widget, qMRMLWidget):
+        widget.sceneReceivers = [c.findtext("receiver") for c in tree.iter("connection")
+                                 if c.findtext("sender") == widget.objectName
+                                 and c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
+                                 and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"]
+    return widget
 
 
 def child_widget_variables(widget):

@@ -1165,3 +1165,65 @@ def test_cancelling_a_cine_run_adds_nothing_and_reports_the_frame(env):
         logic.debugDelay = 0.0
         for n in (browser, sequence, proxy):
             scene.RemoveNode(n)
+
+
+def test_an_nnunet_results_folder_segments_with_the_folds_chosen_and_an_incomplete_one_is_one_line(env, tmp_path):
+    """An nnU-Net v2 results folder in the model list (here a student exported with --format nnunet, one fold):
+    Segment runs it through nnU-Net's conventions (the library's nnU-Net view), folds are passed on, a fold it
+    lacks and the incomplete folders users most often copy are refused in one line naming what is missing."""
+    import shutil
+
+    from ReCoKDLib.deployment.nnunet_export import export_nnunet
+
+    scene, volume, logic = env["scene"], env["volume"], env["logic"]
+    folder = export_nnunet(env["bundle_path"], tmp_path / "results", dataset_id=12)
+    source = logic.modelFolderSource(folder.parent)
+    info = logic.modelInfo(source)
+    assert (info.nnunetFolds, info.channelNames, info.labels.foreground_names) == (["0"], ["MRI0"], ["organ", "kidney"])
+    node = logic.segment([volume], source, device="cpu", folds="0", show3D=False, force=True)  # (a tiny plan)
+    try:
+        m = _oblique_ijk_to_ras()
+        spacing = np.linalg.norm(m[:3, :3], axis=0)
+        direction = (np.diag([-1, -1, 1]) @ (m[:3, :3] / spacing)).ravel()
+        expected = Predictor(folder, device="cpu", check_spacing=False).predict_array(env["array"], spacing, None, direction)
+        for name, value in (("organ", 1), ("kidney", 2)):
+            got = _segment_on_volume_grid(scene, node, node.GetSegmentation().GetSegmentIdBySegmentName(name), volume)
+            assert (got > 0).sum() == (expected == value).sum() > 0, name
+    finally:
+        scene.RemoveNode(node)
+    with pytest.raises(module.ReCoKDError, match=r"has no fold_1/checkpoint_final.pth \(folds with one: 0\); choose "
+                                                 r"folds that have one \(Folds box\)$"):
+        logic.segment([volume], source, device="cpu", folds="1")
+    with pytest.raises(module.ReCoKDError, match="folds apply to nnU-Net results folders"):
+        logic.segment([volume], env["bundle_path"], device="cpu", folds="0")
+    two = tmp_path / "two"
+    shutil.copytree(folder.parent, two)
+    shutil.copytree(two / folder.name, two / "nnUNetTrainer__nnUNetPlans__2d")
+    with pytest.raises(module.ReCoKDError, match=r"holds 2 nnU-Net models .*; pass one of them"):
+        logic.modelFolderSource(two)
+    (two / folder.name / "fold_0" / "checkpoint_final.pth").unlink()
+    with pytest.raises(module.ReCoKDError, match=r"has no fold_\*/checkpoint_final.pth; train a fold first"):
+        logic.modelFolderSource(two / folder.name)
+    with pytest.raises(module.ReCoKDError, match="neither an nnU-Net v2 results folder .* nor a ReCoKD bundle"):
+        logic.modelFolderSource(tmp_path)  # the top folder above Dataset012_Tiny: nothing nnU-Net reads
+
+
+def test_looking_nodes_up_by_class_holds_no_reference_to_them(env):
+    """``GetNodesByClass`` hands over a collection the caller must release; kept, it holds every node it
+    lists (a closed scene's cine volumes stayed in memory): the module's lookups release it."""
+    import gc
+
+    from ReCoKDSlicer import logic as logic_module
+
+    scene = env["scene"]
+    browser = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", "lookup")
+    try:
+        gc.collect()
+        before = browser.GetReferenceCount()
+        for _ in range(3):
+            assert browser in logic_module.nodesByClass(scene, "vtkMRMLSequenceBrowserNode")
+            env["logic"].sequenceBrowserOf(env["volume"])
+        gc.collect()
+        assert browser.GetReferenceCount() == before
+    finally:
+        scene.RemoveNode(browser)

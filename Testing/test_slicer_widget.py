@@ -51,7 +51,7 @@ def gui(monkeypatch, tmp_path):
     slicer_standins.install(monkeypatch, SLICER_PYTHON, MODULE_FILE, errors)
     scene = slicer.vtkMRMLScene()
     monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
-    slicer_standins.QFileDialog.calls = []
+    slicer_standins.QFileDialog.calls, slicer_standins.QFileDialog.answers = [], []
     slicer_standins.QMessageBox.answers, slicer_standins.QMessageBox.shown = [], []
     module = slicer_standins.load_module_fresh(monkeypatch, MODULE_FILE)
     assert module.ReCoKDParameterNode is not None, "the real parameterNodeWrapper was not picked up"
@@ -432,6 +432,7 @@ def test_input_check_findings_ask_segment_anyway_or_cancel(gui, tmp_path):
     assert errors == [] and not boxes.answers  # run with --force: a second question would have failed the stand-in
     first = scene.GetFirstNodeByName("LGE – la2018-left-atrium")
     assert first is not None and p.outputSegmentation is first  # the result is the panel's output now
+    assert ui.outputSegmentationSelector.currentNode() is first  # and the selector shows it
     # the checkbox skips the checks up front: no question at all; the result replaces the first (no second node)
     p.skipInputChecks = True
     ui.segmentButton.click()
@@ -642,3 +643,32 @@ def test_a_sequence_input_offers_all_frames_and_the_status_counts_them(gui):
     widget.onTimer()
     assert ui.statusLabel.text == "Segmenting frame 2 of 3 on cpu: 3 s" and ui.segmentProgressBar.value == 50
     widget.logic.segmentationTask = None
+
+
+def test_add_model_folder_lists_an_nnunet_results_folder_with_its_folds(gui, tmp_path):
+    """*Add model folder…* takes an nnU-Net v2 results folder: it is listed and selected, its channels and
+    structures come from its dataset.json, and the Folds box appears (saying which folds there are); an
+    incomplete folder is one message and changes nothing."""
+    from ReCoKDLib.deployment.nnunet_export import export_nnunet
+
+    module, scene, errors = gui
+    folder = export_nnunet(_tiny_bundle(tmp_path), tmp_path / "results", dataset_id=12)
+    widget = _new_widget(module)
+    ui, p = widget.ui, widget._parameterNode
+    assert not ui.nnunetFoldsLineEdit.visible  # a ReCoKD model is selected
+    slicer_standins.QFileDialog.answers = [str(folder.parent)]  # the Dataset012_Tiny folder
+    ui.addModelFolderButton.click()
+    assert errors == [] and p.model == str(folder.parent) and widget._modelSources[-1].name == "Dataset012_Tiny"
+    assert ui.nnunetFoldsLineEdit.visible and ui.nnunetFoldsLineEdit.placeholderText == "all: 0"
+    combo = ui.structuresComboBox
+    assert [combo.itemText(i) for i in range(combo.count)] == ["organ", "kidney"]
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(folder.parent, broken)
+    (broken / folder.name / "fold_0" / "checkpoint_final.pth").unlink()
+    count = len(widget._modelSources)
+    slicer_standins.QFileDialog.answers = [str(broken)]
+    ui.addModelFolderButton.click()
+    assert len(errors) == 1 and "has no fold_*/checkpoint_final.pth; train a fold first, or copy the whole" in errors[0]
+    assert len(widget._modelSources) == count and p.model == str(folder.parent)

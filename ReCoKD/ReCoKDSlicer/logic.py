@@ -125,13 +125,30 @@ def _chosenStructures(info, structures) -> list:
     return [n for n in names if n in structures]
 
 
+def nodesByClass(scene, className: str) -> list:
+    """The scene's nodes of a class, as a list. ``GetNodesByClass`` hands its caller a collection to release
+    (as ``slicer.util.getNodesByClass`` does): kept, it would hold every node it lists after the scene closes."""
+    if scene is None:
+        return []
+    collection = scene.GetNodesByClass(className)
+    try:
+        return [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+    finally:
+        collection.UnRegister(None)
+
+
+def _tagValue(modelName: str) -> str:
+    """The model's name as a segment tag value: a .seg.nrrd stores tags as ``key:value|...``."""
+    return re.sub(r"[|:]", "_", modelName)
+
+
 def _segmentsMadeBy(segmentation, modelName: str) -> list:
     """IDs of the segments ``modelName`` made in ``segmentation`` (tagged when they were added)."""
     made = []
     for i in range(segmentation.GetNumberOfSegments()):
         segment = segmentation.GetNthSegment(i)
         value = vtk.reference("")
-        if segment.GetTag(MODEL_TAG, value) and str(value) == modelName:
+        if segment.GetTag(MODEL_TAG, value) and str(value) == _tagValue(modelName):
             made.append(segmentation.GetNthSegmentID(i))
     return made
 
@@ -525,6 +542,26 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             return models.ModelSource(name=path.stem if path.is_file() else path.name, kind="file", path=str(path))
         raise ReCoKDError(f"model {model} is neither a file nor a known model name; use 'Load from file…' or check the registry")
 
+    def modelFolderSource(self, folder):
+        """A model folder for the list (*Add model folder…*): an nnU-Net v2 results folder (a teacher, or a student
+        exported with ``recokd export --format nnunet``), a bundle folder or a training run folder.
+
+        Raises:
+            ReCoKDError: one line when it is none of these, or an incomplete nnU-Net folder (what is missing).
+        """
+        path = Path(str(folder)).expanduser()
+        if not path.is_dir():
+            raise ReCoKDError(f"{path} is not a folder; choose an nnU-Net results folder or a ReCoKD model folder")
+        if not models._isBundle(path):
+            raise ReCoKDError(f"{path} is neither an nnU-Net v2 results folder (plans.json, dataset.json, fold_*) nor "
+                              "a ReCoKD bundle or run folder; choose the folder nnU-Net trained (…/DatasetXXX_Name or "
+                              "its <trainer>__<plans>__<configuration> folder)")
+        try:
+            info = models.readBundleInfo(path)
+        except ValueError as exc:
+            raise ReCoKDError(str(exc)) from None
+        return models.ModelSource(name=info.name, kind="file", path=str(path))
+
     def modelInfo(self, model):
         """Labels, colours, channel names and terminology of a model; None for a registry model that is
         neither on this disk nor describes its channels in its entry."""
@@ -633,10 +670,12 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             if info is not None and info.labels:
                 structures = [n for n in info.labels.foreground_names if n not in skipped]
         allFrames = getattr(parameterNode, "allFrames", True)
+        info = self.modelInfo(parameterNode.model)
+        folds = (getattr(parameterNode, "nnunetFolds", "") or None) if info is not None and info.nnunetFolds else None
         result = self.segment(volumes, parameterNode.model, device=parameterNode.device,
                               tta=parameterNode.tta, force=parameterNode.skipInputChecks, confirmWarnings=True,
                               show3D=getattr(parameterNode, "show3D", True), outputSegmentation=output,
-                              structures=structures, allFrames=allFrames, wait=wait, progress=progress,
+                              structures=structures, allFrames=allFrames, folds=folds, wait=wait, progress=progress,
                               onFinished=onFinished)
         if isinstance(result, SegmentationTask):
             result.parameterNode = parameterNode  # told the output when it is done (see SegmentationTask.poll)
@@ -655,7 +694,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         return again
 
     def segment(self, volumeNodes, model, device="auto", tta=False, force=False, confirmWarnings=False, show3D=True,
-                outputSegmentation=None, structures=None, allFrames=True, wait=True, progress=None, onFinished=None):
+                outputSegmentation=None, structures=None, allFrames=True, folds=None, wait=True, progress=None,
+                onFinished=None):
         """Segment ``volumeNodes`` (one per model channel) with ``model``.
 
         Before the network runs, the input is checked against the model's training data (spacing, field of
@@ -678,6 +718,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
                 '<volume> – <model>'. It must lie under the same transform as the input.
             structures: the names of the structures to keep (None: all). The network computes every structure
                 anyway: a subset is not faster to predict, only to load (and to build 3D surfaces for).
+            folds: an nnU-Net results folder as the model: the folds to ensemble (``"0"``, ``"0,1,2"``; None or
+                "": every fold with a final checkpoint, as nnU-Net's predictor chooses).
             allFrames: when the first volume is the proxy of a sequence (a cine loaded as a sequence, shown one
                 frame at a time), segment every frame: the result is a segmentation sequence in the same
                 browser, played with the images (``outputSegmentation`` does not apply; Segment again replaces
@@ -693,7 +735,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         """
         request = dict(volumeNodes=volumeNodes, model=model, device=device, tta=tta, force=force,
                        confirmWarnings=confirmWarnings, show3D=bool(show3D), outputSegmentation=outputSegmentation,
-                       structures=None if structures is None else list(structures), allFrames=bool(allFrames))
+                       structures=None if structures is None else list(structures), allFrames=bool(allFrames),
+                       folds=folds)
         _requireLibrary()
         if self.segmentationTask is not None and self.segmentationTask.state == RUNNING:
             raise ReCoKDError("a segmentation is already running; wait for it or cancel it")
@@ -713,6 +756,13 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
                 f"model '{info.name}' needs {info.numChannels} input volume(s) ({', '.join(info.channelNames)}) "
                 f"but {len(volumeNodes)} were given; select one volume per channel"
             )
+        if folds:
+            if info is None or not info.nnunetFolds:
+                raise ReCoKDError(f"folds apply to nnU-Net results folders; '{source.name}' is a ReCoKD model")
+            try:
+                models.nnunetInfo(models.localBundlePath(source), folds)
+            except ValueError as exc:
+                raise ReCoKDError(str(exc)) from None
         if structures is not None and info is not None and info.labels:
             _chosenStructures(info, structures)  # refused now, not after the network ran
         if outputSegmentation is not None:
@@ -742,6 +792,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             command += ["--registry-entry", json.dumps(source.entry), "--registry-base", source.base]
         else:
             command += ["--model", str(local)]
+        if folds:
+            command += ["--folds", str(folds)]
         if tta:
             command.append("--tta")
         if force:
@@ -838,9 +890,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         cine or other time series), or None."""
         if volume is None or self.scene is None:
             return None
-        browsers = self.scene.GetNodesByClass("vtkMRMLSequenceBrowserNode")
-        for i in range(browsers.GetNumberOfItems() if browsers is not None else 0):
-            browser = browsers.GetItemAsObject(i)
+        for browser in nodesByClass(self.scene, "vtkMRMLSequenceBrowserNode"):
             if browser.IsProxyNodeID(volume.GetID()):
                 sequence = browser.GetSequenceNode(volume)
                 if sequence is not None and sequence.GetNumberOfDataNodes() > 1:
@@ -884,9 +934,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         scene = self.scene
         volume = task.volumeNodes[0]
         earlier = []
-        sequences = scene.GetNodesByClass("vtkMRMLSequenceNode")
-        for i in range(sequences.GetNumberOfItems()):
-            node = sequences.GetItemAsObject(i)
+        for node in nodesByClass(scene, "vtkMRMLSequenceNode"):
             if (browser.IsSynchronizedSequenceNodeID(node.GetID()) and node.GetAttribute(MODEL_TAG) == task.modelName
                     and node.GetAttribute(INPUT_ATTRIBUTE) == master.GetID()):
                 earlier.append(node)
@@ -929,8 +977,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             raise
         for node in earlier:  # only now: a failure above leaves the earlier result in place
             earlierProxy = browser.GetProxyNode(node)
-            browser.RemoveSynchronizedSequenceNode(node.GetID())
-            if earlierProxy is not None:
+            browser.RemoveSynchronizedSequenceNode(node.GetID())  # (removes the proxy it made, too)
+            if earlierProxy is not None and scene.IsNodePresent(earlierProxy):
                 scene.RemoveNode(earlierProxy)
             scene.RemoveNode(node)
         return proxy
@@ -1012,7 +1060,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
                 raise ReCoKDError(f"could not add segment {name}")
             added.append(segment_id)
             segment = segmentation.GetSegment(segment_id)
-            segment.SetTag(MODEL_TAG, modelName)
+            segment.SetTag(MODEL_TAG, _tagValue(modelName))
             codes = info.labels.terminology.get(name)
             if codes:
                 segment.SetTag(segment.GetTerminologyEntryTagName(), terminology.entryString(codes))

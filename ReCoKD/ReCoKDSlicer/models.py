@@ -66,6 +66,7 @@ class BundleInfo:
     cardRows: list = field(default_factory=list)  # the whole model card, (heading, text) rows; [] when not known yet
     mirrorAxes: Any = None  # the axes the network saw mirrored in training; () none; None not known
     role: str = ""  # "teacher" or "student" (the bundle's manifest); "" when not known
+    nnunetFolds: list = field(default_factory=list)  # an nnU-Net results folder: the folds with a final checkpoint
 
     @property
     def cardText(self) -> str:
@@ -231,7 +232,55 @@ def readRegistry(path: str | Path, warn: Callable[[str], None] | None = None) ->
 def _isBundle(path: Path) -> bool:
     if path.is_file():
         return path.suffix.lower() in (".recokd", ".zip")
-    return path.is_dir() and ((path / "bundle.json").is_file() or (path / "run.json").is_file())
+    return path.is_dir() and ((path / "bundle.json").is_file() or (path / "run.json").is_file() or isNnunetFolder(path))
+
+
+def isNnunetFolder(path) -> bool:
+    """Whether ``path`` is an nnU-Net v2 results folder (a model folder, or a dataset folder holding one)."""
+    from ReCoKDLib.utils.nnunet_layout import is_nnunet_folder
+
+    return Path(path).is_dir() and is_nnunet_folder(path)
+
+
+def nnunetInfo(path, folds=None) -> BundleInfo:
+    """An nnU-Net v2 results folder (a teacher, or a student ReCoKD exported with ``--format nnunet``) as the
+    model list sees it: labels and channels from its dataset.json, the folds that have a final checkpoint,
+    its spacing; torch-free.
+
+    Raises:
+        ValueError: one line when the folder is incomplete (no model folder, several, no dataset.json or
+            plans.json, no fold with checkpoint_final.pth, a fold asked for that has none).
+    """
+    from ReCoKDLib.errors import ReCoKDError
+    from ReCoKDLib.utils.nnunet_layout import locate_nnunet_model
+
+    try:
+        layout = locate_nnunet_model(path, folds, fold_hint="choose folds that have one (Folds box)",
+                                     missing_hint="train a fold first, or copy the whole results folder "
+                                     "(fold_0 ... with their checkpoint_final.pth)")
+    except ReCoKDError as exc:
+        raise ValueError(str(exc)) from None
+    dataset = layout.dataset_json
+    labels = dataset.get("labels") or {}
+    if any(isinstance(v, (list, tuple)) for v in labels.values()):
+        raise ValueError(f"{layout.folder / 'dataset.json'}: region-based labels are not supported; use a model "
+                         "trained on plain labels")
+    channels = dataset.get("channel_names") or dataset.get("modality") or {"0": "image"}
+    channelNames = [str(channels[k]) for k in sorted(channels, key=lambda k: int(k))]
+    configuration = layout.configuration or "?"
+    conf = (layout.plans_json.get("configurations") or {}).get(configuration) or {}
+    exported = str(dataset.get("description", "")).startswith("ReCoKD student")
+    name = layout.folder.parent.name if layout.folder.parent.name.startswith("Dataset") else layout.folder.name
+    rows = [("model", f"nnU-Net v2 results folder {layout.folder}" + (" (a ReCoKD student)" if exported else "")),
+            ("folds", f"{', '.join(layout.folds)} (with a final checkpoint: {', '.join(layout.available)})"),
+            ("input", f"{', '.join(channelNames)}; {configuration} at spacing {conf.get('spacing', '?')} mm "
+                      f"(array axes, after transpose {layout.plans_json.get('transpose_forward', [0, 1, 2])})"),
+            ("terms", str(dataset.get("licence") or dataset.get("license") or
+                          "not stated in its dataset.json: ask the model's source")),
+            ("intended use", "research only, not for clinical use")]
+    return BundleInfo(name=name, labels=_labelSet(labels, str(layout.folder / "dataset.json")), channelNames=channelNames,
+                      provenance={"source": "nnU-Net v2"}, cardRows=rows, role="student" if exported else "teacher",
+                      nnunetFolds=list(layout.available))
 
 
 def scanModelsFolder(folder: str | Path) -> list[ModelSource]:
@@ -279,6 +328,8 @@ def readBundleInfo(path: str | Path) -> BundleInfo:
     path = Path(path)
     if not path.exists():
         raise ValueError(f"model {path} does not exist; check the path")
+    if isNnunetFolder(path) and not (path / "bundle.json").is_file() and not (path / "run.json").is_file():
+        return nnunetInfo(path)
     try:
         manifest, plans = _readManifest(path)
     except (OSError, KeyError, zipfile.BadZipFile, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -78,6 +78,13 @@ def _segment(args: argparse.Namespace) -> int:
             emit("FETCH", f"{shown[0]} {entry.size or shown[0]}")
     elif args.model:
         model = Path(args.model)
+        if args.folds:  # an nnU-Net results folder: the folds to ensemble
+            from ..deployment.bundle import open_model
+            from ..deployment.nnunet_model import open_nnunet_view
+
+            if not hasattr(open_model(model), "model"):
+                raise ReCoKDError(f"--folds applies to nnU-Net results folders; {model} is a ReCoKD model")
+            model = open_nnunet_view(model, folds=[f for f in args.folds.split(",") if f.strip()])
     else:
         raise ReCoKDError("give --model BUNDLE or --registry-entry JSON")
 
@@ -98,7 +105,7 @@ def _segment(args: argparse.Namespace) -> int:
                           overlap=args.overlap, check_spacing=not args.force, confirm_warnings=args.ask,
                           progress=progress, log=lambda msg: emit("LOG", msg))
     emit("DEVICE", predictor.device)
-    emit("MODEL", Path(model).resolve())
+    emit("MODEL", Path(getattr(getattr(model, "model", None), "folder", model)).resolve())
     emit("LOG", f"model {predictor.bundle.describe()}")
     emit("PROGRESS", "0.0")
     if frames == 1:
@@ -130,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of frames (time points) in --inputs, one case after the other (default 1)")
     s.add_argument("--device", default="auto", help="auto (default: CUDA when present, else CPU), cpu, cuda or mps")
     s.add_argument("--tta", action="store_true", help="mirror test-time augmentation (slower)")
+    s.add_argument("--folds", help="an nnU-Net results folder as --model: the folds to ensemble, e.g. 0 or 0,1,2 "
+                   "(default: every fold with a final checkpoint)")
     checks = s.add_mutually_exclusive_group()
     checks.add_argument("--ask", action="store_true",
                         help="stop with CHECK lines (status 3) when the input is unlike the training data")

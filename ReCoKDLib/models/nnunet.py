@@ -34,9 +34,8 @@ import torch
 from torch import nn
 
 from ..errors import ReCoKDError
-from ..utils.io import read_json
 from ..utils.labels import LabelSet
-from ..utils.nnunet_layout import MODEL_DIR as _MODEL_DIR, is_nnunet_folder
+from ..utils.nnunet_layout import MODEL_DIR as _MODEL_DIR, is_nnunet_folder, locate_nnunet_model
 from .unet import UNetSpec
 
 __all__ = [
@@ -334,10 +333,6 @@ class NNUNetTeacher(nn.Module):
         return out if self.feature_transform is None else self._to_image_axes(out)
 
 
-def _fold_key(fold: str | int) -> str:
-    return "all" if str(fold) == "all" else str(int(fold))
-
-
 def open_nnunet_model(path: str | Path, folds: Sequence[str | int] | str | None = None,
                       checkpoint: str = "final") -> NNUNetModel:
     """Find and check an nnU-Net v2 model folder.
@@ -353,37 +348,13 @@ def open_nnunet_model(path: str | Path, folds: Sequence[str | int] | str | None 
         ReCoKDError: one line naming the folder and the fix (not an nnU-Net results folder, several models
             to choose from, a missing fold or checkpoint, unreadable JSON).
     """
-    path = Path(path)
     if checkpoint not in CHECKPOINTS:
         raise ReCoKDError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}")
-    if not path.is_dir():
-        raise ReCoKDError(f"{path} is not a folder; pass an nnU-Net v2 results folder "
-                          "(…/nnUNet_results/DatasetXXX_Name/<trainer>__<plans>__<configuration>)")
-    if not ((path / "plans.json").is_file() and (path / "dataset.json").is_file()):
-        models = sorted(d for d in path.iterdir() if d.is_dir() and _MODEL_DIR.match(d.name) and (d / "plans.json").is_file())
-        if not models:
-            raise ReCoKDError(f"{path} is not an nnU-Net v2 results folder (no plans.json and dataset.json, and no "
-                              "<trainer>__<plans>__<configuration> folder in it); pass the model folder nnU-Net trained")
-        if len(models) > 1:
-            raise ReCoKDError(f"{path} holds {len(models)} nnU-Net models ({', '.join(m.name for m in models)}); "
-                              f"pass one of them, e.g. {models[0]}")
-        path = models[0]
-    dataset_json = read_json(path / "dataset.json", "nnU-Net dataset.json", hint="copy the results folder again")
-    plans_json = read_json(path / "plans.json", "nnU-Net plans.json", hint="copy the results folder again")
     name = CHECKPOINTS[checkpoint]
-    available = sorted((d.name[len("fold_"):] for d in path.glob("fold_*") if (d / name).is_file()),
-                       key=lambda f: (f == "all", int(f) if f.isdigit() else 0))
-    if folds is None or folds == "auto":  # as nnU-Net's predictor: the numbered folds (fold_all only alone)
-        chosen = [f for f in available if f != "all"] or available
-    else:
-        chosen = [_fold_key(f) for f in ([folds] if isinstance(folds, (str, int)) else folds)]
-    if not chosen:
-        raise ReCoKDError(f"{path} has no fold_*/{name}; train a fold with nnU-Net first"
-                          + (" or use --teacher-checkpoint best" if checkpoint == "final" else ""))
-    missing = [f for f in chosen if f not in available]
-    if missing:
-        raise ReCoKDError(f"{path} has no fold_{missing[0]}/{name} (folds with one: {', '.join(available) or 'none'}); "
-                          "choose those with --teacher-folds")
+    layout = locate_nnunet_model(path, folds, name, fold_hint="choose those with --teacher-folds",
+                                 missing_hint="train a fold with nnU-Net first"
+                                 + (" or use --teacher-checkpoint best" if checkpoint == "final" else ""))
+    path, dataset_json, plans_json, chosen = layout.folder, layout.dataset_json, layout.plans_json, layout.folds
     match = _MODEL_DIR.match(path.name)
     configuration = match.group("configuration") if match else None
     if configuration is None:  # a renamed folder: the first checkpoint says which configuration it trained
