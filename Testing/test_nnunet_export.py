@@ -8,6 +8,7 @@ window blending) on whole cases.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import warnings
@@ -32,10 +33,10 @@ MODELS = Path(__file__).resolve().parents[1] / "ReCoKDLib" / "resources" / "mode
 PHANTOM_MODEL = MODELS / "phantom-abdomen.recokd"
 
 
-def _nnunet_predictor(folder: Path):
+def _nnunet_predictor(folder: Path, mirroring: bool = False):
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, device=torch.device("cpu"),
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring, device=torch.device("cpu"),
                                 verbose=False, verbose_preprocessing=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(folder), use_folds=(0,), checkpoint_name="checkpoint_final.pth")
     return predictor
@@ -52,6 +53,11 @@ def test_nnunet_loads_the_export_without_warnings_and_computes_recokds_logits(ex
     assert {p.name for p in exported.iterdir()} == {"dataset.json", "plans.json", "dataset_fingerprint.json", "fold_0"}
     checkpoint = torch.load(exported / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=True)
     assert checkpoint["trainer_name"] == "nnUNetTrainer" and checkpoint["init_args"]["configuration"] == "3d_fullres"
+    # PlainConvUNet lists each weight under several names: stored once, not once per name
+    weights = sum(v.numel() * v.element_size() for v in load_bundle(PHANTOM_MODEL).build_network().parameters())
+    assert (exported / "fold_0" / "checkpoint_final.pth").stat().st_size < 1.5 * weights + 100_000
+    configuration = json.loads((exported / "plans.json").read_text())["configurations"]["3d_fullres"]
+    assert configuration["resampling_fn_data_kwargs"]["force_separate_z"] is False  # all axes together, as ReCoKD
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         predictor = _nnunet_predictor(exported)
@@ -80,6 +86,10 @@ def test_whole_case_labels_agree_with_recokd_predict(exported):
     assert theirs.shape == ours.shape
     assert (theirs == ours).mean() >= 0.995
     assert len(np.unique(ours)) == 5  # every structure is there: agreement on background alone would not count
+    # nnU-Net's default (mirroring on) on a model trained without mirroring: skipped, not a crash
+    mirrored = _nnunet_predictor(exported, mirroring=True)
+    assert mirrored.allowed_mirroring_axes is None
+    assert (mirrored.predict_single_npy_array(image, {"spacing": [1.0, 1.0, 1.0]}, None, None, False) == theirs).all()
 
 
 def test_nnunetv2_predict_on_a_real_la2018_case_matches_recokd_predict(shared_data, tmp_path):
@@ -104,6 +114,22 @@ def test_nnunetv2_predict_on_a_real_la2018_case_matches_recokd_predict(shared_da
                      postprocess="none").predict_files([case], tmp_path / "ours.nii.gz")
     ours = sitk.GetArrayFromImage(sitk.ReadImage(str(ours)))
     assert ours.sum() > 1000 and (theirs == ours).mean() >= 0.995
+
+
+def test_labels_become_what_nnunet_needs_and_it_loads_them(tmp_path):
+    """nnU-Net wants value 0 named "background" and one label per output: a model whose background has
+    another name and whose label values have a gap still loads (the gap as ReCoKD names it)."""
+    from ReCoKDLib.data.planning import ChannelNormalisation, Plans
+    from ReCoKDLib.models import isotropic_spec
+
+    plans = Plans(dataset_name="Gappy", channel_names={0: "CT"}, labels={"bg": 0, "liver": 1, "tumour": 3},
+                  target_spacing=(1.0, 1.0, 1.0), normalisation=(ChannelNormalisation("zscore"),), patch_size=(16, 16, 16))
+    torch.manual_seed(0)
+    network = build_unet(isotropic_spec(1, plans.num_classes, num_levels=3, filters=[8, 16, 32])).eval()
+    folder = export_nnunet(bundle_from_network(network, plans, "gappy").save(tmp_path / "gappy.recokd"), tmp_path / "out")
+    labels = json.loads((folder / "dataset.json").read_text())["labels"]
+    assert labels == {"background": 0, "liver": 1, "label_2": 2, "tumour": 3}
+    assert _nnunet_predictor(folder).label_manager.num_segmentation_heads == 4
 
 
 def test_a_network_no_stock_nnunet_class_computes_is_refused_and_nothing_is_written(tmp_path):

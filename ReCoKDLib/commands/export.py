@@ -45,12 +45,11 @@ def run_export(args: argparse.Namespace) -> int:
 
 def _export_nnunet(source, output, dataset_id: int, overwrite: bool) -> int:
     from ..deployment.bundle import open_model
-    from ..deployment.nnunet_export import export_nnunet, reference_direction_note
+    from ..deployment.nnunet_export import export_notes, export_nnunet
 
     folder = export_nnunet(source, output, dataset_id=dataset_id, overwrite=overwrite)
     print(f"nnU-Net v2 model folder: {folder}")
-    note = reference_direction_note(open_model(source))
-    if note:
+    for note in export_notes(open_model(source)):
         print(note)
     dataset = folder.parent.name
     print(f"use it: copy {folder.parent} into $nnUNet_results, then nnUNetv2_predict -i IN -o OUT -d {dataset} "

@@ -16,10 +16,13 @@ uses level *i*'s, so plans whose kernels differ between neighbouring levels have
 Preprocessing: nnU-Net's ``DefaultPreprocessor`` does what ReCoKD's does (crop to the non-zero box, normalise
 — Z-score over the crop, or CT clipping with the training foreground's statistics —, resample to the
 plan's spacing with an order-3 spline); the plans carry ReCoKD's spacing, normalisation statistics and
-resampling order. The two resamplers are different implementations of the same spline (nnU-Net's
-treats anisotropic axes separately), and nnU-Net does not reorient images to the training direction as
-ReCoKD's predictor does: the export says so when the model records a direction other than the identity.
-The checkpoint holds only what ``torch.load(weights_only=True)`` accepts.
+resampling order, with every axis interpolated together (``force_separate_z`` False, as ReCoKD). The two
+resamplers are different implementations of the same spline (skimage's clips to the input range;
+nnU-Net resamples logits back before the argmax, ReCoKD the labels after it), so where an image must be
+resampled the labels differ at some edges. nnU-Net never reorients images to the training direction
+nor applies the bundle's post-processing, as ``recokd predict`` does: :func:`export_notes` says so, and
+``dataset.json`` records both. The checkpoint holds only what ``torch.load(weights_only=True)`` accepts;
+it is for prediction (nnU-Net's training, validation and model-zip commands need files a training writes).
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ import torch
 from ..errors import ReCoKDError
 from ..models.unet import SegUNet, UNetSpec
 
-__all__ = ["NNUNET_CONFIGURATION", "NNUNET_MODEL_FOLDER", "export_nnunet", "nnunet_architecture", "to_plain_conv_unet"]
+__all__ = ["NNUNET_CONFIGURATION", "NNUNET_MODEL_FOLDER", "export_notes", "export_nnunet", "nnunet_architecture",
+           "nnunet_labels", "to_plain_conv_unet"]
 
 NNUNET_TRAINER = "nnUNetTrainer"
 NNUNET_PLANS = "nnUNetPlans"
@@ -162,8 +166,7 @@ def _check_same_logits(network: SegUNet, stock: torch.nn.Module, patch, where: s
 def _dataset_folder_name(dataset_id: int, name: str) -> str:
     if not 1 <= int(dataset_id) <= 999:
         raise ReCoKDError(f"--dataset-id must be 1..999 (nnU-Net's Dataset<NNN> numbers), got {dataset_id}")
-    clean = re.sub(r"[^A-Za-z0-9_-]+", "", name.replace(" ", "_")) or "ReCoKD"
-    clean = re.sub(r"^Dataset\d{3}_", "", clean)
+    clean = re.sub(r"^Dataset\d{3}_", "", re.sub(r"[^A-Za-z0-9_-]+", "", name.replace(" ", "_"))) or "ReCoKD"
     return f"Dataset{int(dataset_id):03d}_{clean}"
 
 
@@ -195,10 +198,12 @@ def _plans_json(bundle, architecture: dict[str, Any], dataset_folder: str) -> di
         "use_mask_for_norm": [False] * len(schemes),
         "resampling_fn_data": "resample_data_or_seg_to_shape",
         "resampling_fn_seg": "resample_data_or_seg_to_shape",
-        "resampling_fn_data_kwargs": {"is_seg": False, "order": order, "order_z": 0, "force_separate_z": None},
-        "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+        # force_separate_z False: every axis interpolated together, as ReCoKD does (None would resample the
+        # low-resolution axis of anisotropic images by nearest neighbour)
+        "resampling_fn_data_kwargs": {"is_seg": False, "order": order, "order_z": 0, "force_separate_z": False},
+        "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": False},
         "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-        "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None},
+        "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": False},
         "architecture": architecture,
         "batch_dice": False,
     }
@@ -217,17 +222,28 @@ def _plans_json(bundle, architecture: dict[str, Any], dataset_folder: str) -> di
     }
 
 
+def nnunet_labels(labels) -> dict[str, int]:
+    """``dataset.json`` labels as nnU-Net needs them: one per network output, value 0 named ``background``,
+    values without a name as ``label_<v>`` (ReCoKD's names); ReCoKD's ``ignore`` is left out (nnU-Net wants it
+    at max + 1, and no prediction carries it)."""
+    names = list(labels.names)
+    names[0] = "background"
+    return {name: value for value, name in enumerate(names)}
+
+
 def _dataset_json(bundle, num_training: int) -> dict[str, Any]:
-    labels = bundle.labels
     return {
         "channel_names": {str(k): v for k, v in sorted(bundle.channel_names.items())},
-        "labels": {name: int(value) for name, value in sorted(dict(labels).items(), key=lambda kv: kv[1])},
+        "labels": nnunet_labels(bundle.labels),
         "numTraining": int(num_training),
         "file_ending": ".nii.gz",
         "name": bundle.name,
         "description": f"ReCoKD {bundle.role} exported for nnU-Net v2: {bundle.describe()}",
         "licence": str(bundle.provenance.get("license") or "see the model's card"),
         "reference": "ReCoKD (Region- and Context-aware Knowledge Distillation, arXiv 2601.08301)",
+        # for the record (nnU-Net ignores extra keys): what ReCoKD's own predictor does beyond nnU-Net's
+        "recokd_reference_direction": list(bundle.reference_direction) if bundle.reference_direction else None,
+        "recokd_postprocessing": bundle.postprocessing,
     }
 
 
@@ -265,15 +281,17 @@ def export_nnunet(source: str | Path, output: str | Path, dataset_id: int = 999,
     dataset_json = _dataset_json(bundle, num_training)
     mirror = bundle.mirror_axes
     checkpoint = {  # the keys nnUNetPredictor reads, and only types weights_only=True accepts
-        "network_weights": {k: v.detach().clone() for k, v in stock.state_dict().items()},
+        "network_weights": stock.state_dict(),  # (aliased keys share storage: saved once)
         "init_args": {"plans": plans_json, "configuration": NNUNET_CONFIGURATION, "fold": 0,
                       "dataset_json": dataset_json},
         "trainer_name": NNUNET_TRAINER,
-        "inference_allowed_mirroring_axes": tuple(int(a) for a in mirror) if mirror else (),
+        # None, not (): nnU-Net skips mirroring only for None (an empty tuple fails its TTA)
+        "inference_allowed_mirroring_axes": tuple(int(a) for a in mirror) if mirror else None,
         "current_epoch": int(bundle.provenance.get("epochs") or 0),
         "recokd": {"name": bundle.name, "role": bundle.role, "method": str(bundle.provenance.get("method") or "")},
     }
-    fingerprint = {
+    fingerprint = {  # not the raw cases' (ReCoKD keeps a summary only): the plan's spacing and median shape
+        "note": "written by ReCoKD's export from its plans: spacings and shapes are the plan's, not the raw cases'",
         "spacings": [plans_json["original_median_spacing_after_transp"]],
         "shapes_after_crop": [plans_json["original_median_shape_after_transp"]],
         "foreground_intensity_properties_per_channel": plans_json["foreground_intensity_properties_per_channel"],
@@ -297,10 +315,16 @@ def export_nnunet(source: str | Path, output: str | Path, dataset_id: int = 999,
     return target
 
 
-def reference_direction_note(bundle) -> str:
-    """A line for the user when the model reorients inputs (ReCoKD does, nnU-Net does not); "" otherwise."""
+def export_notes(bundle) -> list[str]:
+    """What nnU-Net will do differently from ``recokd predict`` with this model, one line each."""
+    notes = []
     direction = getattr(bundle, "reference_direction", None)
-    if direction is None or np.allclose(np.asarray(direction, dtype=float), np.eye(3).ravel(), atol=1e-4):
-        return ""
-    return ("note: ReCoKD reorients inputs to the training direction "
-            f"{[round(v, 3) for v in direction]}; nnU-Net does not, so give nnU-Net images in that orientation")
+    if direction is not None and not np.allclose(np.asarray(direction, dtype=float), np.eye(3).ravel(), atol=1e-4):
+        notes.append("note: recokd predict reorients inputs to the training direction "
+                     f"{[round(v, 3) for v in direction]}; nnU-Net never reorients: give it images in that orientation")
+    else:
+        notes.append("note: nnU-Net never reorients images: give it images oriented as the training data were")
+    if getattr(bundle, "postprocessing", "none") != "none":
+        notes.append(f"note: the model's post-processing ({bundle.postprocessing}) is not applied by nnU-Net's "
+                     "predictor; apply it to the predictions yourself (recokd predict applies it)")
+    return notes

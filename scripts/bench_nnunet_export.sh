@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Issue 31's timing figures: a teacher and its student, both exported as nnU-Net v2 results folders, timed
+# on the same cases by `recokd benchmark` (ReCoKD's predictor, nnU-Net's window weights) and by nnU-Net's own
+# `nnUNetv2_predict_from_modelfolder` (whole command, process start included), one CPU thread.
+#   bash scripts/bench_nnunet_export.sh TEACHER STUDENT IMAGES LABELS OUT
+# TEACHER / STUDENT: a ReCoKD run folder or .recokd bundle (exported here) or an nnU-Net results folder.
+set -euo pipefail
+teacher=$1 student=$2 images=$3 labels=$4 out=$5
+mkdir -p "$out"
+here=$(cd "$(dirname "$0")/.." && pwd)
+py=${PYTHON:-$here/.venv/bin/python}
+bin=$(dirname "$py")
+folder() {  # an nnU-Net model folder for $1 (exported to $out/nnunet/<id> unless it is one already)
+  if [ -f "$1/plans.json" ] && [ -f "$1/dataset.json" ]; then echo "$1"; return; fi
+  "$bin/recokd" export "$1" --format nnunet -o "$out/nnunet/$2" --dataset-id "$2" --overwrite >&2
+  ls -d "$out/nnunet/$2"/Dataset*/nnUNetTrainer__nnUNetPlans__3d_fullres
+}
+t=$(folder "$teacher" 801); s=$(folder "$student" 802)
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+"$bin/recokd" benchmark --models "teacher=$t" "student=$s" --images "$images" --labels "$labels" --threads 1 \
+  --repeats 3 -o "$out/recokd_benchmark" --overwrite
+export nnUNet_raw="$out/raw" nnUNet_preprocessed="$out/pre" nnUNet_results="$out/nnunet" nnUNet_def_n_proc=1
+echo
+echo "| model | nnUNetv2_predict_from_modelfolder, $(ls "$images" | wc -l) cases (s, whole command) | s/case |"
+echo "|---|---|---|"
+for round in 1 2; do  # alternated, twice: load drift shows as a difference between rounds
+  for name in teacher student; do
+    m=$t; [ "$name" = student ] && m=$s
+    rm -rf "$out/pred_$name"
+    start=$(date +%s.%N)
+    "$bin/nnUNetv2_predict_from_modelfolder" -i "$images" -o "$out/pred_$name" -m "$m" -f 0 -device cpu \
+      --disable_tta -npp 1 -nps 1 > "$out/nnunet_$name.log" 2>&1
+    end=$(date +%s.%N)
+    n=$(ls "$images" | wc -l)
+    awk -v a="$start" -v b="$end" -v n="$n" -v m="$name (round $round)" 'BEGIN{printf "| %s | %.1f | %.2f |\n", m, b-a, (b-a)/n}'
+  done
+done
