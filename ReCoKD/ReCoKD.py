@@ -235,7 +235,7 @@ if parameterNodeWrapper is not None:
         teacherPath: str = ""
         unlabeledFolder: str = ""  # scans without labels: the teacher labels them for the student
         trainTeacherFirst: bool = False
-        kdMethod: Annotated[str, Choice(list(KD_METHODS))] = "recokd"
+        kdMethod: Annotated[str, Choice(list(KD_METHODS))] = "auto"
         widthFactor: Annotated[float, WithinRange(1.0, 16.0)] = 4.0
         epochs: Annotated[int, WithinRange(1, 10000)] = 50
         outputFolder: str = ""

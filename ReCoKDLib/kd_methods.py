@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["KDMethod", "KD_METHODS", "DEFAULT_METHOD", "method_names"]
+__all__ = ["KDMethod", "KD_METHODS", "DEFAULT_METHOD", "DEFAULT_METHOD_WITH_TEACHER_LABELS", "method_names"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,11 @@ KD_METHODS: dict[str, KDMethod] = {
 
 #: what ``recokd distill`` and the Slicer panel use unless told otherwise (docs/results.md says why)
 DEFAULT_METHOD = "recokd"
+#: ... when the student also learns from teacher-labelled scans (``--unlabeled``, ``--labeled-cases``): the
+#: teacher's labels alone. Measured with paired seeds, ReCo-KD's feature terms on top of the same teacher labels
+#: added +0.002 [-0.008, +0.012] (phantom, 2 labels, 5 seeds) and +0.000 [-0.005, +0.006] (LA2018, 4 labels,
+#: 3 seeds) for 1.5-3x the training time (docs/results.md, "Distilling with unlabeled scans")
+DEFAULT_METHOD_WITH_TEACHER_LABELS = "none"
 
 
 def method_names() -> list[str]:

@@ -388,7 +388,7 @@ def test_kd_methods_come_from_the_library_without_torch():
 
     from ReCoKDLib.losses.registry import KD_METHODS
 
-    assert module.KD_METHODS[0] == "recokd" and set(module.KD_METHODS) == set(KD_METHODS)
+    assert module.KD_METHODS[:2] == ("auto", "recokd") and set(module.KD_METHODS[1:]) == set(KD_METHODS)
     code = "import sys, ReCoKDLib.kd_methods; assert 'torch' not in sys.modules, 'kd_methods imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
@@ -1227,3 +1227,18 @@ def test_looking_nodes_up_by_class_holds_no_reference_to_them(env):
         assert browser.GetReferenceCount() == before
     finally:
         scene.RemoveNode(browser)
+
+
+def test_the_panels_auto_method_follows_the_librarys_defaults(env, tmp_path, monkeypatch):
+    """*auto* (the panel's default) runs ReCo-KD, or the teacher's labels alone when unlabeled scans are given
+    (the library's defaults), always as an explicit --method, so the exported bundle is named after it."""
+    logic = env["logic"]
+    started = []
+    monkeypatch.setattr(logic, "_startTraining", lambda role, args, *rest, **kw: started.append(args))
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    logic.distill(str(tmp_path), teacher=str(tmp_path), outputFolder=str(tmp_path / "a"))
+    logic.distill(str(tmp_path), teacher=str(tmp_path), outputFolder=str(tmp_path / "b"), unlabeledFolders=[scans])
+    logic.distill(str(tmp_path), teacher=str(tmp_path), outputFolder=str(tmp_path / "c"), unlabeledFolders=[scans],
+                  method="recokd")
+    assert [a[a.index("--method") + 1] for a in started] == ["recokd", "none", "recokd"]

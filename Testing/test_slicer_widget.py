@@ -96,7 +96,7 @@ def test_setup_enter_change_exit_through_the_real_parameter_node_wrapper(gui):
     assert slicer_standins.QFileDialog.calls == [], "setup() opened a file dialog"
     # combo boxes filled by the Choice-annotated bindings, in the declared order
     assert ui.deviceComboBox.items == list(module.DEVICES) and ui.deviceComboBox.currentText == "auto"
-    assert ui.kdMethodComboBox.items == list(module.KD_METHODS) and ui.kdMethodComboBox.currentText == "recokd"
+    assert ui.kdMethodComboBox.items == list(module.KD_METHODS) and ui.kdMethodComboBox.currentText == "auto"
     # empty paths stay empty (not ".", the working folder)
     for box, field in ((ui.datasetPathLineEdit, "datasetFolder"), (ui.teacherPathLineEdit, "teacherPath"),
                        (ui.outputPathLineEdit, "outputFolder")):

@@ -309,3 +309,24 @@ def test_teacher_target_options_reach_the_stream(setup, tmp_path, monkeypatch):
         expected = np.where(stored["confidence"] < round(0.9 * 255), IGNORE_LABEL, stored["label"])
     assert any(np.array_equal(lab, expected) for lab in seen["labels"][-3:])
     assert main([*base, "-o", str(tmp_path / "bad"), "--teacher-confidence", "1.5"]) == 2
+
+
+def test_with_teacher_labelled_scans_the_default_method_is_the_teachers_labels_alone(capsys):
+    """The study's evidence made a default: ReCo-KD's feature terms added nothing measurable on top of the
+    teacher's labels (phantom and LA2018, paired seeds) for 1.5-3x the time, so a distillation with
+    --unlabeled or --labeled-cases and no --method trains on the teacher's labels alone, and says so."""
+    from ReCoKDLib.cli import build_parser
+    from ReCoKDLib.kd_methods import DEFAULT_METHOD, DEFAULT_METHOD_WITH_TEACHER_LABELS
+    from ReCoKDLib.workflows.runs import RunSpec
+
+    def spec(*extra):
+        return RunSpec.from_args(build_parser().parse_args(["distill", "DATA", "--teacher", "T", "-o", "OUT", *extra]),
+                                 "student")
+
+    assert (DEFAULT_METHOD, DEFAULT_METHOD_WITH_TEACHER_LABELS) == ("recokd", "none")
+    assert spec().method == "recokd" and "method:" not in capsys.readouterr().err
+    assert spec("--unlabeled", "SCANS").method == "none"
+    assert "method: none (the default with teacher-labelled scans" in capsys.readouterr().err
+    assert spec("--labeled-cases", "few.txt").method == "none" and "method: none" in capsys.readouterr().err
+    assert spec("--unlabeled", "SCANS", "--method", "recokd").method == "recokd"  # asked for: kept
+    assert "method:" not in capsys.readouterr().err

@@ -36,9 +36,9 @@ except ImportError:  # slicer-core
 try:  # the choices of `recokd distill --method`, from ReCoKDLib's torch-free list (default first)
     from ReCoKDLib.kd_methods import method_names
 
-    KD_METHODS = tuple(method_names())
+    KD_METHODS = ("auto", *method_names())  # auto: the library's default (ReCo-KD; none with unlabeled scans)
 except ImportError:  # no library: library.error() says so, and nothing can be trained
-    KD_METHODS = ("recokd",)
+    KD_METHODS = ("auto", "recokd")
 
 try:  # torch-free too
     from ReCoKDLib.utils.nnunet_layout import is_nnunet_folder
@@ -1137,7 +1137,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             args.append("--resume")
         return self._startTraining("teacher", args, outputFolder, epochs, wait, progress, onFinished, followUp)
 
-    def distill(self, datasetFolder, teacher, method="recokd", widthFactor=4, epochs=50, outputFolder=None,
+    def distill(self, datasetFolder, teacher, method="auto", widthFactor=4, epochs=50, outputFolder=None,
                 device="auto", resume=False, extraArgs=(), wait=True, progress=None, onFinished=None,
                 teacherFolds=None, unlabeledFolders=()):
         """``recokd distill`` in the background, then ``recokd export`` of the student into the models folder.
@@ -1148,7 +1148,9 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
                 results folder (its plans then preprocess the data).
             teacherFolds: nnU-Net teacher only: folds to ensemble, e.g. ``"0"`` or ``"0,1,2,3,4"`` (default:
                 every numbered fold with a final checkpoint).
-            method: KD method (``recokd`` default; baselines selectable).
+            method: KD method: ``auto`` (the default of ``recokd distill``: ReCo-KD, or ``none`` -- the teacher's
+                labels alone -- with unlabeled scans, which ReCo-KD's terms did not improve on; docs/results.md),
+                ``recokd`` or a baseline.
             widthFactor: student channels = teacher's / R.
             outputFolder: run folder (default ``<runs folder>/<dataset>/student_<method>``).
             unlabeledFolders: folders of scans without labels (``recokd distill --unlabeled``): the teacher
@@ -1156,6 +1158,10 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         """
         if method not in KD_METHODS:
             raise ReCoKDError(f"KD method must be one of {', '.join(KD_METHODS)}, got {method!r}")
+        if method == "auto":  # the library's defaults, by what the evidence supports (ReCoKDLib.kd_methods)
+            from ReCoKDLib.kd_methods import DEFAULT_METHOD, DEFAULT_METHOD_WITH_TEACHER_LABELS
+
+            method = DEFAULT_METHOD_WITH_TEACHER_LABELS if unlabeledFolders else DEFAULT_METHOD
         if not resume and not teacher:
             raise ReCoKDError("select a teacher run, or train a teacher first")
         outputFolder = outputFolder or str(self.runsFolder / Path(datasetFolder).name / f"student_{method}")

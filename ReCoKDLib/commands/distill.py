@@ -33,7 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher-checkpoint", dest="teacher_checkpoint", choices=["final", "best"],
                    help="nnU-Net teacher: checkpoint_final.pth (default) or checkpoint_best.pth")
     p.add_argument("--method", choices=list(KD_METHODS),
-                   help="distillation method (default recokd; none = labels only; defaults justified in docs/results.md)")
+                   help="distillation method (default recokd; with --unlabeled or --labeled-cases: none, the teacher's "
+                   "labels alone, which ReCo-KD's terms did not improve on; none = no KD terms; defaults justified "
+                   "in docs/results.md)")
     p.add_argument("--lambda-max", dest="lambda_max", type=float, help="final KD weight λ (default: the method's)")
     p.add_argument("--temperature", type=float, help="temperature of the attention / softmax terms (default: the term's)")
     p.add_argument("--warmup-fraction", dest="warmup_fraction", type=float,

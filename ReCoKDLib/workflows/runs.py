@@ -37,7 +37,7 @@ from ..data.validation import require_valid
 from ..deployment.registry import sha256_file
 from ..distill.distiller import Distiller
 from ..errors import ReCoKDError
-from ..kd_methods import DEFAULT_METHOD
+from ..kd_methods import DEFAULT_METHOD, DEFAULT_METHOD_WITH_TEACHER_LABELS
 from ..losses.registry import KD_METHODS, resolve_method
 from ..models.nnunet import open_nnunet_model
 from ..utils.nnunet_layout import is_nnunet_folder
@@ -360,7 +360,12 @@ class RunSpec:
             spec.plans_file = args.plans
             spec.planner = PlannerOptions(args.patch_budget, args.max_levels, args.base_filters, args.max_filters)
         else:  # the student's defaults, for what was not given
-            spec.method = given.get("method", DEFAULT_METHOD)
+            teacher_labelled = bool(given.get("unlabeled") or given.get("labeled_cases_file"))
+            spec.method = given.get("method", DEFAULT_METHOD_WITH_TEACHER_LABELS if teacher_labelled else DEFAULT_METHOD)
+            if teacher_labelled and "method" not in given and not args.resume:
+                _tell(f"method: {spec.method} (the default with teacher-labelled scans: ReCo-KD's feature terms added "
+                      "nothing measurable on top of the teacher's labels, for 1.5-3x the time; docs/results.md); "
+                      "--method recokd adds them")
             spec.width_factor = given.get("width_factor", DEFAULT_WIDTH_FACTOR)
         return spec
 
