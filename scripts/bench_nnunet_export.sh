@@ -6,7 +6,10 @@
 # TEACHER / STUDENT: a ReCoKD run folder or .recokd bundle (exported here) or an nnU-Net results folder.
 set -euo pipefail
 teacher=$1 student=$2 images=$3 labels=$4 out=$5
-mkdir -p "$out"
+if [ -d "$out" ] && [ -n "$(ls -A "$out")" ] && [ ! -f "$out/.bench_nnunet_export" ]; then
+  echo "error: $out exists and is not an earlier run of this benchmark; choose another OUT" >&2; exit 2
+fi
+mkdir -p "$out" && touch "$out/.bench_nnunet_export"  # its own folder: later runs may replace what it wrote
 here=$(cd "$(dirname "$0")/.." && pwd)
 py=${PYTHON:-$here/.venv/bin/python}
 bin=$(dirname "$py")

@@ -643,13 +643,14 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
                 self._warn(f"could not remember that the model card was shown ({exc})")
 
     # -- segmentation -----------------------------------------------------------------------------
-    def inputVolumes(self, parameterNode) -> list:
-        """The parameter node's input volumes, channel order, up to the model's number of channels."""
+    def inputVolumes(self, parameterNode, info=None) -> list:
+        """The parameter node's input volumes, channel order, up to the model's number of channels (``info``:
+        the model's :meth:`modelInfo`, when the caller has it already)."""
         volumes = [parameterNode.inputVolume, parameterNode.inputVolume2, parameterNode.inputVolume3,
                    parameterNode.inputVolume4]
         count = 1
         if parameterNode.model:
-            info = self.modelInfo(parameterNode.model)
+            info = info if info is not None else self.modelInfo(parameterNode.model)
             count = info.numChannels if info is not None else 1
         return [v for v in volumes[:count] if v is not None]
 
@@ -659,18 +660,16 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         (``confirmWarnings``; the panel offers *Segment anyway*, see :meth:`segmentAnyway`)."""
         if not parameterNode.model:
             raise ReCoKDError("select a model (or 'Load from file…')")
-        volumes = self.inputVolumes(parameterNode)
+        info = self.modelInfo(parameterNode.model)  # read once: labels, channels, folds
+        volumes = self.inputVolumes(parameterNode, info)
         output = getattr(parameterNode, "outputSegmentation", None)  # (a node saved before the field has none)
         if output is not None and volumes and output.GetAttribute(INPUT_ATTRIBUTE) not in (None, volumes[0].GetID()):
             output = None  # ReCoKD made it for another volume: never overwrite that, start a new one
         structures = None
         skipped = list(getattr(parameterNode, "skippedStructures", None) or [])
-        if skipped:
-            info = self.modelInfo(parameterNode.model)
-            if info is not None and info.labels:
-                structures = [n for n in info.labels.foreground_names if n not in skipped]
+        if skipped and info is not None and info.labels:
+            structures = [n for n in info.labels.foreground_names if n not in skipped]
         allFrames = getattr(parameterNode, "allFrames", True)
-        info = self.modelInfo(parameterNode.model)
         folds = (getattr(parameterNode, "nnunetFolds", "") or None) if info is not None and info.nnunetFolds else None
         result = self.segment(volumes, parameterNode.model, device=parameterNode.device,
                               tta=parameterNode.tta, force=parameterNode.skipInputChecks, confirmWarnings=True,

@@ -47,9 +47,10 @@ def _export_nnunet(source, output, dataset_id: int, overwrite: bool) -> int:
     from ..deployment.bundle import open_model
     from ..deployment.nnunet_export import export_notes, export_nnunet
 
-    folder = export_nnunet(source, output, dataset_id=dataset_id, overwrite=overwrite)
+    bundle = open_model(source)  # once: a run folder is packed (and its weights checked) only here
+    folder = export_nnunet(bundle, output, dataset_id=dataset_id, overwrite=overwrite)
     print(f"nnU-Net v2 model folder: {folder}")
-    for note in export_notes(open_model(source)):
+    for note in export_notes(bundle):
         print(note)
     dataset = folder.parent.name
     print(f"use it: copy {folder.parent} into $nnUNet_results, then nnUNetv2_predict -i IN -o OUT -d {dataset} "

@@ -247,8 +247,9 @@ def _dataset_json(bundle, num_training: int) -> dict[str, Any]:
     }
 
 
-def export_nnunet(source: str | Path, output: str | Path, dataset_id: int = 999, overwrite: bool = False) -> Path:
-    """Write ``source`` (a ``.recokd`` bundle, bundle folder or training run folder) as an nnU-Net v2 results
+def export_nnunet(source: Any, output: str | Path, dataset_id: int = 999, overwrite: bool = False) -> Path:
+    """Write ``source`` (a ``.recokd`` bundle, bundle folder or training run folder, or a bundle opened with
+    :func:`~ReCoKDLib.deployment.bundle.open_model`) as an nnU-Net v2 results
     folder under ``output``; returns the model folder ``.../Dataset<NNN>_<name>/nnUNetTrainer__nnUNetPlans__3d_fullres``.
 
     Raises:
@@ -257,10 +258,12 @@ def export_nnunet(source: str | Path, output: str | Path, dataset_id: int = 999,
     """
     from .bundle import open_model
 
-    bundle = open_model(source)
-    where = f"model {source}"
+    bundle = open_model(source) if isinstance(source, (str, Path)) else source
+    name = source if isinstance(source, (str, Path)) else (
+        getattr(bundle, "source", None) or getattr(getattr(bundle, "model", None), "folder", None) or bundle.name)
+    where = f"model {name}"
     if not hasattr(bundle, "spec"):
-        raise ReCoKDError(f"{source} is already an nnU-Net results folder; use it as it is")
+        raise ReCoKDError(f"{name} is already an nnU-Net results folder; use it as it is")
     network = bundle.build_network()
     try:
         stock, architecture = to_plain_conv_unet(network)
