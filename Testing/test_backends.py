@@ -1,5 +1,6 @@
-"""The predictor's engines: PyTorch and ONNX Runtime give the same labels on real cases; the ONNX graph
-is exported once per bundle and cached by content; ``auto`` picks what can run; bad choices are one line."""
+"""The predictor's engines: PyTorch, ONNX Runtime and OpenVINO give the same labels on real cases; the ONNX
+graph is exported once per bundle and cached by content (OpenVINO's compiled model beside it); ``auto`` picks
+what can run; bad choices are one line."""
 
 from __future__ import annotations
 
@@ -28,24 +29,28 @@ def cache(tmp_path, monkeypatch) -> Path:
     return tmp_path / "home" / "onnx"
 
 
-def test_onnxruntime_and_torch_agree_on_real_cases(shared_data, cache):
-    """The shipped LA2018 student on three LA2018 test volumes: ONNX Runtime's and bfloat16's labels agree
-    with PyTorch fp32's on >= 99.9 % of voxels."""
+def test_every_engine_agrees_with_torch_fp32_on_real_cases(shared_data, cache):
+    """The shipped LA2018 student on three LA2018 test volumes: the labels of ONNX Runtime, OpenVINO (fp32 and
+    bf16) and PyTorch bf16 agree with PyTorch fp32's on >= 99.9 % of voxels."""
     bundle = load_bundle(MODELS / "la2018-left-atrium.recokd")
     by_torch = Predictor(bundle, device="cpu", backend="torch")
-    by_ort = Predictor(bundle, device="cpu", backend="onnxruntime")
-    by_bf16 = Predictor(bundle, device="cpu", backend="torch", precision="bf16")
-    assert (by_torch.backend, by_ort.backend) == ("torch", "onnxruntime")
-    assert [p.name for p in cache.iterdir()] == [f"{onnx_cache_key(bundle)}.onnx"]
+    others = {"onnxruntime": Predictor(bundle, device="cpu", backend="onnxruntime"),
+              "openvino": Predictor(bundle, device="cpu", backend="openvino"),
+              "openvino bf16": Predictor(bundle, device="cpu", backend="openvino", precision="bf16"),
+              "torch bf16": Predictor(bundle, device="cpu", backend="torch", precision="bf16")}
+    assert [p.backend for p in others.values()] == ["onnxruntime", "openvino", "openvino", "torch"]
+    assert others["openvino bf16"].network.precision == "bf16" and others["openvino"].network.precision == "fp32"
+    # one graph for both runtimes; OpenVINO's compiled models cached beside it
+    assert sorted(p.name for p in cache.iterdir()) == [f"{onnx_cache_key(bundle)}.onnx", "openvino"]
+    assert any((cache / "openvino").iterdir())
     images = sorted((shared_data / "LA2018-lowres" / "imagesTs").glob("*_0000.nii.gz"))[:3]
     for image_file in images:
         image = sitk.ReadImage(str(image_file))
         a = sitk.GetArrayFromImage(by_torch.predict_image(image))
-        b = sitk.GetArrayFromImage(by_ort.predict_image(image))
         assert a.sum() > 1000  # the atrium is there
-        assert (a == b).mean() >= 0.999, image_file.name
-        c = sitk.GetArrayFromImage(by_bf16.predict_image(image))
-        assert (a == c).mean() >= 0.999, image_file.name
+        for name, predictor in others.items():
+            b = sitk.GetArrayFromImage(predictor.predict_image(image))
+            assert (a == b).mean() >= 0.999, (image_file.name, name)
 
 
 def _tiny_bundle(seed: int):
@@ -84,37 +89,48 @@ def test_the_graph_is_cached_by_content_and_a_damaged_one_is_exported_again(cach
     assert (labels == reference).mean() >= 0.999
 
 
+def _without(monkeypatch, *engines: str) -> None:
+    """Pretend ``engines`` are not installed."""
+    available = backends._engine_available
+    monkeypatch.setattr(backends, "_engine_available", lambda name: name not in engines and available(name))
+
+
 def test_auto_picks_onnxruntime_on_the_cpu_and_torch_where_it_cannot_run(cache, monkeypatch):
     bundle = _tiny_bundle(2)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    _without(monkeypatch, "openvino")
     # measured: ONNX Runtime wins at one window per call (docs/results.md); from two on, auto times both
     assert select_backend(bundle, "auto", cpu, sw_batch_size=1)[1] == "onnxruntime"
     assert Predictor(bundle, device="cpu", backend="auto", sw_batch_size=1).backend == "onnxruntime"
     assert select_backend(bundle, "auto", cuda)[1] == "torch"
     network, name = select_backend(bundle, "auto", cpu, sw_batch_size=1, precision="bf16")
     assert name == "torch" and isinstance(network, backends.Autocast)
-    with pytest.raises(ReCoKDError, match="bf16 runs with PyTorch"):
+    with pytest.raises(ReCoKDError, match="bf16 does not run with ONNX Runtime; use --backend torch or openvino or auto"):
         select_backend(bundle, "onnxruntime", cpu, precision="bf16")
     with pytest.raises(ReCoKDError, match="precision must be one of fp32, bf16"):
         Predictor(bundle, device="cpu", precision="fp16")
     with pytest.raises(ReCoKDError, match="runs on the CPU; use --device cpu, or --backend torch on cuda"):
         select_backend(bundle, "onnxruntime", cuda)
-    with pytest.raises(ReCoKDError, match="backend must be one of auto, torch, onnxruntime"):
+    with pytest.raises(ReCoKDError, match="runs on the CPU; use --device cpu, or --backend torch on cuda"):
+        select_backend(bundle, "openvino", cuda)
+    with pytest.raises(ReCoKDError, match="backend must be one of auto, torch, onnxruntime, openvino"):
         select_backend(bundle, "tensorrt", cpu)
-    monkeypatch.setattr(backends, "_onnx_available", lambda: False)
+    _without(monkeypatch, "onnxruntime", "openvino")
     assert select_backend(bundle, "auto", cpu)[1] == "torch"
     with pytest.raises(ReCoKDError, match=r"pip install 'recokd\[export\]'"):
         select_backend(bundle, "onnxruntime", cpu)
+    with pytest.raises(ReCoKDError, match=r"pip install 'recokd\[openvino\]'"):
+        select_backend(bundle, "openvino", cpu)
 
 
-def test_auto_times_both_engines_once_per_bundle_and_keeps_the_faster(cache, monkeypatch):
-    from ReCoKDLib.inference.export import OnnxNetwork
+def test_auto_times_every_engine_once_per_bundle_and_keeps_the_fastest(cache, monkeypatch):
+    from ReCoKDLib.inference.export import OnnxNetwork, OpenVinoNetwork
 
     bundle, cpu = _tiny_bundle(4), torch.device("cpu")
-    speeds, timed = {"torch": 0.5, "onnxruntime": 0.2}, []
+    speeds, timed = {"torch": 0.5, "onnxruntime": 0.2, "openvino": 0.3}, []
 
     def fake_seconds(network, batch, repeats=3):
-        name = "onnxruntime" if isinstance(network, OnnxNetwork) else "torch"
+        name = {OnnxNetwork: "onnxruntime", OpenVinoNetwork: "openvino"}.get(type(network), "torch")
         timed.append((name, tuple(batch.shape)))
         return speeds[name]
 
@@ -122,19 +138,24 @@ def test_auto_times_both_engines_once_per_bundle_and_keeps_the_faster(cache, mon
     said: list[str] = []
     network, name = select_backend(bundle, "auto", cpu, sw_batch_size=2, log=said.append)
     assert name == "onnxruntime" and isinstance(network, OnnxNetwork)
-    assert sorted(timed) == [("onnxruntime", (2, 1, 16, 16, 16)), ("torch", (2, 1, 16, 16, 16))]
+    assert sorted(timed) == [(n, (2, 1, 16, 16, 16)) for n in ("onnxruntime", "openvino", "torch")]
     assert "running onnxruntime" in said[0] and "0.500 s" in said[0]
+    # bf16 is timed on its own, among the engines that have it
+    timed[:] = []
+    network, name = select_backend(bundle, "auto", cpu, sw_batch_size=2, precision="bf16")
+    assert name == "openvino" and network.precision == "bf16" and sorted(n for n, _ in timed) == ["openvino", "torch"]
+    timed[:] = []
     # remembered: not measured again, even if the machine would now say otherwise
     speeds["torch"], timed[:] = 0.1, []
     assert select_backend(bundle, "auto", cpu, sw_batch_size=2)[1] == "onnxruntime" and timed == []
     assert Predictor(bundle, device="cpu", backend="auto").backend == "onnxruntime"  # default: 2 windows
     # other settings (windows per call, threads) are measured on their own
-    assert select_backend(bundle, "auto", cpu, sw_batch_size=4)[1] == "torch" and len(timed) == 2
+    assert select_backend(bundle, "auto", cpu, sw_batch_size=4)[1] == "torch" and len(timed) == 3
     assert select_backend(bundle, "auto", cpu, sw_batch_size=2, threads=torch.get_num_threads() + 1)[1] == "torch" \
-        and len(timed) == 4
+        and len(timed) == 6
     # a damaged record is measured again, not an error
     (cache / "choices.json").write_text("{broken")
-    assert select_backend(bundle, "auto", cpu, sw_batch_size=2)[1] == "torch" and len(timed) == 6
+    assert select_backend(bundle, "auto", cpu, sw_batch_size=2)[1] == "torch" and len(timed) == 9
     assert len(json.loads((cache / "choices.json").read_text())) == 1
 
 
@@ -142,8 +163,9 @@ def test_auto_measures_for_real_and_records_what_it_measured(cache):
     bundle = _tiny_bundle(5)
     name = select_backend(bundle, "auto", torch.device("cpu"), sw_batch_size=2)[1]
     (record,) = json.loads((cache / "choices.json").read_text()).values()
-    assert record["torch_seconds"] > 0 and record["onnxruntime_seconds"] > 0
-    assert name == record["backend"] == min(("torch", "onnxruntime"), key=lambda n: record[f"{n}_seconds"])
+    engines = ("torch", "onnxruntime", "openvino")
+    assert all(record[f"{n}_seconds"] > 0 for n in engines)
+    assert name == record["backend"] == min(engines, key=lambda n: record[f"{n}_seconds"])
 
 
 def test_auto_falls_back_to_torch_and_says_why_when_the_export_fails(cache, monkeypatch):
@@ -174,15 +196,15 @@ def test_predict_command_takes_a_backend(cache, tmp_path, capsys):
     image = tmp_path / "img.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(phantom_volume((24, 24, 24))), str(image))
     outs = {}
-    for backend in ("torch", "onnxruntime"):
+    for backend in ("torch", "onnxruntime", "openvino"):
         out = tmp_path / f"{backend}.nii.gz"
         assert main(["predict", "-m", str(bundle_path), "-i", str(image), "-o", str(out), "--backend", backend,
                      "--device", "cpu", "--no-progress"]) == 0
         outs[backend] = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
-    assert np.mean(outs["torch"] == outs["onnxruntime"]) >= 0.999
+    assert np.mean(outs["torch"] == outs["onnxruntime"]) >= 0.999 and np.mean(outs["torch"] == outs["openvino"]) >= 0.999
 
 
-def test_benchmark_speed_times_a_width_ladder_per_backend(cache, tmp_path, capsys):
+def test_benchmark_speed_times_a_width_ladder_per_engine_round_by_round(cache, tmp_path, capsys):
     from bundle_helpers import tiny_network, tiny_plans, write_image
 
     plans = tiny_plans()
@@ -190,15 +212,99 @@ def test_benchmark_speed_times_a_width_ladder_per_backend(cache, tmp_path, capsy
     plans.save(tmp_path / "plan" / "plans.json")
     (tmp_path / "plan" / "network.json").write_text(tiny_network(plans).spec.to_json())
     write_image(phantom_volume((24, 24, 24)), tmp_path / "images" / "c1_0000.nii.gz")
+    write_image(phantom_volume((32, 24, 24)), tmp_path / "images" / "c2_0000.nii.gz")
     code = main(["benchmark-speed", "--plans", str(tmp_path / "plan" / "plans.json"), "--images", str(tmp_path / "images"),
                  "--base-filters", "8", "--max-filters", "32", "--width-factors", "2", "--threads", "1",
-                 "--max-cases", "1", "--repeats", "1", "-o", str(tmp_path / "speed")])
+                 "--backends", "torch", "onnxruntime", "openvino", "--precisions", "fp32", "bf16",
+                 "--max-cases", "2", "--repeats", "2", "-o", str(tmp_path / "speed")])
     assert code == 0, capsys.readouterr().err
-    rows = {(r["name"], r["backend"]): r for r in json.loads((tmp_path / "speed" / "speed.json").read_text())}
-    assert set(rows) == {(m, b) for m in ("teacher", "student R=2") for b in ("torch", "onnxruntime")}
-    assert rows[("teacher", "torch")]["filters"] == [8, 16, 32]
-    assert rows[("student R=2", "torch")]["filters"] == [8, 8, 16]  # channels / R, at least 8
-    assert rows[("teacher", "torch")]["flops"] > rows[("student R=2", "torch")]["flops"] > 0
-    assert all(r["seconds_per_volume"] > 0 and r["plain_monai_seconds"] > 0 for r in rows.values())
+    rows = {(r["name"], r["backend"], r["precision"]): r
+            for r in json.loads((tmp_path / "speed" / "speed.json").read_text())}
+    engines = {("torch", "fp32"), ("onnxruntime", "fp32"), ("openvino", "fp32"), ("torch", "bf16"), ("openvino", "bf16")}
+    assert set(rows) == {(m, *e) for m in ("teacher", "student R=2") for e in engines}  # no ONNX Runtime bf16
+    assert rows[("teacher", "torch", "fp32")]["filters"] == [8, 16, 32]
+    assert rows[("student R=2", "torch", "fp32")]["filters"] == [8, 8, 16]  # channels / R, at least 8
+    assert rows[("teacher", "torch", "fp32")]["flops"] > rows[("student R=2", "torch", "fp32")]["flops"] > 0
+    for (name, backend, precision), r in rows.items():
+        assert len(r["round_seconds"]) == 2 and r["seconds_per_volume"] > 0 and r["plain_monai_seconds"] > 0
+        assert r["peak_ram_mb"] > 50  # a fresh process with torch loaded
+        assert (r["agreement"] == 1.0) if (backend, precision) == ("torch", "fp32") else r["agreement"] > 0.9
+        if name != "teacher":  # per round, against the teacher on the same engine and precision
+            teacher = rows[("teacher", backend, precision)]
+            assert r["speedups"] == pytest.approx([t / s for t, s in zip(teacher["round_seconds"], r["round_seconds"])])
     table = (tmp_path / "speed" / "speed.md").read_text()
-    assert "× vs teacher (its best)" in table and "best backend" in table and "overhead" in table
+    assert "median [range] over rounds" in table and "openvino bf16" in table and "peak RAM MB" in table
+    assert "AVX" in table or "machine:" in table
+
+
+def test_timed_rounds_take_turns_and_rotate_the_order():
+    from ReCoKDLib.benchmarks.inference import ratio_text, round_ratios, timed_rounds
+
+    calls: list[str] = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def predict_image(self, images, name=""):
+            calls.append(f"{self.name}:{name}")
+
+    rounds = timed_rounds([Fake("a"), Fake("b"), Fake("c")], [["v1"], ["v2"]], repeats=3)
+    assert calls[:3] == ["a:warm-up", "b:warm-up", "c:warm-up"]
+    timed = [c.split(":")[0] for c in calls[3:]]
+    assert timed == list("aabbcc" "bbccaa" "ccaabb")  # each model both volumes in turn; the order rotates
+    assert [len(r) for r in rounds] == [3, 3, 3]
+    assert round_ratios([2.0, 4.0], [1.0, 1.0]) == [2.0, 4.0] and ratio_text([2.0, 4.0, 3.0]) == "3.0× [2.0–4.0]"
+
+
+@pytest.fixture()
+def torch_threads():
+    before = torch.get_num_threads()
+    yield before
+    torch.set_num_threads(before)
+
+
+def test_prediction_leaves_a_core_free_by_default(torch_threads, monkeypatch):
+    from ReCoKDLib.utils import runtime
+
+    bundle = _tiny_bundle(6)
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 4)
+    torch.set_num_threads(4)
+    Predictor(bundle, device="cpu", backend="torch")
+    assert torch.get_num_threads() == 3
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 1)
+    Predictor(bundle, device="cpu", backend="torch")
+    assert torch.get_num_threads() == 1  # never none
+    Predictor(bundle, device="cpu", backend="torch", threads=2)  # asked for: as asked
+    assert torch.get_num_threads() == 2
+
+
+def test_auto_says_when_other_processes_loaded_the_machine_while_timing(cache, monkeypatch):
+    """A real busy process beside auto's timing: the choice is made, the note says the machine was busy,
+    and the record is timed again next time instead of being kept for good."""
+    import subprocess
+    import sys
+    import time
+
+    bundle, cpu = _tiny_bundle(7), torch.device("cpu")
+    timed: list[str] = []
+
+    def slow_seconds(network, batch, repeats=3):
+        time.sleep(0.6)  # the spinner runs meanwhile
+        timed.append(type(network).__name__)
+        return 0.1 if type(network).__name__ == "OnnxNetwork" else 0.2
+
+    monkeypatch.setattr(backends, "seconds_per_call", slow_seconds)
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        said: list[str] = []
+        assert select_backend(bundle, "auto", cpu, sw_batch_size=2, log=said.append)[1] == "onnxruntime"
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert any("other processes kept" in m and "timed again next time" in m for m in said), said
+    (record,) = json.loads((cache / "choices.json").read_text()).values()
+    assert record["busy"] is True and record["other_cores"] >= 0.5
+    runs = len(timed)
+    assert select_backend(bundle, "auto", cpu, sw_batch_size=2)[1] == "onnxruntime" and len(timed) == 2 * runs

@@ -148,6 +148,8 @@ def test_benchmark_smoke(tmp_path, capsys):
     results = json.loads((tmp_path / "bench" / "benchmark.json").read_text())
     assert results[0]["flops"] > 0 and results[0]["parameters"] > 0
     assert 0 < results[0]["peak_memory_mb"] < 500
+    # timed in turns: one entry per round for every model; a fresh process's peak RAM, every engine included
+    assert all(len(r["round_seconds"]) == 1 and r["seconds_per_volume"] > 0 and r["peak_ram_mb"] > 50 for r in results)
     assert results[1]["gap_recovered"] == pytest.approx(0.0) or results[1]["gap_recovered"] is None
     again = ["benchmark", "--models", f"teacher={teacher}", "--images", str(tmp_path / "images"), "--labels",
              str(tmp_path / "labels"), "--repeats", "1", "--threads", "1", "-o", str(tmp_path / "bench")]

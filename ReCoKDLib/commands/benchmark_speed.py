@@ -10,7 +10,9 @@ from ..errors import ReCoKDError
 
 DESCRIPTION = (
     "Times a teacher at nnU-Net widths (32…320 filters by default) and its students (channels / R) on real "
-    "volumes, with each inference backend, side by side in one process. The networks have random weights "
+    "volumes, with each inference engine and precision, round by round in turn in one process (load that changes "
+    "during the run falls on every model alike; speed-ups are per round, median and range), with each one's label "
+    "agreement with PyTorch fp32 and a fresh process's peak RAM on the largest volume. The networks have random weights "
     "(speed does not depend on them) and the topology, patch and preprocessing of a dataset's plan "
     "(`recokd plan DATASET` writes plans.json and network.json)."
 )
@@ -35,15 +37,16 @@ def run(args: argparse.Namespace) -> int:
     cases = group_cases(args.images)
     if not cases:
         raise ReCoKDError(f"{args.images} holds no images; give the folder of a dataset's images (e.g. imagesTs)")
-    volumes = [[read_image(p) for p in files] for _, files in list(cases.items())[: args.max_cases]]
+    volume_files = [files for _, files in list(cases.items())[: args.max_cases]]
     if args.threads:
         configure_cpu(args.threads)
     bundles = width_ladder(plans, topology, args.base_filters, args.max_filters, args.width_factors)
-    results = run_speed_benchmark(bundles, volumes, args.backends, threads=args.threads, repeats=args.repeats,
-                                  overlap=args.overlap, sw_batch_size=args.sw_batch)
-    shape = "x".join(str(n) for n in sitk.GetArrayViewFromImage(volumes[0][0]).shape)
-    caption = (f"{plans.dataset_name}: {len(volumes)} volume(s) (first {shape} voxels), patch "
-               f"{'x'.join(map(str, plans.patch_size))}, overlap {args.overlap}, {args.repeats} repeat(s)")
+    results = run_speed_benchmark(bundles, volume_files, args.backends, threads=args.threads, repeats=args.repeats,
+                                  overlap=args.overlap, sw_batch_size=args.sw_batch, precisions=args.precisions,
+                                  memory=not args.no_memory)
+    shape = "x".join(str(n) for n in sitk.GetArrayViewFromImage(read_image(volume_files[0][0])).shape)
+    caption = (f"{plans.dataset_name}: {len(volume_files)} volume(s) (first {shape} voxels), patch "
+               f"{'x'.join(map(str, plans.patch_size))}, overlap {args.overlap}, {args.repeats} round(s)")
     table = speed_table(results, caption)
     atomic_write_text(out / "speed.md", table + "\n")
     atomic_write_text(out / "speed.json", json.dumps([json_safe({**r.__dict__, "overhead": r.overhead})
@@ -62,10 +65,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-filters", dest="max_filters", type=int, default=320, help="teacher's filter cap (default 320)")
     p.add_argument("--width-factors", dest="width_factors", type=float, nargs="+", default=[4, 8],
                    help="students' R (default 4 8)")
-    p.add_argument("--backends", nargs="+", choices=["torch", "onnxruntime"], default=["torch", "onnxruntime"])
+    p.add_argument("--backends", nargs="+", choices=["torch", "onnxruntime", "openvino"], default=["torch", "onnxruntime"],
+                   help="engines to time (default torch onnxruntime; openvino needs pip install 'recokd[openvino]')")
+    p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32"],
+                   help="precisions to time each engine at (default fp32; bf16 runs on torch and openvino)")
+    p.add_argument("--no-memory", dest="no_memory", action="store_true",
+                   help="skip the peak-RAM measurement (a fresh process per model and engine)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     p.add_argument("--max-cases", dest="max_cases", type=int, default=2, help="volumes to time (default 2)")
-    p.add_argument("--repeats", type=int, default=2, help="timing repeats per volume, after a warm-up (default 2)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timing rounds; in each, every model segments every volume once, in turn (default 3)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
     p.add_argument("--sw-batch", dest="sw_batch", type=int, default=2, help="windows per forward pass (default 2)")
     p.add_argument("-o", "--output", default="recokd_speed", help="output folder (default ./recokd_speed)")

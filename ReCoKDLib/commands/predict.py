@@ -114,16 +114,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto (default): on the CPU, the engine timed faster for this model and these settings on "
                         "this machine (measured once, remembered; the ONNX graph is exported once and cached), "
-                        "PyTorch on CUDA; or torch / onnxruntime")
+                        "PyTorch on CUDA; or torch / onnxruntime / openvino (pip install 'recokd[openvino]')")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="fp32 (default) or bf16: PyTorch under bfloat16 autocast, faster on CPUs with bfloat16 "
-                        "instructions (LA2018 student: 1.85x, same Dice)")
+                   help="fp32 (default) or bf16: PyTorch under bfloat16 autocast or OpenVINO at bf16, faster on "
+                        "CPUs with bfloat16 instructions (LA2018 student: 1.85x, same Dice)")
     p.add_argument("--blend", choices=WINDOW_WEIGHTS,
                    help="weights of overlapping windows: gaussian (default), constant, nnunet (default for nnU-Net folders)")
     p.add_argument("--postprocess", choices=POSTPROCESSING,
                    help="keep only the largest connected component of the foreground or of each class "
                    "(default: the bundle's choice, else none)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: every core but one, so that a busy machine stays responsive)")
     p.add_argument("--registry", help="model registry JSON (for a model given by name; default $RECOKD_REGISTRY)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)

@@ -1,25 +1,29 @@
-"""Which engine runs a bundle's network in the predictor: PyTorch, or ONNX Runtime on the CPU.
+"""Which engine runs a bundle's network in the predictor: PyTorch, ONNX Runtime or OpenVINO (both CPU).
 
-What ``auto`` picks is measured, because neither engine wins everywhere (docs/results.md, "Inference
+What ``auto`` picks is measured, because no engine wins everywhere (docs/results.md, "Inference
 speed"): PyTorch's CPU convolution is slow for few-channel 3D convolutions at one window per call (a
 narrow student: 0.073 s per window against ONNX Runtime's 0.014 s) and faster from two windows on at
 ReCoKD's 64k-voxel patches, while at patches four times larger ONNX Runtime is faster for the teacher and
-for some students. So on the CPU, when ``onnxruntime`` (with ``onnx``, for the export) is installed,
-``auto`` runs ONNX Runtime for one window per call, and otherwise times one call of ``sw_batch_size``
-windows with each engine (after a warm-up, best of 3) the first time a bundle is run with those
-settings on this machine, and keeps the faster. The choice is remembered in ``<cache>/onnx/choices.json``
-(keyed by the graph's key, windows per call, threads and CPU), so later runs start at once. On CUDA, for
-nnU-Net folders and with bf16, ``auto`` is PyTorch.
+for some students; OpenVINO (the optional ``openvino`` extra) ran the shipped LA2018 student 1.33× faster
+than ONNX Runtime at fp32. So on the CPU ``auto`` times one call of ``sw_batch_size`` windows with each
+engine installed (after a warm-up, best of 3) the first time a bundle is run with those settings on this
+machine, and keeps the fastest; with only ONNX Runtime beside PyTorch, one window per call runs ONNX
+Runtime without timing. The choice is remembered in ``<cache>/onnx/choices.json`` (keyed by the graph's
+key, windows per call, threads, precision and CPU), so later runs start at once. On CUDA and for nnU-Net
+folders ``auto`` is PyTorch.
 
-``precision="bf16"`` runs the PyTorch network under bfloat16 autocast (CPU or CUDA): on the development
-machine it made the LA2018 student's whole prediction 1.85× faster with labels equal on 99.99 % of voxels
-and the same test Dice. It is not the default: its speed depends on the CPU having bfloat16 instructions.
+``precision="bf16"`` runs the PyTorch network under bfloat16 autocast (CPU or CUDA), or OpenVINO with its
+bf16 inference precision: on the development machine it made the LA2018 student's whole prediction 1.85×
+faster with labels equal on 99.99 % of voxels and the same test Dice. It is not the default: its speed
+depends on the CPU having bfloat16 instructions. OpenVINO's precision is always set explicitly, because
+its own default is bf16 wherever the CPU has it.
 
 The ONNX graph is exported once per bundle and cached in ``<cache>/onnx/<key>.onnx`` (the per-user model
-cache's sibling, see :func:`~ReCoKDLib.deployment.registry.default_cache_dir`). The key is the sha256 of
-everything the graph depends on: the network description, the weights, the opset and the torch version
-that traced it — a changed bundle never reuses a stale graph. The file is written atomically; one that
-does not load is exported again.
+cache's sibling, see :func:`~ReCoKDLib.deployment.registry.default_cache_dir`); OpenVINO reads that graph
+and keeps its compiled model in ``<cache>/onnx/openvino/``. The key is the sha256 of everything the graph
+depends on: the network description, the weights, the opset and the torch version that traced it — a
+changed bundle never reuses a stale graph. The file is written atomically; one that does not load is
+exported again.
 """
 
 from __future__ import annotations
@@ -35,11 +39,14 @@ from typing import Any, Callable
 import torch
 
 from ..errors import ReCoKDError
+from ..utils.runtime import OtherLoad, usable_cores
 
 __all__ = ["BACKENDS", "PRECISIONS", "Autocast", "onnx_cache_dir", "onnx_cache_key", "cached_onnx", "select_backend"]
 
-BACKENDS = ("auto", "torch", "onnxruntime")
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 PRECISIONS = ("fp32", "bf16")
+#: other processes' load (in cores) during auto's timing above which the choice is not kept for good
+BUSY_CORES = 0.5
 
 
 class Autocast(torch.nn.Module):
@@ -97,56 +104,91 @@ def cached_onnx(bundle: Any, cache_dir: str | Path | None = None) -> Path:
     return path
 
 
+def _engine_available(name: str) -> bool:
+    """Whether ``name`` can run here: PyTorch always; the others need their runtime and ``onnx`` (to export)."""
+    if name == "torch":
+        return True
+    try:
+        import onnx  # noqa: F401
+
+        if name == "onnxruntime":
+            import onnxruntime  # noqa: F401
+        else:
+            import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+#: the engines that can run each precision (ONNX Runtime's CPU kernels have no bf16 convolution)
+ENGINES_FOR_PRECISION = {"fp32": ("torch", "onnxruntime", "openvino"), "bf16": ("torch", "openvino")}
+_INSTALL = {"onnxruntime": "pip install 'recokd[export]'", "openvino": "pip install 'recokd[openvino]'"}
+
+
 def select_backend(bundle: Any, backend: str, device: torch.device, threads: int | None = None,
                    cache_dir: str | Path | None = None, log: Callable[[str], None] | None = None,
                    sw_batch_size: int = 1, precision: str = "fp32") -> tuple[Any, str]:
-    """``(network, name)``: the callable the sliding window runs and the backend chosen (``torch`` or
-    ``onnxruntime``) for ``backend`` (one of :data:`BACKENDS`), ``sw_batch_size`` windows per call and
-    ``precision`` (one of :data:`PRECISIONS`; ``bf16`` runs PyTorch).
+    """``(network, name)``: the callable the sliding window runs and the backend chosen (``torch``,
+    ``onnxruntime`` or ``openvino``) for ``backend`` (one of :data:`BACKENDS`), ``sw_batch_size`` windows per
+    call and ``precision`` (one of :data:`PRECISIONS`; ``bf16`` runs PyTorch or OpenVINO).
 
     Raises:
-        ReCoKDError: an unknown backend or precision; ``onnxruntime`` asked for where it cannot run (CUDA,
-            an nnU-Net folder, not installed, bf16), or a graph that cannot be exported or loaded.
+        ReCoKDError: an unknown backend or precision; an engine asked for where it cannot run (CUDA, an
+            nnU-Net folder, not installed, a precision it lacks), or a graph that cannot be exported or loaded.
     """
     if backend not in BACKENDS:
         raise ReCoKDError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if precision not in PRECISIONS:
         raise ReCoKDError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     is_bundle = hasattr(bundle, "weights") and hasattr(bundle, "spec")
+    say = log or (lambda m: None)
 
-    def torch_network() -> tuple[Any, str]:
-        net = bundle.build_network()
-        return (Autocast(net) if precision == "bf16" else net), "torch"
+    def build(name: str) -> Any:
+        if name == "torch":
+            net = bundle.build_network()
+            return Autocast(net) if precision == "bf16" else net
+        if name == "onnxruntime":
+            return _onnx_network(bundle, threads, cache_dir)
+        return _openvino_network(bundle, threads, precision, cache_dir)
 
     if backend == "auto":
-        if device.type != "cpu" or not is_bundle or precision != "fp32" or not _onnx_available():
-            return torch_network()
-        remembered = None if sw_batch_size <= 1 else _remembered_engine(bundle, sw_batch_size, threads, cache_dir)
-        if remembered == "torch":  # measured before: only the chosen engine is built
-            return torch_network()
-        try:
-            onnx_net = _onnx_network(bundle, threads, cache_dir)
-        except ReCoKDError as exc:  # auto falls back, and says why
-            (log or (lambda m: None))(f"ONNX Runtime unavailable for this model ({exc}); running it with PyTorch")
-            return torch_network()
-        if sw_batch_size <= 1 or remembered == "onnxruntime":
-            return onnx_net, "onnxruntime"
-        torch_net, _ = torch_network()
-        name = _faster_engine(bundle, {"torch": torch_net, "onnxruntime": onnx_net}, sw_batch_size, threads,
-                              cache_dir, log)
-        return (onnx_net if name == "onnxruntime" else torch_net), name
+        if device.type != "cpu" or not is_bundle:
+            return build("torch"), "torch"
+        candidates = [e for e in ENGINES_FOR_PRECISION[precision] if _engine_available(e)]
+        if candidates == ["torch"]:
+            return build("torch"), "torch"
+        remembered = _remembered_engine(bundle, sw_batch_size, threads, precision, cache_dir)
+        if remembered not in candidates and sw_batch_size <= 1 and candidates == ["torch", "onnxruntime"]:
+            remembered = "onnxruntime"  # measured: at one window per call ONNX Runtime wins (module docstring)
+        if remembered in candidates:  # measured before: only the chosen engine is built
+            try:
+                return build(remembered), remembered
+            except ReCoKDError as exc:  # auto falls back, and says why
+                say(f"{remembered} unavailable for this model ({exc}); running it with PyTorch")
+                return build("torch"), "torch"
+        networks = {}
+        for name in candidates:
+            try:
+                networks[name] = build(name)
+            except ReCoKDError as exc:
+                say(f"{name} unavailable for this model ({exc}); left out of auto's choice (PyTorch always runs)")
+        name = _faster_engine(bundle, networks, sw_batch_size, threads, precision, cache_dir, log) \
+            if len(networks) > 1 else "torch"
+        return networks[name], name
     if backend == "torch":
-        return torch_network()
-    if precision != "fp32":
-        raise ReCoKDError("--precision bf16 runs with PyTorch; use --backend torch or auto")
+        return build("torch"), "torch"
+    label = "ONNX Runtime" if backend == "onnxruntime" else "OpenVINO"
+    if backend not in ENGINES_FOR_PRECISION[precision]:
+        raise ReCoKDError(f"--precision {precision} does not run with {label}; use --backend "
+                          f"{' or '.join(ENGINES_FOR_PRECISION[precision])} or auto")
     if device.type != "cpu":
-        raise ReCoKDError(f"--backend onnxruntime runs on the CPU; use --device cpu, or --backend torch on {device.type}")
+        raise ReCoKDError(f"--backend {backend} runs on the CPU; use --device cpu, or --backend torch on {device.type}")
     if not is_bundle:
-        raise ReCoKDError(f"--backend onnxruntime runs ReCoKD bundles; {getattr(bundle, 'name', 'this model')} "
+        raise ReCoKDError(f"--backend {backend} runs ReCoKD bundles; {getattr(bundle, 'name', 'this model')} "
                           "is not one (use --backend torch)")
-    if not _onnx_available():
-        raise ReCoKDError("--backend onnxruntime needs onnx and onnxruntime: pip install 'recokd[export]'")
-    return _onnx_network(bundle, threads, cache_dir), "onnxruntime"
+    if not _engine_available(backend):
+        raise ReCoKDError(f"--backend {backend} needs onnx and {backend}: {_INSTALL[backend]}")
+    return build(backend), backend
 
 
 def _onnx_network(bundle: Any, threads: int | None, cache_dir: str | Path | None) -> Any:
@@ -160,10 +202,25 @@ def _onnx_network(bundle: Any, threads: int | None, cache_dir: str | Path | None
         return OnnxNetwork(cached_onnx(bundle, cache_dir), threads=threads or torch.get_num_threads())
 
 
-def _choice_key(bundle: Any, sw_batch_size: int, threads: int | None) -> str:
+def _openvino_network(bundle: Any, threads: int | None, precision: str, cache_dir: str | Path | None) -> Any:
+    """OpenVINO on the bundle's cached ONNX graph, its compiled model cached beside it (``openvino/``)."""
+    from .export import OpenVinoNetwork
+
+    folder = Path(cache_dir) if cache_dir is not None else onnx_cache_dir()
+    path = cached_onnx(bundle, cache_dir)
+    kwargs: dict[str, Any] = dict(threads=threads or torch.get_num_threads(), precision=precision,
+                                  cache_dir=folder / "openvino")
+    try:
+        return OpenVinoNetwork(path, **kwargs)
+    except ReCoKDError:  # a damaged cache file: export again, once
+        path.unlink(missing_ok=True)
+        return OpenVinoNetwork(cached_onnx(bundle, cache_dir), **kwargs)
+
+
+def _choice_key(bundle: Any, sw_batch_size: int, threads: int | None, precision: str = "fp32") -> str:
     cpu = platform.processor() or platform.machine()
     return f"{onnx_cache_key(bundle)}|windows={sw_batch_size}|threads={threads or torch.get_num_threads()}|" \
-           f"cpu={cpu}x{os.cpu_count()}"
+           f"precision={precision}|cpu={cpu}x{os.cpu_count()}"
 
 
 def seconds_per_call(network: Any, batch: torch.Tensor, repeats: int = 3) -> float:
@@ -188,28 +245,38 @@ def _choices(cache_dir: str | Path | None) -> tuple[Path, dict[str, Any]]:
     return path, choices if isinstance(choices, dict) else {}
 
 
-def _remembered_engine(bundle: Any, sw_batch_size: int, threads: int | None, cache_dir: str | Path | None) -> str | None:
+def _remembered_engine(bundle: Any, sw_batch_size: int, threads: int | None, precision: str,
+                       cache_dir: str | Path | None) -> str | None:
     """The engine measured faster earlier for this bundle and these settings on this machine, if any."""
-    known = _choices(cache_dir)[1].get(_choice_key(bundle, sw_batch_size, threads))
-    return known.get("backend") if isinstance(known, dict) else None
+    known = _choices(cache_dir)[1].get(_choice_key(bundle, sw_batch_size, threads, precision))
+    if not isinstance(known, dict) or known.get("busy"):  # timed on a busy machine: measure again
+        return None
+    return known.get("backend")
 
 
-def _faster_engine(bundle: Any, networks: dict[str, Any], sw_batch_size: int, threads: int | None,
+def _faster_engine(bundle: Any, networks: dict[str, Any], sw_batch_size: int, threads: int | None, precision: str,
                    cache_dir: str | Path | None, log: Callable[[str], None] | None) -> str:
     """The engine (a key of ``networks``) that runs one call of ``sw_batch_size`` windows faster on this
     machine, timed now and remembered in ``choices.json`` beside the ONNX graphs."""
     from ..utils.io import atomic_write_text
 
     path, choices = _choices(cache_dir)
-    key = _choice_key(bundle, sw_batch_size, threads)
+    key = _choice_key(bundle, sw_batch_size, threads, precision)
     generator = torch.Generator().manual_seed(0)
     batch = torch.randn((sw_batch_size, bundle.plans.num_channels, *bundle.plans.patch_size), generator=generator)
-    seconds = {name: seconds_per_call(net, batch) for name, net in networks.items()}
+    with OtherLoad() as load:
+        seconds = {name: seconds_per_call(net, batch) for name, net in networks.items()}
     chosen = min(seconds, key=seconds.get)
-    (log or (lambda m: None))(
-        "auto: " + ", ".join(f"{n} {t:.3f} s" for n, t in seconds.items())
-        + f" per call of {sw_batch_size} window(s) on this machine; running {chosen} (remembered in {path})")
-    choices[key] = {"backend": chosen, **{f"{n}_seconds": t for n, t in seconds.items()}}
+    busy = load.other_cores is not None and load.other_cores >= BUSY_CORES
+    say = log or (lambda m: None)
+    say("auto: " + ", ".join(f"{n} {t:.3f} s" for n, t in seconds.items())
+        + f" per call of {sw_batch_size} window(s) at {threads or torch.get_num_threads()} thread(s) on this machine; "
+        + f"running {chosen} (remembered in {path})")
+    if busy:
+        say(f"note: other processes kept {load.other_cores:.1f} of {usable_cores()} cores busy while timing; on a "
+            "quieter machine the choice may differ, so it is timed again next time")
+    choices[key] = {"backend": chosen, **{f"{n}_seconds": t for n, t in seconds.items()}, "busy": busy,
+                    "other_cores": load.other_cores}
     try:
         atomic_write_text(path, json.dumps(choices, indent=1, sort_keys=True) + "\n")
     except (OSError, ReCoKDError):  # a read-only or full cache only costs the measurement next time

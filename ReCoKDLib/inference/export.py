@@ -9,6 +9,8 @@ network's total stride).
 :class:`OnnxNetwork` wraps an ONNX Runtime CPU session as a callable taking and returning torch
 tensors, so it plugs into :class:`~ReCoKDLib.inference.predictor.Predictor` (``network=``) and the
 whole pipeline (preprocessing, sliding window, resampling back) is identical to PyTorch's.
+:class:`OpenVinoNetwork` does the same with Intel's OpenVINO runtime (the optional ``openvino`` extra),
+reading the same ONNX graph.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ..deployment.bundle import Bundle
 from ..errors import ReCoKDError
 from ..utils.io import WriteVerificationError, atomic_write
 
-__all__ = ["EXPORT_FORMATS", "export_torchscript", "export_onnx", "export_bundle", "OnnxNetwork", "sidecar_path"]
+__all__ = ["EXPORT_FORMATS", "export_torchscript", "export_onnx", "export_bundle", "OnnxNetwork", "OpenVinoNetwork", "sidecar_path"]
 
 EXPORT_FORMATS = ("onnx", "torchscript")
 _SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -138,3 +140,51 @@ class OnnxNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         out: Any = self.session.run(None, {self.input_name: x.detach().cpu().float().numpy()})[0]
         return torch.from_numpy(out).to(x.device)
+
+
+class OpenVinoNetwork(nn.Module):
+    """An ONNX model compiled and run by OpenVINO on the CPU, called like the PyTorch network:
+    (B, C, D, H, W) -> (B, K, D, H, W).
+
+    Args:
+        path: the ``.onnx`` file.
+        threads: inference threads (default: OpenVINO's, every core).
+        precision: ``"fp32"`` or ``"bf16"``. Always set explicitly, because OpenVINO's own default is bf16 on
+            CPUs that have bfloat16 instructions, which would silently change a model's outputs.
+        cache_dir: where OpenVINO keeps the compiled model (its ``CACHE_DIR``), so that a later process
+            skips the compilation; ``None``: no cache.
+    """
+
+    PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
+
+    def __init__(self, path: str | Path, threads: int | None = None, precision: str = "fp32",
+                 cache_dir: str | Path | None = None):
+        super().__init__()
+        try:
+            import openvino as ov
+        except ImportError:
+            raise ReCoKDError("running a model with OpenVINO needs openvino; install it with: pip install 'recokd[openvino]'") from None
+        if precision not in self.PRECISION_HINTS:
+            raise ReCoKDError(f"OpenVINO precision must be one of {', '.join(self.PRECISION_HINTS)}, got {precision!r}")
+        path = Path(path)
+        if not path.is_file():
+            raise ReCoKDError(f"ONNX model {path} does not exist; export one with recokd export-model BUNDLE --format onnx")
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": self.PRECISION_HINTS[precision]}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        if cache_dir is not None:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            config["CACHE_DIR"] = str(cache_dir)
+        try:
+            core = ov.Core()
+            # one compilation with a dynamic batch: the sliding window's last call may carry fewer windows
+            self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
+            raise ReCoKDError(f"OpenVINO cannot load {path}: {' '.join(str(exc).split())[:160]}") from None
+        # what the compiled model runs at, read back from OpenVINO ("fp32" / "bf16")
+        running = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        self.precision = {"f32": "fp32", "bf16": "bf16"}.get(running, running)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out: Any = self.compiled(x.detach().cpu().float().numpy())[0]
+        return torch.from_numpy(out.astype("float32", copy=False)).to(x.device)

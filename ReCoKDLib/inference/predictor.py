@@ -47,7 +47,7 @@ from ..utils.io import atomic_write_image
 from .postprocessing import POSTPROCESSING, postprocess_labels
 from .backends import BACKENDS, PRECISIONS, select_backend
 from .sliding_window import WINDOW_WEIGHTS, predict_logits
-from ..utils.runtime import resolve_device
+from ..utils.runtime import inference_threads, resolve_device
 
 __all__ = [
     "Predictor",
@@ -190,7 +190,8 @@ class Predictor:
         sw_batch_size: windows per forward pass.
         mirror_tta: average the logits over the mirror images along ``mirror_axes`` (2^n × slower).
         mirror_axes: spatial axes (0 = D, 1 = H, 2 = W) to mirror when ``mirror_tta``.
-        threads: CPU threads for torch (process-wide); ``None`` keeps torch's setting.
+        threads: CPU threads (torch's are process-wide); ``None``: on the CPU, every usable core but one
+            (:func:`~ReCoKDLib.utils.runtime.inference_threads`), elsewhere torch's setting.
         progress: ``True`` for a tqdm bar over windows on stderr, or a callable ``progress(fraction)``
             (fraction in 0..1, e.g. for a 3D Slicer progress dialog), or ``False``.
         network: run this module instead of the bundle's network (same inputs and outputs; e.g. an
@@ -246,13 +247,15 @@ class Predictor:
             raise ReCoKDError(f"overlap must be in [0, 1), got {overlap}")
         if sw_batch_size < 1:
             raise ReCoKDError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+        if any(a not in (0, 1, 2) for a in mirror_axes):
+            raise ReCoKDError(f"mirror axes must be among 0, 1, 2 (D, H, W), got {list(mirror_axes)}")
+        self.device = resolve_device(device)
+        if threads is None and self.device.type == "cpu":
+            threads = inference_threads()  # one core left free (see its docstring)
         if threads is not None:
             if threads < 1:
                 raise ReCoKDError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(int(threads))
-        if any(a not in (0, 1, 2) for a in mirror_axes):
-            raise ReCoKDError(f"mirror axes must be among 0, 1, 2 (D, H, W), got {list(mirror_axes)}")
-        self.device = resolve_device(device)
         self.overlap = float(overlap)
         self.sw_batch_size = int(sw_batch_size)
         self.mirror_axes = self._tta_axes(tuple(mirror_axes)) if mirror_tta else ()

@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     checks.add_argument("--ask", action="store_true",
                         help="stop with CHECK lines (status 3) when the input is unlike the training data")
     checks.add_argument("--force", action="store_true", help="skip the input checks")
-    s.add_argument("--threads", type=int, help="CPU threads")
+    s.add_argument("--threads", type=int, help="CPU threads (default: every core but one)")
     s.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto (default: on the CPU the engine timed faster for this model, measured once), "
                         "torch or onnxruntime")

@@ -282,22 +282,28 @@ def fastest_rows(latency: Sequence[dict]) -> dict[str, dict]:
 
 def latency_table(latency: Sequence[dict]) -> str:
     """Markdown table of the latency benchmark, one row per model and backend: parameters, FLOPs of one
-    patch, seconds per volume, the speed-up against the teacher on the same backend and on its fastest,
-    and the predictor's overhead against a bare MONAI ``sliding_window_inference`` call."""
+    patch, seconds per volume, the speed-up against the teacher on the same backend (per timing round, median
+    and range, where the rows have rounds) and on its fastest, a fresh process's peak RAM, and the
+    predictor's overhead against a bare MONAI ``sliding_window_inference`` call."""
+    from ..benchmarks.inference import ratio_text, round_ratios
+
     if not latency:
         return ""
     teachers = {r.get("backend", "torch"): r for r in latency if r.get("role") == "teacher"}
     best_teacher = min(teachers.values(), key=lambda r: r["seconds_per_volume"]) if teachers else None
-    head = ["model", "backend", "params", "GFLOPs/patch", "s/volume", "× vs teacher (same backend)",
-            "× vs teacher (its best)", "bare MONAI s", "overhead"]
+    head = ["model", "backend", "params", "GFLOPs/patch", "s/volume", "× vs teacher (same backend) [range]",
+            "× vs teacher (its best)", "peak RAM MB", "bare MONAI s", "overhead"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in latency:
         same = teachers.get(r.get("backend", "torch"))
         sec, plain = r["seconds_per_volume"], r.get("plain_monai_seconds") or math.nan
+        ratios = round_ratios(same.get("round_seconds") or [], r.get("round_seconds") or []) if same else []
+        ram = r.get("peak_ram_mb")
         row = [r.get("model") or r["name"], r.get("backend", "torch"), f"{r['parameters']:,}",
                f"{r['flops'] / 1e9:.2f}", f"{sec:.3f}",
-               f"{same['seconds_per_volume'] / sec:.1f}×" if same else "–",
+               (ratio_text(ratios) if ratios else f"{same['seconds_per_volume'] / sec:.1f}×") if same else "–",
                f"{best_teacher['seconds_per_volume'] / sec:.1f}×" if best_teacher else "–",
+               f"{ram:.0f}" if isinstance(ram, (int, float)) and math.isfinite(ram) else "–",
                f"{plain:.3f}" if math.isfinite(plain) else "–",
                f"{100 * (sec / plain - 1):+.1f} %" if math.isfinite(plain) and plain > 0 else "–"]
         lines.append("| " + " | ".join(row) + " |")
