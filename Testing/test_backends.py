@@ -308,3 +308,95 @@ def test_auto_says_when_other_processes_loaded_the_machine_while_timing(cache, m
     assert record["busy"] is True and record["other_cores"] >= 0.5
     runs = len(timed)
     assert select_backend(bundle, "auto", cpu, sw_batch_size=2)[1] == "onnxruntime" and len(timed) == 2 * runs
+
+
+# -- precision auto and the bundle's check case ---------------------------------------------------------
+
+
+def _la_bundle_with_check(shared_data):
+    from ReCoKDLib.deployment.bundle import with_check_case
+
+    bundle = load_bundle(MODELS / "la2018-left-atrium.recokd")
+    image = sorted((shared_data / "LA2018-lowres" / "imagesTs").glob("*_0000.nii.gz"))[0]
+    label = shared_data / "LA2018-lowres" / "labelsTs" / image.name.replace("_0000.nii.gz", ".nii.gz")
+    return with_check_case(bundle, [image], label)
+
+
+def test_a_check_case_travels_with_the_bundle_and_is_checked_on_load(shared_data, tmp_path):
+    from ReCoKDLib.deployment.check_case import read_check_case
+
+    bundle = _la_bundle_with_check(shared_data)
+    image, labels = read_check_case(bundle.check)
+    assert image.shape == (1, 1, *bundle.plans.patch_size) and labels.shape == tuple(bundle.plans.patch_size)
+    assert 0.01 < float(labels.float().mean()) < 0.99  # centred on the atrium: both classes in the window
+    for target in (tmp_path / "b.recokd", tmp_path / "folder"):
+        again = load_bundle(bundle.save(target))
+        assert again.check == bundle.check and "check.safetensors" in again.manifest["files"]
+    # a damaged check member is refused like any other member
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "b.recokd") as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    damaged = bytearray(members["check.safetensors"])
+    damaged[-100] ^= 0xFF
+    members["check.safetensors"] = bytes(damaged)
+    with zipfile.ZipFile(tmp_path / "bad.recokd", "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    with pytest.raises(ReCoKDError, match="check.safetensors does not match its sha256"):
+        load_bundle(tmp_path / "bad.recokd")
+    (tmp_path / "folder" / "check.safetensors").unlink()
+    with pytest.raises(ReCoKDError, match="lacks check.safetensors, which its bundle.json lists"):
+        load_bundle(tmp_path / "folder")
+
+
+def test_precision_auto_runs_bf16_only_where_the_check_case_agrees(shared_data, cache, monkeypatch):
+    from safetensors.numpy import load, save
+
+    from ReCoKDLib.deployment import check_case
+    from ReCoKDLib.inference.backends import resolve_precision
+    from ReCoKDLib.utils import runtime
+
+    cpu, said = torch.device("cpu"), []
+    bundle = _la_bundle_with_check(shared_data)
+    monkeypatch.setattr(runtime, "native_bf16", lambda: True)  # the decision below is the check's, on any CPU
+    assert resolve_precision(bundle, "auto", cpu, log=said.append) == "bf16"
+    assert "running bf16" in said[-1] and "(torch)" in said[-1] and "(openvino)" in said[-1]
+    (record,) = [v for k, v in json.loads((cache / "choices.json").read_text()).items() if k.startswith("precision|")]
+    assert record["precision"] == "bf16" and record["torch_agreement"] >= 0.999
+    # remembered: not checked again on this machine
+    calls = []
+    monkeypatch.setattr(check_case, "label_agreement", lambda *a, **k: calls.append(a) or 0.0)
+    assert Predictor(bundle, device="cpu", backend="torch", precision="auto").precision == "bf16" and calls == []
+    monkeypatch.undo()
+    # a model whose bf16 labels differ (here: check labels that disagree with its fp32 ones) stays fp32
+    tensors = load(bundle.check)
+    tensors["labels"] = (1 - tensors["labels"]).astype(np.uint8)
+    bundle.check = save(tensors)
+    monkeypatch.setattr(runtime, "native_bf16", lambda: True)
+    assert resolve_precision(bundle, "auto", cpu, log=said.append) == "fp32" and "running fp32" in said[-1]
+    # no check case, no native bf16, another device: fp32, and it says why
+    bundle.check = None
+    assert resolve_precision(bundle, "auto", cpu, log=said.append) == "fp32" and "no check case" in said[-1]
+    monkeypatch.setattr(runtime, "native_bf16", lambda: False)
+    assert resolve_precision(_la_bundle_with_check(shared_data), "auto", cpu, log=said.append) == "fp32"
+    assert "no native bfloat16" in said[-1]
+    assert resolve_precision(bundle, "bf16", cpu) == "bf16"  # asked for: as asked
+
+
+def test_export_adds_a_check_case_from_the_runs_dataset(tmp_path):
+    from bundle_helpers import make_run
+
+    from ReCoKDLib.data.phantom import generate_dataset, save_dataset_nnunet
+    from ReCoKDLib.deployment.bundle import bundle_from_run
+    from ReCoKDLib.deployment.check_case import read_check_case
+
+    dataset = save_dataset_nnunet(generate_dataset(2, seed=3, shape=(32, 32, 32)), tmp_path / "Dataset902_Check")
+    run = make_run(tmp_path / "run")
+    description = json.loads((run / "run.json").read_text())
+    assert bundle_from_run(run).check is None  # no dataset recorded: no check case, nothing fails
+    description.update(dataset=str(dataset), val_cases=["case_001"])
+    (run / "run.json").write_text(json.dumps(description))
+    bundle = bundle_from_run(run)
+    image, labels = read_check_case(bundle.check)
+    assert image.shape[2:] == tuple(bundle.plans.patch_size) and labels.shape == tuple(bundle.plans.patch_size)

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..inference.backends import BACKENDS, PRECISIONS
+    from ..inference.backends import BACKENDS, PRECISION_CHOICES
     from ..inference.postprocessing import POSTPROCESSING
     from ..inference.sliding_window import WINDOW_WEIGHTS
     from ..utils.outputs import OVERWRITE_HELP
@@ -115,9 +115,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="auto (default): on the CPU, the engine timed faster for this model and these settings on "
                         "this machine (measured once, remembered; the ONNX graph is exported once and cached), "
                         "PyTorch on CUDA; or torch / onnxruntime / openvino (pip install 'recokd[openvino]')")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="fp32 (default) or bf16: PyTorch under bfloat16 autocast or OpenVINO at bf16, faster on "
-                        "CPUs with bfloat16 instructions (LA2018 student: 1.85x, same Dice)")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32",
+                   help="fp32 (default); bf16: PyTorch under bfloat16 autocast or OpenVINO at bf16, faster on CPUs "
+                        "with bfloat16 instructions (LA2018 student: 1.85x, same Dice); auto: bf16 where the CPU has "
+                        "it natively and the model's check case is labelled as at fp32 on >= 99.9 %% of voxels "
+                        "(checked once per machine), else fp32")
     p.add_argument("--blend", choices=WINDOW_WEIGHTS,
                    help="weights of overlapping windows: gaussian (default), constant, nnunet (default for nnU-Net folders)")
     p.add_argument("--postprocess", choices=POSTPROCESSING,

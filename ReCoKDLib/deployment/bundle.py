@@ -15,6 +15,9 @@ Members (a flat layout; nothing else is allowed):
     spacing, normalisation per channel, patch size, channel names, labels).
 ``weights.safetensors``
     the weights (safetensors: tensors only, never pickled code).
+``check.safetensors`` (optional)
+    the check case: one window of a real image and the network's fp32 labels of it, against which a
+    cheaper arithmetic is checked before it is used (:mod:`~ReCoKDLib.deployment.check_case`).
 
 Loading is defensive because bundles are downloaded: member names must be plain top-level names
 (no absolute paths, no ``..``, no symlinks), only ``.json`` and ``.safetensors`` members are read
@@ -35,7 +38,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from .. import __version__
 from ..data.augmentation import trained_mirror_axes
@@ -66,6 +69,7 @@ _BOMB_MIN_BYTES = 64 * 1024**2
 _BOMB_RATIO = 100
 MANIFEST = "bundle.json"
 MEMBERS = ("network.json", "plans.json", "weights.safetensors")
+OPTIONAL_MEMBERS = ("check.safetensors",)
 ALLOWED_SUFFIXES = (".json", ".safetensors")
 
 # a fixed timestamp makes identical bundles byte-identical (reproducible builds, stable sha256)
@@ -120,6 +124,7 @@ class Bundle:
     plans: Plans
     weights: bytes
     source: Path | None = field(default=None, compare=False)
+    check: bytes | None = field(default=None, compare=False)  # check.safetensors, when the bundle has one
 
     # -- convenient views ---------------------------------------------------------------------
     @property
@@ -201,6 +206,8 @@ class Bundle:
             "plans.json": (self.plans.to_json() + "\n").encode("utf-8"),
             "weights.safetensors": self.weights,
         }
+        if self.check is not None:
+            members["check.safetensors"] = self.check
         manifest = dict(self.manifest)
         manifest["files"] = {name: _sha256(data) for name, data in members.items()}
         validate_manifest(manifest, "the bundle being written")
@@ -233,16 +240,17 @@ class Bundle:
         if zipped:
             def write_zip(tmp: Path) -> None:
                 with zipfile.ZipFile(tmp, "w") as zf:
-                    for name in (MANIFEST, *MEMBERS):
+                    for name in (MANIFEST, *(m for m in (*MEMBERS, *OPTIONAL_MEMBERS) if m in members)):
                         info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
-                        # weights are dense floats: deflating them costs time and saves little
-                        info.compress_type = zipfile.ZIP_STORED if name.endswith(".safetensors") else zipfile.ZIP_DEFLATED
+                        # weights are dense floats: deflating them costs time and saves little (the check
+                        # case's labels deflate well)
+                        info.compress_type = zipfile.ZIP_STORED if name == "weights.safetensors" else zipfile.ZIP_DEFLATED
                         info.external_attr = (stat.S_IFREG | 0o644) << 16
                         zf.writestr(info, members[name])
 
             def read_back(tmp: Path) -> None:
                 with zipfile.ZipFile(tmp) as zf:
-                    if zf.testzip() is not None or sorted(zf.namelist()) != sorted((MANIFEST, *MEMBERS)):
+                    if zf.testzip() is not None or sorted(zf.namelist()) != sorted(members):
                         raise WriteVerificationError("the written bundle does not read back whole")
 
             atomic_write(path, write_zip, verify=read_back)
@@ -263,7 +271,7 @@ def _save_folder(path: Path, members: dict[str, bytes]) -> None:
     aside = path.with_name(f".{uuid.uuid4().hex[:8]}-p{os.getpid()}.earlier.{path.name}")
     try:
         staging.mkdir(parents=True)
-        for name in (*MEMBERS, MANIFEST):
+        for name in (*(m for m in members if m != MANIFEST), MANIFEST):
             data = members[name]
             atomic_write(staging / name, lambda tmp, data=data: tmp.write_bytes(data), expected_size=len(data))
         if path.exists():  # an earlier bundle (checked by save) or an empty folder
@@ -295,7 +303,7 @@ def _is_bundle_file(path: Path) -> bool:
 def _is_bundle_folder(path: Path) -> bool:
     """Whether folder ``path`` holds an earlier folder bundle and nothing else (a partial one counts)."""
     names = {p.name for p in path.iterdir() if not p.name.startswith(".")}
-    return bool(names) and names <= {MANIFEST, *MEMBERS}
+    return bool(names) and names <= {MANIFEST, *MEMBERS, *OPTIONAL_MEMBERS}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -347,7 +355,7 @@ def _read_zip(path: Path, max_bytes: int) -> dict[str, bytes]:
         out: dict[str, bytes] = {}
         total = 0
         for info in infos:
-            if info.filename not in (MANIFEST, *MEMBERS):
+            if info.filename not in (MANIFEST, *MEMBERS, *OPTIONAL_MEMBERS):
                 continue  # unknown .json/.safetensors members (future additions) are not read
             # the declared size can lie: read at most what is left of the budget, plus one byte
             try:
@@ -380,7 +388,7 @@ def _read_folder(path: Path, max_bytes: int) -> dict[str, bytes]:
         _check_member_name(entry.name, path)
         if entry.resolve().parent != root:
             raise ReCoKDError(f"bundle {path} member {entry.name!r} resolves outside the bundle; refusing to load it")
-        if entry.name not in (MANIFEST, *MEMBERS):
+        if entry.name not in (MANIFEST, *MEMBERS, *OPTIONAL_MEMBERS):
             continue
         total += entry.stat().st_size
         if total > max_bytes:
@@ -427,13 +435,23 @@ def load_bundle(path: str | Path, max_bytes: int = MAX_BUNDLE_BYTES) -> Bundle:
             raise ReCoKDError(f"bundle {path} lacks {name}; re-export the model with recokd export")
         if _sha256(members[name]) != manifest["files"][name]:
             raise ReCoKDError(f"bundle {path}: {name} does not match its sha256 in {MANIFEST} (corrupt or tampered); re-download or re-export it")
+    check = None
+    for name in OPTIONAL_MEMBERS:  # listed in the manifest: present and intact, or the bundle is refused
+        if name in manifest["files"]:
+            if name not in members:
+                raise ReCoKDError(f"bundle {path} lacks {name}, which its {MANIFEST} lists; re-export the model")
+            if _sha256(members[name]) != manifest["files"][name]:
+                raise ReCoKDError(f"bundle {path}: {name} does not match its sha256 in {MANIFEST} (corrupt or "
+                                  "tampered); re-download or re-export it")
+            check = members[name]
     spec = UNetSpec.from_dict(_json_member(members, "network.json", path))
     plans = Plans.from_dict(_json_member(members, "plans.json", path), source=f"bundle {path} plans.json")
     from ..models.weights import check_finite_weight_bytes
 
     # weights of a diverged training predict background everywhere: refused on load, not on the user's images
     check_finite_weight_bytes(members["weights.safetensors"], f"bundle {path} weights.safetensors")
-    bundle = Bundle(manifest=manifest, spec=spec, plans=plans, weights=members["weights.safetensors"], source=path)
+    bundle = Bundle(manifest=manifest, spec=spec, plans=plans, weights=members["weights.safetensors"], source=path,
+                    check=check)
     _check_consistency(bundle, str(path))
     return bundle
 
@@ -565,6 +583,45 @@ def bundle_from_run(
     bundle = Bundle(manifest=manifest, spec=spec, plans=plans, weights=weights_path.read_bytes(), source=None)
     validate_manifest(manifest, f"the bundle of run {run_dir}")
     _check_consistency(bundle, str(run_dir))
+    bundle.check = _check_case_of_run(run, bundle)
+    return bundle
+
+
+def _check_case_of_run(run: dict[str, Any], bundle: Bundle) -> bytes | None:
+    """The check case (:mod:`.check_case`) from the run's first validation case (else its first training
+    case), when the run's dataset is still reachable; ``None`` otherwise (``--precision auto`` then keeps
+    fp32 for this model)."""
+    dataset = run.get("dataset")
+    if not dataset:
+        return None
+    try:
+        from ..data.datasets import load_case, open_dataset
+        from .check_case import make_check_case
+
+        info = open_dataset(dataset)
+        records = {r.case_id: r for r in info.training}
+        wanted = [c for c in (run.get("val_cases") or []) + (run.get("train_cases") or []) if c in records]
+        record = records[wanted[0]] if wanted else (info.training[0] if info.training else None)
+        return make_check_case(bundle, load_case(record, info)) if record is not None else None
+    except Exception:  # best effort: a moved dataset only costs the check case
+        return None
+
+
+def with_check_case(bundle: Bundle, image_files: Sequence[str | Path], label_file: str | Path | None = None) -> Bundle:
+    """``bundle`` with a check case (:mod:`.check_case`) made from one image (one file per channel, in the
+    orientation the model was trained in) and, optionally, its label map (which centres the window)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from ..data.datasets import LoadedCase, read_image
+    from ..utils.geometry import ImageGeometry
+    from .check_case import make_check_case
+
+    images = [read_image(p) for p in image_files]
+    array = np.stack([sitk.GetArrayFromImage(i).astype(np.float32) for i in images])
+    label = sitk.GetArrayFromImage(read_image(label_file)).astype(np.uint8) if label_file is not None else None
+    case = LoadedCase(image=array, label=label, geometry=ImageGeometry.of(images[0]), case_id=Path(image_files[0]).name)
+    bundle.check = make_check_case(bundle, case)
     return bundle
 
 
@@ -648,4 +705,4 @@ def bundle_bytes(bundle: Bundle) -> bytes:
     return data
 
 
-__all__ += ["bundle_from_network", "open_model", "bundle_bytes"]
+__all__ += ["bundle_from_network", "open_model", "bundle_bytes", "with_check_case"]

@@ -41,10 +41,12 @@ import torch
 from ..errors import ReCoKDError
 from ..utils.runtime import OtherLoad, usable_cores
 
-__all__ = ["BACKENDS", "PRECISIONS", "Autocast", "onnx_cache_dir", "onnx_cache_key", "cached_onnx", "select_backend"]
+__all__ = ["BACKENDS", "PRECISIONS", "PRECISION_CHOICES", "resolve_precision", "Autocast", "onnx_cache_dir", "onnx_cache_key", "cached_onnx", "select_backend"]
 
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 PRECISIONS = ("fp32", "bf16")
+#: what ``--precision`` accepts: a precision, or ``auto`` (:func:`resolve_precision`)
+PRECISION_CHOICES = ("auto", *PRECISIONS)
 #: other processes' load (in cores) during auto's timing above which the choice is not kept for good
 BUSY_CORES = 0.5
 
@@ -189,6 +191,56 @@ def select_backend(bundle: Any, backend: str, device: torch.device, threads: int
     if not _engine_available(backend):
         raise ReCoKDError(f"--backend {backend} needs onnx and {backend}: {_INSTALL[backend]}")
     return build(backend), backend
+
+
+def resolve_precision(bundle: Any, precision: str, device: torch.device, threads: int | None = None,
+                      cache_dir: str | Path | None = None, log: Callable[[str], None] | None = None) -> str:
+    """``fp32`` or ``bf16`` for ``precision`` (one of :data:`PRECISION_CHOICES`).
+
+    ``auto`` is bf16 only where it is both fast and safe for this model: on the CPU, when the CPU computes
+    bfloat16 natively (:func:`~ReCoKDLib.utils.runtime.native_bf16`) and the bundle's check case
+    (:mod:`~ReCoKDLib.deployment.check_case`) is labelled as at fp32 on at least 99.9 % of its voxels by every
+    installed engine that runs bf16; fp32 otherwise (other devices, no native bf16, a bundle without a
+    check case, an nnU-Net folder). The check runs once per bundle and machine and is remembered in
+    ``choices.json`` beside the ONNX graphs, with the agreement it measured.
+    """
+    if precision != "auto":
+        return precision
+    from ..deployment.check_case import AGREEMENT, label_agreement
+    from ..utils.runtime import cpu_flags, native_bf16
+
+    say = log or (lambda m: None)
+    check = getattr(bundle, "check", None)
+    if device.type != "cpu" or not native_bf16() or check is None:
+        why = ("on the CPU only" if device.type != "cpu" else "this CPU has no native bfloat16" if not native_bf16()
+               else "the model has no check case to test bf16 on")
+        say(f"precision auto: fp32 ({why})")
+        return "fp32"
+    path, choices = _choices(cache_dir)
+    key = f"precision|{onnx_cache_key(bundle)}|cpu={cpu_flags()[0]}"
+    known = choices.get(key)
+    if isinstance(known, dict) and known.get("precision") in PRECISIONS:
+        return known["precision"]
+    engines = {"torch": Autocast(bundle.build_network())}
+    if _engine_available("openvino"):
+        try:
+            engines["openvino"] = _openvino_network(bundle, threads, "bf16", cache_dir)
+        except ReCoKDError:
+            pass  # OpenVINO cannot run this model: auto will not pick it either
+    where = f"bundle {getattr(bundle, 'source', None) or getattr(bundle, 'name', '')}"
+    agreement = {name: label_agreement(net, check, where) for name, net in engines.items()}
+    chosen = "bf16" if min(agreement.values()) >= AGREEMENT else "fp32"
+    say("precision auto: bf16 labels the model's check case as fp32 does on "
+        + ", ".join(f"{100 * a:.3f} % ({n})" for n, a in agreement.items())
+        + f" of its voxels (needs ≥ {100 * AGREEMENT:.1f} %); running {chosen} (remembered in {path})")
+    choices[key] = {"precision": chosen, **{f"{n}_agreement": a for n, a in agreement.items()}}
+    try:
+        from ..utils.io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(choices, indent=1, sort_keys=True) + "\n")
+    except (OSError, ReCoKDError):  # a read-only cache only costs the check next time
+        pass
+    return chosen
 
 
 def _onnx_network(bundle: Any, threads: int | None, cache_dir: str | Path | None) -> Any:

@@ -45,7 +45,7 @@ from ..utils.geometry import IDENTITY_DIRECTION, ImageGeometry
 from ..utils.geometry import lps_geometry_from_ijk_to_ras as geometry_from_ijk_to_ras
 from ..utils.io import atomic_write_image
 from .postprocessing import POSTPROCESSING, postprocess_labels
-from .backends import BACKENDS, PRECISIONS, select_backend
+from .backends import BACKENDS, PRECISION_CHOICES, resolve_precision, select_backend
 from .sliding_window import WINDOW_WEIGHTS, predict_logits
 from ..utils.runtime import inference_threads, resolve_device
 
@@ -208,8 +208,10 @@ class Predictor:
             (on the CPU, the engine timed faster for this bundle and settings, once per machine; else
             PyTorch); see :mod:`ReCoKDLib.inference.backends`.
             ``self.backend`` is the one chosen.
-        precision: ``"fp32"`` (default) or ``"bf16"`` (PyTorch under bfloat16 autocast; faster on CPUs with
-            bfloat16 instructions; see :mod:`ReCoKDLib.inference.backends`).
+        precision: ``"fp32"`` (default), ``"bf16"`` (PyTorch under bfloat16 autocast, or OpenVINO at bf16;
+            faster on CPUs with bfloat16 instructions) or ``"auto"`` (bf16 where the CPU has it natively and
+            the bundle's check case agrees; see :func:`~ReCoKDLib.inference.backends.resolve_precision`).
+            ``self.precision`` is the one used.
         blend: how overlapping windows are weighted: ``"gaussian"`` (default), ``"constant"`` (plain mean) or
             ``"nnunet"`` (nnU-Net's Gaussian; the default for nnU-Net folders).
 
@@ -266,9 +268,12 @@ class Predictor:
         if backend not in BACKENDS:
             raise ReCoKDError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         # the network is built (and an ONNX graph exported) on first use: a refused input costs nothing
-        if precision not in PRECISIONS:
-            raise ReCoKDError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        self._requested_backend, self._threads, self.precision = backend, threads, precision
+        if precision not in PRECISION_CHOICES:
+            raise ReCoKDError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
+        self._requested_backend, self._threads = backend, threads
+        # auto: bf16 where the CPU has it and the model's check case agrees (resolve_precision)
+        self.precision = resolve_precision(self.bundle, precision, self.device, threads, log=self.log) \
+            if network is None else ("fp32" if precision == "auto" else precision)
         self._network, self._backend = (network, "custom") if network is not None else (None, None)
         if backend == "torch":
             self.network  # noqa: B018 - cheap, and checks the weights fit before any input is read
