@@ -251,6 +251,15 @@ def test_distilling_an_nnunet_teacher_gives_a_working_bundle(nnunet, tmp_path, c
     assert code == 0, capsys.readouterr().err
     info = json.loads((run / "run.json").read_text())
     assert (info["teacher_kind"], info["teacher_folds"], info["method"]) == ("nnunet", "0,1", "recokd")
+    # without --teacher-folds: one fold, and it says why and how to ask for the ensemble
+    one = tmp_path / "student_one_fold"
+    code = main(["distill", str(nnunet / "raw" / DATASET), "--teacher", str(nnunet / "results" / DATASET),
+                 "-o", str(one), "--cache", str(tmp_path / "cache"), "--epochs", "1", "--iters-per-epoch", "2",
+                 "--val-max-cases", "1", "--threads", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert json.loads((one / "run.json").read_text())["teacher_folds"] == "0"
+    assert "fold 0 of folds 0, 1 (one fold by default" in err and "--teacher-folds every" in err
     assert json.loads((run / "plans.json").read_text())["planner"]["source"] == "nnU-Net v2"
     assert main(["export", str(run), "-o", str(bundle)]) == 0
     image_file = nnunet / "raw" / DATASET / "imagesTr" / "phantom_001_0000.nii.gz"

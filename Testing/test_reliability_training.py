@@ -457,6 +457,46 @@ def test_a_run_that_diverges_stops_in_one_line_and_keeps_its_last_good_checkpoin
     assert json.loads((run / "run.json").read_text())["epochs_completed"] == 1
 
 
+@pytest.mark.parametrize("where", ["training", "validation"])
+def test_running_out_of_memory_is_one_line_naming_a_smaller_setting_and_the_checkpoint(where, dataset, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """An injected out-of-memory error (CUDA's in a training step; the CPU allocator's in validation): one
+    line with the patch, the batch, a smaller batch, and the checkpoint that holds the epoch trained so far
+    (written before validation); the run then resumes to the end."""
+    from ReCoKDLib.training.loop import EpochTrainer
+
+    real_step, real_validate = EpochTrainer.train_step, EpochTrainer.validate
+
+    def step(self, images, labels):
+        if where == "training" and self.step == 2:  # the first iteration of epoch 2
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(self, images, labels)
+
+    def validate(self):
+        if where == "validation" and self.step == 4:  # the end of epoch 2
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory")
+        return real_validate(self)
+
+    monkeypatch.setattr(EpochTrainer, "train_step", step)
+    monkeypatch.setattr(EpochTrainer, "validate", validate)
+    run = tmp_path / "run"
+    command = ["train", str(dataset), "-o", str(run), "--cache", str(tmp_path / "cache"), *TINY, *SMALL_PLAN,
+               "--base-filters", "8", "--epochs", "3", "--iters-per-epoch", "2", "--batch-size", "2"]
+    assert main(command) == 2
+    line = _error_line(capsys)
+    during, saved = ("training at iteration 3", 2) if where == "training" else ("validating", 4)
+    assert f"ran out of memory while {during}" in line and "(patch [16, 32, 32], batch 2)" in line, line
+    assert f"the work up to iteration {saved} is in {run / 'checkpoint_latest.pt'}" in line, line
+    assert "--batch-size 1 (half the activations)" in line, line
+    assert torch.load(run / "checkpoint_latest.pt", weights_only=True)["step"] == saved
+    monkeypatch.undo()
+    assert main([*command, "--resume"]) == 0
+    assert (run / "model_final.safetensors").is_file()
+    # every epoch validated and logged once, the interrupted one included
+    history = torch.load(run / "checkpoint_latest.pt", weights_only=True)["history"]
+    assert [row["epoch"] for row in history] == [1, 2, 3] and all("dice_mean" in row for row in history)
+
+
 # --------------------------------------------------------------------------------------------------
 # 3. datasets whose labels hold only background
 

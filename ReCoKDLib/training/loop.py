@@ -293,6 +293,16 @@ def _dist_info() -> tuple[int, int, int]:
 # the loop
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is running out of memory: CUDA's ``OutOfMemoryError``, Python's ``MemoryError``, or
+    the CPU allocator's (and MPS's) ``RuntimeError``."""
+    if isinstance(exc, MemoryError) or isinstance(exc, getattr(torch.cuda, "OutOfMemoryError", ())):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
+                                              or "defaultcpuallocator" in text)
+
+
 class EpochTrainer:
     """Train ``module`` on ``data`` for ``config.epochs × config.iters_per_epoch`` iterations.
 
@@ -470,6 +480,7 @@ class EpochTrainer:
             "epoch_count": self.epoch_count,
             "epoch_seconds": self.epoch_seconds,
             "history": self.history,
+            "epoch_end_pending": getattr(self, "_epoch_end_pending", None),
             "best": self.best,
             "config": self.config.to_dict(),
         }
@@ -507,6 +518,28 @@ class EpochTrainer:
                         f"(epoch {max(self.step - 1, 0) // self.config.iters_per_epoch + 1}); the training diverged "
                         f"and was stopped, {self._kept()}; lower --lr")
 
+    def out_of_memory(self, during: str) -> ReCoKDError:
+        """The one-line error for running out of memory ``during`` training or validation: the patch and
+        batch, a smaller setting more likely to fit, and the checkpoint that holds the work so far."""
+        c = self.config
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        where = "the GPU" if self.device.type == "cuda" else "this machine"
+        if c.batch_size > 1:
+            smaller = f"--batch-size {c.batch_size // 2} (half the activations)"
+        else:  # halve the largest axis: about half the activations, still a multiple of the old patch's stride
+            axis = int(np.argmax(c.patch_size))
+            patch = list(c.patch_size)
+            step = math.gcd(*patch)
+            patch[axis] = max(step, (patch[axis] // 2) // step * step)
+            smaller = f"--patch-size {' '.join(map(str, patch))} (about half the activations)"
+        checkpoint = self.run_dir / "checkpoint_latest.pt"
+        kept = (f"the work up to iteration {self._saved_step} is in {checkpoint} (--resume continues it where more "
+                "memory is free)") if checkpoint.is_file() else "no checkpoint was written yet"
+        return ReCoKDError(f"{self.name}: {where} ran out of memory while {during} at iteration {self.step + 1} "
+                           f"(patch {list(c.patch_size)}, batch {c.batch_size}); {kept}; or start a new run with "
+                           f"{smaller}")
+
     def resume(self, path: str | Path | None = None) -> None:
         ckpt = load_checkpoint(path or self.run_dir / "checkpoint_latest.pt")
         if ckpt.get("format") != CHECKPOINT_FORMAT:
@@ -534,6 +567,7 @@ class EpochTrainer:
         self.epoch_sums = dict(ckpt["epoch_sums"])
         self.epoch_count = int(ckpt["epoch_count"])
         self.epoch_seconds = float(ckpt["epoch_seconds"])
+        self._epoch_end_pending = ckpt.get("epoch_end_pending")  # saved before a validation that did not finish
 
     # -- logs (the RunLogger owns the files) ---------------------------------------------------
     def write_run_json(self) -> None:
@@ -559,7 +593,17 @@ class EpochTrainer:
         if self.is_main:
             validate = bool(self.val_cases) and c.val_every > 0 and ((epoch + 1) % c.val_every == 0 or epoch + 1 == c.epochs)
             if validate:
-                val = self.validate()
+                # the epoch's training is kept before validation, which can run out of memory on whole cases;
+                # a run resumed from this checkpoint does this epoch's end (validation, logs) first
+                self._epoch_end_pending = [epoch, lr]
+                self.save_checkpoint("latest")
+                self._epoch_end_pending = None
+                try:
+                    val = self.validate()
+                except Exception as exc:
+                    if is_out_of_memory(exc):
+                        raise self.out_of_memory("validating (whole cases, sliding window)") from None
+                    raise
                 row.update({f"dice_{n}": d for n, d in val["dice_per_class"].items()})
                 row["dice_mean"] = val["dice_mean"]
                 score = val["dice_mean"] if math.isfinite(val["dice_mean"]) else -1.0
@@ -595,6 +639,10 @@ class EpochTrainer:
         stop = total
         if stop_after_epochs:
             stop = min(total, (self.step // ipe + stop_after_epochs) * ipe)
+        pending = getattr(self, "_epoch_end_pending", None)
+        if pending:  # resumed from the checkpoint written before an epoch's validation: finish that epoch first
+            self._epoch_end_pending = None
+            self.on_epoch_end(int(pending[0]), float(pending[1]))
         self.module.train()
         loader = batch_loader(self.data, self.step, stop, c.num_workers)
         bar = tqdm(total=total, initial=self.step, desc=self.name, disable=not self.progress, dynamic_ncols=True,
@@ -603,7 +651,13 @@ class EpochTrainer:
         for images, labels in loader:
             epoch = self.step // ipe
             lr = self.learning_rate(self.step)
-            terms = self.train_step(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
+            try:
+                terms = self.train_step(images.to(self.device, non_blocking=True),
+                                        labels.to(self.device, non_blocking=True))
+            except Exception as exc:
+                if is_out_of_memory(exc):
+                    raise self.out_of_memory("training") from None
+                raise
             for k, v in terms.items():
                 self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v
             self.epoch_count += 1
@@ -625,6 +679,10 @@ class EpochTrainer:
         return self.history
 
     def finish(self) -> None:
+        pending = getattr(self, "_epoch_end_pending", None)
+        if pending:  # the last epoch's validation did not finish before the run was resumed
+            self._epoch_end_pending = None
+            self.on_epoch_end(int(pending[0]), float(pending[1]))
         self.require_finite_weights()
         if self.is_main:
             save_weights(self.ema_net, self.run_dir / "model_final.safetensors")

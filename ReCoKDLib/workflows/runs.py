@@ -490,9 +490,14 @@ def _nnunet_model_folder(path: str | Path) -> Path:
         return Path(path)
 
 
+#: what one more fold of an nnU-Net teacher costs a distillation step (issue 33: five folds, ~3.5x slower)
+ENSEMBLE_COST = "every fold runs forward at every step: five folds made a step ~3.5x slower"
+
+
 def _parse_folds(text: str | None) -> list[str] | None:
-    """``--teacher-folds``: ``"0"``, ``"0,1,2"`` or ``"all"`` (nnU-Net's fold_all); ``None``: every numbered fold."""
-    if text is None:
+    """``--teacher-folds``: ``"0"``, ``"0,1,2"``, ``"all"`` (nnU-Net's fold_all) or ``"every"``; ``None`` (as
+    ``"every"``): every numbered fold."""
+    if text is None or str(text).strip() == "every":
         return None
     folds = [f.strip() for f in str(text).split(",") if f.strip()]
     if not folds or any(not (f.isdigit() or f == "all") for f in folds):
@@ -652,6 +657,12 @@ def _run(run_spec: RunSpec, device: torch.device, rank: int, world: int) -> int:
             # an nnU-Net v2 model: its own plans preprocess the data, its topology is the student's template
             nnunet_teacher = open_nnunet_model(teacher_run, _parse_folds(run_spec.teacher_folds),
                                                run_spec.teacher_checkpoint or "final")
+            found = list(nnunet_teacher.checkpoints)
+            if run_spec.teacher_folds is None and len(found) > 1:
+                # one fold by default: the ensemble's cost is every step's, its gain only the targets'
+                _tell(f"nnU-Net teacher: fold {found[0]} of folds {', '.join(found)} (one fold by default; "
+                     f"{ENSEMBLE_COST}; --teacher-folds every distils from their ensemble)")
+                nnunet_teacher = open_nnunet_model(teacher_run, found[:1], run_spec.teacher_checkpoint or "final")
             teacher_run = nnunet_teacher.folder
             plans, teacher_spec = plans_from_nnunet(nnunet_teacher), nnunet_teacher.unet_spec()
             _check_teacher_data(dataset, plans, teacher_run)
