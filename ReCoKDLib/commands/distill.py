@@ -46,6 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="learning rate of the adapters and KD terms relative to the student's (default 1)")
     p.add_argument("--width-factor", dest="width_factor", type=float,
                    help="student channels = teacher's / R, at least 8 (default 4)")
+    p.add_argument("--student-spacing-factor", dest="student_spacing_factor", type=int, choices=[1, 2, 4, 8],
+                   help="a fast student: it works at this many times the teacher's spacing (its own coarser plan, patch "
+                        "and topology; the teacher sees each patch upsampled, its outputs averaged back as soft targets, "
+                        "feature taps paired by resolution); predictions are resampled back to the input grid as always "
+                        "(default 1)")
     p.add_argument("--unlabeled", nargs="+", metavar="DIR",
                    help="folders of scans without labels (one file per case, or <case>_0000, _0001, ... per channel; or a "
                         "dataset folder, whose labels are not read): the teacher labels them once and they join the training")

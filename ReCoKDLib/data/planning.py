@@ -525,3 +525,71 @@ def plan_experiment(
     )
     plans.check_network(spec)
     return PlannedExperiment(plans, spec)
+
+
+def coarser_plans(plans: Plans, teacher: UNetSpec, factor: int, min_feature_size: int | None = None
+                  ) -> tuple[Plans, UNetSpec, Triple]:
+    """The plan and network of a fast student that works at ``factor``× its teacher's spacing.
+
+    The student sees the same field of view as the teacher in each patch, at a coarser grid: along every
+    axis whose teacher patch is a multiple of ``factor`` and keeps at least 8 voxels after it, the spacing
+    is multiplied by ``factor`` and the patch divided by it (other axes, e.g. the few slices of a cine-MRI
+    stack, keep their spacing). Its topology is the teacher's with the down-samplings the coarser grid
+    already made removed (each coarsened axis loses its first stride-2 levels), so that its levels meet the
+    teacher's at equal grids for the feature terms; where that leaves fewer than 3 levels, it is planned
+    for the patch and spacing (nnU-Net's rules). Its channels are the teacher's first levels' (the caller
+    makes it narrower with :meth:`UNetSpec.student`).
+
+    Returns:
+        ``(plans, spec, scale)``: the student's plan (spacing, patch, median shape; ``planner`` records
+        ``spacing_factor`` and ``teacher_scale``), its network at the teacher's widths, and the per-axis
+        scale (D, H, W) from the student's grid to the teacher's.
+
+    Raises:
+        ReCoKDError: ``factor`` < 1, or no axis can be coarsened.
+    """
+    if factor not in (1, 2, 4, 8):  # the networks down-sample by 2: only then do their levels meet at equal grids
+        raise ReCoKDError(f"--student-spacing-factor must be 1, 2, 4 or 8, got {factor}")
+    factor = int(factor)
+    if factor == 1:
+        return plans, teacher, (1, 1, 1)
+    min_feature = int(min_feature_size or plans.planner.get("min_feature_size", 4))
+    scale = tuple(factor if p % factor == 0 and p // factor >= 8 and m // factor >= 8 else 1
+                  for p, m in zip(plans.patch_size, plans.median_shape))
+    if scale == (1, 1, 1):
+        raise ReCoKDError(f"no axis of the patch {list(plans.patch_size)} can be coarsened {factor}x (each needs a "
+                          f"multiple of {factor} that keeps >= 8 voxels); use a smaller --student-spacing-factor")
+    patch = [p // s for p, s in zip(plans.patch_size, scale)]
+    spacing = tuple(t * s for t, s in zip(plans.target_spacing, scale))
+    kernels, strides = _coarsened_topology(teacher, scale)
+    if len(strides) < 3:
+        kernels, strides = plan_topology(patch, spacing, teacher.num_levels, min_feature)
+    while len(strides) > 3 and any(p % d for p, d in zip(patch, _divisor(strides))):
+        kernels, strides = kernels[:-1], strides[:-1]
+    if len(strides) < 3 or any(p % d for p, d in zip(patch, _divisor(strides))):
+        raise ReCoKDError(f"the coarsened patch {patch} does not divide into a U-Net of 3 levels; use another "
+                          "--student-spacing-factor or --patch-size")
+    spec = replace(teacher, kernel_sizes=tuple(kernels), strides=tuple(strides),
+                   filters=tuple(teacher.filters[: len(strides)]), name=f"{teacher.name}-x{factor}")
+    planner = {**plans.planner, "spacing_factor": factor, "teacher_scale": list(scale)}
+    student = replace(plans, target_spacing=spacing, patch_size=tuple(patch),  # type: ignore[arg-type]
+                      median_shape=tuple(max(m // s, 1) for m, s in zip(plans.median_shape, scale)),  # type: ignore[arg-type]
+                      planner=planner)
+    student.check_network(spec)
+    return student, spec, scale  # type: ignore[return-value]
+
+
+def _coarsened_topology(teacher: UNetSpec, scale: Sequence[int]) -> tuple[list[Triple], list[Triple]]:
+    """The teacher's kernels and strides with log2(scale) of each axis's first stride-2 levels taken out
+    (the coarser grid made those down-samplings already); levels left with no down-sampling are dropped."""
+    remove = [int(round(math.log2(s))) for s in scale]
+    kernels, strides = [tuple(teacher.kernel_sizes[0])], [(1, 1, 1)]
+    for kernel, stride in zip(teacher.kernel_sizes[1:], teacher.strides[1:]):
+        new = list(stride)
+        for a in range(3):
+            if new[a] == 2 and remove[a] > 0:
+                new[a], remove[a] = 1, remove[a] - 1
+        if any(v > 1 for v in new):
+            kernels.append(tuple(kernel))
+            strides.append(tuple(new))
+    return kernels, strides  # type: ignore[return-value]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ReCoKDError
@@ -54,6 +56,13 @@ class Distiller(nn.Module):
 
     ``L = L_seg + λ(t) · Σ_terms L_term``, with λ(t) warmed up linearly (:func:`linear_warmup`).
 
+    A student at a coarser grid than its teacher (``teacher_scale`` > 1 along an axis: a fast student at
+    2× the teacher's spacing) sees the patch at its grid; the teacher sees it upsampled by ``teacher_scale``
+    (trilinear), so both cover the same field of view. Taps are then paired by resolution rather than in
+    order (a student tap with the teacher tap whose stride is ``teacher_scale`` times its own; unpaired taps
+    are left out), and the teacher's logits reach the student's grid as the log of their softmax averaged
+    over each ``teacher_scale`` block: soft targets that keep the partial-volume information hard labels lose.
+
     Args:
         teacher, student: segmentation networks (B, C_in, D, H, W) → logits (B, K, D, H, W); in training
             mode the student may return a list of deep-supervision outputs (full resolution first).
@@ -68,6 +77,7 @@ class Distiller(nn.Module):
         alpha: level-weight decay, ``w_k ∝ 2^(-3αk)``.
         term_options: keyword options per term, e.g. ``{"msard": {"temperature": 0.5}}``.
         seg_loss: the segmentation loss (default Dice + CE with deep supervision).
+        teacher_scale: (D, H, W) factors from the student's grid to the teacher's (default 1, 1, 1).
     """
 
     def __init__(
@@ -84,9 +94,14 @@ class Distiller(nn.Module):
         alpha: float = 0.4,
         term_options: Mapping[str, Mapping] | None = None,
         seg_loss: nn.Module | None = None,
+        teacher_scale: Sequence[int] = (1, 1, 1),
     ):
         super().__init__()
-        if len(teacher_taps) != len(student_taps):
+        self.teacher_scale = tuple(int(v) for v in teacher_scale)
+        scaled = self.teacher_scale != (1, 1, 1)
+        if len(self.teacher_scale) != 3 or min(self.teacher_scale) < 1:
+            raise ReCoKDError(f"teacher_scale must be 3 whole numbers >= 1, got {list(teacher_scale)}")
+        if len(teacher_taps) != len(student_taps) and not scaled:
             raise ReCoKDError(f"{len(teacher_taps)} teacher taps but {len(student_taps)} student taps; pair them")
         term_names, default_lambda = resolve_method(method)
         self.method = method if isinstance(method, str) else "+".join(method)
@@ -102,14 +117,24 @@ class Distiller(nn.Module):
         self.teacher_taps = FeatureTaps(teacher, teacher_taps)
         self.student_taps = FeatureTaps(student, student_taps)
         shape = tuple(probe_shape) if probe_shape is not None else _default_probe_shape(teacher)
-        self.teacher_info: list[TapInfo] = self.teacher_taps.probe(shape)
-        self.student_info: list[TapInfo] = self.student_taps.probe(shape)
-        for t, s in zip(self.teacher_info, self.student_info):
-            if t.stride != s.stride:
-                raise ReCoKDError(
-                    f"teacher tap {t.name!r} (stride {t.stride}) and student tap {s.name!r} (stride {s.stride}) "
-                    "are at different resolutions; pair taps level by level"
-                )
+        if scaled:
+            shape = _scaled_probe_shape(shape, student, self.teacher_scale)
+        teacher_info = self.teacher_taps.probe(_times(shape, self.teacher_scale))
+        student_info = self.student_taps.probe(shape)
+        if scaled:  # paired by resolution: the teacher's stride is the scale times the student's
+            pairs = [(i, j) for j, s in enumerate(student_info) for i, t in enumerate(teacher_info)
+                     if tuple(t.stride) == tuple(a * b for a, b in zip(s.stride, self.teacher_scale))]
+        else:
+            pairs = list(zip(range(len(teacher_info)), range(len(student_info))))
+            for t, s in zip(teacher_info, student_info):
+                if t.stride != s.stride:
+                    raise ReCoKDError(
+                        f"teacher tap {t.name!r} (stride {t.stride}) and student tap {s.name!r} (stride {s.stride}) "
+                        "are at different resolutions; pair taps level by level"
+                    )
+        self._pairs = pairs
+        self.teacher_info: list[TapInfo] = [teacher_info[i] for i, _ in pairs]
+        self.student_info: list[TapInfo] = [student_info[j] for _, j in pairs]
 
         self.level_weights = make_level_weights(len(self.teacher_info), alpha)
         context = KDContext(
@@ -119,6 +144,9 @@ class Distiller(nn.Module):
             level_weights=tuple(self.level_weights),
         )
         self.kd_terms = build_kd_terms(term_names, context, term_options)
+        if not pairs and any(not getattr(t, "needs_logits", False) for t in self.kd_terms.values()):
+            raise ReCoKDError(f"no student tap meets a teacher tap at an equal grid (teacher scale "
+                              f"{list(self.teacher_scale)}); choose a logit method (e.g. --method logit) or other taps")
         users = [t for t in self.kd_terms.values() if getattr(t, "needs_adapter", False)]
         bias = any(getattr(t, "adapter_bias", True) for t in users)
         self.adapters = nn.ModuleList(
@@ -173,7 +201,7 @@ class Distiller(nn.Module):
             teacher_logits = None
             if len(self.kd_terms) or special:
                 with torch.no_grad():
-                    teacher_logits = self.teacher(images)
+                    teacher_logits = self._teacher_logits(images)
             seg_labels = kd_labels = labels
             if special:
                 guess = teacher_logits.argmax(1, keepdim=True).to(labels.dtype)
@@ -190,9 +218,19 @@ class Distiller(nn.Module):
         loss = terms["seg"] + lam * sum(kd) if kd else terms["seg"]
         return DistillOutput(loss=loss, terms=terms, kd_weight=lam, student_output=student_out)
 
+    def _teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits on the student's grid (see the class docstring for a scaled teacher)."""
+        if self.teacher_scale == (1, 1, 1):
+            return self.teacher(images)
+        upsampled = F.interpolate(images, scale_factor=self.teacher_scale, mode="trilinear", align_corners=False)
+        probabilities = torch.softmax(self.teacher(upsampled).float(), dim=1)
+        pooled = F.avg_pool3d(probabilities, kernel_size=self.teacher_scale, stride=self.teacher_scale)
+        return torch.log(pooled.clamp_min(1e-8))
+
     def _kd_terms(self, labels, student_out, teacher_logits) -> dict[str, torch.Tensor]:
-        teacher_feats = [f.detach() for f in self.teacher_taps.features()]
-        student_feats = self.student_taps.features()
+        all_teacher, all_student = self.teacher_taps.features(), self.student_taps.features()
+        teacher_feats = [all_teacher[i].detach() for i, _ in self._pairs]
+        student_feats = [all_student[j] for _, j in self._pairs]
         for t, s in zip(teacher_feats, student_feats):
             if t.shape[2:] != s.shape[2:]:
                 raise ReCoKDError(
@@ -227,6 +265,19 @@ def _adapter(student_channels: int, teacher_channels: int, bias: bool) -> nn.Mod
     if student_channels == teacher_channels:
         return nn.Identity()
     return nn.Conv3d(student_channels, teacher_channels, kernel_size=1, bias=bias)
+
+
+def _times(shape: Sequence[int], scale: Sequence[int]) -> tuple[int, ...]:
+    return (*shape[:2], *(int(n) * int(s) for n, s in zip(shape[2:], scale)))
+
+
+def _scaled_probe_shape(teacher_shape: Sequence[int], student: nn.Module, scale: Sequence[int]) -> tuple[int, ...]:
+    """A student input shape that divides by the student's strides and that, times ``scale``, is a multiple
+    of the teacher's probe grid (which divides by the teacher's strides)."""
+    spec = getattr(student, "spec", None)
+    student_div = spec.divisor if spec is not None else (1, 1, 1)
+    spatial = [math.lcm(int(d), int(t) // math.gcd(int(t), int(s))) for t, s, d in zip(teacher_shape[2:], scale, student_div)]
+    return (*teacher_shape[:2], *spatial)
 
 
 def _default_probe_shape(teacher: nn.Module) -> tuple[int, ...]:

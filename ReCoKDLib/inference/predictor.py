@@ -492,8 +492,11 @@ class Predictor:
         small, large = fp.get("min_shape_after_crop"), fp.get("max_shape_after_crop")
         if small and large:
             extent = [n * s for n, s in zip(shape, spacing)]
-            top = [float(m) * t for m, t in zip(large, plans.target_spacing)]
-            bottom = [float(m) * t for m, t in zip(small, plans.target_spacing)]
+            # the training cases' shapes are in their own voxels: their spacing (the fingerprint's median), not
+            # the model's target spacing, makes them millimetres (a fast student's target spacing is coarser)
+            voxel = fp.get("median_spacing") or plans.target_spacing
+            top = [float(m) * t for m, t in zip(large, voxel)]
+            bottom = [float(m) * t for m, t in zip(small, voxel)]
             wide = [i for i in range(3) if extent[i] > top[i] * INPUT_CHECKS["extent_factor"]]
             narrow = [i for i in range(3) if extent[i] < bottom[i] / INPUT_CHECKS["extent_factor"]]
             if wide:

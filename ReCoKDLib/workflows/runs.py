@@ -31,7 +31,7 @@ from ..data.datasets import DatasetInfo, open_dataset
 from ..data.fingerprint import compute_fingerprint
 from ..data.loader import AugmentConfig, PatchBatches
 from ..data.nnunet_plans import plans_from_nnunet
-from ..data.planning import PLANNER_DEFAULTS, Plans, plan_experiment
+from ..data.planning import PLANNER_DEFAULTS, Plans, coarser_plans, plan_experiment
 from ..data.preprocessing import load_preprocessed, preprocess_dataset
 from ..data.validation import require_valid
 from ..deployment.registry import sha256_file
@@ -317,6 +317,7 @@ class RunSpec:
     warmup_fraction: float = 0.6
     unlabeled: tuple[str, ...] = ()  # student: folders of unlabelled scans the teacher labels
     labeled_cases_file: str | None = None  # student: only these training cases keep their labels
+    student_spacing_factor: int = 1  # student: works at this many times the teacher's spacing (a fast student)
     training: dict[str, Any] = field(default_factory=dict)
     resume: bool = False
     stop_after_epochs: int | None = None
@@ -351,7 +352,8 @@ class RunSpec:
                             warmup_fraction=args.warmup_fraction, teacher_folds=args.teacher_folds,
                             teacher_checkpoint=args.teacher_checkpoint,
                             unlabeled=tuple(args.unlabeled) if args.unlabeled else None,
-                            labeled_cases_file=args.labeled_cases)
+                            labeled_cases_file=args.labeled_cases,
+                            student_spacing_factor=getattr(args, "student_spacing_factor", None))
         given = {k: v for k, v in identity.items() if v is not None}
         spec = cls(role=role, dataset=args.dataset, output=args.output, cache=args.cache, training=training,
                    resume=args.resume, stop_after_epochs=args.stop_after_epochs, progress=not args.no_progress,
@@ -403,6 +405,7 @@ class RunSpec:
             temperature=kd.get("temperature"), warmup_fraction=kd.get("warmup_fraction", 0.6),
             teacher_folds=saved.get("teacher_folds"), teacher_checkpoint=saved.get("teacher_checkpoint"),
             unlabeled=tuple(saved.get("unlabeled") or ()), labeled_cases_file=saved.get("labeled_cases_file"),
+            student_spacing_factor=int(saved.get("student_spacing_factor") or 1),
             training={**saved["config"], **resumable},
         )
 
@@ -420,8 +423,10 @@ class RunSpec:
             "temperature": kd.get("temperature"), "warmup_fraction": kd.get("warmup_fraction"),
             "teacher_folds": saved.get("teacher_folds"), "teacher_checkpoint": saved.get("teacher_checkpoint"),
             "unlabeled": saved.get("unlabeled") or [], "labeled_cases_file": saved.get("labeled_cases_file"),
+            "student_spacing_factor": saved.get("student_spacing_factor") or 1,
         }
         flags = {"val_cases_file": "--val-cases", "width_factor": "--width-factor", "lambda_max": "--lambda-max",
+                 "student_spacing_factor": "--student-spacing-factor",
                  "warmup_fraction": "--warmup-fraction", "teacher_folds": "--teacher-folds",
                  "teacher_checkpoint": "--teacher-checkpoint", "labeled_cases_file": "--labeled-cases"}
         changed = []
@@ -682,6 +687,12 @@ def _run(run_spec: RunSpec, device: torch.device, rank: int, world: int) -> int:
             plans = Plans.load(teacher_run / "plans.json")
             teacher_spec = UNetSpec.from_json((teacher_run / "network.json").read_text())
         root = results_root(dataset.name, run_spec.cache)
+        student_topology, teacher_scale = teacher_spec, (1, 1, 1)
+        if run_spec.student_spacing_factor != 1:  # a fast student: its own, coarser plan and topology
+            if run_spec.unlabeled or run_spec.labeled_cases_file:
+                raise ReCoKDError("--student-spacing-factor does not combine with --unlabeled or --labeled-cases yet "
+                                  "(the teacher's labels of unlabeled scans are made on the teacher's grid)")
+            plans, student_topology, teacher_scale = coarser_plans(plans, teacher_spec, run_spec.student_spacing_factor)
         if _is_main():
             preprocess_dataset(dataset, plans, root, progress=progress)
         _barrier()
@@ -705,9 +716,12 @@ def _run(run_spec: RunSpec, device: torch.device, rank: int, world: int) -> int:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-    _check_patch(config.patch_size, teacher_spec)
+    scale = teacher_scale if role == "student" else (1, 1, 1)
+    _check_patch(tuple(p * s for p, s in zip(config.patch_size, scale)), teacher_spec)
+    topology = student_topology if role == "student" else teacher_spec
+    _check_patch(config.patch_size, topology)
     # before the cases are loaded and the run folder written: a patch too large gets the process killed later
-    trained_spec = teacher_spec if role == "teacher" else teacher_spec.student(float(run_spec.width_factor))
+    trained_spec = teacher_spec if role == "teacher" else topology.student(float(run_spec.width_factor))
     check_training_memory(trained_spec, config.patch_size, config.batch_size, device,
                           teacher=teacher_spec if role == "student" else None,
                           half_precision=bool(config.amp and device.type == "cuda"),
@@ -755,10 +769,11 @@ def _run(run_spec: RunSpec, device: torch.device, rank: int, world: int) -> int:
             teacher = build_unet(teacher_spec)
             load_weights(teacher, teacher_run / "model_best.safetensors")
             tap_names_t, probe = dynunet_tap_names(teacher_spec, taps), None
-        spec = teacher_spec.student(width_factor)
+        spec = student_topology.student(width_factor)
         network = build_unet(spec)
         distiller = Distiller(teacher, network, tap_names_t, dynunet_tap_names(spec, taps), num_classes, method,
-                              probe_shape=probe, lambda_max=lam_arg, warmup_fraction=warmup, term_options=term_options)
+                              probe_shape=probe, lambda_max=lam_arg, warmup_fraction=warmup, term_options=term_options,
+                              teacher_scale=teacher_scale)
         lambda_max = distiller.lambda_max
         module = DistillTrainModule(distiller)
         teacher_sha256 = _teacher_sha256(teacher_run, nnunet_teacher)
@@ -818,6 +833,9 @@ def _run(run_spec: RunSpec, device: torch.device, rank: int, world: int) -> int:
         "labeled_cases": train_ids if role == "student" and run_spec.labeled_cases_file else None,
         "unlabeled_cases": len(unlabeled_ids),
         "teacher_labels": str(targets.folder) if targets is not None else None,
+        # a fast student: its grid is the teacher's coarsened by these factors (D, H, W)
+        "student_spacing_factor": run_spec.student_spacing_factor if role == "student" else None,
+        "teacher_scale": list(teacher_scale) if role == "student" else None,
         "world_size": world,
         "metrics": {},
     }
