@@ -111,7 +111,7 @@ def test_config_errors_name_the_problem(tmp_path):
         load_config(bad)
     bad.write_text(json.dumps({"datasets": {"a": {"phantom": {}}}, "students": {"s": {"method": "none"}},
                                "latency": {"backends": ["torch", "tensorrt"]}}))
-    with pytest.raises(ReCoKDError, match=r"latency.backends must list distinct engines from \['torch', 'onnxruntime'\]"):
+    with pytest.raises(ReCoKDError, match=r"latency.backends must list distinct engines from \['torch', 'onnxruntime', 'openvino'\]"):
         load_config(bad)
     bad.write_text("{not json")
     with pytest.raises(ReCoKDError, match="not readable JSON"):
@@ -416,3 +416,19 @@ def test_label_scarce_report_compares_kd_with_teacher_labels_alone_and_plots_dic
     half = 4.302653 * np.std([0.70, 0.74, 0.72], ddof=1) / np.sqrt(3)  # t_{0.975, 2}
     assert point["high"] - point["mean"] == pytest.approx(half, rel=1e-4)
     assert labeled_figure(labeled_numbers(load_config(cfg), found), tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_fast_student_variant_passes_its_spacing_factor_and_pairs_with_its_own_baseline(tmp_path):
+    from ReCoKDLib.workflows.study import plan_jobs
+    from ReCoKDLib.workflows.study_report import kd_counterpart_of
+
+    students = {"none": {"method": "none"}, "recokd": {"method": "recokd"},
+                "none-x2": {"method": "none", "student_spacing_factor": 2},
+                "recokd-x2": {"method": "recokd", "student_spacing_factor": 2}}
+    assert kd_counterpart_of("recokd-x2", students) == "none-x2" and kd_counterpart_of("recokd", students) == "none"
+    cfg = tmp_path / "study.json"
+    cfg.write_text(json.dumps({"datasets": {"P": {"phantom": {}}}, "students": students, "seeds": [0],
+                               "latency": {"enabled": False}}))
+    jobs = {j.name: j for j in plan_jobs(load_config(cfg), tmp_path / "out")}
+    text = json.dumps(jobs["P/recokd-x2_s0"].spec)
+    assert '"--student-spacing-factor", "2"' in text and "--student-spacing-factor" not in json.dumps(jobs["P/recokd_s0"].spec)

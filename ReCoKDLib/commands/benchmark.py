@@ -51,8 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-kd", dest="no_kd", help="name of the student without KD (default: method none)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     p.add_argument("--threads", type=int, help="CPU threads for every model (default: torch's)")
-    p.add_argument("--repeats", type=int, default=3, help="timing repeats (median; default 3)")
-    p.add_argument("--backends", nargs="+", choices=["torch", "onnxruntime", "auto"],
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timing rounds; in each, every model segments every volume once, in turn (median; default 3)")
+    p.add_argument("--backends", nargs="+", choices=["torch", "onnxruntime", "openvino", "auto"],
                    help="run every model with each of these engines (default torch; e.g. --backends torch onnxruntime)")
     p.add_argument("--max-cases", dest="max_cases", type=int, help="use at most this many cases")
     p.add_argument("-o", "--output", default="recokd_benchmark", help="output folder (default ./recokd_benchmark)")

@@ -17,7 +17,7 @@ What runs (see ``configs/study.json`` for a full config):
   ``DIR/data/`` on first use (``train_cases`` for training, ``test_cases`` as its test set);
 - ablation variants on one dataset; a latency benchmark per dataset (run alone, nothing in parallel):
   the teacher and the ``latency.students`` of seed 0 on ``latency.max_cases`` cases, each model with
-  each of ``latency.backends`` (default ``["torch"]``; ``["torch", "onnxruntime"]`` times both).
+  each of ``latency.backends`` (default ``["torch"]``; ``["torch", "onnxruntime", "openvino"]`` times each).
 
 Every job is ``recokd train``/``recokd distill … --resume`` in a subprocess, followed by scoring the
 run's final EMA weights with the same :class:`~ReCoKDLib.inference.Predictor` users run (Dice, HD95,
@@ -55,7 +55,7 @@ __all__ = ["StudyConfig", "Job", "load_config", "plan_jobs", "run_study", "cv_fo
 
 STUDY_VERSION = 1
 METHOD_KEYS = {"method", "lambda_max", "taps", "width_factor", "temperature", "warmup_fraction", "adapter_lr_scale",
-               "unlabeled", "unlabeled_fraction", "teacher_targets", "teacher_confidence"}
+               "unlabeled", "unlabeled_fraction", "teacher_targets", "teacher_confidence", "student_spacing_factor"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,8 +234,8 @@ def load_config(path: str | Path) -> StudyConfig:
     latency = dict(raw.get("latency", {}))
     backends = latency.get("backends", ["torch"])
     if (not isinstance(backends, list) or not backends or len(set(backends)) != len(backends)
-            or set(backends) - {"torch", "onnxruntime"}):
-        raise ReCoKDError(f"{where}: latency.backends must list distinct engines from ['torch', 'onnxruntime'] "
+            or set(backends) - {"torch", "onnxruntime", "openvino"}):
+        raise ReCoKDError(f"{where}: latency.backends must list distinct engines from ['torch', 'onnxruntime', 'openvino'] "
                           f"(each model is timed with each), got {backends!r}")
     return StudyConfig(
         name=str(raw.get("name", path.stem)), datasets=datasets, planner=dict(raw.get("planner", {})),
@@ -344,7 +344,8 @@ def _variant_options(v: dict[str, Any]) -> list[str]:
     for key, flag in (("lambda_max", "--lambda-max"), ("taps", "--taps"), ("width_factor", "--width-factor"),
                       ("temperature", "--temperature"), ("warmup_fraction", "--warmup-fraction"),
                       ("adapter_lr_scale", "--adapter-lr-scale"), ("unlabeled_fraction", "--unlabeled-fraction"),
-                      ("teacher_targets", "--teacher-targets"), ("teacher_confidence", "--teacher-confidence")):
+                      ("teacher_targets", "--teacher-targets"), ("teacher_confidence", "--teacher-confidence"),
+                      ("student_spacing_factor", "--student-spacing-factor")):
         if key in v:
             opts += [flag, str(v[key])]
     return opts
