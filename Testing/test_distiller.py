@@ -143,3 +143,32 @@ def test_term_gradients_split_levels_and_match_the_training_loss():
         grads = torch.autograd.grad(out.terms[key], params, retain_graph=True, allow_unused=True)
         norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None)))
         assert next(r for r in rows if r.term == key and r.level is None).grad_norm == pytest.approx(norm, rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["recokd", "recokd-gc", "cwd", "logit"])
+def test_kd_terms_run_in_fp32_under_autocast_and_match_the_fp32_step(method):
+    """Under CPU bf16 autocast (the networks in bf16) every KD term comes out float32 and close to the fp32
+    step's value: the terms are computed in fp32 whatever the networks ran in."""
+    images, labels = _batch()
+    d = _distiller(method)
+    reference = {k: float(v) for k, v in d(images, labels).terms.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = d(images, labels)
+    for name, value in out.terms.items():
+        if name == "seg":
+            continue
+        assert value.dtype == torch.float32 and torch.isfinite(value), name
+        assert float(value) == pytest.approx(reference[name], rel=0.1, abs=1e-3), name
+
+
+def test_kd_terms_survive_half_precision_features_near_the_fp16_limit(monkeypatch):
+    """Features handed over in float16 at magnitudes whose squares exceed fp16's range (65504): the terms stay
+    finite because they are computed in fp32."""
+    from ReCoKDLib.models.taps import FeatureTaps
+
+    real = FeatureTaps.features
+    monkeypatch.setattr(FeatureTaps, "features", lambda self: [(f * 1e3).clamp(-6e4, 6e4).half() for f in real(self)])
+    images, labels = _batch()
+    out = _distiller("recokd")(images, labels)
+    assert all(torch.isfinite(v) for v in out.terms.values()), {k: float(v) for k, v in out.terms.items()}
+    assert out.terms["msard_fg"] > 1e3  # the magnitudes did arrive (an error of order 1e6 per voxel)

@@ -3,7 +3,7 @@
 :func:`compute_fingerprint` reads every training case once and records
 
 - per case: the voxel spacing, the shape, and the shape after cropping to the non-zero region
-  (see :func:`~ReCoKDLib.data.preprocessing.crop_bbox`); all in numpy axis order (D, H, W);
+  (see :func:`~ReCoKDLib.data.cropping.crop_bbox`); all in numpy axis order (D, H, W);
 - per channel: statistics of the *foreground* intensities (voxels with a label > 0), pooled over
   the cases from at most ``max_foreground_samples`` randomly drawn foreground voxels per case
   (mean, std, median, min, max, 0.5th and 99.5th percentiles);
@@ -28,7 +28,7 @@ from tqdm import tqdm
 from ..errors import ReCoKDError
 from ..utils.io import JSONDocument, read_json
 from ..utils.labels import LabelSet
-from .preprocessing import crop_bbox
+from .cropping import crop_bbox
 from .datasets import DatasetInfo, dataset_fields, load_case
 
 __all__ = [

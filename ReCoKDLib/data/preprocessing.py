@@ -51,10 +51,10 @@ from .datasets import CaseRecord, DatasetInfo, LoadedCase, load_case
 from ..utils.io import atomic_write, atomic_write_text, read_json
 from ..utils.locks import waiting_lock
 from ..utils.geometry import IDENTITY_DIRECTION, dhw_to_xyz
+from .cropping import BBox, crop_bbox, crop_to_nonzero  # noqa: F401 - also this module's API
 from .planning import Plans
 
 #: a crop box, one (start, stop) per axis in numpy order (D, H, W)
-BBox = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 __all__ = [
     "PreprocessedCase",
@@ -95,32 +95,6 @@ class PreprocessedCase:
     image: np.ndarray
     label: np.ndarray | None
     properties: dict[str, Any]
-
-
-# --------------------------------------------------------------------------------------------------
-# cropping
-
-
-def crop_to_nonzero(
-    image: np.ndarray, label: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray | None, BBox]:
-    """Crop to the bounding box of voxels non-zero in any channel (extended to cover label > 0).
-
-    Args:
-        image: (C, D, H, W).
-        label: optional (D, H, W).
-
-    Returns:
-        ``(image, label, bbox)``: the cropped copies (C, d, h, w) and (d, h, w), and the box
-        ``((d0, d1), (h0, h1), (w0, w1))`` as half-open index ranges into the input.
-    """
-    if image.ndim != 4:
-        raise ReCoKDError(f"crop_to_nonzero expects an image (C, D, H, W), got shape {image.shape}")
-    if label is not None and label.shape != image.shape[1:]:
-        raise ReCoKDError(f"label shape {label.shape} differs from image shape {image.shape[1:]}")
-    bbox = crop_bbox(image, label)
-    sl = tuple(slice(lo, hi) for lo, hi in bbox)
-    return image[(slice(None),) + sl].copy(), None if label is None else label[sl].copy(), bbox
 
 
 # --------------------------------------------------------------------------------------------------
@@ -488,28 +462,3 @@ def load_preprocessed(cache_dir: str | Path, plans: Plans, case_id: str) -> Prep
     except (OSError, ValueError, KeyError, BadZipFile) as exc:
         raise ReCoKDError(f"cached case {npz} is unreadable ({exc}); delete it and preprocess again") from None
     return PreprocessedCase(case_id=case_id, image=image, label=label, properties=read_json(props, "case properties file"))
-
-
-def crop_bbox(image: np.ndarray, label: np.ndarray | None = None) -> BBox:
-    """Bounding box of the voxels that are non-zero in any channel (and, if given, of label > 0).
-
-    The label's foreground is included so that cropping never discards annotated voxels (nnU-Net
-    uses the image alone; the two agree whenever the foreground lies inside the non-zero region).
-    An all-zero image gives the full volume.
-
-    Args:
-        image: (C, D, H, W) array.
-        label: optional (D, H, W) array.
-
-    Returns:
-        ``((d0, d1), (h0, h1), (w0, w1))``, half-open index ranges.
-    """
-    mask = np.any(image != 0, axis=0)
-    if label is not None:
-        mask |= label > 0
-    box = []
-    for axis in range(3):
-        others = tuple(a for a in range(3) if a != axis)
-        hit = np.flatnonzero(mask.any(axis=others))
-        box.append((int(hit[0]), int(hit[-1]) + 1) if hit.size else (0, int(mask.shape[axis])))
-    return tuple(box)  # type: ignore[return-value]

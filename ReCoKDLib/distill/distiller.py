@@ -228,9 +228,16 @@ class Distiller(nn.Module):
         return torch.log(pooled.clamp_min(1e-8))
 
     def _kd_terms(self, labels, student_out, teacher_logits) -> dict[str, torch.Tensor]:
+        # in fp32 whatever the networks ran in: under fp16 autocast, MS-SARD's attention-weighted squared
+        # error and MS-CA's affinities overflow (65504) with feature magnitudes a network reaches easily
+        device = labels.device.type
+        with torch.autocast(device_type=device, enabled=False):
+            return self._kd_terms_fp32(labels, student_out, teacher_logits)
+
+    def _kd_terms_fp32(self, labels, student_out, teacher_logits) -> dict[str, torch.Tensor]:
         all_teacher, all_student = self.teacher_taps.features(), self.student_taps.features()
-        teacher_feats = [all_teacher[i].detach() for i, _ in self._pairs]
-        student_feats = [all_student[j] for _, j in self._pairs]
+        teacher_feats = [all_teacher[i].detach().float() for i, _ in self._pairs]
+        student_feats = [all_student[j].float() for _, j in self._pairs]
         for t, s in zip(teacher_feats, student_feats):
             if t.shape[2:] != s.shape[2:]:
                 raise ReCoKDError(
@@ -238,7 +245,8 @@ class Distiller(nn.Module):
                     "use a patch size divisible by both networks' strides"
                 )
         adapted = [a(f) for a, f in zip(self.adapters, student_feats)] if len(self.adapters) else student_feats
-        student_logits = student_out[0] if isinstance(student_out, (list, tuple)) else student_out
+        student_logits = (student_out[0] if isinstance(student_out, (list, tuple)) else student_out).float()
+        teacher_logits = teacher_logits.float() if teacher_logits is not None else None
         out: dict[str, torch.Tensor] = {}
         for term in self.kd_terms.values():
             if getattr(term, "needs_logits", False):
