@@ -97,7 +97,7 @@ def _class_centres(label: np.ndarray, rng: np.random.Generator) -> dict[int, np.
 
 class PatchBatches(Dataset):
     """Map-style dataset whose item ``i`` is training batch ``i`` (images (B, C, *patch) float32,
-    labels (B, 1, *patch) int64). Use with ``DataLoader(batch_size=None)``.
+    labels (B, 1, *patch) uint8, int16 where a value exceeds 255). Use with ``DataLoader(batch_size=None)``.
 
     A share ``foreground_fraction`` of each batch (the last patches, as nnU-Net) is centred on a
     random voxel of a random class present in the case; the others are placed uniformly.
@@ -192,7 +192,11 @@ class PatchBatches(Dataset):
                 img, lab = self._apply_augment(img, lab, affine, int(rng.integers(2**31)), int(rng.integers(2**31)))
             imgs.append(img)
             labs.append(lab)
-        return torch.stack(imgs).contiguous(), torch.stack(labs).contiguous()
+        # labels leave as the smallest integer type that holds them (uint8 unless a value exceeds 255): the
+        # copy to the device is 8x smaller than int64's; the trainer makes them indices there
+        labels = torch.stack(labs)
+        small = torch.uint8 if int(labels.max()) <= 255 and int(labels.min()) >= 0 else torch.int16
+        return torch.stack(imgs).contiguous(), labels.to(small).contiguous()
 
     def _apply_augment(self, img: torch.Tensor, lab: torch.Tensor, affine: bool, seed_spatial: int, seed_rest: int
                        ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,9 +237,11 @@ class _Range(torch.utils.data.Sampler):
         return max(self.stop - self.start, 0)
 
 
-def batch_loader(dataset: PatchBatches, start: int, stop: int, num_workers: int = 0) -> DataLoader:
+def batch_loader(dataset: PatchBatches, start: int, stop: int, num_workers: int = 0,
+                 pin_memory: bool = False) -> DataLoader:
     """Batches ``start … stop-1`` of ``dataset``, in order, produced by ``num_workers`` background
-    processes (0: in this process). The result does not depend on ``num_workers``."""
+    processes (0: in this process), in page-locked memory with ``pin_memory`` (for asynchronous copies to
+    a GPU). The result does not depend on ``num_workers``."""
     return DataLoader(
         dataset,
         batch_size=None,
@@ -244,4 +250,5 @@ def batch_loader(dataset: PatchBatches, start: int, stop: int, num_workers: int 
         worker_init_fn=_worker_init if num_workers > 0 else None,
         prefetch_factor=2 if num_workers > 0 else None,
         persistent_workers=False,
+        pin_memory=bool(pin_memory),
     )

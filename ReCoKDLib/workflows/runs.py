@@ -716,6 +716,8 @@ def _run(run_spec: RunSpec, device: torch.device, rank: int, world: int) -> int:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":  # fixed patch shapes: let cuDNN pick its fastest convolution once
+        torch.backends.cudnn.benchmark = True
     scale = teacher_scale if role == "student" else (1, 1, 1)
     _check_patch(tuple(p * s for p, s in zip(config.patch_size, scale)), teacher_spec)
     topology = student_topology if role == "student" else teacher_spec
