@@ -42,6 +42,10 @@ def test_torchrun_distillation_and_resume(tmp_path):
     _torchrun(distill + ["-o", str(full)])
     ckpt = torch.load(full / "checkpoint_latest.pt", weights_only=True)
     assert ckpt["step"] == 4 and ckpt["sampler"]["world_size"] == 2
+    # --batch-size is the global batch: the plan's 2 patches per step, one per process
+    import json
+
+    assert json.loads((full / "run.json").read_text())["batch_per_rank"] == [1, 1]
     assert (full / "model_final.safetensors").is_file() and (full / "run.json").is_file()
     assert len((full / "log.csv").read_text().strip().splitlines()) == 3  # one writer: header + 2 epochs
 
@@ -53,3 +57,14 @@ def test_torchrun_distillation_and_resume(tmp_path):
     assert resumed["step"] == 4
     for key in ("model", "ema"):
         assert all(torch.equal(ckpt[key][k], resumed[key][k]) for k in ckpt[key]), key
+
+
+def test_the_global_batch_is_split_over_the_processes():
+    from ReCoKDLib.errors import ReCoKDError
+    from ReCoKDLib.training.loop import rank_batch_size
+
+    assert [rank_batch_size(5, 2, r) for r in range(2)] == [3, 2]  # as evenly as it goes, the first ranks one more
+    assert [rank_batch_size(4, 4, r) for r in range(4)] == [1, 1, 1, 1]
+    assert rank_batch_size(2, 2, 1, per_process=True) == 2 and rank_batch_size(3, 1, 0) == 3
+    with pytest.raises(ReCoKDError, match="--batch-size 1 is the global batch, split over 2 processes"):
+        rank_batch_size(1, 2, 0)

@@ -38,7 +38,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help=f"epochs (default {D.epochs})")
     p.add_argument("--iters-per-epoch", dest="iters_per_epoch", type=int,
                    help=f"iterations per epoch (default {D.iters_per_epoch}; nnU-Net uses 250)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, help="patches per iteration and process (default: plan's)")
+    p.add_argument("--batch-size", dest="batch_size", type=int,
+                   help="patches per iteration, over all processes of a torchrun: each draws its share, so N GPUs see "
+                        "the same samples per step as one, N times faster; --lr applies to this global batch "
+                        "(default: the plan's)")
+    p.add_argument("--batch-per-process", dest="batch_per_process", action="store_true",
+                   help="under torchrun, each process draws --batch-size patches itself (N times the global batch)")
     p.add_argument("--patch-size", dest="patch_size", type=int, nargs=3, metavar=("D", "H", "W"),
                    help="training patch (default: plan's)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"],

@@ -130,6 +130,21 @@ def check_training_options(values: dict) -> None:
         raise ReCoKDError(f"--teacher-targets must be one of {', '.join(TEACHER_TARGETS)}, got {targets!r}")
 
 
+def rank_batch_size(batch_size: int, world: int, rank: int, per_process: bool = False) -> int:
+    """The patches ``rank`` draws per step: the global ``batch_size`` split as evenly as it goes over ``world``
+    processes (the first ``batch_size % world`` ranks one more), or all of it with ``per_process``.
+
+    Raises:
+        ReCoKDError: a global batch smaller than the number of processes (some would draw nothing).
+    """
+    if per_process or world <= 1:
+        return int(batch_size)
+    if batch_size < world:
+        raise ReCoKDError(f"--batch-size {batch_size} is the global batch, split over {world} processes; give at least "
+                          f"{world} (one per process), or --batch-per-process to have each draw {batch_size}")
+    return batch_size // world + (1 if rank < batch_size % world else 0)
+
+
 def check_distill_options(width_factor: float | None = None, lambda_max: float | None = None,
                           temperature: float | None = None, warmup_fraction: float | None = None) -> None:
     """Refuse a distillation option that would give a non-finite or meaningless student (``None``: not
@@ -183,6 +198,9 @@ class RunConfig:
     device: str = "auto"
     deterministic: bool = False
     amp: bool = True
+    # --batch-size is the global batch, split over the processes of a torchrun (nnU-Net's semantics: N GPUs
+    # see the same samples per step as one, N times faster); True: each process draws --batch-size itself
+    batch_per_process: bool = False
     num_threads: int | None = None
     # share of patches drawn from unlabelled (teacher-labelled) cases; None: every case alike
     unlabeled_fraction: float | None = None

@@ -48,6 +48,7 @@ from ..utils.labels import IGNORE_LABEL, TEACHER_LABEL
 from ..utils.locks import locked_folder, waiting_lock
 from ..utils.runtime import configure_cpu, resolve_device
 from ..training.loop import (DistillTrainModule, EpochTrainer, RunConfig, SegTrainModule, ValCase, augment_name,
+                             rank_batch_size,
                              check_distill_options, check_training_options)
 from ..training.memory import check_training_memory
 from ..training.splits import fixed_split, kfold_split, read_case_list
@@ -274,10 +275,13 @@ _CLI_TO_CONFIG = {"epochs": "epochs", "iters_per_epoch": "iters_per_epoch", "bat
                   "grad_clip": "grad_clip", "ema_decay": "ema_decay", "elastic": "elastic", "workers": "num_workers",
                   "val_every": "val_every", "val_max_cases": "val_max_cases", "checkpoint_every": "checkpoint_every",
                   "seed": "seed", "device": "device", "deterministic": "deterministic", "threads": "num_threads",
+                  "batch_per_process": "batch_per_process",
                   "augment": "augment", "foreground_fraction": "foreground_fraction",
                   "adapter_lr_scale": "adapter_lr_scale", "unlabeled_fraction": "unlabeled_fraction",
                   "teacher_targets": "teacher_targets", "teacher_confidence": "teacher_confidence"}  # from adapter_lr_scale: distill only
 _CLI_NEGATED = {"no_amp": "amp"}
+#: store_true flags that are RunConfig fields of the same name (given: True; else the field's default)
+_CLI_FLAGS = ("elastic", "deterministic", "batch_per_process")
 #: what a resumed run may change (applied and recorded); everything else comes from its run.json, and
 #: giving it another value with --resume is refused (the weights would no longer be one run's)
 RESUMABLE_OPTIONS = ("device", "num_workers", "num_threads")
@@ -338,7 +342,7 @@ class RunSpec:
         """From the parsed ``recokd train`` / ``distill`` arguments."""
         training = {name: getattr(args, cli) for cli, name in _CLI_TO_CONFIG.items() if getattr(args, cli, None) is not None}
         training.update({name: not getattr(args, cli) for cli, name in _CLI_NEGATED.items() if getattr(args, cli, False)})
-        for flag in ("elastic", "deterministic"):  # store_true flags: only when given
+        for flag in _CLI_FLAGS:  # store_true flags: only when given
             if not getattr(args, flag, False):
                 training.pop(flag, None)
         if getattr(args, "no_augment", False):  # --no-augment: --augment none
@@ -406,7 +410,8 @@ class RunSpec:
             teacher_folds=saved.get("teacher_folds"), teacher_checkpoint=saved.get("teacher_checkpoint"),
             unlabeled=tuple(saved.get("unlabeled") or ()), labeled_cases_file=saved.get("labeled_cases_file"),
             student_spacing_factor=int(saved.get("student_spacing_factor") or 1),
-            training={**saved["config"], **resumable},
+            # a run saved before global batches existed drew --batch-size in every process: it keeps doing so
+            training={"batch_per_process": True, **saved["config"], **resumable},
         )
 
     def _changes_from(self, saved: dict[str, Any]) -> list[str]:
@@ -724,7 +729,8 @@ def _run(run_spec: RunSpec, device: torch.device, rank: int, world: int) -> int:
     _check_patch(config.patch_size, topology)
     # before the cases are loaded and the run folder written: a patch too large gets the process killed later
     trained_spec = teacher_spec if role == "teacher" else topology.student(float(run_spec.width_factor))
-    check_training_memory(trained_spec, config.patch_size, config.batch_size, device,
+    per_rank = rank_batch_size(config.batch_size, world, rank, config.batch_per_process)
+    check_training_memory(trained_spec, config.patch_size, per_rank, device,
                           teacher=teacher_spec if role == "student" else None,
                           half_precision=bool(config.amp and device.type == "cuda"),
                           processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")), what=f"the {role}")
@@ -799,7 +805,7 @@ def _run(run_spec: RunSpec, device: torch.device, rank: int, world: int) -> int:
         labels += [_unlabelled_targets(config, targets, cases[i], i) for i in unlabeled_ids]
     data = PatchBatches(
         images, labels, config.patch_size,
-        batch_size=config.batch_size, foreground_fraction=config.foreground_fraction, seed=config.seed, rank=rank,
+        batch_size=per_rank, foreground_fraction=config.foreground_fraction, seed=config.seed, rank=rank,
         augment=AugmentConfig.preset(config.augment, config.patch_size, elastic=config.elastic), length=config.total_steps,
         case_weights=case_fractions(len(train_ids), len(unlabeled_ids), config.unlabeled_fraction),
     )
@@ -839,6 +845,9 @@ def _run(run_spec: RunSpec, device: torch.device, rank: int, world: int) -> int:
         "student_spacing_factor": run_spec.student_spacing_factor if role == "student" else None,
         "teacher_scale": list(teacher_scale) if role == "student" else None,
         "world_size": world,
+        # patches each process draws per step (the global --batch-size split over them)
+        "batch_per_rank": [data.batch_size if r == rank else rank_batch_size(config.batch_size, world, r,
+                                                                             config.batch_per_process) for r in range(world)],
         "metrics": {},
     }
     if rank == 0:
