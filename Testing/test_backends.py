@@ -107,7 +107,7 @@ def test_auto_picks_onnxruntime_on_the_cpu_and_torch_where_it_cannot_run(cache, 
     assert name == "torch" and isinstance(network, backends.Autocast)
     with pytest.raises(ReCoKDError, match="bf16 does not run with ONNX Runtime; use --backend torch or openvino or auto"):
         select_backend(bundle, "onnxruntime", cpu, precision="bf16")
-    with pytest.raises(ReCoKDError, match="precision must be one of fp32, bf16"):
+    with pytest.raises(ReCoKDError, match="precision must be one of auto, fp32, bf16"):
         Predictor(bundle, device="cpu", precision="fp16")
     with pytest.raises(ReCoKDError, match="runs on the CPU; use --device cpu, or --backend torch on cuda"):
         select_backend(bundle, "onnxruntime", cuda)

@@ -163,7 +163,7 @@ def test_plan_and_train_on_a_full_disk_end_in_one_line(disk: Disk, tmp_path: Pat
     disk.fill()
     assert main(["plan", str(tmp_path / "ds"), "--cache", str(disk.path / "cache"), *common]) == 2
     assert "free space on that disk" in _one_error(capsys)
-    assert [p for p in disk.leftovers() if p.endswith((".json", ".npz")) and (disk.path / p).stat().st_size == 0] == []
+    assert [p for p in disk.leftovers() if p.endswith((".json", ".npz", ".npy")) and (disk.path / p).stat().st_size == 0] == []
     assert not [p for p in disk.leftovers() if ".partial." in p]
     assert main(["train", str(tmp_path / "ds"), "-o", str(disk.path / "run"), "--cache", str(tmp_path / "cache"),
                  "--epochs", "1", "--iters-per-epoch", "1", "--workers", "0", "--threads", "1",

@@ -449,7 +449,8 @@ def test_cache_runs_once_and_per_plan(tiny_la, tmp_path, monkeypatch):
     folder = preprocess_dataset(tiny_la, plans, cache, progress=False)
     assert folder == cache / plans.plans_hash()
     ids = [r.case_id for r in tiny_la.training]
-    assert sorted(p.name for p in folder.iterdir()) == sorted([f"{i}.npz" for i in ids] + [f"{i}.json" for i in ids] + ["plans.json"])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [f"{i}_{a}.npy" for i in ids for a in ("image", "label")] + [f"{i}.json" for i in ids] + ["plans.json"])
     assert Plans.load(folder / "plans.json") == plans
     mtimes = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
 
@@ -465,6 +466,9 @@ def test_cache_runs_once_and_per_plan(tiny_la, tmp_path, monkeypatch):
     np.testing.assert_array_equal(loaded.image, direct.image)
     np.testing.assert_array_equal(loaded.label, direct.label)
     assert loaded.properties == json.loads(json.dumps(direct.properties))
+    # memory-mapped, read-only: nothing is read until a patch is drawn, and nothing can write into the cache
+    assert isinstance(loaded.image, np.memmap) and isinstance(loaded.label, np.memmap)
+    assert not loaded.image.flags.writeable and loaded.label.dtype == np.uint8
 
     # a plan with other preprocessing goes to a new folder; the old cache is left alone
     other = plans.with_target_spacing((1.0, 1.0, 1.0))
@@ -475,6 +479,15 @@ def test_cache_runs_once_and_per_plan(tiny_la, tmp_path, monkeypatch):
     assert load_preprocessed(cache, other, ids[0]).image.shape != loaded.image.shape
     with pytest.raises(ReCoKDError, match="not preprocessed"):
         load_preprocessed(cache, plans.with_target_spacing((2.0, 2.0, 2.0)), ids[0])
+    # a cache written before (one .npz per case) is still read, whole
+    legacy = folder / f"{ids[0]}.npz"
+    np.savez(legacy, image=direct.image, label=direct.label)
+    for array in ("image", "label"):
+        (folder / f"{ids[0]}_{array}.npy").unlink()
+    old = load_preprocessed(cache, plans, ids[0])
+    np.testing.assert_array_equal(old.image, direct.image)
+    np.testing.assert_array_equal(old.label, direct.label)
+    assert not isinstance(old.image, np.memmap)
 
 
 def test_cache_refuses_pickles_and_partial_writes(tiny_la, tmp_path, monkeypatch):
@@ -483,22 +496,27 @@ def test_cache_refuses_pickles_and_partial_writes(tiny_la, tmp_path, monkeypatch
     folder = cache / plans.plans_hash()
     first = tiny_la.training[0].case_id
 
-    # an interrupted write (np.savez fails half-way) leaves neither the case nor a temporary file
-    real_savez = np.savez
+    # an interrupted write (np.save fails half-way) leaves neither the case nor a temporary file
+    real_save = np.save
 
-    def failing_savez(file, **arrays):
-        file.write(b"PK\x03\x04 half a zip")
+    def failing_save(file, array, **kwargs):
+        file.write(b"\x93NUMPY half an array")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(np, "savez", failing_savez)
+    monkeypatch.setattr(np, "save", failing_save)
     with pytest.raises(KeyboardInterrupt):
         preprocess_dataset(tiny_la, plans, cache, progress=False)
     assert sorted(p.name for p in folder.iterdir()) == ["plans.json"]
-    monkeypatch.setattr(np, "savez", real_savez)
+    monkeypatch.setattr(np, "save", real_save)
     preprocess_dataset(tiny_la, plans, cache, progress=False)
     assert load_preprocessed(cache, plans, first).label is not None
 
-    # a cached file holding a pickled object array is refused, not unpickled
+    # a cached file holding a pickled object array is refused, not unpickled (the .npy and a legacy .npz)
+    np.save(folder / f"{first}_image.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ReCoKDError, match="unreadable"):
+        load_preprocessed(cache, plans, first)
+    for array in ("image", "label"):
+        (folder / f"{first}_{array}.npy").unlink()
     np.savez(folder / f"{first}.npz", image=np.array([{"a": 1}], dtype=object))
     with pytest.raises(ReCoKDError, match="unreadable"):
         load_preprocessed(cache, plans, first)

@@ -91,8 +91,8 @@ def test_planner_options_key_the_plan_so_a_second_planning_cannot_swap_the_netwo
     assert runs.prepare_plans(dataset, cache, a, progress=False)[1] == network_a
     assert runs.prepare_plans(dataset, cache, b, progress=False)[1] == network_b
     # both options preprocess alike: one folder of cases
-    assert other["b"][3] == cases and sorted(p.name for p in cases.iterdir() if p.suffix == ".npz") == \
-        sorted(f"{r.case_id}.npz" for r in dataset.training)
+    assert other["b"][3] == cases and sorted(p.name for p in cases.iterdir() if p.suffix == ".npy") == \
+        sorted(f"{r.case_id}_{a}.npy" for r in dataset.training for a in ("image", "label"))
 
 
 def test_the_caches_own_plan_stays_where_recokd_plan_and_old_caches_put_it(dataset, tmp_path):
@@ -213,7 +213,8 @@ def test_a_second_preprocessing_of_one_plan_waits_and_reuses_the_cases(dataset, 
     assert sorted(done) == sorted(r.case_id for r in info.training)  # each case once: the second one reused them
     assert all(prep.load_preprocessed(tmp_path / "cache", plans, r.case_id).label is not None for r in info.training)
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        [f"{r.case_id}.npz" for r in info.training] + [f"{r.case_id}.json" for r in info.training] + ["plans.json"])
+        [f"{r.case_id}_{a}.npy" for r in info.training for a in ("image", "label")]
+        + [f"{r.case_id}.json" for r in info.training] + ["plans.json"])
 
 
 def test_a_waiting_lock_waits_for_its_holder_and_survives_a_failed_one(tmp_path):

@@ -68,7 +68,7 @@ def test_a_student_distilled_with_a_folder_of_scans_is_a_bundle_predict_runs(set
     net = build_unet(UNetSpec.from_json((s["teacher"] / "network.json").read_text()))
     load_weights(net, s["teacher"] / "model_best.safetensors")
     case_id = cached[0].stem
-    root = next(p.parent for p in s["cache"].rglob(f"{case_id}.npz") if "teacher-labels" not in p.parent.name)
+    root = next(p.parent for p in s["cache"].rglob(f"{case_id}_image.npy") if "teacher-labels" not in p.parent.name)
     case = load_preprocessed(root.parent, plans, case_id)
     expected = predict_logits(net, torch.from_numpy(case.image), plans.patch_size, overlap=0.5).argmax(0).numpy()
     with np.load(cached[0]) as stored:

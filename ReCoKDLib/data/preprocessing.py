@@ -21,8 +21,10 @@ The properties recorded per case (original geometry, crop box, shapes) let :func
 map a prediction made in plan space back onto the original image grid.
 
 :func:`preprocess_dataset` does this once per case and caches the result under
-``cache_dir/<plans_hash>/`` (``<case>.npz`` with ``image`` and ``label`` arrays, ``<case>.json``
-with the properties, and the ``plans.json`` that made them). Files are written atomically (a
+``cache_dir/<plans_hash>/`` (``<case>_image.npy`` and ``<case>_label.npy``, plain arrays that
+:func:`load_preprocessed` memory-maps, so a training reads only the patches it draws and its worker
+processes share the pages instead of each holding the dataset; ``<case>.json`` with the properties; and
+the ``plans.json`` that made them; caches written before as ``<case>.npz`` are still read, whole). Files are written atomically (a
 temporary file in the same folder, then ``os.replace``), so an interrupted run never leaves a
 partial case behind, and cases already cached are skipped; a lock beside the folder lets one process
 at a time preprocess into it (a second one waits, then skips what the first cached). A plan that
@@ -342,26 +344,30 @@ def cache_folder(cache_dir: str | Path, plans: Plans) -> Path:
     return Path(cache_dir) / plans.plans_hash()
 
 
-def _case_files(folder: Path, case_id: str) -> tuple[Path, Path]:
-    return folder / f"{case_id}.npz", folder / f"{case_id}.json"
+def _case_files(folder: Path, case_id: str) -> tuple[Path, Path, Path, Path]:
+    """``(image.npy, label.npy, legacy .npz, properties .json)`` of a cached case."""
+    return (folder / f"{case_id}_image.npy", folder / f"{case_id}_label.npy", folder / f"{case_id}.npz",
+            folder / f"{case_id}.json")
 
 
 def _is_cached(folder: Path, case_id: str) -> bool:
-    npz, props = _case_files(folder, case_id)
+    image, _, legacy, props = _case_files(folder, case_id)
     # the properties are written after the arrays, so their presence means the case is complete
-    return npz.is_file() and props.is_file()
+    return (image.is_file() or legacy.is_file()) and props.is_file()
 
 
 def _save_case(folder: Path, case: PreprocessedCase) -> None:
-    npz, props = _case_files(folder, case.case_id)
-    arrays = {"image": case.image}
-    if case.label is not None:
-        arrays["label"] = case.label
-    def write_npz(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+    image, label, _, props = _case_files(folder, case.case_id)
+    arrays = {image: case.image, label: case.label}
+    for path, array in arrays.items():
+        if array is None:
+            continue
 
-    atomic_write(npz, write_npz)
+        def write(tmp: Path, array=array) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+
+        atomic_write(path, write)
     atomic_write_text(props, json.dumps(case.properties, indent=2) + "\n")
 
 
@@ -443,22 +449,33 @@ def _tell(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def load_preprocessed(cache_dir: str | Path, plans: Plans, case_id: str) -> PreprocessedCase:
+def load_preprocessed(cache_dir: str | Path, plans: Plans, case_id: str, mmap: bool = True) -> PreprocessedCase:
     """Load one case cached by :func:`preprocess_dataset` for ``plans`` (``allow_pickle=False``).
+
+    With ``mmap`` (default) the arrays are read-only memory maps of the cache files: nothing is read until
+    used, and processes reading the same case share its pages. Caches written as ``.npz`` load whole.
 
     Raises:
         ReCoKDError: the case is not cached for this plan, or its file is corrupt.
     """
     folder = cache_folder(cache_dir, plans)
-    npz, props = _case_files(folder, case_id)
+    image_file, label_file, legacy, props = _case_files(folder, case_id)
     if not _is_cached(folder, case_id):
         raise ReCoKDError(
             f"case {case_id!r} is not preprocessed for this plan in {folder}; run preprocess_dataset first"
         )
+    mode = "r" if mmap else None
     try:
-        with np.load(npz, allow_pickle=False) as data:
-            image = data["image"]
-            label = data["label"] if "label" in data.files else None
+        if image_file.is_file():
+            where = image_file
+            image = np.load(image_file, mmap_mode=mode, allow_pickle=False)
+            where = label_file
+            label = np.load(label_file, mmap_mode=mode, allow_pickle=False) if label_file.is_file() else None
+        else:
+            where = legacy
+            with np.load(legacy, allow_pickle=False) as data:
+                image = data["image"]
+                label = data["label"] if "label" in data.files else None
     except (OSError, ValueError, KeyError, BadZipFile) as exc:
-        raise ReCoKDError(f"cached case {npz} is unreadable ({exc}); delete it and preprocess again") from None
+        raise ReCoKDError(f"cached case {where} is unreadable ({exc}); delete it and preprocess again") from None
     return PreprocessedCase(case_id=case_id, image=image, label=label, properties=read_json(props, "case properties file"))

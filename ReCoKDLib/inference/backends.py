@@ -174,8 +174,10 @@ def select_backend(bundle: Any, backend: str, device: torch.device, threads: int
                 networks[name] = build(name)
             except ReCoKDError as exc:
                 say(f"{name} unavailable for this model ({exc}); left out of auto's choice (PyTorch always runs)")
-        name = _faster_engine(bundle, networks, sw_batch_size, threads, precision, cache_dir, log) \
-            if len(networks) > 1 else "torch"
+        if len(networks) == 1:
+            say("no other engine can run this model here; running it with PyTorch")
+            return networks["torch"], "torch"
+        name = _faster_engine(bundle, networks, sw_batch_size, threads, precision, cache_dir, log)
         return networks[name], name
     if backend == "torch":
         return build("torch"), "torch"
