@@ -140,7 +140,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], object], verify: Veri
     """Call ``write(tmp)`` to fill a temporary file next to ``path``, check it, then rename it onto ``path``.
 
     The temporary name ends with ``path``'s own name, so writers that choose the format by extension
-    (SimpleITK, safetensors, numpy's ``.npz``) behave as for the final file. Before the rename the file
+    (SimpleITK, safetensors, numpy's ``.npy``) behave as for the final file. Before the rename the file
     must exist and not be empty, have ``expected_size`` bytes when given, pass ``verify(tmp)`` (which
     raises :class:`WriteVerificationError` or a ReCoKDError), and pass the cheap check of its kind
     (:func:`check_written_file`: a JSON document parses, a zip's directory and members fit, a
@@ -199,11 +199,30 @@ def check_written_file(path: Path, final_name: str) -> None:
         _check_zip(path)
     elif name.endswith(".safetensors"):
         _check_safetensors(path)
+    elif name.endswith(".npy"):
+        _check_npy(path)
     elif name.endswith(".png"):
         with open(path, "rb") as f:
             f.seek(max(path.stat().st_size - 12, 0))
             if f.read(12)[4:8] != b"IEND":
                 raise WriteVerificationError("the written PNG is cut short")
+
+
+def _check_npy(path: Path) -> None:
+    """The ``.npy`` header reads and the file holds every byte of the array it declares (truncation shows)."""
+    import numpy as np
+
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            offset = f.tell()
+    except (ValueError, OSError) as exc:
+        raise WriteVerificationError(f"the written array's header does not read back ({exc})") from None
+    expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if path.stat().st_size != expected:
+        raise WriteVerificationError(f"the written array holds {path.stat().st_size} bytes, its header declares {expected}")
 
 
 def _check_zip(path: Path) -> None:
