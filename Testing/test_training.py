@@ -250,3 +250,40 @@ def test_demo_options_reach_the_demo_and_its_training(monkeypatch):
     t = cfg.training
     assert (t.seed, t.num_threads, t.augment, t.device) == (3, 1, "light", "cpu")
     assert t.optimizer == "adamw" and t.patch_size == (48, 48, 48)  # the demo's own training defaults stay
+
+
+def test_validation_on_fixed_patches_each_epoch_and_whole_cases_at_the_end(tmp_path, monkeypatch):
+    """--val-patches N: every epoch is scored on the same N patches (pseudo-Dice), the final weights once on
+    whole cases (run.json's final_case_dice_mean)."""
+    import csv
+    import json
+
+    from ReCoKDLib.cli import main
+    from ReCoKDLib.data.phantom import generate_dataset, save_dataset_nnunet
+    from ReCoKDLib.training.loop import ValCase, validation_patches
+
+    cases = [ValCase(f"c{i}", torch.randn(1, 20, 24, 28), torch.zeros(20, 24, 28, dtype=torch.long)) for i in range(2)]
+    cases[1].label[5:8, 6:9, 7:10] = 2
+    a, b = validation_patches(cases, (16, 16, 32), 4, seed=3), validation_patches(cases, (16, 16, 32), 4, seed=3)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # the same patches every epoch
+    assert a[0].shape == (4, 1, 16, 16, 32) and a[1].shape == (4, 16, 16, 32)  # W padded from 28 to 32
+    assert (a[1][3] == 2).any()  # the fourth patch: case 1, centred on its labelled voxels
+
+    from ReCoKDLib.training.loop import EpochTrainer
+
+    calls = {"patches": 0, "cases": 0}
+    for kind in calls:
+        real = getattr(EpochTrainer, f"validate_{kind}")
+        monkeypatch.setattr(EpochTrainer, f"validate_{kind}",
+                            lambda self, real=real, kind=kind: calls.__setitem__(kind, calls[kind] + 1) or real(self))
+    data = save_dataset_nnunet(generate_dataset(3, seed=2, shape=(32, 32, 32)), tmp_path / "ds")
+    run = tmp_path / "run"
+    assert main(["train", str(data), "-o", str(run), "--cache", str(tmp_path / "cache"), "--epochs", "2",
+                 "--iters-per-epoch", "2", "--patch-size", "16", "32", "32", "--workers", "0", "--threads", "1",
+                 "--no-progress", "--patch-budget", "32768", "--max-filters", "32", "--base-filters", "8",
+                 "--val-patches", "4"]) == 0
+    rows = list(csv.DictReader((run / "log.csv").open()))
+    assert len(rows) == 2 and all(row["dice_mean"] != "" for row in rows)
+    metrics = json.loads((run / "run.json").read_text())["metrics"]
+    assert 0 <= metrics["final_case_dice_mean"] <= 1 and set(metrics["final_case_dice_per_class"]) >= {"organ"}
+    assert calls == {"patches": 2, "cases": 1}  # each epoch on patches, whole cases once at the end

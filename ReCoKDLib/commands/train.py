@@ -62,6 +62,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"share of each batch's patches centred on a labelled voxel (default {D.foreground_fraction:.3g})")
     p.add_argument("--workers", type=int, help=f"background data-loading processes (default {D.num_workers})")
     p.add_argument("--val-every", dest="val_every", type=int, help=f"validate every N epochs (default {D.val_every})")
+    p.add_argument("--val-patches", dest="val_patches", type=int,
+                   help="score each validated epoch on N fixed patches of the validation cases (pseudo-Dice, as "
+                        "nnU-Net: seconds instead of minutes on large datasets) and whole cases once at the end "
+                        "(run.json: final_case_dice_mean); default 0: whole cases every validated epoch")
     p.add_argument("--val-max-cases", dest="val_max_cases", type=int,
                    help=f"validate on at most N cases (default {D.val_max_cases}: all)")
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int,
