@@ -287,3 +287,25 @@ def test_validation_on_fixed_patches_each_epoch_and_whole_cases_at_the_end(tmp_p
     metrics = json.loads((run / "run.json").read_text())["metrics"]
     assert 0 <= metrics["final_case_dice_mean"] <= 1 and set(metrics["final_case_dice_per_class"]) >= {"organ"}
     assert calls == {"patches": 2, "cases": 1}  # each epoch on patches, whole cases once at the end
+
+
+def test_the_gpu_preset_sets_nnunets_schedule_where_the_command_line_is_silent():
+    from ReCoKDLib.cli import build_parser
+    from ReCoKDLib.workflows.runs import RunSpec, gpu_preset
+
+    def spec(*argv, role="teacher"):
+        command = "train" if role == "teacher" else "distill"
+        extra = ["--teacher", "T"] if role == "student" else []
+        return RunSpec.from_args(build_parser().parse_args([command, "DATA", "-o", "OUT", *extra, *argv]), role)
+
+    gpu = spec("--preset", "gpu", "--epochs", "5")
+    assert gpu.training["epochs"] == 5  # given: kept
+    assert (gpu.training["iters_per_epoch"], gpu.training["augment"], gpu.training["val_patches"]) == (250, "nnunet", 100)
+    assert 2 <= gpu.training["num_workers"] <= 12
+    assert (gpu.planner.patch_budget, gpu.planner.base_filters, gpu.planner.max_filters) == (128 ** 3, 32, 320)
+    assert spec("--preset", "gpu", "--patch-budget", "65536").planner.patch_budget == 65536
+    student = spec("--preset", "gpu", role="student")
+    assert student.training["iters_per_epoch"] == 250 and student.training["augment"] == "nnunet"
+    cpu = spec()  # the default preset: nothing added
+    assert "iters_per_epoch" not in cpu.training and cpu.planner.patch_budget is None
+    assert gpu_preset(cores=64)[0]["num_workers"] == 12 and gpu_preset(cores=2)[0]["num_workers"] == 2

@@ -35,6 +35,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     add_cache_argument(p)
     p.add_argument("--fold", help="cross-validation fold 0-4, or 'all' (default 0)")
     p.add_argument("--val-cases", dest="val_cases", help="file of validation case ids, one per line (instead of folds)")
+    p.add_argument("--preset", choices=["cpu", "gpu"], default="cpu",
+                   help="cpu (default): the CPU-sized defaults below; gpu: nnU-Net's schedule for a GPU (1000 epochs x "
+                        "250 iterations, nnunet augmentation, a 128^3 patch budget and 32-320 filters for a teacher, "
+                        "workers from the cores, --val-patches 100); any option given explicitly wins")
     p.add_argument("--epochs", type=int, help=f"epochs (default {D.epochs})")
     p.add_argument("--iters-per-epoch", dest="iters_per_epoch", type=int,
                    help=f"iterations per epoch (default {D.iters_per_epoch}; nnU-Net uses 250)")
