@@ -578,3 +578,39 @@ def test_train_refuses_a_patch_too_large_for_the_memory_before_the_run_folder(da
     line = _error_line(capsys)
     assert "training the teacher on patch [16, 32, 32] with batch 2 needs about" in line and "0.0 GiB free" in line
     assert not run.exists()
+
+
+def test_fp16_overflow_skips_the_step_and_the_run_goes_on(dataset, tmp_path, monkeypatch, capsys):
+    """With fp16 loss scaling (CUDA), a step whose loss overflows is skipped, not fatal; log.csv says how many;
+    only a long run of them counts as divergence. Simulated on the CPU: the trainer set to skip, one NaN loss."""
+    import csv
+
+    from ReCoKDLib.training.loop import EpochTrainer, SegTrainModule, resolve_amp_dtype
+
+    assert resolve_amp_dtype("fp16", torch.device("cpu")) == torch.float16
+    assert resolve_amp_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert resolve_amp_dtype("auto", torch.device("cpu")) == torch.float16  # bf16 only on a GPU that has it
+    real_init, real_forward, calls = EpochTrainer.__init__, SegTrainModule.forward, []
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.skip_nonfinite = True  # as with --amp-dtype fp16 on CUDA
+
+    def forward(self, images, labels, progress):
+        loss, terms = real_forward(self, images, labels, progress)
+        calls.append(1)
+        return (loss * math.nan, terms) if len(calls) in bad else (loss, terms)
+
+    monkeypatch.setattr(EpochTrainer, "__init__", init)
+    monkeypatch.setattr(SegTrainModule, "forward", forward)
+    bad = {2}
+    run = tmp_path / "run"
+    command = ["train", str(dataset), "-o", str(run), "--cache", str(tmp_path / "cache"), *TINY, *SMALL_PLAN,
+               "--base-filters", "8", "--epochs", "2", "--iters-per-epoch", "2"]
+    assert main(command) == 0, capsys.readouterr().err
+    rows = list(csv.DictReader((run / "log.csv").open()))
+    assert [float(r["loss_skipped"]) for r in rows] == [0.5, 0.0]  # one of epoch 1's two steps
+    monkeypatch.setattr(EpochTrainer, "MAX_CONSECUTIVE_SKIPS", 1)
+    bad, calls[:] = {1, 2}, []
+    assert main([*command[:3], str(tmp_path / "run2"), *command[4:]]) == 2
+    assert "the loss became nan at iteration 2" in _error_line(capsys)

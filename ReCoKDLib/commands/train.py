@@ -81,6 +81,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help=f"auto, cpu, cuda or mps (default {D.device})")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit-exact resume)")
     p.add_argument("--no-amp", dest="no_amp", action="store_true", help="no mixed precision on CUDA")
+    p.add_argument("--amp-dtype", dest="amp_dtype", choices=["auto", "bf16", "fp16"],
+                   help="mixed precision on CUDA: auto (default) = bf16 where the GPU computes it, else fp16 with loss "
+                        "scaling whose overflowing steps are skipped (log.csv: loss_skipped); KD terms stay fp32")
     p.add_argument("--threads", type=int, help="CPU threads per process (default: torch's)")
     p.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
 

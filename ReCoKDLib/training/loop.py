@@ -62,7 +62,7 @@ CONFIG_FLAGS = {"epochs": "--epochs", "iters_per_epoch": "--iters-per-epoch", "b
                 "device": "--device", "deterministic": "--deterministic", "amp": "--no-amp", "num_threads": "--threads",
                 "unlabeled_fraction": "--unlabeled-fraction", "teacher_targets": "--teacher-targets",
                 "teacher_confidence": "--teacher-confidence", "val_patches": "--val-patches",
-                "batch_per_process": "--batch-per-process"}
+                "batch_per_process": "--batch-per-process", "amp_dtype": "--amp-dtype"}
 # whole-number options and their least value: a run needs at least one epoch of one iteration of one patch
 _LEAST_WHOLE = {"epochs": 1, "iters_per_epoch": 1, "batch_size": 1, "num_workers": 0, "val_every": 0,
                 "val_max_cases": 0, "checkpoint_every": 0, "seed": 0, "num_threads": 1, "val_patches": 0}
@@ -203,6 +203,9 @@ class RunConfig:
     device: str = "auto"
     deterministic: bool = False
     amp: bool = True
+    # the mixed precision on CUDA: auto = bf16 where the GPU computes it (no loss scaling needed), else fp16
+    # with a gradient scaler that skips the steps whose loss or gradients overflow
+    amp_dtype: str = "auto"
     # --batch-size is the global batch, split over the processes of a torchrun (nnU-Net's semantics: N GPUs
     # see the same samples per step as one, N times faster); True: each process draws --batch-size itself
     batch_per_process: bool = False
@@ -215,6 +218,8 @@ class RunConfig:
     teacher_confidence: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.amp_dtype not in AMP_DTYPES:
+            raise ReCoKDError(f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}, got {self.amp_dtype!r}")
         self.augment = augment_name(self.augment)
         check_training_options(asdict(self))
 
@@ -316,6 +321,16 @@ def _dist_info() -> tuple[int, int, int]:
 # the loop
 
 
+AMP_DTYPES = ("auto", "bf16", "fp16")
+
+
+def resolve_amp_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on a CUDA GPU that computes it (Ampere and later), else float16."""
+    if name == "bf16" or (name == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
 def validation_patches(cases: Sequence[ValCase], patch: Sequence[int], count: int, seed: int = 0
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` fixed patches of the validation ``cases``: images (N, C, *patch) and labels (N, *patch),
@@ -375,6 +390,9 @@ class EpochTrainer:
         progress: show the progress bar.
     """
 
+    #: fp16 steps skipped in a row (overflow) before the run counts as diverged
+    MAX_CONSECUTIVE_SKIPS = 50
+
     def __init__(
         self,
         module: nn.Module,
@@ -414,7 +432,11 @@ class EpochTrainer:
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = self.configure_optimizers()
         self.use_amp = bool(config.amp and self.device.type == "cuda")
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.amp_dtype = resolve_amp_dtype(config.amp_dtype, self.device)
+        # fp16 alone needs loss scaling; its overflowing steps are skipped (skip_nonfinite), not fatal
+        self.skip_nonfinite = self.use_amp and self.amp_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.skip_nonfinite)
+        self._consecutive_skips = 0
         if self.world > 1:
             ids = [self.device.index if self.device.index is not None else local_rank] if self.device.type == "cuda" else None
             self.forward_module: nn.Module = nn.parallel.DistributedDataParallel(module, device_ids=ids)
@@ -472,10 +494,17 @@ class EpochTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp):
+        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
             loss, terms = self.forward_module(images, labels, step / self.config.total_steps)
         # one host-device synchronisation per step: every term and the total in one copy
         values = torch.stack([loss.detach().float(), *(v.detach().float() for v in terms.values())]).tolist()
+        if not math.isfinite(values[0]) and self.skip_nonfinite and self._consecutive_skips < self.MAX_CONSECUTIVE_SKIPS:
+            # fp16 overflowed: this step is skipped (as the gradient scaler skips an overflowing update), the
+            # scale halved; log.csv's loss_skipped is the epoch's share of skipped steps
+            self._consecutive_skips += 1
+            if self.scaler.is_enabled():
+                self.scaler.update(self.scaler.get_scale() / 2)
+            return {"skipped": 1.0}
         if not math.isfinite(values[0]):
             raise ReCoKDError(f"{self.name}: the loss became {values[0]} at iteration {step + 1} (epoch "
                               f"{step // self.config.iters_per_epoch + 1}); the training diverged and was stopped, "
@@ -487,8 +516,11 @@ class EpochTrainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self._update_ema(step)
+        self._consecutive_skips = 0
         out = dict(zip(terms, values[1:]))
         out["total"] = values[0]
+        if self.skip_nonfinite:
+            out["skipped"] = 0.0
         return out
 
     @torch.no_grad()

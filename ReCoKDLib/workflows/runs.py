@@ -275,7 +275,7 @@ _CLI_TO_CONFIG = {"epochs": "epochs", "iters_per_epoch": "iters_per_epoch", "bat
                   "grad_clip": "grad_clip", "ema_decay": "ema_decay", "elastic": "elastic", "workers": "num_workers",
                   "val_every": "val_every", "val_max_cases": "val_max_cases", "checkpoint_every": "checkpoint_every",
                   "seed": "seed", "device": "device", "deterministic": "deterministic", "threads": "num_threads",
-                  "batch_per_process": "batch_per_process", "val_patches": "val_patches",
+                  "batch_per_process": "batch_per_process", "val_patches": "val_patches", "amp_dtype": "amp_dtype",
                   "augment": "augment", "foreground_fraction": "foreground_fraction",
                   "adapter_lr_scale": "adapter_lr_scale", "unlabeled_fraction": "unlabeled_fraction",
                   "teacher_targets": "teacher_targets", "teacher_confidence": "teacher_confidence"}  # from adapter_lr_scale: distill only
