@@ -123,8 +123,22 @@ def test_auto_picks_onnxruntime_on_the_cpu_and_torch_where_it_cannot_run(cache, 
         select_backend(bundle, "openvino", cpu)
 
 
+class _QuietMachine:
+    """OtherLoad as on an idle machine: a choice timed meanwhile is kept (the busy case has its own test)."""
+
+    other_cores = 0.0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
 def test_auto_times_every_engine_once_per_bundle_and_keeps_the_fastest(cache, monkeypatch):
     from ReCoKDLib.inference.export import OnnxNetwork, OpenVinoNetwork
+
+    monkeypatch.setattr(backends, "OtherLoad", _QuietMachine)
 
     bundle, cpu = _tiny_bundle(4), torch.device("cpu")
     speeds, timed = {"torch": 0.5, "onnxruntime": 0.2, "openvino": 0.3}, []
@@ -367,7 +381,7 @@ def test_precision_auto_runs_bf16_only_where_the_check_case_agrees(shared_data, 
     # remembered: not checked again on this machine
     calls = []
     monkeypatch.setattr(check_case, "label_agreement", lambda *a, **k: calls.append(a) or 0.0)
-    assert Predictor(bundle, device="cpu", backend="torch", precision="auto").precision == "bf16" and calls == []
+    assert Predictor(bundle, device="cpu", backend="auto", precision="auto").precision == "bf16" and calls == []
     monkeypatch.undo()
     # a model whose bf16 labels differ (here: check labels that disagree with its fp32 ones) stays fp32
     tensors = load(bundle.check)
@@ -382,6 +396,12 @@ def test_precision_auto_runs_bf16_only_where_the_check_case_agrees(shared_data, 
     assert resolve_precision(_la_bundle_with_check(shared_data), "auto", cpu, log=said.append) == "fp32"
     assert "no native bfloat16" in said[-1]
     assert resolve_precision(bundle, "bf16", cpu) == "bf16"  # asked for: as asked
+    monkeypatch.setattr(runtime, "native_bf16", lambda: True)
+    checked = _la_bundle_with_check(shared_data)
+    # an explicit engine without bf16 keeps fp32 (auto must never pick what that engine cannot run)
+    assert resolve_precision(checked, "auto", cpu, log=said.append, backend="onnxruntime") == "fp32"
+    assert "onnxruntime has no bf16" in said[-1]
+    assert Predictor(checked, device="cpu", backend="onnxruntime", precision="auto").precision == "fp32"
 
 
 def test_export_adds_a_check_case_from_the_runs_dataset(tmp_path):

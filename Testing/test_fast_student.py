@@ -93,3 +93,20 @@ def test_distilling_a_fast_student_gives_a_bundle_that_predicts_on_the_inputs_gr
     assert "--student-spacing-factor 4 (run: 2)" in capsys.readouterr().err
     assert main([*command[:5], str(tmp_path / "other"), *command[6:], "--unlabeled", str(dataset)]) == 2
     assert "does not combine with --unlabeled" in capsys.readouterr().err
+
+
+def test_a_scaled_teacher_without_paired_taps_still_distils_logits_and_its_memory_is_counted_upsampled():
+    from ReCoKDLib.training.memory import estimate_training_bytes
+
+    acdc = load_bundle(MODELS / "acdc-heart.recokd")
+    plans, topology, scale = coarser_plans(acdc.plans, acdc.spec, 2)
+    teacher, student = build_unet(acdc.spec).eval(), build_unet(topology.student(2))
+    # the teacher tapped at its input only (stride 1): no student level meets it
+    logit = Distiller(teacher, student, ["input_block"], ["input_block"], 4, "logit", teacher_scale=scale)
+    assert logit.teacher_info == [] and "logit_kd" in logit(torch.randn(1, 1, *plans.patch_size),
+                                                           torch.randint(0, 4, (1, 1, *plans.patch_size))).terms
+    with pytest.raises(ReCoKDError, match="no student tap meets a teacher tap at an equal grid"):
+        Distiller(teacher, student, ["input_block"], ["input_block"], 4, "recokd", teacher_scale=scale)
+    spec = topology.student(4)
+    assert estimate_training_bytes(spec, plans.patch_size, 2, acdc.spec, teacher_scale=scale) > \
+        estimate_training_bytes(spec, plans.patch_size, 2, acdc.spec)

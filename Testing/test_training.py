@@ -287,6 +287,18 @@ def test_validation_on_fixed_patches_each_epoch_and_whole_cases_at_the_end(tmp_p
     metrics = json.loads((run / "run.json").read_text())["metrics"]
     assert 0 <= metrics["final_case_dice_mean"] <= 1 and set(metrics["final_case_dice_per_class"]) >= {"organ"}
     assert calls == {"patches": 2, "cases": 1}  # each epoch on patches, whole cases once at the end
+    # out of memory scoring whole cases at the end: the final weights are written all the same
+    def no_memory(self):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(EpochTrainer, "validate_cases", no_memory)
+    again = tmp_path / "run2"
+    assert main(["train", str(data), "-o", str(again), "--cache", str(tmp_path / "cache"), "--epochs", "1",
+                 "--iters-per-epoch", "2", "--patch-size", "16", "32", "32", "--workers", "0", "--threads", "1",
+                 "--no-progress", "--patch-budget", "32768", "--max-filters", "32", "--base-filters", "8",
+                 "--val-patches", "4"]) == 0
+    assert (again / "model_final.safetensors").is_file()
+    assert "final_case_dice_mean" not in json.loads((again / "run.json").read_text())["metrics"]
 
 
 def test_the_gpu_preset_sets_nnunets_schedule_where_the_command_line_is_silent():

@@ -477,5 +477,6 @@ def load_preprocessed(cache_dir: str | Path, plans: Plans, case_id: str, mmap: b
                 image = data["image"]
                 label = data["label"] if "label" in data.files else None
     except (OSError, ValueError, KeyError, BadZipFile) as exc:
-        raise ReCoKDError(f"cached case {where} is unreadable ({exc}); delete it and preprocess again") from None
+        raise ReCoKDError(f"cached case {where} is unreadable ({exc}); delete {folder / case_id}_*.npy (or .npz) and "
+                          f"{props.name} beside it, and preprocess again") from None
     return PreprocessedCase(case_id=case_id, image=image, label=label, properties=read_json(props, "case properties file"))

@@ -136,7 +136,8 @@ class Distiller(nn.Module):
         self.teacher_info: list[TapInfo] = [teacher_info[i] for i, _ in pairs]
         self.student_info: list[TapInfo] = [student_info[j] for _, j in pairs]
 
-        self.level_weights = make_level_weights(len(self.teacher_info), alpha)
+        # no paired level (a scaled teacher whose taps meet none of the student's): logit terms only
+        self.level_weights = make_level_weights(len(self.teacher_info), alpha) if self.teacher_info else []
         context = KDContext(
             num_classes=self.num_classes,
             teacher_channels=tuple(i.channels for i in self.teacher_info),

@@ -196,15 +196,17 @@ def select_backend(bundle: Any, backend: str, device: torch.device, threads: int
 
 
 def resolve_precision(bundle: Any, precision: str, device: torch.device, threads: int | None = None,
-                      cache_dir: str | Path | None = None, log: Callable[[str], None] | None = None) -> str:
+                      cache_dir: str | Path | None = None, log: Callable[[str], None] | None = None,
+                      backend: str = "auto") -> str:
     """``fp32`` or ``bf16`` for ``precision`` (one of :data:`PRECISION_CHOICES`).
 
     ``auto`` is bf16 only where it is both fast and safe for this model: on the CPU, when the CPU computes
     bfloat16 natively (:func:`~ReCoKDLib.utils.runtime.native_bf16`) and the bundle's check case
     (:mod:`~ReCoKDLib.deployment.check_case`) is labelled as at fp32 on at least 99.9 % of its voxels by every
     installed engine that runs bf16; fp32 otherwise (other devices, no native bf16, a bundle without a
-    check case, an nnU-Net folder). The check runs once per bundle and machine and is remembered in
-    ``choices.json`` beside the ONNX graphs, with the agreement it measured.
+    check case, an nnU-Net folder, an explicit ``backend`` without bf16). Only the engines ``backend`` may run
+    are checked (``auto``: PyTorch and, when installed, OpenVINO). The check runs once per bundle, engines and
+    machine and is remembered in ``choices.json`` beside the ONNX graphs, with the agreement it measured.
     """
     if precision != "auto":
         return precision
@@ -213,24 +215,30 @@ def resolve_precision(bundle: Any, precision: str, device: torch.device, threads
 
     say = log or (lambda m: None)
     check = getattr(bundle, "check", None)
-    if device.type != "cpu" or not native_bf16() or check is None:
+    engines = [e for e in ENGINES_FOR_PRECISION["bf16"] if backend in ("auto", e) and _engine_available(e)]
+    if device.type != "cpu" or not native_bf16() or check is None or not engines:
         why = ("on the CPU only" if device.type != "cpu" else "this CPU has no native bfloat16" if not native_bf16()
-               else "the model has no check case to test bf16 on")
+               else "the model has no check case to test bf16 on" if check is None
+               else f"{backend} has no bf16")
         say(f"precision auto: fp32 ({why})")
         return "fp32"
     path, choices = _choices(cache_dir)
-    key = f"precision|{onnx_cache_key(bundle)}|cpu={cpu_flags()[0]}"
+    key = f"precision|{onnx_cache_key(bundle)}|engines={','.join(engines)}|cpu={cpu_flags()[0]}"
     known = choices.get(key)
     if isinstance(known, dict) and known.get("precision") in PRECISIONS:
         return known["precision"]
-    engines = {"torch": Autocast(bundle.build_network())}
-    if _engine_available("openvino"):
+    networks = {}
+    for name in engines:
         try:
-            engines["openvino"] = _openvino_network(bundle, threads, "bf16", cache_dir)
+            networks[name] = Autocast(bundle.build_network()) if name == "torch" else \
+                _openvino_network(bundle, threads, "bf16", cache_dir)
         except ReCoKDError:
-            pass  # OpenVINO cannot run this model: auto will not pick it either
+            pass  # this engine cannot run the model: auto will not pick it either
     where = f"bundle {getattr(bundle, 'source', None) or getattr(bundle, 'name', '')}"
-    agreement = {name: label_agreement(net, check, where) for name, net in engines.items()}
+    agreement = {name: label_agreement(net, check, where) for name, net in networks.items()}
+    if not agreement:
+        say("precision auto: fp32 (no bf16 engine can run this model)")
+        return "fp32"
     chosen = "bf16" if min(agreement.values()) >= AGREEMENT else "fp32"
     say("precision auto: bf16 labels the model's check case as fp32 does on "
         + ", ".join(f"{100 * a:.3f} % ({n})" for n, a in agreement.items())

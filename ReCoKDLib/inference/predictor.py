@@ -272,7 +272,7 @@ class Predictor:
             raise ReCoKDError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
         self._requested_backend, self._threads = backend, threads
         # auto: bf16 where the CPU has it and the model's check case agrees (resolve_precision)
-        self.precision = resolve_precision(self.bundle, precision, self.device, threads, log=self.log) \
+        self.precision = resolve_precision(self.bundle, precision, self.device, threads, log=self.log, backend=backend) \
             if network is None else ("fp32" if precision == "auto" else precision)
         self._network, self._backend = (network, "custom") if network is not None else (None, None)
         if backend == "torch":

@@ -498,7 +498,12 @@ class EpochTrainer:
             loss, terms = self.forward_module(images, labels, step / self.config.total_steps)
         # one host-device synchronisation per step: every term and the total in one copy
         values = torch.stack([loss.detach().float(), *(v.detach().float() for v in terms.values())]).tolist()
-        if not math.isfinite(values[0]) and self.skip_nonfinite and self._consecutive_skips < self.MAX_CONSECUTIVE_SKIPS:
+        overflow = not math.isfinite(values[0])
+        if self.skip_nonfinite and self.world > 1:  # every rank skips together, or DDP's all-reduce would hang
+            flag = torch.tensor([float(overflow)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            overflow = bool(flag.item())
+        if overflow and self.skip_nonfinite and self._consecutive_skips < self.MAX_CONSECUTIVE_SKIPS:
             # fp16 overflowed: this step is skipped (as the gradient scaler skips an overflowing update), the
             # scale halved; log.csv's loss_skipped is the epoch's share of skipped steps
             self._consecutive_skips += 1
@@ -541,11 +546,12 @@ class EpochTrainer:
         images, labels = self._val_patches
         counts = torch.zeros(3, self.num_classes - 1, dtype=torch.float64)
         self.ema_net.eval()
-        for start in range(0, len(images), max(self.config.batch_size, 1)):
-            x = images[start:start + self.config.batch_size].to(self.device)
+        batch = max(self.data.batch_size, 1)  # this process's share, which fits its memory
+        for start in range(0, len(images), batch):
+            x = images[start:start + batch].to(self.device)
             out = self.ema_net(x)
             pred = (out[0] if isinstance(out, (list, tuple)) else out).argmax(1).cpu()
-            ref = labels[start:start + self.config.batch_size]
+            ref = labels[start:start + batch]
             for k in range(1, self.num_classes):
                 p, r = pred == k, ref == k
                 counts[:, k - 1] += torch.stack([(p & r).sum(), (p & ~r).sum(), (~p & r).sum()]).double()
@@ -704,7 +710,9 @@ class EpochTrainer:
             dist.all_reduce(sums)
             self.epoch_sums = {k: float(v) / self.world for k, v in zip(keys, sums.tolist())}
         row: dict = {"epoch": epoch + 1, "lr": lr}
-        row.update({f"loss_{k}": v / max(self.epoch_count, 1) for k, v in self.epoch_sums.items()})
+        # skipped (fp16 overflow) steps have no terms: the others' means are over the steps that ran
+        ran = max(self.epoch_count - self.epoch_sums.get("skipped", 0.0), 1)
+        row.update({f"loss_{k}": v / (self.epoch_count if k == "skipped" else ran) for k, v in self.epoch_sums.items()})
         if self.is_main:
             validate = bool(self.val_cases) and c.val_every > 0 and ((epoch + 1) % c.val_every == 0 or epoch + 1 == c.epochs)
             if validate:
@@ -801,17 +809,25 @@ class EpochTrainer:
             self._epoch_end_pending = None
             self.on_epoch_end(int(pending[0]), float(pending[1]))
         self.require_finite_weights()
-        if self.is_main and self.config.val_patches and self.val_cases and "final_case_dice_mean" not in self.best:
-            # the epochs were scored on patches: the final weights are scored on whole cases once
-            final = self.validate_cases()
-            self.best.update(final_case_dice_mean=final["dice_mean"], final_case_dice_per_class=final["dice_per_class"])
-            tqdm.write(f"{self.name}: final EMA weights, whole validation cases: mean Dice {final['dice_mean']:.3f}")
         if self.is_main:
             save_weights(self.ema_net, self.run_dir / "model_final.safetensors")
             if not (self.run_dir / "model_best.safetensors").is_file():  # nothing validated: best = final
                 save_weights(self.ema_net, self.run_dir / "model_best.safetensors")
                 self.save_checkpoint("best")
             self.write_run_json()
+        if self.is_main and self.config.val_patches and self.val_cases and "final_case_dice_mean" not in self.best:
+            # the epochs were scored on patches: the final weights (written above) on whole cases once, best effort
+            try:
+                final = self.validate_cases()
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                tqdm.write(f"{self.name}: out of memory scoring whole validation cases; the final weights are in "
+                           f"{self.run_dir / 'model_final.safetensors'} (score them with recokd evaluate)")
+            else:
+                self.best.update(final_case_dice_mean=final["dice_mean"], final_case_dice_per_class=final["dice_per_class"])
+                tqdm.write(f"{self.name}: final EMA weights, whole validation cases: mean Dice {final['dice_mean']:.3f}")
+                self.write_run_json()
             self.plot_curves()
         self.logger.close()
         if self.world > 1:

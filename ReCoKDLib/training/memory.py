@@ -43,17 +43,18 @@ def _level_units(spec: UNetSpec, patch: Sequence[int]) -> int:
 
 
 def estimate_training_bytes(spec: UNetSpec, patch: Sequence[int], batch_size: int, teacher: UNetSpec | None = None,
-                            half_precision: bool = False) -> int:
+                            half_precision: bool = False, teacher_scale: Sequence[int] = (1, 1, 1)) -> int:
     """Rough bytes of activations one training step of ``spec`` on ``batch_size`` patches needs.
 
     ``batch × Σ_levels channels × voxels × bytes per value × TRAIN_FACTOR`` for the trained network, plus
-    the same with ``FORWARD_FACTOR`` for a frozen ``teacher`` (distillation). ``half_precision`` (CUDA
+    the same with ``FORWARD_FACTOR`` for a frozen ``teacher`` (distillation; on the patch upsampled by
+    ``teacher_scale`` for a fast student at a coarser grid). ``half_precision`` (CUDA
     autocast) counts 2 bytes a value instead of 4. Cheap (no tensor is made) and deliberately low.
     """
     value_bytes = 2 if half_precision else 4
     need = _level_units(spec, patch) * TRAIN_FACTOR
     if teacher is not None:
-        need += _level_units(teacher, patch) * FORWARD_FACTOR
+        need += _level_units(teacher, [p * s for p, s in zip(patch, teacher_scale)]) * FORWARD_FACTOR
     return int(batch_size) * value_bytes * need
 
 
@@ -85,7 +86,7 @@ def _gib(n: float) -> str:
 
 def check_training_memory(spec: UNetSpec, patch: Sequence[int], batch_size: int, device: torch.device,
                           teacher: UNetSpec | None = None, half_precision: bool = False, processes: int = 1,
-                          what: str = "this network") -> None:
+                          what: str = "this network", teacher_scale: Sequence[int] = (1, 1, 1)) -> None:
     """Refuse a training whose estimated activations (:func:`estimate_training_bytes`, times ``processes``
     sharing the CPU's memory) exceed what ``device`` has free; nothing is checked when the free memory is
     unknown or ``$RECOKD_SKIP_MEMORY_CHECK`` is 1.
@@ -98,7 +99,7 @@ def check_training_memory(spec: UNetSpec, patch: Sequence[int], batch_size: int,
     free = available_bytes(device)
     if free is None:
         return
-    need = estimate_training_bytes(spec, patch, batch_size, teacher, half_precision)
+    need = estimate_training_bytes(spec, patch, batch_size, teacher, half_precision, teacher_scale)
     if device.type == "cpu":
         need *= max(int(processes), 1)
     if need > free:

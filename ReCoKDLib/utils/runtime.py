@@ -93,7 +93,10 @@ class OtherLoad:
         return (sum(fields) - idle - guest) / os.sysconf("SC_CLK_TCK")
 
     def __enter__(self) -> "OtherLoad":
-        self._start = (self._machine_busy_seconds(), time.process_time(), time.perf_counter())
+        # /proc/stat counts the whole host: inside a CPU-limited container it would report the neighbours'
+        # load as ours to share, so only a process that may use every core measures it
+        limited = usable_cores() < (os.cpu_count() or 1)
+        self._start = (None if limited else self._machine_busy_seconds(), time.process_time(), time.perf_counter())
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -289,7 +289,8 @@ def gpu_preset(cores: int | None = None) -> tuple[dict[str, Any], dict[str, int]
     free, at most 12), and validation on 100 fixed patches per epoch with whole cases at the end. Not yet
     timed on a GPU: ``scripts/gpu_check.sh`` measures seconds per iteration (nnU-Net's own epochs of this shape
     take about 100 s on a recent data-centre GPU, the figure the issue compares with)."""
-    cores = cores or os.cpu_count() or 2
+    # the workers are per process: under torchrun the machine's cores are shared by its processes
+    cores = (cores or os.cpu_count() or 2) // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
     training = {"epochs": 1000, "iters_per_epoch": 250, "augment": "nnunet", "num_workers": max(2, min(12, cores - 1)),
                 "val_patches": 100, "val_every": 1}
     planner = {"patch_budget": 128 ** 3, "base_filters": 32, "max_filters": 320}
@@ -431,7 +432,7 @@ class RunSpec:
             unlabeled=tuple(saved.get("unlabeled") or ()), labeled_cases_file=saved.get("labeled_cases_file"),
             student_spacing_factor=int(saved.get("student_spacing_factor") or 1),
             # a run saved before global batches existed drew --batch-size in every process: it keeps doing so
-            training={"batch_per_process": True, **saved["config"], **resumable},
+            training={"batch_per_process": True, "amp_dtype": "fp16", **saved["config"], **resumable},
         )
 
     def _changes_from(self, saved: dict[str, Any]) -> list[str]:
@@ -751,7 +752,7 @@ def _run(run_spec: RunSpec, device: torch.device, rank: int, world: int) -> int:
     trained_spec = teacher_spec if role == "teacher" else topology.student(float(run_spec.width_factor))
     per_rank = rank_batch_size(config.batch_size, world, rank, config.batch_per_process)
     check_training_memory(trained_spec, config.patch_size, per_rank, device,
-                          teacher=teacher_spec if role == "student" else None,
+                          teacher=teacher_spec if role == "student" else None, teacher_scale=scale,
                           half_precision=bool(config.amp and device.type == "cuda"),
                           processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")), what=f"the {role}")
 
