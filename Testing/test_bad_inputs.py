@@ -524,8 +524,9 @@ def test_a_run_killed_after_its_last_checkpoint_finishes_on_resume(runs: Path, t
 
 def test_an_interrupt_between_the_two_checkpoint_writes_keeps_checkpoint_best(runs: Path, tmp_path: Path, monkeypatch,
                                                                               capsys) -> None:
-    """The epoch end writes checkpoint_best before checkpoint_latest: stopped between the two, the resumed
-    run repeats that epoch and writes both (in the other order checkpoint_best could be lost for good)."""
+    """The epoch end writes checkpoint_latest (before validation), then checkpoint_best, then checkpoint_latest
+    again: stopped between the last two, the resumed run has checkpoint_best and finishes (in the other order
+    checkpoint_best could be lost for good)."""
     from ReCoKDLib.training.loop import EpochTrainer
 
     real = EpochTrainer.save_checkpoint
@@ -533,7 +534,7 @@ def test_an_interrupt_between_the_two_checkpoint_writes_keeps_checkpoint_best(ru
 
     def interrupted_once(self, which="latest"):
         calls.append(which)
-        if len(calls) == 2:  # the second write of the first validated epoch end
+        if len(calls) == 3:  # the third write of the first validated epoch end (latest, best, latest)
             raise KeyboardInterrupt
         real(self, which)
 
@@ -543,7 +544,8 @@ def test_an_interrupt_between_the_two_checkpoint_writes_keeps_checkpoint_best(ru
     monkeypatch.setattr(EpochTrainer, "save_checkpoint", interrupted_once)
     assert main(argv) == 130
     monkeypatch.setattr(EpochTrainer, "save_checkpoint", real)
-    assert (tmp_path / "run" / "checkpoint_best.pt").is_file()  # written first
+    assert calls == ["latest", "best", "latest"]
+    assert (tmp_path / "run" / "checkpoint_best.pt").is_file()  # written before the interrupted one
     assert main(argv + ["--resume"]) == 0
     assert (tmp_path / "run" / "checkpoint_best.pt").is_file() and (tmp_path / "run" / "model_final.safetensors").is_file()
 

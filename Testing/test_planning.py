@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 import ReCoKDLib.data.preprocessing as prep
 from ReCoKDLib.data.datasets import LoadedCase, load_case, open_dataset
@@ -466,9 +467,10 @@ def test_cache_runs_once_and_per_plan(tiny_la, tmp_path, monkeypatch):
     np.testing.assert_array_equal(loaded.image, direct.image)
     np.testing.assert_array_equal(loaded.label, direct.label)
     assert loaded.properties == json.loads(json.dumps(direct.properties))
-    # memory-mapped, read-only: nothing is read until a patch is drawn, and nothing can write into the cache
-    assert isinstance(loaded.image, np.memmap) and isinstance(loaded.label, np.memmap)
-    assert not loaded.image.flags.writeable and loaded.label.dtype == np.uint8
+    # memory-mapped copy-on-write: nothing is read until a patch is drawn, and a write stays in this process
+    assert isinstance(loaded.image, np.memmap) and isinstance(loaded.label, np.memmap) and loaded.label.dtype == np.uint8
+    torch.from_numpy(loaded.image).mul_(0)  # in place, as an augmentation might: no crash, the cache unchanged
+    np.testing.assert_array_equal(load_preprocessed(cache, plans, ids[0]).image, direct.image)
 
     # a plan with other preprocessing goes to a new folder; the old cache is left alone
     other = plans.with_target_spacing((1.0, 1.0, 1.0))

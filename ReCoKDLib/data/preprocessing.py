@@ -452,8 +452,10 @@ def _tell(line: str) -> None:
 def load_preprocessed(cache_dir: str | Path, plans: Plans, case_id: str, mmap: bool = True) -> PreprocessedCase:
     """Load one case cached by :func:`preprocess_dataset` for ``plans`` (``allow_pickle=False``).
 
-    With ``mmap`` (default) the arrays are read-only memory maps of the cache files: nothing is read until
-    used, and processes reading the same case share its pages. Caches written as ``.npz`` load whole.
+    With ``mmap`` (default) the arrays are copy-on-write memory maps of the cache files: nothing is read until
+    used, processes reading the same case share its pages, and a write (an in-place operation on a tensor
+    made from them) gets a private copy of its page instead of reaching the file (or, with a read-only
+    map, crashing the process). Caches written as ``.npz`` load whole.
 
     Raises:
         ReCoKDError: the case is not cached for this plan, or its file is corrupt.
@@ -464,7 +466,7 @@ def load_preprocessed(cache_dir: str | Path, plans: Plans, case_id: str, mmap: b
         raise ReCoKDError(
             f"case {case_id!r} is not preprocessed for this plan in {folder}; run preprocess_dataset first"
         )
-    mode = "r" if mmap else None
+    mode = "c" if mmap else None
     try:
         if image_file.is_file():
             where = image_file
