@@ -241,7 +241,14 @@ def batch_loader(dataset: PatchBatches, start: int, stop: int, num_workers: int 
                  pin_memory: bool = False) -> DataLoader:
     """Batches ``start … stop-1`` of ``dataset``, in order, produced by ``num_workers`` background
     processes (0: in this process), in page-locked memory with ``pin_memory`` (for asynchronous copies to
-    a GPU). The result does not depend on ``num_workers``."""
+    a GPU). The result does not depend on ``num_workers``.
+
+    The workers are forked, except in a process that has loaded OpenVINO (a notebook that predicted with
+    ``--backend openvino`` or ``auto``, the test suite): forking beside its thread pool crashed the process,
+    so there they are spawned (slower to start; each gets a copy of the cases instead of sharing pages)."""
+    import sys
+
+    context = "spawn" if num_workers > 0 and "openvino" in sys.modules else None
     return DataLoader(
         dataset,
         batch_size=None,
@@ -251,4 +258,5 @@ def batch_loader(dataset: PatchBatches, start: int, stop: int, num_workers: int 
         prefetch_factor=2 if num_workers > 0 else None,
         persistent_workers=False,
         pin_memory=bool(pin_memory),
+        multiprocessing_context=context,
     )
