@@ -815,6 +815,7 @@ class EpochTrainer:
                 save_weights(self.ema_net, self.run_dir / "model_best.safetensors")
                 self.save_checkpoint("best")
             self.write_run_json()
+            self.plot_curves()
         if self.is_main and self.config.val_patches and self.val_cases and "final_case_dice_mean" not in self.best:
             # the epochs were scored on patches: the final weights (written above) on whole cases once, best effort
             try:
@@ -828,7 +829,6 @@ class EpochTrainer:
                 self.best.update(final_case_dice_mean=final["dice_mean"], final_case_dice_per_class=final["dice_per_class"])
                 tqdm.write(f"{self.name}: final EMA weights, whole validation cases: mean Dice {final['dice_mean']:.3f}")
                 self.write_run_json()
-            self.plot_curves()
         self.logger.close()
         if self.world > 1:
             dist.barrier()
