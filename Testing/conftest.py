@@ -3,10 +3,50 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+#: set in the fresh pytest process that runs one ``own_process`` test
+_OWN_PROCESS = "RECOKD_TEST_OWN_PROCESS"
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "own_process: the test runs in a fresh pytest process. For tests that load OpenVINO: its "
+        "thread pool, once in the suite's process, crashed later tests that fork (nnU-Net, data-loader workers).")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """An ``own_process`` test is run by a child pytest on its node id; its outcome is this test's."""
+    if pyfuncitem.get_closest_marker("own_process") is None or os.environ.get(_OWN_PROCESS):
+        return None
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, _OWN_PROCESS: "1"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", pyfuncitem.nodeid],
+                          cwd=root, env=env, capture_output=True, text=True)
+    tail = (done.stdout + done.stderr)[-6000:]
+    if done.returncode != 0:
+        pytest.fail(f"in its own process (exit {done.returncode}):\n{tail}", pytrace=False)
+    if " passed" not in done.stdout:
+        reasons = [line for line in done.stdout.splitlines() if line.startswith("SKIPPED")]
+        pytest.skip(f"in its own process: {(reasons or [tail.strip()])[-1]}")
+    return True
+
+
+@pytest.fixture(autouse=True)
+def _no_openvino_in_the_suites_process(request, monkeypatch):
+    """``auto`` leaves OpenVINO out in the suite's process (see ``own_process``); tests of OpenVINO are marked."""
+    if request.node.get_closest_marker("own_process") is not None:
+        return
+    from ReCoKDLib.inference import backends
+
+    available = backends._engine_available
+    monkeypatch.setattr(backends, "_engine_available", lambda name: name != "openvino" and available(name))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -29,6 +29,7 @@ def cache(tmp_path, monkeypatch) -> Path:
     return tmp_path / "home" / "onnx"
 
 
+@pytest.mark.own_process
 def test_every_engine_agrees_with_torch_fp32_on_real_cases(shared_data, cache):
     """The shipped LA2018 student on three LA2018 test volumes: the labels of ONNX Runtime, OpenVINO (fp32 and
     bf16) and PyTorch bf16 agree with PyTorch fp32's on >= 99.9 % of voxels."""
@@ -135,6 +136,7 @@ class _QuietMachine:
         return None
 
 
+@pytest.mark.own_process
 def test_auto_times_every_engine_once_per_bundle_and_keeps_the_fastest(cache, monkeypatch):
     from ReCoKDLib.inference.export import OnnxNetwork, OpenVinoNetwork
 
@@ -173,6 +175,7 @@ def test_auto_times_every_engine_once_per_bundle_and_keeps_the_fastest(cache, mo
     assert len(json.loads((cache / "choices.json").read_text())) == 1
 
 
+@pytest.mark.own_process
 def test_auto_measures_for_real_and_records_what_it_measured(cache):
     bundle = _tiny_bundle(5)
     name = select_backend(bundle, "auto", torch.device("cpu"), sw_batch_size=2)[1]
@@ -205,6 +208,7 @@ def test_blend_modes_and_a_bad_one(cache):
         Predictor(bundle, device="cpu", blend="median")
 
 
+@pytest.mark.own_process
 def test_predict_command_takes_a_backend(cache, tmp_path, capsys):
     bundle_path = _tiny_bundle(5).save(tmp_path / "tiny.recokd")
     image = tmp_path / "img.nii.gz"
@@ -218,6 +222,7 @@ def test_predict_command_takes_a_backend(cache, tmp_path, capsys):
     assert np.mean(outs["torch"] == outs["onnxruntime"]) >= 0.999 and np.mean(outs["torch"] == outs["openvino"]) >= 0.999
 
 
+@pytest.mark.own_process
 def test_benchmark_speed_times_a_width_ladder_per_engine_round_by_round(cache, tmp_path, capsys):
     from bundle_helpers import tiny_network, tiny_plans, write_image
 
@@ -364,6 +369,7 @@ def test_a_check_case_travels_with_the_bundle_and_is_checked_on_load(shared_data
         load_bundle(tmp_path / "folder")
 
 
+@pytest.mark.own_process
 def test_precision_auto_runs_bf16_only_where_the_check_case_agrees(shared_data, cache, monkeypatch):
     from safetensors.numpy import load, save
 

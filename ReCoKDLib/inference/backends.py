@@ -107,19 +107,15 @@ def cached_onnx(bundle: Any, cache_dir: str | Path | None = None) -> Path:
 
 
 def _engine_available(name: str) -> bool:
-    """Whether ``name`` can run here: PyTorch always; the others need their runtime and ``onnx`` (to export)."""
+    """Whether ``name`` can run here: PyTorch always; the others need their runtime and ``onnx`` (to export).
+
+    Looked up without importing: importing OpenVINO starts its thread pool, which a process that forks
+    later (data-loader workers) must not carry."""
     if name == "torch":
         return True
-    try:
-        import onnx  # noqa: F401
+    from importlib.util import find_spec
 
-        if name == "onnxruntime":
-            import onnxruntime  # noqa: F401
-        else:
-            import openvino  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return find_spec("onnx") is not None and find_spec(name) is not None
 
 
 #: the engines that can run each precision (ONNX Runtime's CPU kernels have no bf16 convolution)
