@@ -560,13 +560,16 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return box.clickedButton() == accept
 
     # -- segment ----------------------------------------------------------------------------------
-    def _ensureDependencies(self) -> bool:
+    def _ensureDependencies(self, model: str = "") -> bool:
+        """Install what ReCoKD needs, after asking; ``model``: the model or teacher to run (an nnU-Net results
+        folder needs nnU-Net's network classes too)."""
         from ReCoKDSlicer import dependencies
 
-        if not dependencies.missingDependencies():
+        nnunet = bool(model) and models.isNnunetFolder(model)
+        if not dependencies.missingDependencies(nnunet):
             return True
         try:  # the user is asked first; pip and the PyTorch extension show their own progress
-            dependencies.installDependencies(confirm=slicer.util.confirmOkCancelDisplay)
+            dependencies.installDependencies(confirm=slicer.util.confirmOkCancelDisplay, nnunet=nnunet)
         except Exception as exc:  # noqa: BLE001 - declined or failed: one message, no traceback
             slicer.util.errorDisplay(_("ReCoKD cannot run yet: {reason}").format(reason=exc))
             return False
@@ -589,7 +592,7 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except ReCoKDError as exc:
             slicer.util.errorDisplay(str(exc))
             return
-        if not self._ensureDependencies():
+        if not self._ensureDependencies(p.model):
             return
         self._startSegmentation(lambda: self.logic.segmentWithParameters(p, wait=False, onFinished=self.onSegmentFinished))
 
@@ -626,7 +629,7 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- training ---------------------------------------------------------------------------------
     def onStartTraining(self, _checked=False):
-        if not self._ensureDependencies():
+        if not self._ensureDependencies("" if self._parameterNode.trainTeacherFirst else self._parameterNode.teacherPath):
             return
         self.ui.logTextEdit.clear()
         try:

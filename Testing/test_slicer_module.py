@@ -264,6 +264,7 @@ if args[0] == "export":
     time.sleep(float(os.environ.get("FAKE_EXPORT_SECONDS", "0")))
     out.write_bytes(b"bundle")
     print("bundle:", out)
+    print("ARGS", " ".join(args))
     sys.exit(0)
 out.mkdir(parents=True, exist_ok=True)
 epochs = int(args[args.index("--epochs") + 1])
@@ -333,12 +334,17 @@ def test_distill_runs_in_background_and_exports_the_student(env, tmp_path, monke
     name = f"Dataset001_msard_R2_{hashlib.sha256(str((tmp_path / 'student').resolve()).encode()).hexdigest()[:6]}"
     assert task.bundlePath == models_folder / f"{name}.recokd" and task.bundlePath.is_file()
     assert name in [s.name for s in logic.availableModels()]
+    # the bundle's own name (results and segment tags say it) is the file's, not the run folder's
+    exported = next(line for line in task._exportJob.lines if line.startswith("ARGS")).split()[1:]
+    assert exported[exported.index("--name") + 1] == name
     # resume restarts the same command with --resume
     task2 = logic.resumeTraining(wait=True)
     args2 = next(line for line in task2.job.lines if line.startswith("ARGS")).split()[1:]
     assert args2.count("--resume") == 1 and args2[:-2] == args[:-1]
     # the second export does not replace the first student's bundle (the overwrite rule): it takes a free name
     assert task2.bundlePath == models_folder / f"{name}-2.recokd" and (models_folder / f"{name}.recokd").is_file()
+    exported = next(line for line in task2._exportJob.lines if line.startswith("ARGS")).split()[1:]
+    assert exported[exported.index("--name") + 1] == f"{name}-2"
     other = logic.distill(str(tmp_path / "Dataset002"), str(tmp_path / "teacher"), method="msard", widthFactor=2,
                           epochs=1, outputFolder=str(tmp_path / "student"), device="cpu", wait=True)
     assert other.bundlePath.name.startswith("Dataset002_msard_R2_")  # another dataset: another name
@@ -619,6 +625,20 @@ def test_installer_asks_pytorch_for_the_minimum_and_uses_pip_ensure(monkeypatch)
     if SLICER_PYTHON.is_dir():
         assert set(calls["installTorch"]) <= _real_signature(SLICER_PYTHON / "PyTorchUtils" / "PyTorchUtils.py", "installTorch")
         assert set(kwargs) <= _real_signature(SLICER_PYTHON / "slicer" / "packaging.py", "pip_ensure")
+    # an nnU-Net folder's model also needs nnU-Net's network classes, installed with the PyTorch extension's
+    # torch (and torchvision) pinned: timm, which they bring, must not make pip replace that build
+    pins = {}
+    packaging.pip_ensure = lambda requirements, **kw: pins.update(
+        requirements=requirements, text=Path(kw["constraints"]).read_text(encoding="utf-8"))
+    monkeypatch.setattr(dependencies.importlib.util, "find_spec",
+                        lambda name: None if name == "dynamic_network_architectures" and not pins else real_find_spec(name))
+    assert dependencies.missingDependencies() == [] and dependencies.missingDependencies(nnunet=True) == [
+        "dynamic_network_architectures"]
+    assert dependencies.installDependencies(log=lambda m: None, nnunet=True)
+    assert pins["requirements"] == ["dynamic-network-architectures>=0.4"]
+    from importlib import metadata
+
+    assert f"torch=={metadata.version('torch')}" in pins["text"].split()
     # declining installs nothing and says so in one line
     monkeypatch.setattr(dependencies, "installedTorchVersion", lambda: "2.0.1")
     with pytest.raises(RuntimeError, match="were not installed: PyTorch"):
@@ -790,6 +810,31 @@ def test_a_result_whose_input_left_the_scene_is_discarded_in_one_line(env):
     assert task.state == jobs.FAILED and task.segmentationNode is None and finished == [task]
     assert "'to be removed' was removed from the scene" in task.message and "\n" not in task.message
     assert scene.GetNumberOfNodes() == before - 1  # the volume went; no segmentation (nor its display) came
+
+
+@pytest.mark.parametrize("how", ["closed", "replaced"])
+def test_a_result_whose_scene_was_closed_or_replaced_is_discarded(env, how):
+    """The scene closed (File > Close Scene clears it) or the logic given another scene during Segment: the
+    old result lands in no scene."""
+    scene = slicer.vtkMRMLScene()
+    logic = module.ReCoKDLogic(scene=scene, modelsFolder=env["folder"] / "models", registries=[])
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
+    volume.Copy(env["volume"])
+    logic.debugDelay = 0.5
+    task = logic.segment([volume], env["bundle_path"], device="cpu", wait=False)
+    logic.debugDelay = 0.0
+    if how == "closed":
+        scene.Clear(0)
+    else:
+        logic.scene = slicer.vtkMRMLScene()
+    deadline = time.monotonic() + 120
+    while task.poll() == jobs.RUNNING:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert task.state == jobs.FAILED and task.segmentationNode is None and "\n" not in task.message
+    assert ("the scene was closed" if how == "closed" else "the scene changed") in task.message
+    for target in (scene, logic.scene):
+        assert target.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 0
 
 
 def test_the_module_and_its_logic_never_import_matplotlib_in_slicers_process(env, tmp_path):
@@ -1009,15 +1054,20 @@ def test_the_engine_note_says_when_the_chosen_device_is_slow(env):
         logic.devicesSeen = set()
 
 
-def _untranslated_texts(source: str) -> list:
+def _untranslated_texts(source: str, logic: bool = False) -> list:
     """User-facing literals of the module file not passed through ``_()``: texts given to labels, buttons,
-    titles, the module's help and acknowledgement, message boxes, file dialogs and the self-test's display.
+    titles, the module's help and acknowledgement, message boxes, file dialogs and the self-test's display;
+    with ``logic``, also the messages of the logic's files (ReCoKDSlicer/): texts assigned to a task's or
+    job's ``message``, ``error`` and ``lastMessage`` and the texts of the errors it raises.
     An f-string is never translatable (its placeholders are filled before the lookup): ``_("{x}").format()``."""
     import ast
 
     tree = ast.parse(source)
     targets = {"text", "title", "helpText", "acknowledgementText"}
     calls = {"errorDisplay": None, "delayDisplay": None, "_ask": (0, 1, 2), "getOpenFileName": (1, 3)}
+    if logic:
+        targets |= {"message", "error", "lastMessage"}
+        calls.update({"ReCoKDError": None, "InputCheckError": None})
     parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
 
     def inside_tr(node):
@@ -1036,11 +1086,23 @@ def _untranslated_texts(source: str) -> list:
                   and not isinstance(parents.get(node), ast.JoinedStr)):
                 yield node
 
+    def assigned(target, value):
+        """The values assigned to a guarded attribute (``a.error = ...``, ``a.state, a.error = x, ...``)."""
+        if isinstance(target, ast.Attribute):
+            return [value] if target.attr in targets else []
+        if isinstance(target, ast.Tuple):
+            if isinstance(value, ast.Tuple) and len(value.elts) == len(target.elts):
+                return [v for t, e in zip(target.elts, value.elts) for v in assigned(t, e)]
+            return [value] if any(assigned(t, value) for t in target.elts) else []
+        return []
+
     found = []
     for node in ast.walk(tree):
         values = []
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Attribute) and t.attr in targets for t in node.targets):
-            values = [node.value]
+        if isinstance(node, ast.Assign):
+            values = [v for t in node.targets for v in assigned(t, node.value)]
+        elif isinstance(node, ast.AugAssign):  # a.message += "; ..."
+            values = assigned(node.target, node.value)
         elif isinstance(node, ast.Call):
             name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
             if name in calls:
@@ -1059,6 +1121,20 @@ def test_the_panels_texts_are_translatable():
     assert _untranslated_texts(source) == []
     # the check itself finds what it guards against
     assert len(_untranslated_texts('w.text = "Segment"\nw.text = _(f"on {d}")\nslicer.util.errorDisplay(f"failed: {e}")\n')) == 3
+
+
+@pytest.mark.parametrize("name", ["logic.py", "models.py", "jobs.py"])
+def test_the_logics_messages_are_translatable(name):
+    """The messages the logic hands the panel (a task's message, a job's error, the errors it raises) go through
+    ``_()`` too: ReCoKDSlicer/i18n.py's, which is slicer.i18n.tr inside Slicer."""
+    source = (MODULE_DIR / "ReCoKDSlicer" / name).read_text(encoding="utf-8")
+    assert "from .i18n import _" in source
+    assert _untranslated_texts(source, logic=True) == []
+    # the check itself finds what it guards against (and lets a translated text and a passed-on error through)
+    planted = ('raise ReCoKDError(f"no model {m}")\nt.message = "done"\nj.state, j.error = FAILED, "gone"\n'
+               't.message += f"; {n} warning(s)"\nt.error = _("failed: {e}").format(e=e)\nraise ReCoKDError(str(exc))\n')
+    assert len(_untranslated_texts(planted, logic=True)) == 4
+    assert _untranslated_texts(planted) == []  # the panel's check alone guards other attributes
 
 
 def test_the_acknowledgement_cites_the_data_of_every_shipped_model():

@@ -527,7 +527,7 @@ def test_segment_takes_its_choices_from_the_parameter_node_not_the_controls(gui,
     calls = []
     logic.segment = lambda volumes, model, **kw: calls.append((volumes, model, kw))
     logic.markModelCardSeen("tiny")
-    widget._ensureDependencies = lambda: True
+    widget._ensureDependencies = lambda model="": True
     ui.segmentButton.click()
     widget._timer.stop()
     assert len(calls) == 1
@@ -661,6 +661,18 @@ def test_add_model_folder_lists_an_nnunet_results_folder_with_its_folds(gui, tmp
     ui.addModelFolderButton.click()
     assert errors == [] and p.model == str(folder.parent) and widget._modelSources[-1].name == "Dataset012_Tiny"
     assert ui.nnunetFoldsLineEdit.visible and ui.nnunetFoldsLineEdit.placeholderText == "all: 0"
+    # Segment with it installs nnU-Net's network classes too (when missing), the dataset folder as for ReCoKD's
+    from ReCoKDSlicer import dependencies
+
+    asked = []
+    real_missing = dependencies.missingDependencies
+    try:
+        dependencies.missingDependencies = lambda nnunet=False: asked.append(nnunet) or []
+        assert widget._ensureDependencies(p.model) and widget._ensureDependencies(str(folder))
+        assert widget._ensureDependencies(str(tmp_path / "tiny.recokd")) and widget._ensureDependencies("")
+    finally:
+        dependencies.missingDependencies = real_missing
+    assert asked == [True, True, False, False]
     combo = ui.structuresComboBox
     assert [combo.itemText(i) for i in range(combo.count)] == ["organ", "kidney"]
     broken = tmp_path / "broken"

@@ -9,7 +9,10 @@ use, after a confirmation:
   missing: the user is told its version in one line and offered the upgrade;
 - the other packages are installed with ``slicer.packaging.pip_ensure`` (Slicer >= 5.12), else
   ``slicer.util.pip_install``, under a constraints file that pins the numpy and SimpleITK Slicer
-  ships with, so an install never replaces Slicer's own copies.
+  ships with, and the torch (and torchvision) the PyTorch extension chose, so an install never replaces
+  them;
+- an nnU-Net v2 results folder as the model or the teacher also needs nnU-Net's network classes
+  (:data:`NNUNET_REQUIREMENTS`, asked for only then: they bring timm and its dependencies).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import re
 import tempfile
 from typing import Callable
 
-__all__ = ["REQUIREMENTS", "MINIMUM_TORCH", "TORCH_REQUIREMENT", "missingDependencies", "torchProblem",
+__all__ = ["REQUIREMENTS", "NNUNET_REQUIREMENTS", "MINIMUM_TORCH", "TORCH_REQUIREMENT", "missingDependencies", "torchProblem",
            "installDependencies", "protectedPins"]
 
 #: oldest torch ReCoKDLib runs on (``torch.OutOfMemoryError``, ``torch.load(weights_only=True)`` defaults)
@@ -35,7 +38,11 @@ REQUIREMENTS = {
     "scipy": "scipy>=1.9",
     "tqdm": "tqdm>=4.60",
 }
+#: what an nnU-Net v2 results folder needs besides (the stock network classes its plans name)
+NNUNET_REQUIREMENTS = {"dynamic_network_architectures": "dynamic-network-architectures>=0.4"}
 PROTECTED = ("numpy", "SimpleITK")
+#: installed by the PyTorch extension for this machine's GPU driver: pinned too, never replaced by pip
+TORCH_PACKAGES = ("torch", "torchvision")
 
 
 def _versionTuple(text: str) -> tuple[int, ...]:
@@ -64,19 +71,26 @@ def torchProblem() -> str | None:
     return None
 
 
-def missingDependencies() -> list[str]:
-    """Import names of the packages to install (``torch`` first when missing or too old)."""
+def _requirements(nnunet: bool) -> dict:
+    return {**REQUIREMENTS, **(NNUNET_REQUIREMENTS if nnunet else {})}
+
+
+def missingDependencies(nnunet: bool = False) -> list[str]:
+    """Import names of the packages to install (``torch`` first when missing or too old); with ``nnunet``,
+    also what an nnU-Net results folder needs."""
     importlib.invalidate_caches()  # a package pip installed during this session must be seen
     missing = ["torch"] if torchProblem() else []
-    return missing + [name for name in REQUIREMENTS if importlib.util.find_spec(name) is None]
+    return missing + [name for name in _requirements(nnunet) if importlib.util.find_spec(name) is None]
 
 
 def protectedPins() -> list[str]:
-    """``name==version`` of the packages an install must not replace."""
+    """``name==version`` of the packages an install must not replace: Slicer's numpy and SimpleITK, and the
+    torch build the PyTorch extension installed (a requirement such as timm's torchvision would otherwise
+    let pip swap it for a default build)."""
     from importlib import metadata
 
     pins = []
-    for name in PROTECTED:
+    for name in PROTECTED + TORCH_PACKAGES:
         try:
             pins.append(f"{name}=={metadata.version(name)}")
         except metadata.PackageNotFoundError:
@@ -116,12 +130,14 @@ def _pipInstall(requirements: list[str], constraints: str, log: Callable[[str], 
     slicer.util.pip_install(" ".join(f'"{r}"' for r in requirements) + f' -c "{constraints}"')
 
 
-def installDependencies(confirm: Callable[[str], bool] | None = None, log: Callable[[str], None] = print) -> bool:
-    """Install what :func:`missingDependencies` lists; ``confirm(message)`` is asked first.
+def installDependencies(confirm: Callable[[str], bool] | None = None, log: Callable[[str], None] = print,
+                        nnunet: bool = False) -> bool:
+    """Install what :func:`missingDependencies` lists (``nnunet``: with an nnU-Net folder's needs);
+    ``confirm(message)`` is asked first.
 
     Returns True when everything is importable afterwards. Raises RuntimeError with one line on failure.
     """
-    missing = missingDependencies()
+    missing = missingDependencies(nnunet)
     if not missing:
         return True
     problem = torchProblem() if "torch" in missing else None
@@ -134,7 +150,7 @@ def installDependencies(confirm: Callable[[str], bool] | None = None, log: Calla
     if "torch" in missing:
         _installTorch()
         missing.remove("torch")
-    requirements = [REQUIREMENTS[name] for name in missing]
+    requirements = [_requirements(nnunet)[name] for name in missing]
     if requirements:
         fd, constraints = tempfile.mkstemp(prefix="recokd-constraints-", suffix=".txt")
         with os.fdopen(fd, "w") as f:
@@ -143,7 +159,7 @@ def installDependencies(confirm: Callable[[str], bool] | None = None, log: Calla
             _pipInstall(requirements, constraints, log)
         finally:
             os.unlink(constraints)
-    still = missingDependencies()
+    still = missingDependencies(nnunet)
     if still:
         raise RuntimeError("these packages are still missing after the install: " + ", ".join(still)
                            + "; restart Slicer and try again, or see the Python console for pip's message")

@@ -22,6 +22,8 @@ import threading
 import time
 from typing import Callable, Sequence
 
+from .i18n import _
+
 __all__ = ["BackgroundJob", "killProcessTree", "processGroupAlive"]
 
 RUNNING, SUCCEEDED, FAILED, CANCELLED = "running", "succeeded", "failed", "cancelled"
@@ -162,7 +164,7 @@ class BackgroundJob:
             self.onLine(line)
         if tag != "out":
             return
-        kind, _, text = line.partition(" ")
+        kind, _sep, text = line.partition(" ")
         if kind == "PROGRESS":
             try:
                 self.progress = min(max(float(text), 0.0), 1.0)
@@ -213,8 +215,8 @@ class BackgroundJob:
             else:
                 self.state = FAILED
                 if not self.error:
-                    tail = [ln for ln in self.lines if ln.strip()][-1:] or [f"exit status {code}"]
-                    self.error = f"{self.name} failed: {tail[0].strip()}"
+                    tail = [ln for ln in self.lines if ln.strip()][-1:] or [_("exit status {code}").format(code=code)]
+                    self.error = _("{name} failed: {line}").format(name=self.name, line=tail[0].strip())
         return self.state
 
     def wait(self, timeout: float | None = None, callback: Callable[["BackgroundJob"], None] | None = None,
@@ -226,7 +228,8 @@ class BackgroundJob:
                 callback(self)
             if deadline is not None and time.monotonic() > deadline:
                 self.cancel()
-                self.error = f"{self.name} took longer than {timeout:.0f} s and was cancelled"
+                self.error = _("{name} took longer than {seconds:.0f} s and was cancelled").format(
+                    name=self.name, seconds=timeout)
                 break
             time.sleep(interval)
         if callback is not None:
@@ -251,4 +254,4 @@ class BackgroundJob:
                 self.lines.append(line)
         self._end = time.monotonic()
         self.state = CANCELLED
-        self.error = f"{self.name} was cancelled"
+        self.error = _("{name} was cancelled").format(name=self.name)

@@ -24,6 +24,7 @@ import slicer
 import vtk
 
 from . import geometry, library, models, terminology
+from .i18n import _
 from .jobs import CANCELLED, FAILED, RUNNING, SUCCEEDED, BackgroundJob, processAlive
 
 try:  # inside Slicer: the template's base class (parameter nodes, module name)
@@ -118,10 +119,11 @@ def _chosenStructures(info, structures) -> list:
         return names
     unknown = [n for n in structures if n not in names]
     if unknown:
-        raise ReCoKDError(f"model '{info.name}' has no structure {', '.join(map(repr, unknown))}; "
-                          f"it segments {', '.join(names)}")
+        raise ReCoKDError(_("model '{name}' has no structure {unknown}; it segments {structures}").format(
+            name=info.name, unknown=", ".join(map(repr, unknown)), structures=", ".join(names)))
     if not structures:
-        raise ReCoKDError(f"no structure chosen; choose at least one of {', '.join(names)}")
+        raise ReCoKDError(_("no structure chosen; choose at least one of {structures}").format(
+            structures=", ".join(names)))
     return [n for n in names if n in structures]
 
 
@@ -200,15 +202,17 @@ class SegmentationTask:
         state = self.job.poll()
         gone = self._inputGone() if state == SUCCEEDED else None
         if gone:  # a result must never land beside the wrong image, or in another scene
-            self.job.state, self.job.error = FAILED, f"the result was discarded: {gone}; segment it again"
+            self.job.state = FAILED
+            self.job.error = _("the result was discarded: {reason}; segment it again").format(reason=gone)
         elif state == SUCCEEDED:
             try:
                 if self.sequence is not None:
                     self.segmentationNode = self.logic._createSegmentationSequence(self)
                 else:
                     self.segmentationNode = self.logic._createSegmentationNode(self)
-                self.message = (f"'{self.segmentationNode.GetName()}' done in {self.job.elapsed:.1f} s "
-                                f"on {self.job.device or 'unknown device'}")
+                self.message = _("'{name}' done in {seconds:.1f} s on {device}").format(
+                    name=self.segmentationNode.GetName(), seconds=self.job.elapsed,
+                    device=self.job.device or _("unknown device"))
                 self.segmentationNode.SetAttribute("ReCoKD.device", self.job.device or "")
                 self.segmentationNode.SetAttribute("ReCoKD.seconds", f"{self.job.elapsed:.2f}")
                 self.segmentationNode.SetAttribute("ReCoKD.model", self.modelName)
@@ -221,7 +225,8 @@ class SegmentationTask:
                     self._userMessage(line.partition("warning: ")[2]) for line in self.job.lines
                     if line.startswith("LOG warning: ")))
                 if self.warnings:
-                    self.message += f"; {len(self.warnings)} input warning(s): " + " ".join(self.warnings)
+                    self.message += _("; {count} input warning(s): {warnings}").format(
+                        count=len(self.warnings), warnings=" ".join(self.warnings))
                     for line in self.warnings:
                         log.warning(line)
             except Exception as exc:  # noqa: BLE001 - the scene is left as it was
@@ -229,7 +234,7 @@ class SegmentationTask:
                     self.logic.scene.RemoveNode(self.segmentationNode)
                     self.segmentationNode = None
                 self.job.state = FAILED
-                self.job.error = f"could not load the result: {exc}"
+                self.job.error = _("could not load the result: {error}").format(error=exc)
         if self.job.finished:
             if self.job.state != SUCCEEDED:
                 self.message = self._userMessage(self.job.error)
@@ -246,14 +251,15 @@ class SegmentationTask:
         replaced or closed, or an input volume was removed from it during the run."""
         scene = self.logic.scene
         if scene is not self.scene:
-            return "the scene changed during the segmentation"
+            return _("the scene changed during the segmentation")
         for node in self.volumeNodes:
             if not scene.IsNodePresent(node):
-                return f"volume '{node.GetName()}' was removed from the scene (or the scene was closed) during the segmentation"
+                return _("volume '{name}' was removed from the scene (or the scene was closed) during the "
+                         "segmentation").format(name=node.GetName())
         if self.sequence is not None:
             for node in self.sequence[:2]:
                 if not scene.IsNodePresent(node):
-                    return f"'{node.GetName()}' was removed from the scene during the segmentation"
+                    return _("'{name}' was removed from the scene during the segmentation").format(name=node.GetName())
         return ""
 
     def _userMessage(self, text: str) -> str:
@@ -272,7 +278,7 @@ class SegmentationTask:
         if self.job.finished:
             return
         self.job.cancel()
-        self.message = self.logic.lastMessage = "segmentation cancelled; nothing was added to the scene"
+        self.message = self.logic.lastMessage = _("segmentation cancelled; nothing was added to the scene")
         self._cleanup()
         if self.onFinished is not None:
             self.onFinished(self)
@@ -360,23 +366,27 @@ class TrainingTask:
                 return  # the next step reports when the whole chain ends
             except ReCoKDError as exc:
                 self.job.state, self.job.error = FAILED, str(exc)
-        self.message = "training finished" if self.job.state == SUCCEEDED else self.job.error
+        self.message = _("training finished") if self.job.state == SUCCEEDED else self.job.error
         self._end()
 
     def _startExport(self) -> None:
         folder = Path(self.logic.modelsFolder)
         folder.mkdir(parents=True, exist_ok=True)
         self.bundlePath = freeBundlePath(folder, studentBundleStem(self.arguments, self.outputFolder))
-        command = [pythonExecutable(), "-m", "ReCoKDLib.cli", "export", str(self.outputFolder), "-o", str(self.bundlePath)]
+        # the bundle's own name is its file's: results, segment tags and the list all say the same, unique name
+        command = [pythonExecutable(), "-m", "ReCoKDLib.cli", "export", str(self.outputFolder), "-o", str(self.bundlePath),
+                   "--name", self.bundlePath.stem]
         self._exportJob = BackgroundJob(command, env=_jobEnvironment(), name="export",
                                         onLine=self.logic.onTrainingLine).start()
 
     def _finishExport(self) -> None:
         if self._exportJob.state == SUCCEEDED:
-            self.message = f"training finished; student bundle {self.bundlePath} added to the model list"
+            self.message = _("training finished; student bundle {path} added to the model list").format(
+                path=self.bundlePath)
         else:
             self.job.state = FAILED
-            self.job.error = self.message = f"training finished but the export failed: {self._exportJob.error}"
+            self.job.error = self.message = _("training finished but the export failed: {error}").format(
+                error=self._exportJob.error)
             self.bundlePath = None
         self._end()
 
@@ -397,10 +407,10 @@ class TrainingTask:
             self.bundlePath = None
         self.job.cancel()
         if exporting:  # the training itself had succeeded: the task did not
-            self.job.state, self.job.error = CANCELLED, "the export was cancelled"
-            self.message = "stopped during the export; Resume exports the trained student"
+            self.job.state, self.job.error = CANCELLED, _("the export was cancelled")
+            self.message = _("stopped during the export; Resume exports the trained student")
         else:
-            self.message = "training stopped; Resume continues from the last finished epoch"
+            self.message = _("training stopped; Resume continues from the last finished epoch")
         self._end()
 
 
@@ -533,14 +543,15 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         if isinstance(model, models.ModelSource):
             return model
         if not model:
-            raise ReCoKDError("select a model (or 'Load from file…')")
+            raise ReCoKDError(_("select a model (or 'Load from file…')"))
         for source in self.availableModels():
             if source.name == str(model):
                 return source
         path = Path(str(model)).expanduser()
         if path.exists():
             return models.ModelSource(name=path.stem if path.is_file() else path.name, kind="file", path=str(path))
-        raise ReCoKDError(f"model {model} is neither a file nor a known model name; use 'Load from file…' or check the registry")
+        raise ReCoKDError(_("model {model} is neither a file nor a known model name; use 'Load from file…' or check "
+                            "the registry").format(model=model))
 
     def modelFolderSource(self, folder):
         """A model folder for the list (*Add model folder…*): an nnU-Net v2 results folder (a teacher, or a student
@@ -551,11 +562,13 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         """
         path = Path(str(folder)).expanduser()
         if not path.is_dir():
-            raise ReCoKDError(f"{path} is not a folder; choose an nnU-Net results folder or a ReCoKD model folder")
+            raise ReCoKDError(_("{path} is not a folder; choose an nnU-Net results folder or a ReCoKD model "
+                                "folder").format(path=path))
         if not models._isBundle(path):
-            raise ReCoKDError(f"{path} is neither an nnU-Net v2 results folder (plans.json, dataset.json, fold_*) nor "
-                              "a ReCoKD bundle or run folder; choose the folder nnU-Net trained (…/DatasetXXX_Name or "
-                              "its <trainer>__<plans>__<configuration> folder)")
+            raise ReCoKDError(_("{path} is neither an nnU-Net v2 results folder (plans.json, dataset.json, fold_*) "
+                                "nor a ReCoKD bundle or run folder; choose the folder nnU-Net trained "
+                                "(…/DatasetXXX_Name or its <trainer>__<plans>__<configuration> "
+                                "folder)").format(path=path))
         try:
             info = models.readBundleInfo(path)
         except ValueError as exc:
@@ -580,15 +593,18 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         (Slicer's own process never loads PyTorch)."""
         gpuSeen = "cuda" in self.devicesSeen
         if device == "mps":
-            return ("Apple GPU (MPS): PyTorch runs some 3D operations on the CPU there, so it can be slower than "
-                    "'cpu'; compare once and keep the faster")
+            return _("Apple GPU (MPS): PyTorch runs some 3D operations on the CPU there, so it can be slower than "
+                     "'cpu'; compare once and keep the faster")
         if device == "cpu" and gpuSeen:
-            return ("The CPU is chosen although this computer has a CUDA GPU (an earlier segmentation used it): "
-                    "expect it to be many times slower; 'auto' uses the GPU")
+            return _("The CPU is chosen although this computer has a CUDA GPU (an earlier segmentation used it): "
+                     "expect it to be many times slower; 'auto' uses the GPU")
         onCpu = device == "cpu" or (device == "auto" and not gpuSeen)
         if onCpu and info is not None and info.role == "teacher":
-            return ("A teacher-size network on the CPU" + (" (when no GPU is found)" if device == "auto" else "") +
-                    ": expect minutes per volume; a student distilled from it runs several times faster")
+            if device == "auto":
+                return _("A teacher-size network on the CPU (when no GPU is found): expect minutes per volume; a "
+                         "student distilled from it runs several times faster")
+            return _("A teacher-size network on the CPU: expect minutes per volume; a student distilled from it runs "
+                     "several times faster")
         return ""
 
     def modelCardRows(self, model) -> list:
@@ -598,8 +614,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         info = self.modelInfo(source)
         if info is not None and info.cardRows:
             return list(info.cardRows)
-        return [("model", f"{source.name}: {source.description or 'no description'}"),
-                ("model card", "shown once the model is fetched (on its first Segment)")]
+        return [("model", f"{source.name}: {source.description or _('no description')}"),
+                ("model card", _("shown once the model is fetched (on its first Segment)"))]
 
     def modelCard(self, model) -> str:
         """:meth:`modelCardRows` as aligned text lines (for the console)."""
@@ -659,7 +675,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         parameter node (the Segment button); input-check warnings stop it for the user's answer
         (``confirmWarnings``; the panel offers *Segment anyway*, see :meth:`segmentAnyway`)."""
         if not parameterNode.model:
-            raise ReCoKDError("select a model (or 'Load from file…')")
+            raise ReCoKDError(_("select a model (or 'Load from file…')"))
         info = self.modelInfo(parameterNode.model)  # read once: labels, channels, folds
         volumes = self.inputVolumes(parameterNode, info)
         output = getattr(parameterNode, "outputSegmentation", None)  # (a node saved before the field has none)
@@ -738,26 +754,29 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
                        folds=folds)
         _requireLibrary()
         if self.segmentationTask is not None and self.segmentationTask.state == RUNNING:
-            raise ReCoKDError("a segmentation is already running; wait for it or cancel it")
+            raise ReCoKDError(_("a segmentation is already running; wait for it or cancel it"))
         if device not in DEVICES:
-            raise ReCoKDError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+            raise ReCoKDError(_("device must be one of {devices}, got {device}").format(
+                devices=", ".join(DEVICES), device=repr(device)))
         if volumeNodes is None:
-            raise ReCoKDError("select an input volume")
+            raise ReCoKDError(_("select an input volume"))
         if not isinstance(volumeNodes, (list, tuple)):
             volumeNodes = [volumeNodes]
         volumeNodes = [v for v in volumeNodes if v is not None]
         if not volumeNodes:
-            raise ReCoKDError("select an input volume")
+            raise ReCoKDError(_("select an input volume"))
         source = self._resolve(model)
         info = self.modelInfo(source)
         if info is not None and len(volumeNodes) != info.numChannels:
             raise ReCoKDError(
-                f"model '{info.name}' needs {info.numChannels} input volume(s) ({', '.join(info.channelNames)}) "
-                f"but {len(volumeNodes)} were given; select one volume per channel"
+                _("model '{name}' needs {count} input volume(s) ({channels}) but {given} were given; select one "
+                  "volume per channel").format(name=info.name, count=info.numChannels,
+                                               channels=", ".join(info.channelNames), given=len(volumeNodes))
             )
         if folds:
             if info is None or not info.nnunetFolds:
-                raise ReCoKDError(f"folds apply to nnU-Net results folders; '{source.name}' is a ReCoKD model")
+                raise ReCoKDError(_("folds apply to nnU-Net results folders; '{name}' is a ReCoKD model").format(
+                    name=source.name))
             try:
                 models.nnunetInfo(models.localBundlePath(source), folds)
             except ValueError as exc:
@@ -766,12 +785,12 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             _chosenStructures(info, structures)  # refused now, not after the network ran
         if outputSegmentation is not None:
             if not outputSegmentation.IsA("vtkMRMLSegmentationNode"):
-                raise ReCoKDError(f"'{outputSegmentation.GetName()}' is not a segmentation; choose a segmentation "
-                                  "node as the output (or none, for a new one)")
+                raise ReCoKDError(_("'{name}' is not a segmentation; choose a segmentation node as the output (or "
+                                    "none, for a new one)").format(name=outputSegmentation.GetName()))
             if outputSegmentation.GetParentTransformNode() is not volumeNodes[0].GetParentTransformNode():
-                raise ReCoKDError(f"the output segmentation '{outputSegmentation.GetName()}' and the input "
-                                  f"'{volumeNodes[0].GetName()}' are under different transforms; choose another "
-                                  "output (or none, for a new one)")
+                raise ReCoKDError(_("the output segmentation '{output}' and the input '{input}' are under different "
+                                    "transforms; choose another output (or none, for a new one)").format(
+                    output=outputSegmentation.GetName(), input=volumeNodes[0].GetName()))
         browser = self.sequenceBrowserOf(volumeNodes[0]) if allFrames else None
         sequence = (browser, browser.GetSequenceNode(volumeNodes[0]), self._frames(browser, volumeNodes)) if browser else None
         tmpdir = tempfile.mkdtemp(prefix=TEMP_PREFIX)
@@ -810,7 +829,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             job.start()
         except OSError as exc:
             shutil.rmtree(tmpdir, ignore_errors=True)
-            raise ReCoKDError(f"cannot start the segmentation process ({exc}); check the Python installation") from None
+            raise ReCoKDError(_("cannot start the segmentation process ({error}); check the Python "
+                                "installation").format(error=exc)) from None
         self.segmentationTask = task
         if not wait:
             return task
@@ -828,10 +848,10 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             task.cancel()
             raise
         if task.inputWarnings:
-            raise ReCoKDError("the input is unlike the model's training data: " + " ".join(task.inputWarnings)
-                              + "; segment with force=True to go on anyway")
+            raise ReCoKDError(_("the input is unlike the model's training data: {findings}; segment with force=True "
+                                "to go on anyway").format(findings=" ".join(task.inputWarnings)))
         if task.state != SUCCEEDED:
-            raise ReCoKDError(task.message or "segmentation failed")
+            raise ReCoKDError(task.message or _("segmentation failed"))
         if progress is not None:
             progress(1.0)
         log.info(task.message)
@@ -859,17 +879,19 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         first = volumeNodes[0]
         for i, node in enumerate(volumeNodes):
             if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
-                raise ReCoKDError(f"'{node.GetName()}' is not a scalar volume; select an image volume for channel {i + 1}")
+                raise ReCoKDError(_("'{name}' is not a scalar volume; select an image volume for channel "
+                                    "{channel}").format(name=node.GetName(), channel=i + 1))
             if node.GetParentTransformNode() is not first.GetParentTransformNode():
-                raise ReCoKDError(f"'{node.GetName()}' and '{first.GetName()}' are under different transforms; "
-                                  "harden the transforms (Data module) first")
+                raise ReCoKDError(_("'{name}' and '{first}' are under different transforms; harden the transforms "
+                                    "(Data module) first").format(name=node.GetName(), first=first.GetName()))
         paths = []
         for nodes in frames or [volumeNodes]:
             reference = None
             for i, node in enumerate(nodes):
                 if not node.IsA("vtkMRMLScalarVolumeNode"):  # a frame of a sequence that holds something else
-                    raise ReCoKDError(f"a frame of '{volumeNodes[i].GetName()}' is a {node.GetClassName()}, not an "
-                                      "image volume; segment a sequence of volumes")
+                    raise ReCoKDError(_("a frame of '{name}' is a {nodeClass}, not an image volume; segment a "
+                                        "sequence of volumes").format(name=volumeNodes[i].GetName(),
+                                                                      nodeClass=node.GetClassName()))
                 image = geometry.volumeNodeToImage(node)
                 if reference is None:
                     reference = image
@@ -907,8 +929,9 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
                 sequence = browser.GetSequenceNode(volume) if browser.IsProxyNodeID(volume.GetID()) else None
                 node = volume if sequence is None else sequence.GetDataNodeAtValue(index)
                 if node is None:
-                    raise ReCoKDError(f"'{sequence.GetName()}' has no frame at {master.GetIndexName()} {index} "
-                                      f"where '{master.GetName()}' has one; channels must have the same frames")
+                    raise ReCoKDError(_("'{name}' has no frame at {indexName} {index} where '{master}' has one; "
+                                        "channels must have the same frames").format(
+                        name=sequence.GetName(), indexName=master.GetIndexName(), index=index, master=master.GetName()))
                 nodes.append(node)
             frames.append(nodes)
         return frames
@@ -961,7 +984,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             self._updateProxies(browser)
             proxy = browser.GetProxyNode(out)
             if proxy is None:
-                raise ReCoKDError(f"the sequence browser '{browser.GetName()}' made no node to show the result")
+                raise ReCoKDError(_("the sequence browser '{name}' made no node to show the result").format(
+                    name=browser.GetName()))
             if proxy.GetDisplayNode() is None:
                 proxy.CreateDefaultDisplayNodes()
             if volume.GetParentTransformNode() is not None:
@@ -1032,7 +1056,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         if task.info is not None:
             return task.info
         if not task.job.model:
-            raise ReCoKDError("the segmentation process did not say which model file it used")
+            raise ReCoKDError(_("the segmentation process did not say which model file it used"))
         return models.readBundleInfo(task.job.model)
 
     def _readLabels(self, path, volume):
@@ -1056,7 +1080,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             image = geometry.orientedImageFromArray((labels == value).astype(np.uint8), ijkToRas)
             segment_id = node.AddSegmentFromBinaryLabelmapRepresentation(image, name, list(info.labels.colors[name]))
             if not segment_id:
-                raise ReCoKDError(f"could not add segment {name}")
+                raise ReCoKDError(_("could not add segment {name}").format(name=name))
             added.append(segment_id)
             segment = segmentation.GetSegment(segment_id)
             segment.SetTag(MODEL_TAG, _tagValue(modelName))
@@ -1096,7 +1120,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
     def _startTraining(self, role, arguments, outputFolder, epochs, wait, progress, onFinished, followUp=None):
         _requireLibrary()
         if self.trainingTask is not None and self.trainingTask.state == RUNNING:
-            raise ReCoKDError("a training is already running; stop it first")
+            raise ReCoKDError(_("a training is already running; stop it first"))
         arguments = [str(a) for a in arguments]
         command = [pythonExecutable(), "-m", "ReCoKDLib.cli", *arguments, "--no-progress"]
         job = BackgroundJob(command, env=_jobEnvironment(), name=f"{role} training", onLine=self.onTrainingLine)
@@ -1104,7 +1128,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         try:
             job.start()
         except OSError as exc:
-            raise ReCoKDError(f"cannot start the training process ({exc})") from None
+            raise ReCoKDError(_("cannot start the training process ({error})").format(error=exc)) from None
         self.trainingTask = task
         return self.waitForTraining(progress) if wait else task
 
@@ -1125,7 +1149,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             self.trainingTask.stop()
             raise
         if task.state != SUCCEEDED:
-            raise ReCoKDError(task.message or "training failed")
+            raise ReCoKDError(task.message or _("training failed"))
         return task
 
     def trainTeacher(self, datasetFolder, outputFolder, epochs=50, device="auto", resume=False, extraArgs=(),
@@ -1156,13 +1180,14 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
                 labels each once and they join the training (a clinic's own scans).
         """
         if method not in KD_METHODS:
-            raise ReCoKDError(f"KD method must be one of {', '.join(KD_METHODS)}, got {method!r}")
+            raise ReCoKDError(_("KD method must be one of {methods}, got {method}").format(
+                methods=", ".join(KD_METHODS), method=repr(method)))
         if method == "auto":  # the library's defaults, by what the evidence supports (ReCoKDLib.kd_methods)
             from ReCoKDLib.kd_methods import DEFAULT_METHOD, DEFAULT_METHOD_WITH_TEACHER_LABELS
 
             method = DEFAULT_METHOD_WITH_TEACHER_LABELS if unlabeledFolders else DEFAULT_METHOD
         if not resume and not teacher:
-            raise ReCoKDError("select a teacher run, or train a teacher first")
+            raise ReCoKDError(_("select a teacher run, or train a teacher first"))
         outputFolder = outputFolder or str(self.runsFolder / Path(datasetFolder).name / f"student_{method}")
         args = ["distill", datasetFolder, "-o", outputFolder, "--method", method, "--width-factor", float(widthFactor),
                 "--epochs", int(epochs), "--device", device, *extraArgs]
@@ -1174,7 +1199,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             unlabeledFolders = [unlabeledFolders]
         for folder in unlabeledFolders or ():
             if not Path(folder).is_dir():
-                raise ReCoKDError(f"unlabeled scans folder {folder} does not exist; select a folder of images")
+                raise ReCoKDError(_("unlabeled scans folder {folder} does not exist; select a folder of images").format(
+                    folder=folder))
         if unlabeledFolders and not resume:
             args += ["--unlabeled", *map(str, unlabeledFolders)]
         if resume:
@@ -1187,15 +1213,17 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         p = parameterNode
         dataset = (p.datasetFolder or "").strip()
         if not dataset:
-            raise ReCoKDError("select a dataset folder (nnU-Net or MSD layout, holding dataset.json)")
+            raise ReCoKDError(_("select a dataset folder (nnU-Net or MSD layout, holding dataset.json)"))
         if not (Path(dataset) / "dataset.json").is_file():
-            raise ReCoKDError(f"{dataset} holds no dataset.json; select a dataset folder in nnU-Net or MSD layout")
+            raise ReCoKDError(_("{dataset} holds no dataset.json; select a dataset folder in nnU-Net or MSD "
+                                "layout").format(dataset=dataset))
         teacher = (p.teacherPath or "").strip()
         if not p.trainTeacherFirst and not teacher:
-            raise ReCoKDError("select a teacher run folder, or tick 'Train a teacher first'")
+            raise ReCoKDError(_("select a teacher run folder, or tick 'Train a teacher first'"))
         if not p.trainTeacherFirst and not ((Path(teacher) / "run.json").is_file() or is_nnunet_folder(teacher)):
-            raise ReCoKDError(f"{teacher} is neither a training run folder (no run.json) nor an nnU-Net v2 results "
-                              "folder; select a `recokd train` run or an nnU-Net model folder")
+            raise ReCoKDError(_("{teacher} is neither a training run folder (no run.json) nor an nnU-Net v2 "
+                                "results folder; select a `recokd train` run or an nnU-Net model "
+                                "folder").format(teacher=teacher))
         method, width, epochs = p.kdMethod, float(p.widthFactor), int(p.epochs)
         extraArgs = [*self.extraTrainingArgs, *extraArgs]
         output = (p.outputFolder or "").strip() or str(self.runsFolder / Path(dataset).name / f"student_{method}")
@@ -1203,7 +1231,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         folder = (getattr(p, "unlabeledFolder", "") or "").strip()  # (a node saved before the field existed)
         unlabeled = [folder] if folder else []
         if unlabeled and not Path(unlabeled[0]).is_dir():
-            raise ReCoKDError(f"unlabeled scans folder {unlabeled[0]} does not exist; select a folder of images")
+            raise ReCoKDError(_("unlabeled scans folder {folder} does not exist; select a folder of images").format(
+                folder=unlabeled[0]))
 
         def distil(teacherTask=None):
             return self.distill(dataset, str(teacherTask.outputFolder) if teacherTask else teacher, method=method,
@@ -1227,9 +1256,9 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         """Restart the last training with ``--resume`` (continues from its latest checkpoint)."""
         task = self.trainingTask
         if task is None:
-            raise ReCoKDError("there is no training to resume")
+            raise ReCoKDError(_("there is no training to resume"))
         if task.state == RUNNING:
-            raise ReCoKDError("the training is still running")
+            raise ReCoKDError(_("the training is still running"))
         args = [a for a in task.arguments if a != "--resume"] + ["--resume"]
         self.trainingTask = None
         return self._startTraining(task.role, args, task.outputFolder, task.epochs, wait, progress,
@@ -1251,8 +1280,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         if table is None or chart is None or not scene.IsNodePresent(table) or not scene.IsNodePresent(chart):
             table = scene.AddNewNodeByClass("vtkMRMLTableNode", "ReCoKD training log")
             chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", "ReCoKD training")
-            chart.SetXAxisTitle("epoch")
-            chart.SetYAxisTitle("loss / validation Dice")
+            chart.SetXAxisTitle(_("epoch"))
+            chart.SetYAxisTitle(_("loss / validation Dice"))
             self._plotNodes = {"table": table, "chart": chart, "series": {}}
             created = True
         vtkTable = table.GetTable()

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .i18n import _
+
 __all__ = ["ModelSource", "BundleInfo", "readRegistry", "scanModelsFolder", "readBundleInfo", "defaultModelsFolder",
            "defaultRunsFolder", "builtinRegistry", "localBundlePath", "registryInfo", "cachedCopyName"]
 
@@ -43,7 +45,7 @@ class ModelSource:
 
     @property
     def label(self) -> str:
-        where = "registry" if self.kind == "registry" else Path(self.path).parent.name or self.path
+        where = _("registry") if self.kind == "registry" else Path(self.path).parent.name or self.path
         return f"{self.name} ({where})"
 
     @property
@@ -71,7 +73,7 @@ class BundleInfo:
     @property
     def cardText(self) -> str:
         """The model card as aligned lines (as ``recokd models NAME`` prints it); "" when not known yet."""
-        width = max((len(h) for h, _ in self.cardRows), default=0)
+        width = max((len(h) for h, _text in self.cardRows), default=0)
         return "\n".join(f"{h:<{width}}  {t}" for h, t in self.cardRows)
 
     @property
@@ -86,18 +88,24 @@ class BundleInfo:
     def summary(self) -> str:
         """The model box's text: structures and channels, how accurate it is and how that was measured (the
         card's statement, else the held-out figure with its case count), its intended use and terms."""
-        text = (f"{self.name}: {len(self.labels.foreground())} structure(s), {self.numChannels} channel(s)"
-                if self.labels else f"{self.name}: {self.numChannels} channel(s); fetched on first use")
+        if self.labels:
+            text = _("{name}: {structures} structure(s), {channels} channel(s)").format(
+                name=self.name, structures=len(self.labels.foreground()), channels=self.numChannels)
+        else:
+            text = _("{name}: {channels} channel(s); fetched on first use").format(
+                name=self.name, channels=self.numChannels)
         test = self.provenance.get("test_metrics") or {}
         if self.card.get("accuracy"):
-            text += f"\nAccuracy: {self.card['accuracy']}"
+            text += "\n" + _("Accuracy: {accuracy}").format(accuracy=self.card["accuracy"])
         elif isinstance(test.get("dice_mean"), (int, float)):
-            text += f"\nAccuracy: mean Dice {test['dice_mean']:.3f} on {test.get('num_cases', '?')} held-out case(s); no cross-validated figure recorded"
+            text += "\n" + _("Accuracy: mean Dice {dice:.3f} on {cases} held-out case(s); no cross-validated figure "
+                             "recorded").format(dice=test["dice_mean"], cases=test.get("num_cases", "?"))
         if self.card.get("limitations"):
-            text += f"\nLimitations: {self.card['limitations']}"
-        text += f"\nIntended use: {self.card.get('intended_use', 'research only, not for clinical use')}"
+            text += "\n" + _("Limitations: {limitations}").format(limitations=self.card["limitations"])
+        use = self.card["intended_use"] if "intended_use" in self.card else _("research only, not for clinical use")
+        text += "\n" + _("Intended use: {use}").format(use=use)
         if self.provenance.get("license"):
-            text += f"\nTerms: {self.provenance['license']}"
+            text += "\n" + _("Terms: {terms}").format(terms=self.provenance["license"])
         return text
 
 
@@ -263,21 +271,26 @@ def nnunetInfo(path, folds=None) -> BundleInfo:
     dataset = layout.dataset_json
     labels = dataset.get("labels") or {}
     if any(isinstance(v, (list, tuple)) for v in labels.values()):
-        raise ValueError(f"{layout.folder / 'dataset.json'}: region-based labels are not supported; use a model "
-                         "trained on plain labels")
+        raise ValueError(_("{path}: region-based labels are not supported; use a model trained on plain "
+                           "labels").format(path=layout.folder / "dataset.json"))
     channels = dataset.get("channel_names") or dataset.get("modality") or {"0": "image"}
     channelNames = [str(channels[k]) for k in sorted(channels, key=lambda k: int(k))]
     configuration = layout.configuration or "?"
     conf = (layout.plans_json.get("configurations") or {}).get(configuration) or {}
     exported = str(dataset.get("description", "")).startswith("ReCoKD student")
     name = layout.folder.parent.name if layout.folder.parent.name.startswith("Dataset") else layout.folder.name
-    rows = [("model", f"nnU-Net v2 results folder {layout.folder}" + (" (a ReCoKD student)" if exported else "")),
-            ("folds", f"{', '.join(layout.folds)} (with a final checkpoint: {', '.join(layout.available)})"),
-            ("input", f"{', '.join(channelNames)}; {configuration} at spacing {conf.get('spacing', '?')} mm "
-                      f"(array axes, after transpose {layout.plans_json.get('transpose_forward', [0, 1, 2])})"),
+    model = (_("nnU-Net v2 results folder {folder} (a ReCoKD student)") if exported
+             else _("nnU-Net v2 results folder {folder}")).format(folder=layout.folder)
+    rows = [("model", model),
+            ("folds", _("{folds} (with a final checkpoint: {available})").format(
+                folds=", ".join(layout.folds), available=", ".join(layout.available))),
+            ("input", _("{channels}; {configuration} at spacing {spacing} mm (array axes, after transpose "
+                        "{transpose})").format(channels=", ".join(channelNames), configuration=configuration,
+                                               spacing=conf.get("spacing", "?"),
+                                               transpose=layout.plans_json.get("transpose_forward", [0, 1, 2]))),
             ("terms", str(dataset.get("licence") or dataset.get("license") or
-                          "not stated in its dataset.json: ask the model's source")),
-            ("intended use", "research only, not for clinical use")]
+                          _("not stated in its dataset.json: ask the model's source"))),
+            ("intended use", _("research only, not for clinical use"))]
     return BundleInfo(name=name, labels=_labelSet(labels, str(layout.folder / "dataset.json")), channelNames=channelNames,
                       provenance={"source": "nnU-Net v2"}, cardRows=rows, role="student" if exported else "teacher",
                       nnunetFolds=list(layout.available))
@@ -311,7 +324,7 @@ def _readManifest(path: Path) -> tuple[dict, dict]:
             return ({"name": path.name, "role": "training run", "labels": labels, "colors": run.get("colors") or {},
                      "channel_names": run.get("channel_names") or plans.get("channel_names") or {"0": "image"},
                      "provenance": {"config": run.get("config") or {}}}, plans)
-        raise ValueError(f"{path} is neither a bundle folder nor a training run folder")
+        raise ValueError(_("{path} is neither a bundle folder nor a training run folder").format(path=path))
     with zipfile.ZipFile(path) as zf:
         names = set(zf.namelist())
         return (json.loads(zf.read("bundle.json").decode("utf-8")),
@@ -327,15 +340,16 @@ def readBundleInfo(path: str | Path) -> BundleInfo:
     """
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"model {path} does not exist; check the path")
+        raise ValueError(_("model {path} does not exist; check the path").format(path=path))
     if isNnunetFolder(path) and not (path / "bundle.json").is_file() and not (path / "run.json").is_file():
         return nnunetInfo(path)
     try:
         manifest, plans = _readManifest(path)
     except (OSError, KeyError, zipfile.BadZipFile, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not a ReCoKD model bundle ({exc}); export one with recokd export") from None
+        raise ValueError(_("{path} is not a ReCoKD model bundle ({error}); export one with recokd export").format(
+            path=path, error=exc)) from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("labels"), dict) or not manifest["labels"]:
-        raise ValueError(f"{path} has no labels in its manifest; re-export it with recokd export")
+        raise ValueError(_("{path} has no labels in its manifest; re-export it with recokd export").format(path=path))
     # run folders lack colours (they get the defaults); bundles always carry them
     labels = _labelSet(manifest["labels"], str(path), manifest.get("colors"), manifest.get("terminology"))
     channels = manifest.get("channel_names") or {"0": "image"}
@@ -361,4 +375,5 @@ def _card(manifest: dict, plans: dict, path: Path) -> tuple[list, Any]:
         return card_rows(manifest, plans, mirrorAxes), mirrorAxes
     except Exception as exc:  # noqa: BLE001 - the list must stay usable; the background process checks fully
         log.warning(f"model card of {path} not shown: {exc}")
-        return [("model card", f"cannot be shown ({exc}); re-export the model with recokd export")], None
+        return [("model card", _("cannot be shown ({error}); re-export the model with recokd export").format(
+            error=exc))], None
