@@ -143,7 +143,17 @@ class ReCoKD(ScriptedLoadableModule):
             "phantoms made by ReCoKD. Research use only, not for clinical use."
         )
         if HAVE_SLICER_GUI and getattr(slicer, "app", None) is not None:
-            slicer.app.connect("startupCompleted()", registerSampleData)
+            slicer.app.connect("startupCompleted()", onStartupCompleted)
+
+
+def onStartupCompleted() -> None:
+    """At Slicer's start: the sample data, and the temporary folders (patient images) a killed Slicer left
+    behind are removed now, not only when the module is first opened."""
+    registerSampleData()
+    try:
+        _logic.cleanStaleTempFolders()
+    except Exception as exc:  # noqa: BLE001 - a clean-up must never break Slicer's startup
+        logging.warning("ReCoKD: stale temporary folders were not removed: %s", exc)
 
 
 def registerSampleData() -> None:

@@ -783,9 +783,12 @@ def test_temp_folders_of_a_killed_slicer_are_removed_at_start(env, tmp_path, mon
     old = folder("ReCoKD-old", age_s=2 * 24 * 3600)
     other = folder("SomethingElse-1", owner=dead.pid)
     monkeypatch.setattr(tempfile, "tempdir", str(root))
-    module.ReCoKDLogic(scene=env["scene"], modelsFolder=env["folder"], registries=[])
+    module.onStartupCompleted()  # Slicer's start, before the module is opened
     assert not orphan.exists() and not old.exists()
     assert mine.exists() and young.exists() and other.exists()
+    orphan2 = folder("ReCoKD-orphan2", owner=dead.pid)  # (a Slicer killed since)
+    module.ReCoKDLogic(scene=env["scene"], modelsFolder=env["folder"], registries=[])  # the module opened
+    assert not orphan2.exists() and mine.exists() and young.exists() and other.exists()
     assert slicer_logic.cleanStaleTempFolders(root) == []  # nothing more to remove
 
 

@@ -334,7 +334,7 @@ def test_sample_data_is_registered_at_startup_and_written_locally(gui, tmp_path,
     module.ReCoKD(parent)  # the real ScriptedLoadableModule.__init__ runs first
     assert parent.title == "ReCoKD" and parent.categories == ["Segmentation"]
     startup = [slot for signal, slot in slicer.app.connections if signal == "startupCompleted()"]
-    assert startup == [module.registerSampleData]
+    assert startup == [module.onStartupCompleted]  # the sample data, and stale temp folders removed
     startup[0]()  # Slicer emits startupCompleted()
     assert len(registered) == 1 and registered[0]["category"] == "ReCoKD"
     uri = registered[0]["uris"]
