@@ -20,6 +20,7 @@ Console example::
 """
 
 import logging
+import platform
 import shutil
 import sys
 import tempfile
@@ -144,6 +145,10 @@ class ReCoKD(ScriptedLoadableModule):
         )
         if HAVE_SLICER_GUI and getattr(slicer, "app", None) is not None:
             slicer.app.connect("startupCompleted()", onStartupCompleted)
+
+
+#: PyTorch's Metal backend exists only on Apple-silicon Macs
+_MACHINE_OFFERS_MPS = sys.platform == "darwin" and platform.machine() == "arm64"
 
 
 def onStartupCompleted() -> None:
@@ -378,9 +383,19 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = parameterNode
         if parameterNode is not None:
             self._parameterNodeGuiTag = parameterNode.connectGui(self.ui)
+            self._offerOnlyThisMachinesDevices(parameterNode)
             self.addObserver(parameterNode, vtk.vtkCommand.ModifiedEvent,
                              self.updateGUIFromParameterNode)
             self.updateGUIFromParameterNode()
+
+    def _offerOnlyThisMachinesDevices(self, parameterNode):
+        """The device list offers Apple's Metal (mps) only where PyTorch has it: Apple-silicon macOS (a scene
+        saved there keeps its choice here, and Segment then says in one line that this machine lacks it).
+        mps is the binding's last choice, so removing it leaves the others' indices as the binding reads them."""
+        combo = self.ui.deviceComboBox
+        if (not _MACHINE_OFFERS_MPS and parameterNode.device != "mps" and combo.count == len(DEVICES)
+                and combo.itemText(combo.count - 1) == "mps"):
+            combo.removeItem(combo.count - 1)
 
     def updateGUIFromParameterNode(self, caller=None, event=None):
         """What the binding cannot express: the model selection, visible channels, button states."""

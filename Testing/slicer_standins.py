@@ -315,6 +315,12 @@ class QComboBox(QWidget):
     def insertItem(self, index, text):
         self.items.insert(index, str(text))
 
+    def removeItem(self, index):
+        if 0 <= index < len(self.items):
+            del self.items[index]
+            if self._index >= len(self.items):
+                self.currentIndex = len(self.items) - 1
+
     def clear(self):
         self.items = []
         self.currentIndex = -1

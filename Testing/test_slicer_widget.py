@@ -685,3 +685,22 @@ def test_add_model_folder_lists_an_nnunet_results_folder_with_its_folds(gui, tmp
     ui.addModelFolderButton.click()
     assert len(errors) == 1 and "has no fold_*/checkpoint_final.pth; train a fold first, or copy the whole" in errors[0]
     assert len(widget._modelSources) == count and p.model == str(folder.parent)
+
+
+def test_the_device_list_offers_mps_only_where_pytorch_has_it(gui, monkeypatch):
+    """auto / cpu / cuda everywhere; Apple's Metal (mps) on Apple-silicon Macs only, unless a saved scene
+    chose it (kept, so the choice is not silently changed; Segment then refuses it in one line)."""
+    module = gui[0]
+    combo_items = lambda w: [w.ui.deviceComboBox.itemText(i) for i in range(w.ui.deviceComboBox.count)]  # noqa: E731
+    monkeypatch.setattr(module, "_MACHINE_OFFERS_MPS", False)
+    widget = _new_widget(module)
+    assert combo_items(widget) == ["auto", "cpu", "cuda"]
+    widget.ui.deviceComboBox.currentIndex = 2  # the binding still reads each choice right
+    assert widget._parameterNode.device == "cuda"
+    widget._parameterNode.device = "mps"  # (a scene saved on a Mac)
+    widget.setParameterNode(widget._parameterNode)
+    assert combo_items(widget) == ["auto", "cpu", "cuda", "mps"] and widget.ui.deviceComboBox.currentText == "mps"
+    widget._parameterNode.device = "auto"
+    monkeypatch.setattr(module, "_MACHINE_OFFERS_MPS", True)
+    widget.setParameterNode(widget._parameterNode)
+    assert combo_items(widget) == ["auto", "cpu", "cuda", "mps"]
