@@ -1,13 +1,14 @@
 """Networks, matched pairs and feature taps."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from torch import nn
 
 from ReCoKDLib import ReCoKDError
-from ReCoKDLib.models import FeatureTaps, UNetSpec, build_pair, count_parameters, dynunet_tap_names, isotropic_spec
+from ReCoKDLib.models import FeatureTaps, UNetSpec, build_pair, build_unet, count_parameters, dynunet_tap_names, isotropic_spec
 
 
 def test_student_width_rule_matches_method():
@@ -26,6 +27,15 @@ def test_spec_json_round_trip_and_errors():
         UNetSpec(1, 2, [3, 3, 3], [1, 2, 2, 2], [8, 16, 32])
     with pytest.raises(ReCoKDError, match="lacks the key"):
         UNetSpec.from_dict({"in_channels": 1})
+    # nnU-Net's decoder kernels survive the description (the default is left out: older ones read the same)
+    assert "decoder_kernels" not in spec.to_dict() and UNetSpec.from_dict(spec.to_dict()).decoder_kernels == "deeper"
+    own = UNetSpec.from_json(replace(spec, decoder_kernels="own").to_json())
+    assert own.decoder_kernels == "own" and own.student(4).decoder_kernels == "own"
+    shapes = [tuple(up.conv_block.conv1.conv.weight.shape[2:]) for up in build_unet(own).upsamples]
+    assert shapes == [(3, 3, 3), (3, 3, 3), (1, 3, 3)]  # the level-0 stage convolves with level 0's kernel
+    assert [tuple(up.conv_block.conv1.conv.weight.shape[2:]) for up in build_unet(spec).upsamples][-1] == (3, 3, 3)
+    with pytest.raises(ReCoKDError, match="decoder_kernels must be one of deeper, own"):
+        replace(spec, decoder_kernels="mine")
 
 
 def test_pair_shapes_deep_supervision_and_parameter_ratio():

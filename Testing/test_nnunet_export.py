@@ -144,6 +144,33 @@ def test_a_network_no_stock_nnunet_class_computes_is_refused_and_nothing_is_writ
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.json"))
 
 
+def test_an_anisotropic_network_with_nnunets_decoder_kernels_exports_and_nnunet_computes_its_logits(tmp_path):
+    """Thick-slice data: level 0's kernel is 1x3x3. With nnU-Net's decoder convention (each decoder stage
+    convolves with its own level's kernel: the students of nnU-Net teachers) the stock PlainConvUNet computes
+    the same logits; a ReCoKD description without it keeps that decoder on a rebuild."""
+    from ReCoKDLib.data.planning import ChannelNormalisation, Plans
+
+    plans = Plans(dataset_name="Thick", channel_names={0: "MRI"}, labels={"background": 0, "a": 1, "b": 2},
+                  target_spacing=(5.0, 1.0, 1.0), normalisation=(ChannelNormalisation("zscore"),),
+                  patch_size=(8, 32, 32))
+    spec = UNetSpec(1, 3, kernel_sizes=((1, 3, 3), (3, 3, 3), (3, 3, 3)), strides=((1, 1, 1), (1, 2, 2), (2, 2, 2)),
+                    filters=(8, 16, 32), decoder_kernels="own")
+    torch.manual_seed(0)
+    network = build_unet(spec).eval()
+    bundle = bundle_from_network(network, plans, "thick").save(tmp_path / "thick.recokd")
+    assert load_bundle(bundle).spec.decoder_kernels == "own"
+    folder = export_nnunet(bundle, tmp_path / "out", dataset_id=43)
+    arch = json.loads((folder / "plans.json").read_text())["configurations"]["3d_fullres"]["architecture"]
+    assert arch["arch_kwargs"]["kernel_sizes"] == [[1, 3, 3], [3, 3, 3], [3, 3, 3]]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        predictor = _nnunet_predictor(folder)
+    assert [str(w.message) for w in caught] == []
+    x = torch.randn(1, 1, 8, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (predictor.network.eval()(x) - network(x)).abs().max().item() <= 1e-4
+
+
 def test_an_earlier_export_is_replaced_only_when_asked_and_the_command_line_says_how_to_use_it(tmp_path, capsys):
     out = tmp_path / "results"
     assert main(["export", str(PHANTOM_MODEL), "--format", "nnunet", "-o", str(out), "--dataset-id", "7"]) == 0

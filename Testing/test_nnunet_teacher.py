@@ -174,6 +174,8 @@ def test_a_transposed_model_runs_in_the_image_axes_and_agrees_with_nnunet(nnunet
     model = open_nnunet_model(folder, folds=[0])
     assert plans_from_nnunet(model).patch_size == (16, 48, 32)  # (z, y, x) of the image array
     spec = model.unet_spec()
+    # the student is a narrower copy of nnU-Net's PlainConvUNet, its decoder kernels included (so it exports)
+    assert spec.decoder_kernels == spec.student(4).decoder_kernels == "own"
     teacher = model.teacher()
     x = torch.randn(1, 1, 16, 48, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

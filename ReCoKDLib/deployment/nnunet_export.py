@@ -62,12 +62,12 @@ def nnunet_architecture(spec: UNetSpec) -> dict[str, Any]:
     """
     kernels = [list(k) for k in spec.kernel_sizes]
     for level in range(spec.num_levels - 1):
-        if kernels[level] != kernels[level + 1]:
+        if kernels[level] != kernels[level + 1] and spec.decoder_kernels != "own":
             raise ReCoKDError(
                 f"network {spec.name!r} cannot be exported to nnU-Net: its decoder convolves level {level} with "
                 f"level {level + 1}'s kernel {kernels[level + 1]} (MONAI DynUNet) where nnU-Net's PlainConvUNet "
                 f"uses level {level}'s {kernels[level]}; no stock nnU-Net class computes it (export it as a "
-                "ReCoKD bundle, ONNX or TorchScript instead)")
+                "ReCoKD bundle, ONNX or TorchScript instead; students of nnU-Net teachers use nnU-Net's kernels)")
     n = spec.num_levels
     return {
         "network_class_name": PLAIN_CONV_UNET,

@@ -260,7 +260,8 @@ class NNUNetModel:
 
         return UNetSpec(in_channels=len(self.channel_names), out_channels=self.labels.num_classes,
                         kernel_sizes=triples(kwargs["kernel_sizes"]), strides=triples(kwargs["strides"]),
-                        filters=tuple(features), name=f"nnunet-{self.configuration}")
+                        filters=tuple(features), name=f"nnunet-{self.configuration}",
+                        decoder_kernels="own")  # PlainConvUNet's decoder: a student is a narrower copy of it
 
     def teacher(self) -> "NNUNetTeacher":
         """The folds in use, loaded, as one frozen teacher."""

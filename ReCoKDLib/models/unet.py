@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
 import torch
+from monai.networks.blocks.dynunet_block import UnetUpBlock
 from monai.networks.nets import DynUNet
 
 from ..errors import ReCoKDError
@@ -24,6 +25,10 @@ NNUNET_BASE_FILTERS = 32
 NNUNET_MAX_FILTERS = 320
 #: Minimum channel count of any student level.
 MIN_STUDENT_CHANNELS = 8
+
+
+#: decoder kernel conventions (see :class:`UNetSpec`)
+DECODER_KERNELS = ("deeper", "own")
 
 
 def _triple(value: int | Sequence[int], what: str) -> Triple:
@@ -52,6 +57,10 @@ class UNetSpec:
             (normally 1) and the last entry is the bottleneck's.
         filters: channels per level.
         deep_supervision: return auxiliary lower-resolution outputs in training mode.
+        decoder_kernels: which kernel each decoder stage convolves with, where neighbouring levels' kernels
+            differ (anisotropic data): ``"deeper"``, the level below's (MONAI ``DynUNet``, ReCoKD's planner),
+            or ``"own"``, its own level's (nnU-Net's ``PlainConvUNet``: the students of nnU-Net teachers, so
+            they are narrower copies of them and export to nnU-Net).
     """
 
     in_channels: int
@@ -61,6 +70,7 @@ class UNetSpec:
     filters: tuple[int, ...]
     deep_supervision: bool = True
     name: str = field(default="unet", compare=False)
+    decoder_kernels: str = "deeper"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kernel_sizes", tuple(_triple(k, "kernel_sizes") for k in self.kernel_sizes))
@@ -76,6 +86,8 @@ class UNetSpec:
             )
         if self.in_channels < 1 or self.out_channels < 2:
             raise ReCoKDError("in_channels must be >= 1 and out_channels (classes incl. background) >= 2")
+        if self.decoder_kernels not in DECODER_KERNELS:
+            raise ReCoKDError(f"decoder_kernels must be one of {', '.join(DECODER_KERNELS)}, got {self.decoder_kernels!r}")
 
     # -- derived properties -------------------------------------------------------------------
     @property
@@ -118,6 +130,8 @@ class UNetSpec:
         d["kernel_sizes"] = [list(k) for k in self.kernel_sizes]
         d["strides"] = [list(s) for s in self.strides]
         d["filters"] = list(self.filters)
+        if self.decoder_kernels == "deeper":  # the default: descriptions written before the option stay the same
+            del d["decoder_kernels"]
         return d
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -134,6 +148,7 @@ class UNetSpec:
                 filters=tuple(d["filters"]),
                 deep_supervision=bool(d.get("deep_supervision", True)),
                 name=str(d.get("name", "unet")),
+                decoder_kernels=str(d.get("decoder_kernels", "deeper")),
             )
         except KeyError as e:
             raise ReCoKDError(f"network description lacks the key {e.args[0]!r}; re-export the model") from None
@@ -175,6 +190,7 @@ class SegUNet(DynUNet):
 
     def __init__(self, spec: UNetSpec):
         heads = spec.num_deep_supervision_heads
+        object.__setattr__(self, "_own_level_kernels", spec.decoder_kernels == "own")  # (before nn.Module's init)
         super().__init__(
             spatial_dims=3,
             in_channels=spec.in_channels,
@@ -190,6 +206,15 @@ class SegUNet(DynUNet):
             res_block=False,
         )
         self.spec = spec
+
+    def get_upsamples(self):
+        """DynUNet's decoder; with ``decoder_kernels="own"`` each stage convolves with its own level's kernel
+        (nnU-Net's), not the level below's. (Called by ``DynUNet.__init__``, hence ``_own_level_kernels``.)"""
+        if not getattr(self, "_own_level_kernels", False):
+            return super().get_upsamples()
+        return self.get_module_list(self.filters[1:][::-1], self.filters[:-1][::-1], self.kernel_size[:-1][::-1],
+                                    self.strides[1:][::-1], UnetUpBlock, self.upsample_kernel_size[::-1],
+                                    trans_bias=self.trans_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:  # type: ignore[override]
         if x.ndim != 5:
