@@ -171,6 +171,33 @@ def test_an_anisotropic_network_with_nnunets_decoder_kernels_exports_and_nnunet_
         assert (predictor.network.eval()(x) - network(x)).abs().max().item() <= 1e-4
 
 
+def test_a_folder_with_only_fold_all_runs_in_recokd_and_in_slicers_model_list(exported, tmp_path):
+    """nnU-Net's fold_all (trained on every case) alone: chosen by default, as nnU-Net's predictor does, by
+    `recokd predict` and by the Slicer module's model list (its Folds box says so)."""
+    import shutil
+
+    import SimpleITK as sitk
+
+    from ReCoKDLib.models.nnunet import open_nnunet_model
+
+    folder = tmp_path / exported.parent.name / exported.name
+    shutil.copytree(exported, folder)
+    (folder / "fold_0").rename(folder / "fold_all")
+    assert list(open_nnunet_model(folder).checkpoints) == ["all"]
+    image = tmp_path / "case_0000.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(generate_dataset(1, seed=3, shape=(48, 48, 48))[0].image[0]), str(image))
+    for model, out in ((folder, "all.nii.gz"), (exported, "fold0.nii.gz")):
+        assert main(["predict", "-m", str(model), "-i", str(image), "-o", str(tmp_path / out), "--no-progress",
+                     "--backend", "torch"]) == 0
+    labels = [sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / n))) for n in ("all.nii.gz", "fold0.nii.gz")]
+    assert (labels[0] == labels[1]).all() and len(np.unique(labels[0])) > 1  # the same weights, now as fold_all
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ReCoKD"))
+    from ReCoKDSlicer import models
+
+    info = models.nnunetInfo(folder.parent)
+    assert info.nnunetFolds == ["all"] and info.labels
+
+
 def test_an_earlier_export_is_replaced_only_when_asked_and_the_command_line_says_how_to_use_it(tmp_path, capsys):
     out = tmp_path / "results"
     assert main(["export", str(PHANTOM_MODEL), "--format", "nnunet", "-o", str(out), "--dataset-id", "7"]) == 0

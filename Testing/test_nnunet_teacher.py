@@ -208,9 +208,10 @@ def test_a_transposed_model_runs_in_the_image_axes_and_agrees_with_nnunet(nnunet
     # and the student goes back to nnU-Net in the image's axes: nnU-Net's own loader builds the stock network
     # from the exported plans, and it computes the student's logits on an image-axes window
     from ReCoKDLib.deployment.bundle import open_model
-    from ReCoKDLib.deployment.nnunet_export import export_nnunet
 
-    exported = export_nnunet(tmp_path / "student", tmp_path / "exported")
+    assert main(["export", str(tmp_path / "student"), "--format", "nnunet", "-o", str(tmp_path / "exported"),
+                 "--dataset-id", "77"]) == 0  # the run folder, through the command line
+    (exported,) = (tmp_path / "exported").glob("Dataset077_*/nnUNetTrainer__nnUNetPlans__3d_fullres")
     plans = json.loads((exported / "plans.json").read_text())
     assert plans["transpose_forward"] == [0, 1, 2] and plans["configurations"]["3d_fullres"]["patch_size"] == [16, 48, 32]
     back = _nnunet_predictor(exported, (0,))

@@ -684,7 +684,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         structures = None
         skipped = list(getattr(parameterNode, "skippedStructures", None) or [])
         if skipped and info is not None and info.labels:
-            structures = None
+            structures = [n for n in info.labels.foreground_names if n not in skipped]
         allFrames = getattr(parameterNode, "allFrames", True)
         folds = (getattr(parameterNode, "nnunetFolds", "") or None) if info is not None and info.nnunetFolds else None
         result = self.segment(volumes, parameterNode.model, device=parameterNode.device,
