@@ -27,8 +27,11 @@ def pytest_pyfunc_call(pyfuncitem):
         return None
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, _OWN_PROCESS: "1"}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", pyfuncitem.nodeid],
-                          cwd=root, env=env, capture_output=True, text=True)
+    try:
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", pyfuncitem.nodeid],
+                              cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+    except subprocess.TimeoutExpired:
+        pytest.fail("in its own process: still running after 1200 s", pytrace=False)
     tail = (done.stdout + done.stderr)[-6000:]
     if done.returncode != 0:
         pytest.fail(f"in its own process (exit {done.returncode}):\n{tail}", pytrace=False)
@@ -42,11 +45,16 @@ def pytest_pyfunc_call(pyfuncitem):
 def _no_openvino_in_the_suites_process(request, monkeypatch):
     """``auto`` leaves OpenVINO out in the suite's process (see ``own_process``); tests of OpenVINO are marked."""
     if request.node.get_closest_marker("own_process") is not None:
+        yield
         return
     from ReCoKDLib.inference import backends
 
     available = backends._engine_available
     monkeypatch.setattr(backends, "_engine_available", lambda name: name != "openvino" and available(name))
+    loaded = "openvino" in sys.modules
+    yield
+    # caught here, at the test that loaded it, not as a crash of some later test that forks
+    assert loaded or "openvino" not in sys.modules, "this test loaded OpenVINO: mark it @pytest.mark.own_process"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -426,3 +426,18 @@ def test_export_adds_a_check_case_from_the_runs_dataset(tmp_path):
     bundle = bundle_from_run(run)
     image, labels = read_check_case(bundle.check)
     assert image.shape[2:] == tuple(bundle.plans.patch_size) and labels.shape == tuple(bundle.plans.patch_size)
+
+
+def test_a_remembered_choice_is_timed_again_when_another_engine_is_installed(monkeypatch):
+    """The key of a remembered ``auto`` choice names the installed engines and the CPU: an engine installed
+    later is timed, and a home folder shared by different machines keeps one choice per kind of machine."""
+    from ReCoKDLib.utils import runtime
+
+    bundle = _tiny_bundle(6)
+    monkeypatch.setattr(backends, "_engine_available", lambda name: name != "openvino")
+    before = backends._choice_key(bundle, 2, 1, "fp32")
+    monkeypatch.setattr(backends, "_engine_available", lambda name: True)
+    after = backends._choice_key(bundle, 2, 1, "fp32")
+    assert before != after and "engines=torch,onnxruntime,openvino" in after
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: ("Other CPU", set()))
+    assert backends._choice_key(bundle, 2, 1, "fp32") != after

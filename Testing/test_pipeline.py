@@ -116,6 +116,8 @@ def test_batches_are_a_pure_function_of_the_index_and_oversample_foreground():
     labels = [np.zeros((40, 40, 40), np.uint8) for _ in range(2)]
     labels[0][5:7, 30:32, 2:4] = 3  # one tiny structure in one case
     ds = PatchBatches(images, labels, (16, 16, 16), batch_size=3, seed=1, augment=AugmentConfig(), length=12)
+    # uint8 label maps (the memory-mapped cache's) are read in place, not copied into each process
+    assert all(np.shares_memory(a, b) for a, b in zip(ds.labels, labels))
     first = [ds[i] for i in range(6)]
     again = [b for b in batch_loader(ds, 0, 6, num_workers=2)]
     for (a_img, a_lab), (b_img, b_lab) in zip(first, again):

@@ -590,6 +590,11 @@ def test_fp16_overflow_skips_the_step_and_the_run_goes_on(dataset, tmp_path, mon
     assert resolve_amp_dtype("fp16", torch.device("cpu")) == torch.float16
     assert resolve_amp_dtype("bf16", torch.device("cpu")) == torch.bfloat16
     assert resolve_amp_dtype("auto", torch.device("cpu")) == torch.float16  # bf16 only on a GPU that has it
+    for capability, expected in (((7, 0), torch.float16), ((8, 0), torch.bfloat16)):  # a V100 emulates bf16
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+        assert resolve_amp_dtype("auto", torch.device("cuda")) == expected
+    monkeypatch.undo()
     real_init, real_forward, calls = EpochTrainer.__init__, SegTrainModule.forward, []
 
     def init(self, *args, **kwargs):

@@ -267,6 +267,7 @@ def test_validation_on_fixed_patches_each_epoch_and_whole_cases_at_the_end(tmp_p
     a, b = validation_patches(cases, (16, 16, 32), 4, seed=3), validation_patches(cases, (16, 16, 32), 4, seed=3)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # the same patches every epoch
     assert a[0].shape == (4, 1, 16, 16, 32) and a[1].shape == (4, 16, 16, 32)  # W padded from 28 to 32
+    assert a[1].dtype == torch.uint8  # kept for the whole run: 8x smaller than int64
     assert (a[1][3] == 2).any()  # the fourth patch: case 1, centred on its labelled voxels
 
     from ReCoKDLib.training.loop import EpochTrainer

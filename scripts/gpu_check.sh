@@ -23,7 +23,7 @@ cd "$work"
 say() { printf '\n== %s\n' "$*"; }
 gpus=$("$py" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
 if [ "$gpus" -lt 1 ]; then echo "no CUDA GPU here; nothing to check" >&2; exit 1; fi
-"$py" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.name}, {p.total_memory / 2**30:.0f} GiB, bf16: {torch.cuda.is_bf16_supported()}, torch {torch.__version__}')"
+"$py" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.name}, {p.total_memory / 2**30:.0f} GiB, compute capability {p.major}.{p.minor} (native bf16 from 8), torch {torch.__version__}')"
 
 say "1. data, teacher and student on CUDA"
 "$py" - <<'EOF'
@@ -75,7 +75,7 @@ EOF
 say "4. out of memory: one line, not a traceback"
 set +e
 RECOKD_SKIP_MEMORY_CHECK=1 "$py" -m ReCoKDLib.cli distill ds --teacher teacher -o oom "${common[@]}" --method recokd \
-    --patch-size 512 512 512 --batch-size 8 2> oom.err
+    --patch-size 512 512 512 --batch-size 2 --workers 0 2> oom.err  # (no worker holds GiBs of host memory first)
 code=$?
 set -e
 tail -n 3 oom.err

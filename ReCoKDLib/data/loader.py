@@ -95,6 +95,12 @@ def _class_centres(label: np.ndarray, rng: np.random.Generator) -> dict[int, np.
     return out
 
 
+def _small_labels(labels) -> np.ndarray:
+    """``labels`` without a copy when they are uint8 already, else as int16 (values beyond 255)."""
+    array = np.asarray(labels)
+    return array if array.dtype == np.uint8 else array.astype(np.int16)
+
+
 class PatchBatches(Dataset):
     """Map-style dataset whose item ``i`` is training batch ``i`` (images (B, C, *patch) float32,
     labels (B, 1, *patch) uint8, int16 where a value exceeds 255). Use with ``DataLoader(batch_size=None)``.
@@ -133,7 +139,8 @@ class PatchBatches(Dataset):
             raise ReCoKDError(f"batch size must be >= 1, got {batch_size}")
         self.patch = tuple(int(p) for p in patch_size)
         self.images = [_pad_to(np.asarray(i, np.float32), self.patch) for i in images]
-        self.labels = [_pad_to(np.asarray(lab).astype(np.int16), self.patch) for lab in labels]
+        # uint8 label maps (the cache's, memory-mapped) are used as they are: a copy would be private to each process
+        self.labels = [_pad_to(_small_labels(lab), self.patch) for lab in labels]
         self.batch_size = int(batch_size)
         self.foreground_fraction = float(foreground_fraction)
         self.seed = int(seed)
@@ -244,8 +251,9 @@ def batch_loader(dataset: PatchBatches, start: int, stop: int, num_workers: int 
     a GPU). The result does not depend on ``num_workers``.
 
     The workers are forked, except in a process that has loaded OpenVINO (a notebook that predicted with
-    ``--backend openvino`` or ``auto``, the test suite): forking beside its thread pool crashed the process,
-    so there they are spawned (slower to start; each gets a copy of the cases instead of sharing pages)."""
+    ``--backend openvino`` or ``auto`` before training): forking beside its thread pool crashed the process,
+    so there they are spawned (slower to start; each gets a copy of the cases instead of sharing the
+    memory-mapped cache's pages: a known cost of that one case)."""
     import sys
 
     context = "spawn" if num_workers > 0 and "openvino" in sys.modules else None

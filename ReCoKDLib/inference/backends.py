@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -79,15 +77,6 @@ def onnx_cache_key(bundle: Any) -> str:
     h.update(f"opset={ONNX_OPSET};torch={torch.__version__}".encode())
     h.update(hashlib.sha256(bundle.weights).digest())
     return h.hexdigest()
-
-
-def _onnx_available() -> bool:
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def cached_onnx(bundle: Any, cache_dir: str | Path | None = None) -> Path:
@@ -215,7 +204,8 @@ def resolve_precision(bundle: Any, precision: str, device: torch.device, threads
     if device.type != "cpu" or not native_bf16() or check is None or not engines:
         why = ("on the CPU only" if device.type != "cpu" else "this CPU has no native bfloat16" if not native_bf16()
                else "the model has no check case to test bf16 on" if check is None
-               else f"{backend} has no bf16")
+               else f"{backend} has no bf16" if backend not in ENGINES_FOR_PRECISION["bf16"]
+               else f"{backend} is not installed ({_INSTALL.get(backend, '')})")
         say(f"precision auto: fp32 ({why})")
         return "fp32"
     path, choices = _choices(cache_dir)
@@ -270,15 +260,20 @@ def _openvino_network(bundle: Any, threads: int | None, precision: str, cache_di
                                   cache_dir=folder / "openvino")
     try:
         return OpenVinoNetwork(path, **kwargs)
-    except ReCoKDError:  # a damaged cache file: export again, once
+    except ReCoKDError:  # a damaged cache: export the graph again and compile without the compiled-model cache
         path.unlink(missing_ok=True)
-        return OpenVinoNetwork(cached_onnx(bundle, cache_dir), **kwargs)
+        return OpenVinoNetwork(cached_onnx(bundle, cache_dir), **{**kwargs, "cache_dir": None})
 
 
-def _choice_key(bundle: Any, sw_batch_size: int, threads: int | None, precision: str = "fp32") -> str:
-    cpu = platform.processor() or platform.machine()
+def _choice_key(bundle: Any, sw_batch_size: int, threads: int | None, precision: str) -> str:
+    """What a remembered choice depends on: the model, the call's shape and threads, the engines installed
+    (one installed later is timed then) and the CPU (its model and the cores this process may use: a home
+    folder shared by a cluster's nodes keeps one choice per kind of node)."""
+    from ..utils.runtime import cpu_flags, usable_cores
+
+    engines = ",".join(e for e in ENGINES_FOR_PRECISION[precision] if _engine_available(e))
     return f"{onnx_cache_key(bundle)}|windows={sw_batch_size}|threads={threads or torch.get_num_threads()}|" \
-           f"precision={precision}|cpu={cpu}x{os.cpu_count()}"
+           f"precision={precision}|engines={engines}|cpu={cpu_flags()[0]}x{usable_cores()}"
 
 
 def seconds_per_call(network: Any, batch: torch.Tensor, repeats: int = 3) -> float:

@@ -325,8 +325,9 @@ AMP_DTYPES = ("auto", "bf16", "fp16")
 
 
 def resolve_amp_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: bfloat16 on a CUDA GPU that computes it (Ampere and later), else float16."""
-    if name == "bf16" or (name == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+    """``auto``: bfloat16 on a CUDA GPU that computes it natively (Ampere and later: compute capability 8),
+    else float16 (``torch.cuda.is_bf16_supported()`` also says yes where bfloat16 is only emulated, slowly)."""
+    if name == "bf16" or (name == "auto" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8):
         return torch.bfloat16
     return torch.float16
 
@@ -353,7 +354,7 @@ def validation_patches(cases: Sequence[ValCase], patch: Sequence[int], count: in
         image, label = case.image[(slice(None), *region)], case.label[region]
         pad = [x for n, p in zip(reversed(label.shape), reversed(patch)) for x in (0, p - n)]
         images.append(torch.nn.functional.pad(image.float(), pad))
-        labels.append(torch.nn.functional.pad(label.long(), pad))
+        labels.append(torch.nn.functional.pad(label.to(torch.uint8), pad))  # (labels <= 255: 8x smaller than int64)
     return torch.stack(images), torch.stack(labels)
 
 
@@ -510,7 +511,7 @@ class EpochTrainer:
             if self.scaler.is_enabled():
                 self.scaler.update(self.scaler.get_scale() / 2)
             return {"skipped": 1.0}
-        if not math.isfinite(values[0]):
+        if overflow or not math.isfinite(values[0]):  # (the flag every rank agreed on: none goes on alone)
             raise ReCoKDError(f"{self.name}: the loss became {values[0]} at iteration {step + 1} (epoch "
                               f"{step // self.config.iters_per_epoch + 1}); the training diverged and was stopped, "
                               f"{self._kept()}; lower --lr")

@@ -46,7 +46,7 @@ from ..models.weights import load_weights
 from ..utils.io import atomic_write_text, new_folder, read_json, remove_partial_files
 from ..utils.labels import IGNORE_LABEL, TEACHER_LABEL
 from ..utils.locks import locked_folder, waiting_lock
-from ..utils.runtime import configure_cpu, resolve_device
+from ..utils.runtime import configure_cpu, resolve_device, usable_cores
 from ..training.loop import (DistillTrainModule, EpochTrainer, RunConfig, SegTrainModule, ValCase, augment_name,
                              rank_batch_size,
                              check_distill_options, check_training_options)
@@ -290,7 +290,7 @@ def gpu_preset(cores: int | None = None) -> tuple[dict[str, Any], dict[str, int]
     timed on a GPU: ``scripts/gpu_check.sh`` measures seconds per iteration (nnU-Net's own epochs of this shape
     take about 100 s on a recent data-centre GPU, the figure the issue compares with)."""
     # the workers are per process: under torchrun the machine's cores are shared by its processes
-    cores = (cores or os.cpu_count() or 2) // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    cores = (cores or usable_cores()) // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)  # (a job's share)
     training = {"epochs": 1000, "iters_per_epoch": 250, "augment": "nnunet", "num_workers": max(2, min(12, cores - 1)),
                 "val_patches": 100, "val_every": 1}
     planner = {"patch_budget": 128 ** 3, "base_filters": 32, "max_filters": 320}
