@@ -1053,6 +1053,9 @@ def test_the_engine_note_says_when_the_chosen_device_is_slow(env):
         logic.devicesSeen = {"cuda"}
         assert "although this computer has a CUDA GPU" in logic.engineNote("cpu", student)
         assert logic.engineNote("auto", teacher) == ""  # auto takes the GPU
+        logic.devicesSeen = set()
+        env["scene"].RemoveNode(logic.segment([env["volume"]], env["bundle_path"], device="cpu", show3D=False))
+        assert logic.devicesSeen == {"cpu"}  # a run tells the device it used (a CUDA one: the GPU note above)
     finally:
         logic.devicesSeen = set()
 
@@ -1066,8 +1069,9 @@ def _untranslated_texts(source: str, logic: bool = False) -> list:
     import ast
 
     tree = ast.parse(source)
-    targets = {"text", "title", "helpText", "acknowledgementText"}
-    calls = {"errorDisplay": None, "delayDisplay": None, "_ask": (0, 1, 2), "getOpenFileName": (1, 3)}
+    targets = {"text", "title", "helpText", "acknowledgementText", "placeholderText"}
+    calls = {"errorDisplay": None, "delayDisplay": None, "_ask": (0, 1, 2), "getOpenFileName": (1, 3),
+             "getExistingDirectory": (1,)}
     if logic:
         targets |= {"message", "error", "lastMessage"}
         calls.update({"ReCoKDError": None, "InputCheckError": None})
@@ -1123,7 +1127,8 @@ def test_the_panels_texts_are_translatable():
     assert "from slicer.i18n import tr as _" in source
     assert _untranslated_texts(source) == []
     # the check itself finds what it guards against
-    assert len(_untranslated_texts('w.text = "Segment"\nw.text = _(f"on {d}")\nslicer.util.errorDisplay(f"failed: {e}")\n')) == 3
+    assert len(_untranslated_texts('w.text = "Segment"\nw.text = _(f"on {d}")\nslicer.util.errorDisplay(f"failed: {e}")\n'
+                                   'e.placeholderText = "all: 0"\nqt.QFileDialog.getExistingDirectory(w, "Add a folder")\n')) == 5
 
 
 @pytest.mark.parametrize("name", ["logic.py", "models.py", "jobs.py"])
@@ -1270,6 +1275,9 @@ def test_an_nnunet_results_folder_segments_with_the_folds_chosen_and_an_incomple
             assert (got > 0).sum() == (expected == value).sum() > 0, name
     finally:
         scene.RemoveNode(node)
+    task = logic.segment([volume], source, device="cpu", folds="0", force=True, wait=False)
+    task.cancel()
+    assert ("--folds", "0") in zip(task.job.command, task.job.command[1:])  # the chosen folds reach the process
     with pytest.raises(module.ReCoKDError, match=r"has no fold_1/checkpoint_final.pth \(folds with one: 0\); choose "
                                                  r"folds that have one \(Folds box\)$"):
         logic.segment([volume], source, device="cpu", folds="1")

@@ -675,6 +675,15 @@ def test_add_model_folder_lists_an_nnunet_results_folder_with_its_folds(gui, tmp
     assert asked == [True, True, False, False]
     combo = ui.structuresComboBox
     assert [combo.itemText(i) for i in range(combo.count)] == ["organ", "kidney"]
+    p.inputVolume = slicer.util.addVolumeFromArray(np.zeros((8, 8, 8), np.float32), name="MR")
+    p.nnunetFolds = "0"  # the Folds box
+    calls = []
+    widget.logic.segment = lambda volumes, model, **kw: calls.append(kw)
+    widget.logic.markModelCardSeen(p.model)
+    widget._ensureDependencies = lambda model="": True
+    ui.segmentButton.click()
+    widget._timer.stop()
+    assert len(calls) == 1 and calls[0]["folds"] == "0"  # the chosen folds reach the segmentation
     broken = tmp_path / "broken"
     import shutil
 
@@ -685,6 +694,16 @@ def test_add_model_folder_lists_an_nnunet_results_folder_with_its_folds(gui, tmp
     ui.addModelFolderButton.click()
     assert len(errors) == 1 and "has no fold_*/checkpoint_final.pth; train a fold first, or copy the whole" in errors[0]
     assert len(widget._modelSources) == count and p.model == str(folder.parent)
+
+
+def test_the_panel_shows_the_engine_note_for_the_chosen_device(gui, tmp_path):
+    """The note under the device list follows the chosen device (the logic's engineNote)."""
+    widget, _volume = _widget_with_the_tiny_model(gui[0], tmp_path)
+    widget.logic.devicesSeen = {"cuda"}  # an earlier segmentation ran on the GPU
+    widget._parameterNode.device = "cpu"
+    assert "although this computer has a CUDA GPU" in widget.ui.engineNoteLabel.text
+    widget._parameterNode.device = "auto"
+    assert widget.ui.engineNoteLabel.text == ""
 
 
 def test_the_device_list_offers_mps_only_where_pytorch_has_it(gui, monkeypatch):
