@@ -248,6 +248,7 @@ if parameterNodeWrapper is not None:
         nnunetFolds: str = ""  # an nnU-Net results folder as the model: folds to ensemble ("": all with a checkpoint)
         datasetFolder: str = ""
         teacherPath: str = ""
+        teacherFolds: str = ""  # an nnU-Net teacher: folds to ensemble ("": fold 0, as recokd distill; "every")
         unlabeledFolder: str = ""  # scans without labels: the teacher labels them for the student
         trainTeacherFirst: bool = False
         kdMethod: Annotated[str, Choice(list(KD_METHODS))] = "auto"
@@ -423,6 +424,8 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.allFramesCheckBox.text = _("All {count} frames").format(count=frames)
         self.ui.engineNoteLabel.text = self.logic.engineNote(p.device, self._modelInfo(p.model) if p.model else None)
         self.ui.teacherPathLineEdit.enabled = not p.trainTeacherFirst
+        nnunetTeacher = bool(not p.trainTeacherFirst and p.teacherPath and models.isNnunetFolder(p.teacherPath))
+        self.ui.teacherFoldsLineEdit.visible = self.ui.teacherFoldsLabel.visible = nnunetTeacher
         training = self.logic.trainingTask is not None and self.logic.trainingTask.state == RUNNING
         self.ui.startTrainingButton.enabled = not library.error() and not training and bool(
             p.datasetFolder and (p.teacherPath or p.trainTeacherFirst))

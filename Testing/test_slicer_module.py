@@ -383,6 +383,15 @@ def test_an_nnunet_results_folder_is_a_teacher_in_the_training_panel(env, tmp_pa
                          wait=True)
     args = next(line for line in task.job.lines if line.startswith("ARGS")).split()[1:]
     assert args[args.index("--teacher-folds") + 1] == "0,1"
+    assert "--teacher-folds" not in next(line for line in logic.trainWithParameters(params, wait=True).job.lines
+                                         if line.startswith("ARGS"))  # empty box: the library's default
+    params.teacherFolds = "every"  # the panel's Teacher folds box
+    args = next(line for line in logic.trainWithParameters(params, wait=True).job.lines if line.startswith("ARGS"))
+    assert args.split()[args.split().index("--teacher-folds") + 1] == "every"
+    params.trainTeacherFirst = True  # a teacher trained first is not an nnU-Net folder: one line
+    with pytest.raises(module.ReCoKDError, match="teacher folds apply to nnU-Net teachers"):
+        logic.trainWithParameters(params, wait=True)
+    params.trainTeacherFirst, params.teacherFolds = False, ""
     params.teacherPath = str(tmp_path / "models")
     with pytest.raises(module.ReCoKDError, match="neither a training run folder .* nor an nnU-Net v2 results folder"):
         logic.trainWithParameters(params, wait=True)

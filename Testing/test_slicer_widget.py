@@ -95,7 +95,8 @@ def test_setup_enter_change_exit_through_the_real_parameter_node_wrapper(gui):
     ui, p = widget.ui, widget._parameterNode
     assert slicer_standins.QFileDialog.calls == [], "setup() opened a file dialog"
     # combo boxes filled by the Choice-annotated bindings, in the declared order
-    assert ui.deviceComboBox.items == list(module.DEVICES) and ui.deviceComboBox.currentText == "auto"
+    offered = [d for d in module.DEVICES if d != "mps" or module._MACHINE_OFFERS_MPS]  # (mps: Apple silicon)
+    assert ui.deviceComboBox.items == offered and ui.deviceComboBox.currentText == "auto"
     assert ui.kdMethodComboBox.items == list(module.KD_METHODS) and ui.kdMethodComboBox.currentText == "auto"
     # empty paths stay empty (not ".", the working folder)
     for box, field in ((ui.datasetPathLineEdit, "datasetFolder"), (ui.teacherPathLineEdit, "teacherPath"),
@@ -723,3 +724,18 @@ def test_the_device_list_offers_mps_only_where_pytorch_has_it(gui, monkeypatch):
     monkeypatch.setattr(module, "_MACHINE_OFFERS_MPS", True)
     widget.setParameterNode(widget._parameterNode)
     assert combo_items(widget) == ["auto", "cpu", "cuda", "mps"]
+
+
+def test_the_teacher_folds_box_shows_for_an_nnunet_teacher_only(gui, tmp_path):
+    from ReCoKDLib.deployment.nnunet_export import export_nnunet
+
+    folder = export_nnunet(_tiny_bundle(tmp_path), tmp_path / "results", dataset_id=13)
+    widget = _new_widget(gui[0])
+    ui, p = widget.ui, widget._parameterNode
+    assert not ui.teacherFoldsLineEdit.visible
+    p.teacherPath = str(folder.parent)  # an nnU-Net teacher (its dataset folder)
+    assert ui.teacherFoldsLineEdit.visible and ui.teacherFoldsLabel.visible
+    p.trainTeacherFirst = True  # the teacher will be trained here: no folds
+    assert not ui.teacherFoldsLineEdit.visible
+    p.trainTeacherFirst, p.teacherPath = False, str(tmp_path)  # a plain folder
+    assert not ui.teacherFoldsLineEdit.visible

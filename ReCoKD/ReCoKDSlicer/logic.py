@@ -1169,8 +1169,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
             datasetFolder: nnU-Net or MSD dataset folder (holds dataset.json).
             teacher: teacher run folder (from :meth:`trainTeacher` / ``recokd train``), or an nnU-Net v2
                 results folder (its plans then preprocess the data).
-            teacherFolds: nnU-Net teacher only: folds to ensemble, e.g. ``"0"`` or ``"0,1,2,3,4"`` (default:
-                every numbered fold with a final checkpoint).
+            teacherFolds: nnU-Net teacher only: folds to ensemble, e.g. ``"0"``, ``"0,1,2,3,4"`` or ``"every"``
+                (default: fold 0, as ``recokd distill``; the Training panel's *Teacher folds*)
             method: KD method: ``auto`` (the default of ``recokd distill``: ReCo-KD, or ``none`` -- the teacher's
                 labels alone -- with unlabeled scans, which ReCo-KD's terms did not improve on; docs/results.md),
                 ``recokd`` or a baseline.
@@ -1230,6 +1230,10 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         device = p.device
         folder = (getattr(p, "unlabeledFolder", "") or "").strip()  # (a node saved before the field existed)
         unlabeled = [folder] if folder else []
+        teacherFolds = (getattr(p, "teacherFolds", "") or "").strip() or None  # (a node saved before the field)
+        if teacherFolds and (p.trainTeacherFirst or not is_nnunet_folder(teacher)):
+            raise ReCoKDError(_("teacher folds apply to nnU-Net teachers; clear Teacher folds, or choose an nnU-Net "
+                                "results folder as the teacher"))
         if unlabeled and not Path(unlabeled[0]).is_dir():
             raise ReCoKDError(_("unlabeled scans folder {folder} does not exist; select a folder of images").format(
                 folder=unlabeled[0]))
@@ -1237,7 +1241,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         def distil(teacherTask=None):
             return self.distill(dataset, str(teacherTask.outputFolder) if teacherTask else teacher, method=method,
                                 widthFactor=width, epochs=epochs, outputFolder=output, device=device,
-                                extraArgs=extraArgs, wait=False, onFinished=onFinished, unlabeledFolders=unlabeled)
+                                extraArgs=extraArgs, wait=False, onFinished=onFinished, unlabeledFolders=unlabeled,
+                                teacherFolds=teacherFolds)
 
         if not p.trainTeacherFirst:
             task = distil()
