@@ -198,6 +198,22 @@ def test_a_folder_with_only_fold_all_runs_in_recokd_and_in_slicers_model_list(ex
     assert info.nnunetFolds == ["all"] and info.labels
 
 
+def test_a_model_whose_preprocessing_nnunet_cannot_express_is_refused_and_nothing_is_written(tmp_path, capsys):
+    """Trained on images without physical spacing (every case 1 x 1 x 1): recokd predict refuses real-spacing
+    images, nnU-Net would resample them to 1 mm silently. One line, nothing written."""
+    from dataclasses import replace
+
+    plans = replace(tiny_plans(), fingerprint={"min_spacing": [1.0, 1.0, 1.0], "max_spacing": [1.0, 1.0, 1.0]})
+    torch.manual_seed(0)
+    network = build_unet(UNetSpec(1, plans.num_classes, kernel_sizes=((3, 3, 3),) * 3,
+                                  strides=((1, 1, 1), (2, 2, 2), (2, 2, 2)), filters=(8, 16, 32))).eval()
+    bundle = bundle_from_network(network, plans, "voxels").save(tmp_path / "voxels.recokd")
+    assert main(["export", str(bundle), "--format", "nnunet", "-o", str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "without physical spacing" in err and "nothing was written" in err and "\n" not in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*"))
+
+
 def test_an_earlier_export_is_replaced_only_when_asked_and_the_command_line_says_how_to_use_it(tmp_path, capsys):
     out = tmp_path / "results"
     assert main(["export", str(PHANTOM_MODEL), "--format", "nnunet", "-o", str(out), "--dataset-id", "7"]) == 0

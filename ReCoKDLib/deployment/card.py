@@ -23,6 +23,13 @@ CARD_FIELDS = ("intended_use", "modality", "field_of_view", "intensities", "trai
 DEFAULT_INTENDED_USE = "research only, not for clinical use"
 
 
+
+def trained_without_spacing(fingerprint: dict[str, Any]) -> bool:
+    """Whether every training case said 1 x 1 x 1 (voxel units: the images had no physical spacing), from a
+    plan's fingerprint summary: such a model expects images at its training resolution, spacing 1 x 1 x 1."""
+    low, high = fingerprint.get("min_spacing"), fingerprint.get("max_spacing")
+    return bool(low and high) and all(abs(float(v) - 1.0) < 1e-6 for v in (*low, *high))
+
 def check_card(card: Any, source: str) -> dict[str, str]:
     """``card`` as written into a manifest, or one line naming ``source`` and the allowed fields."""
     if not isinstance(card, dict):
@@ -70,7 +77,7 @@ def card_rows(manifest: dict[str, Any], plans: dict[str, Any], mirror_axes: Any 
     channels = ", ".join(f"{i}: {n}" for i, n in sorted(names.items()))
     rows.append(("input", stated.get("modality", f"{len(names)} channel(s) ({channels})")))
     low, high = fp.get("min_spacing"), fp.get("max_spacing")
-    if low and high and all(abs(float(v) - 1.0) < 1e-6 for v in (*low, *high)):
+    if trained_without_spacing(fp):
         spacing = ("1 x 1 x 1 in every training case: the training images had no physical spacing (voxel units); "
                    "give images with spacing 1 x 1 x 1 at the training resolution")
     elif low and high:

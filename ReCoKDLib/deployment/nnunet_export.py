@@ -39,6 +39,7 @@ import torch
 
 from ..errors import ReCoKDError
 from ..models.unet import SegUNet, UNetSpec
+from .card import trained_without_spacing
 
 __all__ = ["NNUNET_CONFIGURATION", "NNUNET_MODEL_FOLDER", "export_notes", "export_nnunet", "nnunet_architecture",
            "nnunet_labels", "to_plain_conv_unet"]
@@ -264,6 +265,10 @@ def export_nnunet(source: Any, output: str | Path, dataset_id: int = 999, overwr
     where = f"model {name}"
     if not hasattr(bundle, "spec"):
         raise ReCoKDError(f"{name} is already an nnU-Net results folder; use it as it is")
+    if trained_without_spacing(bundle.plans.fingerprint or {}):  # a preprocessing step nnU-Net cannot express
+        raise ReCoKDError(f"{where} was trained on images without physical spacing (voxel units): recokd predict "
+                          "refuses images with a real spacing, nnU-Net would resample them to 1 mm without a word; "
+                          "nothing was written (use the model as a ReCoKD bundle, or train it on images in mm)")
     network = bundle.build_network()
     try:
         stock, architecture = to_plain_conv_unet(network)

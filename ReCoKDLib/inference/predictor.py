@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ..deployment.bundle import Bundle, open_model
+from ..deployment.card import trained_without_spacing
 from ..data.datasets import LoadedCase, read_image, split_file_ending
 from ..data.preprocessing import preprocess_case, restore_label
 from ..errors import InputCheckError, ReCoKDError
@@ -478,7 +479,7 @@ class Predictor:
         lines: list[str] = []
         low, high = fp.get("min_spacing"), fp.get("max_spacing")
         if low and high:
-            if all(abs(float(a) - 1.0) < 1e-6 for a in (*low, *high)) and any(abs(s - 1.0) > 1e-3 for s in spacing):
+            if trained_without_spacing(fp) and any(abs(s - 1.0) > 1e-3 for s in spacing):
                 # every training case said 1 x 1 x 1: spacing lost (voxel units); a real spacing resamples wrongly
                 raise InputCheckError(
                     f"{shown}: the model was trained on images without physical spacing (every training case had "
