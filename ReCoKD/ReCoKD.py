@@ -31,17 +31,6 @@ from typing import Annotated
 import slicer
 import vtk
 
-try:  # Slicer >= 5.4: the user's language (lupdate finds the _() strings)
-    from slicer.i18n import tr as _
-    from slicer.i18n import translate
-except ImportError:  # slicer-core, older Slicer: English
-
-    def _(text):
-        return text
-
-    def translate(context, text):
-        return text
-
 try:  # inside the Slicer application
     import ctk
     import qt
@@ -93,7 +82,7 @@ _MODULE_DIR = Path(__file__).resolve().parent
 if str(_MODULE_DIR) not in sys.path:
     sys.path.insert(0, str(_MODULE_DIR))
 
-
+from ReCoKDSlicer.i18n import _, translate  # noqa: E402 - slicer.i18n's tr (the user's language), else English
 from ReCoKDSlicer import library  # noqa: E402
 
 LIBRARY_ERROR = library.locate(_MODULE_DIR)  # "" when ReCoKDLib imports; else shown in the panel

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Issue 31's timing figures: a teacher and its student, both exported as nnU-Net v2 results folders, timed
 # on the same cases by `recokd benchmark` (ReCoKD's predictor, nnU-Net's window weights) and by nnU-Net's own
-# `nnUNetv2_predict_from_modelfolder` (whole command, process start included), one CPU thread.
+# `nnUNetv2_predict_from_modelfolder` (whole command, process start included), and nnU-Net's predictor in one
+# process (`predict_single_npy_array` per case: preprocessing, network and resampling; no process start, no
+# export workers), teacher and student alternated case by case; one CPU thread.
 #   bash scripts/bench_nnunet_export.sh TEACHER STUDENT IMAGES LABELS OUT
 # TEACHER / STUDENT: a ReCoKD run folder or .recokd bundle (exported here) or an nnU-Net results folder.
 set -euo pipefail
@@ -38,3 +40,38 @@ for round in 1 2; do  # alternated, twice: load drift shows as a difference betw
     awk -v a="$start" -v b="$end" -v n="$n" -v m="$name (round $round)" 'BEGIN{printf "| %s | %.1f | %.2f |\n", m, b-a, (b-a)/n}'
   done
 done
+
+echo
+"$py" - "$t" "$s" "$images" <<'EOF'
+import statistics, sys, time
+from pathlib import Path
+
+import SimpleITK as sitk
+import torch
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+torch.set_num_threads(1)
+folders, images = dict(teacher=sys.argv[1], student=sys.argv[2]), sorted(Path(sys.argv[3]).glob("*.nii.gz"))
+predictors = {}
+for name, folder in folders.items():
+    p = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, device=torch.device("cpu"),
+                        verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    p.initialize_from_trained_model_folder(folder, use_folds=(0,), checkpoint_name="checkpoint_final.pth")
+    predictors[name] = p
+seconds = {name: [] for name in predictors}
+for i, path in enumerate(images):
+    image = sitk.ReadImage(str(path))
+    array = sitk.GetArrayFromImage(image)[None].astype("float32")
+    props = {"spacing": list(image.GetSpacing())[::-1]}
+    order = list(predictors) if i % 2 == 0 else list(predictors)[::-1]  # alternated: drift hits both alike
+    for name in order:
+        tick = time.perf_counter()
+        predictors[name].predict_single_npy_array(array, props, None, None, False)
+        seconds[name].append(time.perf_counter() - tick)
+ratios = [t / s for t, s in zip(seconds["teacher"], seconds["student"])]
+print(f"| model | nnU-Net predictor in one process, {len(images)} cases: s/volume median [range] |")
+print("|---|---|")
+for name, values in seconds.items():
+    print(f"| {name} | {statistics.median(values):.2f} [{min(values):.2f}, {max(values):.2f}] |")
+print(f"| teacher / student, per case | {statistics.median(ratios):.2f}x [{min(ratios):.2f}, {max(ratios):.2f}] |")
+EOF
