@@ -59,6 +59,36 @@ def test_torchrun_distillation_and_resume(tmp_path):
         assert all(torch.equal(ckpt[key][k], resumed[key][k]) for k in ckpt[key]), key
 
 
+def test_whole_case_validation_is_spread_over_the_processes_and_scores_what_one_would(tmp_path):
+    """Under torchrun each process scores its share of the validation cases and the sums are gathered: the
+    logged Dice is the one a single process computes on every case with the same weights."""
+    import csv
+
+    import numpy as np
+
+    from ReCoKDLib.data.preprocessing import load_preprocessed
+    from ReCoKDLib.deployment.bundle import open_model
+    from ReCoKDLib.evaluation.metrics import dice_per_class
+    from ReCoKDLib.inference.sliding_window import predict_labels
+    from ReCoKDLib.models.weights import load_weights
+
+    data = save_dataset_nnunet(generate_dataset(5, shape=(32, 32, 32), seed=4), tmp_path / "ds")
+    ids = sorted(p.name.split("_0000")[0] for p in (tmp_path / "ds" / "imagesTr").glob("*_0000.nii.gz"))
+    (tmp_path / "val.txt").write_text("\n".join(ids[:3]) + "\n")  # 3 cases: 2 on rank 0, 1 on rank 1
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    _torchrun(["train", str(data), "-o", str(run), "--cache", str(cache), "--val-cases", str(tmp_path / "val.txt"),
+               *PLANNER, *SMALL])
+    rows = list(csv.DictReader((run / "log.csv").open()))
+    logged = float(rows[-1]["dice_mean"])
+    model = open_model(run)
+    network = load_weights(model.build_network(), run / "model_final.safetensors").eval()  # the last epoch's EMA
+    scores = [dice_per_class(predict_labels(network, torch.from_numpy(np.array(c.image)), model.plans.patch_size),
+                             c.label, model.plans.num_classes)
+              for c in (load_preprocessed(cache, model.plans, i) for i in ids[:3])]
+    expected = float(np.nanmean(np.nanmean(np.stack(scores), axis=0)))
+    assert abs(logged - expected) < 1e-6, (logged, expected, scores)
+
+
 def test_the_global_batch_is_split_over_the_processes():
     from ReCoKDLib.errors import ReCoKDError
     from ReCoKDLib.training.loop import rank_batch_size

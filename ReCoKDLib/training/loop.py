@@ -382,7 +382,8 @@ class EpochTrainer:
         network: the network that is validated and exported (the teacher or the student).
         make_network: builds a fresh network of the same architecture (holds the EMA weights).
         data: the batch stream (its ``rank`` must be this process's rank).
-        val_cases: validation cases (rank 0 validates).
+        val_cases: validation cases: every one on rank 0; under torchrun the other processes hold their share
+            of the whole cases scored (``[:val_max_cases][rank::world]``), which they score with it.
         num_classes, label_names: K (background included) and the foreground classes' names.
         config: :class:`RunConfig`.
         run_dir: the run folder (written by rank 0).
@@ -529,6 +530,15 @@ class EpochTrainer:
             out["skipped"] = 0.0
         return out
 
+    def has_validation(self) -> bool:
+        """Whether the run has validation cases (rank 0 holds them all; the same answer on every process)."""
+        if getattr(self, "_has_validation", None) is None:
+            flag = torch.tensor([float(bool(self.val_cases))], device=self.device)
+            if self.world > 1:
+                dist.broadcast(flag, 0)
+            self._has_validation = bool(flag.item())
+        return self._has_validation
+
     @torch.no_grad()
     def validate(self) -> dict:
         """The epoch's validation: pseudo-Dice on fixed patches with ``val_patches``, else whole cases."""
@@ -563,23 +573,31 @@ class EpochTrainer:
         return {"dice_per_class": {n: float(d) for n, d in zip(self.label_names, per_class)}, "dice_mean": mean}
 
     @torch.no_grad()
-    def validate_cases(self) -> dict:
-        """Dice per class of the EMA network on the validation cases (mean over cases, NaN-aware)."""
-        cases = self.val_cases
-        if self.config.val_max_cases:
-            cases = cases[: self.config.val_max_cases]
-        scores = np.stack([
-            dice_per_class(predict_labels(self.ema_net, c.image, self.config.patch_size, device=self.device),
-                           c.label, self.num_classes)
-            for c in cases
-        ])
-        with np.errstate(all="ignore"):
-            import warnings
+    def validate_cases(self, spread: bool = False) -> dict:
+        """Dice per class of the EMA network on the validation cases (mean over cases, NaN-aware).
 
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                per_class = np.nanmean(scores, axis=0)
-                mean = float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan")
+        ``spread`` (every process calls it): under torchrun process ``r`` scores cases ``r, r + world, ...``
+        and the per-class sums and counts are added up, so each process gets what one would compute alone,
+        in about 1/world of the time. Otherwise rank 0 scores every case by itself."""
+        cases = self.val_cases
+        if self.is_main and self.config.val_max_cases:
+            cases = cases[: self.config.val_max_cases]
+        spread = spread and self.world > 1
+        if spread and self.is_main:
+            cases = cases[:: self.world]  # (the other processes hold only their share)
+        sums, counts = np.zeros(self.num_classes - 1), np.zeros(self.num_classes - 1)
+        for c in cases:
+            dice = dice_per_class(predict_labels(self.ema_net, c.image, self.config.patch_size, device=self.device),
+                                  c.label, self.num_classes)
+            scored = np.isfinite(dice)
+            sums[scored] += dice[scored]
+            counts += scored
+        if spread:
+            totals = torch.tensor(np.concatenate([sums, counts]), dtype=torch.float64, device=self.device)
+            dist.all_reduce(totals)
+            sums, counts = np.split(totals.cpu().numpy(), 2)
+        per_class = np.divide(sums, counts, out=np.full_like(sums, np.nan), where=counts > 0)
+        mean = float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan")
         return {"dice_per_class": {n: float(d) for n, d in zip(self.label_names, per_class)}, "dice_mean": mean}
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -714,20 +732,23 @@ class EpochTrainer:
         # skipped (fp16 overflow) steps have no terms: the others' means are over the steps that ran
         ran = max(self.epoch_count - self.epoch_sums.get("skipped", 0.0), 1)
         row.update({f"loss_{k}": v / (self.epoch_count if k == "skipped" else ran) for k, v in self.epoch_sums.items()})
+        validate = self.has_validation() and c.val_every > 0 and ((epoch + 1) % c.val_every == 0 or epoch + 1 == c.epochs)
+        spread = validate and self.world > 1 and not c.val_patches  # whole cases: every process scores its share
+        if validate and self.is_main:
+            # the epoch's training is kept before validation, which can run out of memory on whole cases;
+            # a run resumed from this checkpoint does this epoch's end (validation, logs) first
+            self._epoch_end_pending = [epoch, lr]
+            self.save_checkpoint("latest")
+            self._epoch_end_pending = None
+        if validate and (self.is_main or spread):
+            try:
+                val = self.validate_cases(spread=True) if spread else self.validate()
+            except Exception as exc:
+                if is_out_of_memory(exc):
+                    raise self.out_of_memory("validating (whole cases, sliding window)") from None
+                raise
         if self.is_main:
-            validate = bool(self.val_cases) and c.val_every > 0 and ((epoch + 1) % c.val_every == 0 or epoch + 1 == c.epochs)
             if validate:
-                # the epoch's training is kept before validation, which can run out of memory on whole cases;
-                # a run resumed from this checkpoint does this epoch's end (validation, logs) first
-                self._epoch_end_pending = [epoch, lr]
-                self.save_checkpoint("latest")
-                self._epoch_end_pending = None
-                try:
-                    val = self.validate()
-                except Exception as exc:
-                    if is_out_of_memory(exc):
-                        raise self.out_of_memory("validating (whole cases, sliding window)") from None
-                    raise
                 row.update({f"dice_{n}": d for n, d in val["dice_per_class"].items()})
                 row["dice_mean"] = val["dice_mean"]
                 score = val["dice_mean"] if math.isfinite(val["dice_mean"]) else -1.0

@@ -771,11 +771,13 @@ def _run(run_spec: RunSpec, device: torch.device, rank: int, world: int) -> int:
     if missing:
         raise ReCoKDError(f"training case {missing[0]!r} has no label; every training case needs one")
     val_cases = []
-    if rank == 0:
-        for i in val_ids:
-            c = cases.get(i) or load_preprocessed(root, plans, i)
-            # validated whole every epoch: copied out of the memory-mapped cache once
-            val_cases.append(ValCase(i, torch.from_numpy(np.array(c.image)), torch.from_numpy(c.label.astype(np.int64))))
+    # whole-case validation is spread over the processes (EpochTrainer.validate_cases): rank 0 holds every
+    # validation case (it also draws the validation patches), the others only their share of the scored ones
+    scored = val_ids[: config.val_max_cases] if config.val_max_cases else val_ids
+    for i in (val_ids if rank == 0 else scored[rank::world]):
+        c = cases.get(i) or load_preprocessed(root, plans, i)
+        # validated whole every epoch: copied out of the memory-mapped cache once
+        val_cases.append(ValCase(i, torch.from_numpy(np.array(c.image)), torch.from_numpy(c.label.astype(np.int64))))
 
     torch.manual_seed(config.seed)
     num_classes = plans.num_classes
