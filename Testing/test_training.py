@@ -322,3 +322,26 @@ def test_the_gpu_preset_sets_nnunets_schedule_where_the_command_line_is_silent()
     cpu = spec()  # the default preset: nothing added
     assert "iters_per_epoch" not in cpu.training and cpu.planner.patch_budget is None
     assert gpu_preset(cores=64)[0]["num_workers"] == 12 and gpu_preset(cores=2)[0]["num_workers"] == 2
+
+
+def test_compile_wraps_the_training_step_and_may_change_on_resume(tmp_path, monkeypatch):
+    """--compile hands the step's module to torch.compile (stood in for here: compiling takes minutes on a
+    CPU); the checkpoint keeps the plain module's names, and --resume may add or drop it."""
+    import json
+
+    from ReCoKDLib.cli import main
+    from ReCoKDLib.data.phantom import save_dataset_nnunet
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(type(module).__name__) or module)
+    data = save_dataset_nnunet(generate_dataset(3, seed=3, shape=(32, 32, 32)), tmp_path / "ds")
+    args = ["train", str(data), "--cache", str(tmp_path / "cache"), "--patch-size", "16", "16", "16",
+            "--iters-per-epoch", "2", "--threads", "1", "--no-progress", "--workers", "0", "--base-filters", "8",
+            "--max-filters", "16", "--max-levels", "3", "-o", str(tmp_path / "run")]
+    assert main([*args, "--epochs", "2", "--stop-after-epochs", "1", "--compile"]) == 0
+    assert compiled == ["SegTrainModule"]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["compile"] is True
+    state = torch.load(tmp_path / "run" / "checkpoint_latest.pt", weights_only=True)
+    assert not any("_orig_mod" in k for k in state["model"])
+    assert main([*args, "--epochs", "2", "--resume"]) == 0 and compiled == ["SegTrainModule"]  # dropped
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["compile"] is False

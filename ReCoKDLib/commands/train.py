@@ -84,6 +84,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp-dtype", dest="amp_dtype", choices=["auto", "bf16", "fp16"],
                    help="mixed precision on CUDA: auto (default) = bf16 where the GPU computes it, else fp16 with loss "
                         "scaling whose overflowing steps are skipped (log.csv: loss_skipped); KD terms stay fp32")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step (opt-in: its first steps compile for minutes, then it runs "
+                        "faster on GPUs; the weights and checkpoints are the same; may change on --resume)")
     p.add_argument("--threads", type=int, help="CPU threads per process (default: torch's)")
     p.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
 

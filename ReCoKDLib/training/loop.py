@@ -62,7 +62,7 @@ CONFIG_FLAGS = {"epochs": "--epochs", "iters_per_epoch": "--iters-per-epoch", "b
                 "device": "--device", "deterministic": "--deterministic", "amp": "--no-amp", "num_threads": "--threads",
                 "unlabeled_fraction": "--unlabeled-fraction", "teacher_targets": "--teacher-targets",
                 "teacher_confidence": "--teacher-confidence", "val_patches": "--val-patches",
-                "batch_per_process": "--batch-per-process", "amp_dtype": "--amp-dtype"}
+                "batch_per_process": "--batch-per-process", "amp_dtype": "--amp-dtype", "compile": "--compile"}
 # whole-number options and their least value: a run needs at least one epoch of one iteration of one patch
 _LEAST_WHOLE = {"epochs": 1, "iters_per_epoch": 1, "batch_size": 1, "num_workers": 0, "val_every": 0,
                 "val_max_cases": 0, "checkpoint_every": 0, "seed": 0, "num_threads": 1, "val_patches": 0}
@@ -206,6 +206,8 @@ class RunConfig:
     # the mixed precision on CUDA: auto = bf16 where the GPU computes it (no loss scaling needed), else fp16
     # with a gradient scaler that skips the steps whose loss or gradients overflow
     amp_dtype: str = "auto"
+    # torch.compile the training step's module (opt-in: the first steps compile, minutes; then faster on GPUs)
+    compile: bool = False
     # --batch-size is the global batch, split over the processes of a torchrun (nnU-Net's semantics: N GPUs
     # see the same samples per step as one, N times faster); True: each process draws --batch-size itself
     batch_per_process: bool = False
@@ -444,6 +446,8 @@ class EpochTrainer:
             self.forward_module: nn.Module = nn.parallel.DistributedDataParallel(module, device_ids=ids)
         else:
             self.forward_module = module
+        if config.compile:  # the step's forward only: checkpoints keep the plain module's names
+            self.forward_module = torch.compile(self.forward_module)
         self.step = 0
         self._saved_step: int | None = None  # the step of the latest checkpoint this process wrote or resumed
         self.history: list[dict] = []

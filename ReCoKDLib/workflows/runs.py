@@ -278,7 +278,8 @@ _CLI_TO_CONFIG = {"epochs": "epochs", "iters_per_epoch": "iters_per_epoch", "bat
                   "batch_per_process": "batch_per_process", "val_patches": "val_patches", "amp_dtype": "amp_dtype",
                   "augment": "augment", "foreground_fraction": "foreground_fraction",
                   "adapter_lr_scale": "adapter_lr_scale", "unlabeled_fraction": "unlabeled_fraction",
-                  "teacher_targets": "teacher_targets", "teacher_confidence": "teacher_confidence"}  # from adapter_lr_scale: distill only
+                  "teacher_targets": "teacher_targets", "teacher_confidence": "teacher_confidence",
+                  "compile": "compile"}  # from adapter_lr_scale: distill only
 _CLI_NEGATED = {"no_amp": "amp"}
 
 
@@ -296,10 +297,10 @@ def gpu_preset(cores: int | None = None) -> tuple[dict[str, Any], dict[str, int]
     planner = {"patch_budget": 128 ** 3, "base_filters": 32, "max_filters": 320}
     return training, planner
 #: store_true flags that are RunConfig fields of the same name (given: True; else the field's default)
-_CLI_FLAGS = ("elastic", "deterministic", "batch_per_process")
+_CLI_FLAGS = ("elastic", "deterministic", "batch_per_process", "compile")
 #: what a resumed run may change (applied and recorded); everything else comes from its run.json, and
 #: giving it another value with --resume is refused (the weights would no longer be one run's)
-RESUMABLE_OPTIONS = ("device", "num_workers", "num_threads")
+RESUMABLE_OPTIONS = ("device", "num_workers", "num_threads", "compile")
 #: student channels = teacher's / R (``--width-factor``)
 DEFAULT_WIDTH_FACTOR = 4.0
 _CONFIG_TO_FLAG = {**{name: "--" + cli.replace("_", "-") for cli, name in _CLI_TO_CONFIG.items()},
@@ -420,6 +421,7 @@ class RunSpec:
                               f"resume with --teacher naming the same teacher")
         resumable = {k: v for k, v in self.training.items() if k in RESUMABLE_OPTIONS}
         resumable.setdefault("device", "auto")  # the device is this invocation's, never the saved one's
+        resumable.setdefault("compile", False)  # so is compiling (a flag: absent means off)
         # a teacher continues with the plan and network it started with: its own plans.json and network.json
         own_plans = str(Path(self.output) / "plans.json") if self.role == "teacher" else self.plans_file
         return replace(
