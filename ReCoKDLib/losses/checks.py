@@ -45,7 +45,7 @@ def require_labels(labels: torch.Tensor, num_classes: int, what: str = "labels",
         labels = labels[labels < TEACHER_LABEL]
         if not labels.numel():
             return
-    lo, hi = int(labels.min()), int(labels.max())
+    lo, hi = (int(v) for v in torch.stack(torch.aminmax(labels)).tolist())  # one host-device sync, not two
     if lo < 0 or hi >= num_classes:
         bad = hi if hi >= num_classes else lo
         raise ReCoKDError(
