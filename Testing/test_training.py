@@ -277,6 +277,9 @@ def test_validation_on_fixed_patches_each_epoch_and_whole_cases_at_the_end(tmp_p
         real = getattr(EpochTrainer, f"validate_{kind}")
         monkeypatch.setattr(EpochTrainer, f"validate_{kind}",
                             lambda self, real=real, kind=kind: calls.__setitem__(kind, calls[kind] + 1) or real(self))
+    saved, real_save = [], EpochTrainer.save_checkpoint
+    monkeypatch.setattr(EpochTrainer, "save_checkpoint", lambda self, which, *a, **k: saved.append(which) or
+                        real_save(self, which, *a, **k))
     data = save_dataset_nnunet(generate_dataset(3, seed=2, shape=(32, 32, 32)), tmp_path / "ds")
     run = tmp_path / "run"
     assert main(["train", str(data), "-o", str(run), "--cache", str(tmp_path / "cache"), "--epochs", "2",
@@ -288,6 +291,8 @@ def test_validation_on_fixed_patches_each_epoch_and_whole_cases_at_the_end(tmp_p
     metrics = json.loads((run / "run.json").read_text())["metrics"]
     assert 0 <= metrics["final_case_dice_mean"] <= 1 and set(metrics["final_case_dice_per_class"]) >= {"organ"}
     assert calls == {"patches": 2, "cases": 1}  # each epoch on patches, whole cases once at the end
+    # one checkpoint per epoch: none before a patch validation (only whole cases can run out of memory)
+    assert saved.count("latest") == 2
     # out of memory scoring whole cases at the end: the final weights are written all the same
     def no_memory(self):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")

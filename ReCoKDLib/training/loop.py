@@ -738,9 +738,9 @@ class EpochTrainer:
         row.update({f"loss_{k}": v / (self.epoch_count if k == "skipped" else ran) for k, v in self.epoch_sums.items()})
         validate = self.has_validation() and c.val_every > 0 and ((epoch + 1) % c.val_every == 0 or epoch + 1 == c.epochs)
         spread = validate and self.world > 1 and not c.val_patches  # whole cases: every process scores its share
-        if validate and self.is_main:
-            # the epoch's training is kept before validation, which can run out of memory on whole cases;
-            # a run resumed from this checkpoint does this epoch's end (validation, logs) first
+        if validate and self.is_main and not c.val_patches:
+            # the epoch's training is kept before validation, which can run out of memory on whole cases (not
+            # on a batch of patches); a run resumed from this checkpoint does this epoch's end (validation, logs) first
             self._epoch_end_pending = [epoch, lr]
             self.save_checkpoint("latest")
             self._epoch_end_pending = None
