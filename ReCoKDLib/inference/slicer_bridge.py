@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, help="CPU threads (default: every core but one)")
     s.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto (default: on the CPU the engine timed faster for this model, measured once), "
-                        "torch or onnxruntime")
+                        "torch, onnxruntime or openvino")
     s.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
     s.add_argument("--debug-delay", dest="debug_delay", type=float, default=0.0, help=argparse.SUPPRESS)
     s.set_defaults(func=_segment)
