@@ -198,20 +198,26 @@ def test_a_folder_with_only_fold_all_runs_in_recokd_and_in_slicers_model_list(ex
     assert info.nnunetFolds == ["all"] and info.labels
 
 
-def test_a_model_whose_preprocessing_nnunet_cannot_express_is_refused_and_nothing_is_written(tmp_path, capsys):
-    """Trained on images without physical spacing (every case 1 x 1 x 1): recokd predict refuses real-spacing
-    images, nnU-Net would resample them to 1 mm silently. One line, nothing written."""
+def test_a_model_whose_preprocessing_nnunet_cannot_express_is_refused_and_nothing_is_written(tmp_path):
+    """Every plan ReCoKD's planner makes maps onto nnU-Net's preprocessing; one that does not (here: a
+    normalisation scheme nnU-Net has no class for, set on a bundle in memory as a Python user could) is one
+    line, nothing written. A model whose training cases were all 1 x 1 x 1 (1 mm, or voxel units) exports
+    with a note saying what nnU-Net will not check."""
     from dataclasses import replace
 
-    plans = replace(tiny_plans(), fingerprint={"min_spacing": [1.0, 1.0, 1.0], "max_spacing": [1.0, 1.0, 1.0]})
-    torch.manual_seed(0)
-    network = build_unet(UNetSpec(1, plans.num_classes, kernel_sizes=((3, 3, 3),) * 3,
-                                  strides=((1, 1, 1), (2, 2, 2), (2, 2, 2)), filters=(8, 16, 32))).eval()
-    bundle = bundle_from_network(network, plans, "voxels").save(tmp_path / "voxels.recokd")
-    assert main(["export", str(bundle), "--format", "nnunet", "-o", str(tmp_path / "out")]) != 0
-    err = capsys.readouterr().err.strip()
-    assert "without physical spacing" in err and "nothing was written" in err and "\n" not in err
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*"))
+    from ReCoKDLib.data.planning import ChannelNormalisation
+    from ReCoKDLib.deployment.nnunet_export import export_notes
+
+    bundle = load_bundle(PHANTOM_MODEL)
+    odd = ChannelNormalisation("zscore")
+    object.__setattr__(odd, "scheme", "minmax")  # (the planner never makes one: ct and zscore only)
+    bundle.plans = replace(bundle.plans, normalisation=(odd,))
+    with pytest.raises(ReCoKDError, match="normalisation 'minmax' of channel 0 has no nnU-Net equivalent") as caught:
+        export_nnunet(bundle, tmp_path / "out")
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.json"))
+    notes = export_notes(load_bundle(PHANTOM_MODEL))  # the phantoms are 1 mm: exported, with the note
+    assert any("spacing 1 x 1 x 1" in n for n in notes)
 
 
 def test_an_earlier_export_is_replaced_only_when_asked_and_the_command_line_says_how_to_use_it(tmp_path, capsys):

@@ -265,10 +265,6 @@ def export_nnunet(source: Any, output: str | Path, dataset_id: int = 999, overwr
     where = f"model {name}"
     if not hasattr(bundle, "spec"):
         raise ReCoKDError(f"{name} is already an nnU-Net results folder; use it as it is")
-    if trained_without_spacing(bundle.plans.fingerprint or {}):  # a preprocessing step nnU-Net cannot express
-        raise ReCoKDError(f"{where} was trained on images without physical spacing (voxel units): recokd predict "
-                          "refuses images with a real spacing, nnU-Net would resample them to 1 mm without a word; "
-                          "nothing was written (use the model as a ReCoKD bundle, or train it on images in mm)")
     network = bundle.build_network()
     try:
         stock, architecture = to_plain_conv_unet(network)
@@ -332,6 +328,11 @@ def export_notes(bundle) -> list[str]:
                      f"{[round(v, 3) for v in direction]}; nnU-Net never reorients: give it images in that orientation")
     else:
         notes.append("note: nnU-Net never reorients images: give it images oriented as the training data were")
+    if trained_without_spacing(getattr(getattr(bundle, "plans", None), "fingerprint", None) or {}):
+        # (1 x 1 x 1 everywhere: 1 mm data, or voxel units; recokd predict refuses other spacings for it, nnU-Net
+        # would resample them to 1 mm)
+        notes.append("note: every training case had spacing 1 x 1 x 1; if that was voxel units (no physical spacing), "
+                     "give nnU-Net images with spacing 1 x 1 x 1 at the training resolution, as recokd predict asks")
     if getattr(bundle, "postprocessing", "none") != "none":
         notes.append(f"note: the model's post-processing ({bundle.postprocessing}) is not applied by nnU-Net's "
                      "predictor; apply it to the predictions yourself (recokd predict applies it)")
