@@ -387,6 +387,13 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 and combo.itemText(combo.count - 1) == "mps"):
             combo.removeItem(combo.count - 1)
 
+    def _isNnunetFolder(self, path: str) -> bool:
+        """models.isNnunetFolder, asked again only when the path changes: the GUI updates on every change of
+        the parameter node, and a results folder's check lists the folder."""
+        if getattr(self, "_nnunetFolderChecked", (None, False))[0] != path:
+            self._nnunetFolderChecked = (path, models.isNnunetFolder(path))
+        return self._nnunetFolderChecked[1]
+
     def updateGUIFromParameterNode(self, caller=None, event=None):
         """What the binding cannot express: the model selection, visible channels, button states."""
         p = self._parameterNode
@@ -413,7 +420,7 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.allFramesCheckBox.text = _("All {count} frames").format(count=frames)
         self.ui.engineNoteLabel.text = self.logic.engineNote(p.device, self._modelInfo(p.model) if p.model else None)
         self.ui.teacherPathLineEdit.enabled = not p.trainTeacherFirst
-        nnunetTeacher = bool(not p.trainTeacherFirst and p.teacherPath and models.isNnunetFolder(p.teacherPath))
+        nnunetTeacher = bool(not p.trainTeacherFirst and p.teacherPath and self._isNnunetFolder(p.teacherPath))
         self.ui.teacherFoldsLineEdit.visible = self.ui.teacherFoldsLabel.visible = nnunetTeacher
         training = self.logic.trainingTask is not None and self.logic.trainingTask.state == RUNNING
         self.ui.startTrainingButton.enabled = not library.error() and not training and bool(
