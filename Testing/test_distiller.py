@@ -172,3 +172,56 @@ def test_kd_terms_survive_half_precision_features_near_the_fp16_limit(monkeypatc
     out = _distiller("recokd")(images, labels)
     assert all(torch.isfinite(v) for v in out.terms.values()), {k: float(v) for k, v in out.terms.items()}
     assert out.terms["msard_fg"] > 1e3  # the magnitudes did arrive (an error of order 1e6 per voxel)
+
+
+def _count_device_reads(monkeypatch) -> list[str]:
+    """Record every call that makes the host wait for a tensor's value (on a GPU, a synchronisation).
+
+    One read is not counted: MONAI's Dice loss lists ``torch.arange(2, ndim)``, a tensor it makes on the CPU
+    from a shape (no GPU work to wait for)."""
+    import traceback
+
+    reads: list[str] = []
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__", "__index__", "nonzero"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, _name=name, **kw):
+            caller = traceback.extract_stack(limit=2)[0]
+            if not (caller.filename.endswith("monai/losses/dice.py") and "torch.arange" in (caller.line or "")):
+                reads.append(_name)
+            return _original(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads
+
+
+@pytest.mark.parametrize("special", ["none", "teacher", "ignore", "both"])
+def test_a_distillation_step_reads_the_device_once(monkeypatch, special):
+    """Issue 33: the label check, whether teacher-labelled or left-out voxels exist, and the masked loss's
+    "any voxel kept?" are read in one synchronisation per step, not one each."""
+    from ReCoKDLib.utils.labels import IGNORE_LABEL, TEACHER_LABEL
+
+    d = _distiller("recokd").train()
+    images, labels = _batch()
+    if special in ("teacher", "both"):
+        labels[0, :, :8] = TEACHER_LABEL
+    if special in ("ignore", "both"):
+        labels[1, :, 8:] = IGNORE_LABEL
+    reads = _count_device_reads(monkeypatch)
+    out = d(images, labels)
+    monkeypatch.undo()
+    assert reads == ["tolist"], reads
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+
+
+def test_the_masked_loss_of_a_patch_with_nothing_kept_is_zero_not_nan():
+    from ReCoKDLib.losses.segmentation import DeepSupervisedDiceCELoss
+    from ReCoKDLib.utils.labels import IGNORE_LABEL
+
+    logits = torch.randn(1, 3, 8, 8, 8, requires_grad=True)
+    labels = torch.full((1, 1, 8, 8, 8), IGNORE_LABEL)
+    loss = DeepSupervisedDiceCELoss()(logits, labels, ignore=True)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()

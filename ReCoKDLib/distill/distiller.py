@@ -145,6 +145,9 @@ class Distiller(nn.Module):
             level_weights=tuple(self.level_weights),
         )
         self.kd_terms = build_kd_terms(term_names, context, term_options)
+        for term in self.kd_terms.values():  # forward() checks the labels once for all terms
+            if hasattr(term, "check_labels"):
+                term.check_labels = False
         if not pairs and any(not getattr(t, "needs_logits", False) for t in self.kd_terms.values()):
             raise ReCoKDError(f"no student tap meets a teacher tap at an equal grid (teacher scale "
                               f"{list(self.teacher_scale)}); choose a logit method (e.g. --method logit) or other taps")
@@ -195,8 +198,8 @@ class Distiller(nn.Module):
             progress: share of training done, in [0, 1], for the λ warm-up.
         """
         require_5d(images, "images")
-        require_labels(labels, self.num_classes, special=True)
-        special = bool((labels >= TEACHER_LABEL).any())
+        from_teacher, left_out = require_labels(labels, self.num_classes, special=True)  # the step's one sync
+        special = from_teacher or left_out
         try:
             student_out = self.student(images)
             teacher_logits = None
@@ -208,7 +211,7 @@ class Distiller(nn.Module):
                 guess = teacher_logits.argmax(1, keepdim=True).to(labels.dtype)
                 seg_labels = torch.where(labels == TEACHER_LABEL, guess, labels)  # IGNORE_LABEL stays left out
                 kd_labels = torch.where(seg_labels == IGNORE_LABEL, guess, seg_labels)
-            terms: dict[str, torch.Tensor] = {"seg": self.seg_loss(student_out, seg_labels)}
+            terms: dict[str, torch.Tensor] = {"seg": self._seg(student_out, seg_labels, left_out)}
             if len(self.kd_terms):
                 terms.update(self._kd_terms(kd_labels, student_out, teacher_logits))
         finally:
@@ -218,6 +221,11 @@ class Distiller(nn.Module):
         kd = [v for k, v in terms.items() if k != "seg"]
         loss = terms["seg"] + lam * sum(kd) if kd else terms["seg"]
         return DistillOutput(loss=loss, terms=terms, kd_weight=lam, student_output=student_out)
+
+    def _seg(self, outputs, labels: torch.Tensor, left_out: bool) -> torch.Tensor:
+        if isinstance(self.seg_loss, DeepSupervisedDiceCELoss):  # tell it what the label check found
+            return self.seg_loss(outputs, labels, ignore=left_out)
+        return self.seg_loss(outputs, labels)
 
     def _teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
         """The teacher's logits on the student's grid (see the class docstring for a scaled teacher)."""

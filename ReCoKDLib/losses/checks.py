@@ -31,27 +31,41 @@ def require_same_grid(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
         )
 
 
-def require_labels(labels: torch.Tensor, num_classes: int, what: str = "labels", special: bool = False) -> None:
+def require_labels(labels: torch.Tensor, num_classes: int, what: str = "labels",
+                   special: bool = False) -> tuple[bool, bool]:
     """Labels are integer class indices (B, 1, D, H, W) in [0, num_classes); with ``special``, also
-    :data:`~ReCoKDLib.utils.labels.IGNORE_LABEL` and :data:`~ReCoKDLib.utils.labels.TEACHER_LABEL`."""
+    :data:`~ReCoKDLib.utils.labels.IGNORE_LABEL` and :data:`~ReCoKDLib.utils.labels.TEACHER_LABEL`.
+
+    Returns (any TEACHER_LABEL voxel, any IGNORE_LABEL voxel), both False without ``special``. Everything is
+    read in one host-device synchronisation: on a GPU each ``.any()``/``int()`` would stall the step once more.
+    """
     require_5d(labels, what)
     if labels.shape[1] != 1:
         raise ReCoKDError(f"{what} must have one channel of class indices, got shape {tuple(labels.shape)}")
     if labels.is_floating_point() and not torch.equal(labels, labels.round()):
         raise ReCoKDError(f"{what} must hold integer class indices, found fractional values")
     if special:
-        from ..utils.labels import TEACHER_LABEL
+        from ..utils.labels import IGNORE_LABEL, TEACHER_LABEL
 
-        labels = labels[labels < TEACHER_LABEL]
-        if not labels.numel():
-            return
-    lo, hi = (int(v) for v in torch.stack(torch.aminmax(labels)).tolist())  # one host-device sync, not two
+        values = labels.long()  # (uint8 labels could not hold the -1 below; no copy when already int64)
+        ordinary = values < TEACHER_LABEL
+        stats = torch.stack([
+            torch.where(ordinary, values, torch.full_like(values, num_classes)).min(),
+            torch.where(ordinary, values, torch.full_like(values, -1)).max(),
+            (values == TEACHER_LABEL).any().long(), (values == IGNORE_LABEL).any().long()])
+        lo, hi, teacher, ignore = (int(v) for v in stats.tolist())
+        if lo == num_classes and hi == -1:  # nothing but special voxels
+            return bool(teacher), bool(ignore)
+    else:
+        lo, hi = (int(v) for v in torch.stack(torch.aminmax(labels)).tolist())
+        teacher = ignore = 0
     if lo < 0 or hi >= num_classes:
         bad = hi if hi >= num_classes else lo
         raise ReCoKDError(
             f"{what} contain the value {bad}, outside 0..{num_classes - 1}; "
             f"declare {max(hi + 1, num_classes)} classes or fix the label map"
         )
+    return bool(teacher), bool(ignore)
 
 
 def check_levels(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], weights: Sequence[float]) -> None:

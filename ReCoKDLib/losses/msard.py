@@ -160,6 +160,9 @@ class MSSARDLoss(nn.Module):
         tau: mask exponent (default 1).
         fg_weight, bg_weight, att_weight: coefficients of the three terms (default 1).
 
+    Attribute ``check_labels`` (True): a caller that has checked the labels already (the
+    :class:`~ReCoKDLib.distill.Distiller`) sets it False to spare the step a host-device synchronisation.
+
     Forward:
         student_features: list of adapted student maps (B, C_k, D_k, H_k, W_k).
         teacher_features: list of teacher maps of the same shapes.
@@ -168,6 +171,7 @@ class MSSARDLoss(nn.Module):
     """
 
     needs_adapter = True
+    check_labels = True
 
     def __init__(
         self,
@@ -190,7 +194,8 @@ class MSSARDLoss(nn.Module):
         self, student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor], labels: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         check_levels(student_features, teacher_features, self.level_weights)
-        require_labels(labels, self.num_classes)
+        if self.check_labels:
+            require_labels(labels, self.num_classes)
         totals = {"foreground": 0.0, "background": 0.0, "attention": 0.0}
         for w, fs, ft in zip(self.level_weights, student_features, teacher_features):
             require_same_shape(fs, ft, "MS-SARD")

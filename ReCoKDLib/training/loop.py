@@ -256,7 +256,10 @@ class SegTrainModule(nn.Module):
         self.seg_loss = seg_loss if seg_loss is not None else DeepSupervisedDiceCELoss()
 
     def forward(self, images, labels, progress: float):
-        loss = self.seg_loss(self.network(images), labels)
+        outputs = self.network(images)
+        # a labelled dataset's maps hold classes only (checked when read): no need to ask the device
+        loss = self.seg_loss(outputs, labels, ignore=False) if isinstance(self.seg_loss, DeepSupervisedDiceCELoss) \
+            else self.seg_loss(outputs, labels)
         return loss, {"seg": loss}
 
     def place(self, device: torch.device) -> None:
