@@ -471,6 +471,20 @@ def test_cache_runs_once_and_per_plan(tiny_la, tmp_path, monkeypatch):
     assert isinstance(loaded.image, np.memmap) and isinstance(loaded.label, np.memmap) and loaded.label.dtype == np.uint8
     torch.from_numpy(loaded.image).mul_(0)  # in place, as an augmentation might: no crash, the cache unchanged
     np.testing.assert_array_equal(load_preprocessed(cache, plans, ids[0]).image, direct.image)
+    # a spawned data-loading worker receives the maps as file names (sharing the pages), not as copies
+    from multiprocessing.reduction import ForkingPickler
+
+    fresh = load_preprocessed(cache, plans, ids[0])
+    for array, expected in ((fresh.image, direct.image), (fresh.label, direct.label)):
+        blob = bytes(ForkingPickler.dumps(array))
+        assert len(blob) < 1000 < array.nbytes
+        back = ForkingPickler.loads(blob)
+        assert isinstance(back, np.memmap)
+        np.testing.assert_array_equal(back, expected)
+        assert len(bytes(ForkingPickler.dumps(back))) < 1000  # and on to the next process alike
+    part = fresh.image[:, 1:3]
+    assert len(bytes(ForkingPickler.dumps(part))) > part.nbytes  # a slice travels by value
+    np.testing.assert_array_equal(ForkingPickler.loads(ForkingPickler.dumps(part)), direct.image[:, 1:3])
 
     # a plan with other preprocessing goes to a new folder; the old cache is left alone
     other = plans.with_target_spacing((1.0, 1.0, 1.0))

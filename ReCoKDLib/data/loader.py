@@ -252,8 +252,9 @@ def batch_loader(dataset: PatchBatches, start: int, stop: int, num_workers: int 
 
     The workers are forked, except in a process that has loaded OpenVINO (a notebook that predicted with
     ``--backend openvino`` or ``auto`` before training): forking beside its thread pool crashed the process,
-    so there they are spawned (slower to start; each gets a copy of the cases instead of sharing the
-    memory-mapped cache's pages: a known cost of that one case)."""
+    so there they are spawned (slower to start); the memory-mapped cases travel to them as file names
+    (:class:`~ReCoKDLib.data.preprocessing.MappedArray`), so they share the cache's pages either way; cases
+    held in memory (teacher labels of unlabelled scans) are copied to spawned workers."""
     import sys
 
     context = "spawn" if num_workers > 0 and "openvino" in sys.modules else None

@@ -449,13 +449,35 @@ def _tell(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+class MappedArray(np.memmap):
+    """A memory map of a whole cached ``.npy`` file that pickles as the file's name and mode, not its data.
+
+    Data-loading workers that are spawned (not forked) receive the dataset pickled: a plain memory map would
+    arrive as a private copy of every case in every worker; this one is reopened there and shares the page
+    cache like a forked worker's. A slice (or anything derived) pickles by value, as usual.
+    """
+
+    def __reduce__(self):
+        whole = getattr(self, "_whole", None)  # set on the map of a whole file only (a slice does not inherit it)
+        if whole is not None and whole == (self.ctypes.data, self.shape) and self.filename:
+            return (_reopen_mapped, (self.filename, self.mode))
+        return np.asarray(self).__reduce__()
+
+
+def _reopen_mapped(filename: str, mode: str) -> MappedArray:
+    mapped = np.load(filename, mmap_mode=mode, allow_pickle=False).view(MappedArray)
+    mapped._whole = (mapped.ctypes.data, mapped.shape)
+    return mapped
+
+
 def load_preprocessed(cache_dir: str | Path, plans: Plans, case_id: str, mmap: bool = True) -> PreprocessedCase:
     """Load one case cached by :func:`preprocess_dataset` for ``plans`` (``allow_pickle=False``).
 
     With ``mmap`` (default) the arrays are copy-on-write memory maps of the cache files: nothing is read until
     used, processes reading the same case share its pages, and a write (an in-place operation on a tensor
     made from them) gets a private copy of its page instead of reaching the file (or, with a read-only
-    map, crashing the process). Caches written as ``.npz`` load whole.
+    map, crashing the process); they pickle as their file names (:class:`MappedArray`), so spawned workers
+    share them too. Caches written as ``.npz`` load whole.
 
     Raises:
         ReCoKDError: the case is not cached for this plan, or its file is corrupt.
@@ -470,9 +492,10 @@ def load_preprocessed(cache_dir: str | Path, plans: Plans, case_id: str, mmap: b
     try:
         if image_file.is_file():
             where = image_file
-            image = np.load(image_file, mmap_mode=mode, allow_pickle=False)
+            image = _reopen_mapped(str(image_file), mode) if mmap else np.load(image_file, allow_pickle=False)
             where = label_file
-            label = np.load(label_file, mmap_mode=mode, allow_pickle=False) if label_file.is_file() else None
+            label = None if not label_file.is_file() else \
+                _reopen_mapped(str(label_file), mode) if mmap else np.load(label_file, allow_pickle=False)
         else:
             where = legacy
             with np.load(legacy, allow_pickle=False) as data:
