@@ -229,6 +229,7 @@ if parameterNodeWrapper is not None:
         model: str = ""  # a model name (registry, models folder) or a bundle path
         device: Annotated[str, Choice(list(DEVICES))] = "auto"
         tta: bool = False  # mirror test-time augmentation (only along the model's trained mirror axes)
+        fast: bool = False  # run the model's fast variant (its registry entry's "fast")
         skipInputChecks: bool = False  # segment without checking the input against the training data
         show3D: bool = True  # build the result's closed surfaces (3D views)
         outputSegmentation: slicer.vtkMRMLSegmentationNode  # None: a new one (then the result, for Segment again)
@@ -432,7 +433,7 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def refreshModels(self, _checked=False):
         """Fill the model list (never opens a dialog; a file is picked only with 'Load from file…')."""
         self._modelSources = self.logic.availableModels()
-        self._modelInfoCache = (None, None)
+        self._modelInfoCache = self._fastVariantCache = (None, None)
         combo = self.ui.modelComboBox
         wasBlocked = combo.blockSignals(True)
         combo.clear()
@@ -502,6 +503,7 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 label.text = f"{channels[i]}:" if len(channels) > 1 else _("Input volume:")
                 selector.setToolTip(channels[i])
         self._updateTtaCheckBox(info)
+        self._updateFastCheckBox(p.model if p is not None else "")
         self._updateStructures(info)
         folds = bool(info is not None and info.nnunetFolds)
         self.ui.nnunetFoldsLineEdit.visible = self.ui.nnunetFoldsLabel.visible = folds
@@ -549,6 +551,15 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             box.text = _("Mirror test-time augmentation (not available: trained without mirroring)")
         box.enabled = factor > 1 or bool(self._parameterNode is not None and self._parameterNode.tta)
+
+    def _updateFastCheckBox(self, model):
+        """Name the model's fast variant, or say it has none (left enabled while checked, so it can be unchecked)."""
+        if getattr(self, "_fastVariantCache", (None, None))[0] != model:  # looked up once per selection
+            self._fastVariantCache = (model, self.logic.fastVariant(model) if model else None)
+        variant, box = self._fastVariantCache[1], self.ui.fastCheckBox
+        box.text = _("Fast ({name})").format(name=variant.name) if variant is not None else \
+            _("Fast (this model has no fast variant)")
+        box.enabled = variant is not None or bool(self._parameterNode is not None and self._parameterNode.fast)
 
     def _volumeSelectors(self):
         return [(self.ui.inputVolumeSelector, self.ui.inputVolumeSelectorLabel),

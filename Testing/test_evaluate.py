@@ -109,6 +109,42 @@ def test_make_entry_and_fetch_command(tmp_path, bundle_file, capsys):
     assert "not in the registry" in capsys.readouterr().err
 
 
+def test_fast_picks_the_registry_models_fast_variant(tmp_path, bundle_file, capsys):
+    """``--fast`` (Slicer's Fast mode too) runs the model named by the entry's ``fast``, and says in one line
+    where there is none."""
+    fast_file = export_run(make_run(tmp_path / "fast-run", seed=7), tmp_path / "student-fast.recokd")
+    entries = [make_entry(bundle_file, name="student"), make_entry(fast_file, name="student-fast")]
+    entries[0]["fast"] = "student-fast"
+    registry = tmp_path / "reg.json"
+    registry.write_text(json.dumps({"version": 1, "models": entries}))
+    cache = tmp_path / "cache"
+    assert resolve_model("student", registry=registry, cache_dir=cache).read_bytes() == bundle_file.read_bytes()
+    assert resolve_model("student", registry=registry, cache_dir=cache, fast=True).read_bytes() == fast_file.read_bytes()
+    with pytest.raises(ReCoKDError, match="'student-fast' has no fast variant .*run it without --fast"):
+        resolve_model("student-fast", registry=registry, cache_dir=cache, fast=True)
+    with pytest.raises(ReCoKDError, match="--fast picks a registry model's fast variant, and .* is a file"):
+        resolve_model(bundle_file, fast=True)
+    # predict --fast segments with the fast model
+    image = phantom_volume((20, 20, 20))
+    write_image(image, tmp_path / "case.nii.gz")
+    env = {"RECOKD_HOME": str(tmp_path / "home")}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        for name, flags in (("plain", []), ("fast", ["--fast"]), ("direct", None)):
+            model = ["-m", str(fast_file)] if flags is None else ["-m", "student", "--registry", str(registry), *flags]
+            assert main(["predict", *model, "-i", str(tmp_path / "case.nii.gz"), "-o", str(tmp_path / f"{name}.nii.gz"),
+                         "--no-progress", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    read = {n: sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"{n}.nii.gz"))) for n in ("plain", "fast", "direct")}
+    assert np.array_equal(read["fast"], read["direct"]) and not np.array_equal(read["plain"], read["direct"])
+    # a 'fast' that names no model of the registry, or the model itself, is refused when the registry is read
+    for bad in ("nowhere", "student"):
+        entries[0]["fast"] = bad
+        with pytest.raises(ReCoKDError, match=f"the fast variant of 'student' is .*; name another model"):
+            validate_registry({"version": 1, "models": entries})
+
+
 @pytest.mark.parametrize(
     "entry, where",
     [

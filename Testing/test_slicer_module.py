@@ -573,6 +573,30 @@ def test_a_registry_model_lists_its_channels_before_it_is_fetched(env, tmp_path)
         logic.segment([env["volume"]], "brain-2ch", device="cpu")
 
 
+def test_fast_runs_the_models_fast_variant_and_a_model_without_one_refuses(env, tmp_path):
+    """The panel's *Fast* (``segment(fast=True)``) runs the model its registry entry names as ``fast``."""
+    from ReCoKDLib.deployment.registry import make_entry
+
+    plans = tiny_plans(num_classes=3, spacing=(1.0, 1.0, 1.0))
+    fast_path = bundle_from_network(tiny_network(plans, seed=5), plans, "tiny-fast").save(tmp_path / "tiny-fast.recokd")
+    entries = [make_entry(env["bundle_path"], name="tiny-reg"), make_entry(fast_path, name="tiny-reg-fast")]
+    entries[0]["fast"] = "tiny-reg-fast"
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps({"version": 1, "models": entries}))
+    logic = module.ReCoKDLogic(scene=env["scene"], modelsFolder=tmp_path / "models", registries=[registry])
+    assert logic.fastVariant("tiny-reg").name == "tiny-reg-fast"
+    assert logic.fastVariant("tiny-reg-fast") is None and logic.fastVariant(env["bundle_path"]) is None
+    nodes = [logic.segment([env["volume"]], "tiny-reg", device="cpu", fast=fast) for fast in (False, True)]
+    try:
+        assert [n.GetAttribute("ReCoKD.model") for n in nodes] == ["tiny", "tiny-fast"]
+        assert nodes[1].GetName() == "CT – tiny-fast"
+        with pytest.raises(module.ReCoKDError, match=r"^model 'tiny-reg-fast' has no fast variant; untick Fast$"):
+            logic.segment([env["volume"]], "tiny-reg-fast", device="cpu", fast=True)
+    finally:
+        for node in nodes:
+            env["scene"].RemoveNode(node)
+
+
 def test_terminology_entry_string_round_trip():
     from ReCoKDSlicer import terminology
 

@@ -8,6 +8,7 @@ A binding the real Slicer refuses (a ``str`` on a combo box without ``Choice``, 
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -536,6 +537,40 @@ def test_segment_takes_its_choices_from_the_parameter_node_not_the_controls(gui,
     assert volumes == [volume] and model == "tiny"
     assert (kw["tta"], kw["force"], kw["show3D"], kw["device"]) == (True, True, False, "cpu")
     assert kw["outputSegmentation"] is output and kw["structures"] == ["organ"]
+
+
+def test_the_fast_box_names_the_models_fast_variant_and_segment_passes_it_on(gui, tmp_path, monkeypatch):
+    """*Fast* is offered where the model list names a fast variant (a registry entry's ``fast``), stored in the
+    parameter node, and handed to the logic's segment()."""
+    from ReCoKDLib.deployment.registry import make_entry
+
+    module, scene, _ = gui
+    bundles = tmp_path / "bundles"
+    bundles.mkdir()
+    tiny = _tiny_bundle(bundles)
+    entries = [make_entry(tiny, name="tiny-reg"), make_entry(tiny, name="tiny-reg-fast")]
+    entries[0]["fast"] = "tiny-reg-fast"
+    (tmp_path / "registry.json").write_text(json.dumps({"version": 1, "models": entries}))
+    monkeypatch.setenv("RECOKD_REGISTRY", str(tmp_path / "registry.json"))
+    widget, volume = _widget_with_the_tiny_model(module, tmp_path)
+    ui, p, logic = widget.ui, widget._parameterNode, widget.logic
+    assert not p.fast and not ui.fastCheckBox.checked
+    assert ui.fastCheckBox.text == "Fast (this model has no fast variant)" and not ui.fastCheckBox.enabled  # "tiny"
+    p.model = "tiny-reg"
+    assert ui.fastCheckBox.text == "Fast (tiny-reg-fast)" and ui.fastCheckBox.enabled
+    ui.fastCheckBox.checked = True  # GUI -> node
+    assert p.fast is True
+    calls = []
+    logic.segment = lambda volumes, model, **kw: calls.append((model, kw))
+    logic.markModelCardSeen("tiny-reg")
+    widget._ensureDependencies = lambda model="": True
+    ui.segmentButton.click()
+    widget._timer.stop()
+    assert [(m, kw["fast"]) for m, kw in calls] == [("tiny-reg", True)]
+    p.model = "tiny"  # a model without one: the box says so, and stays enabled while checked (to be unticked)
+    assert ui.fastCheckBox.text == "Fast (this model has no fast variant)" and ui.fastCheckBox.enabled
+    p.fast = False
+    assert not ui.fastCheckBox.enabled and not ui.fastCheckBox.checked
 
 
 def test_the_structure_list_follows_the_model_and_the_parameter_node(gui, tmp_path):

@@ -553,6 +553,18 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         raise ReCoKDError(_("model {model} is neither a file nor a known model name; use 'Load from file…' or check "
                             "the registry").format(model=model))
 
+    def fastVariant(self, model):
+        """The model's fast variant (a student at a coarser grid, named by its registry entry's ``fast``, as
+        TotalSegmentator's ``--fast`` picks its 3 mm models) as a source; None where it has none."""
+        try:
+            source = self._resolve(model)
+        except ReCoKDError:
+            return None
+        name = source.entry.get("fast") if source.kind == "registry" else None
+        if not name:
+            return None
+        return next((s for s in self.availableModels() if s.kind == "registry" and s.name == name), None)
+
     def modelFolderSource(self, folder):
         """A model folder for the list (*Add model folder…*): an nnU-Net v2 results folder (a teacher, or a student
         exported with ``recokd export --format nnunet``), a bundle folder or a training run folder.
@@ -690,7 +702,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         result = self.segment(volumes, parameterNode.model, device=parameterNode.device,
                               tta=parameterNode.tta, force=parameterNode.skipInputChecks, confirmWarnings=True,
                               show3D=getattr(parameterNode, "show3D", True), outputSegmentation=output,
-                              structures=structures, allFrames=allFrames, folds=folds, wait=wait, progress=progress,
+                              structures=structures, allFrames=allFrames, folds=folds,
+                              fast=bool(getattr(parameterNode, "fast", False)), wait=wait, progress=progress,
                               onFinished=onFinished)
         if isinstance(result, SegmentationTask):
             result.parameterNode = parameterNode  # told the output when it is done (see SegmentationTask.poll)
@@ -709,8 +722,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         return again
 
     def segment(self, volumeNodes, model, device="auto", tta=False, force=False, confirmWarnings=False, show3D=True,
-                outputSegmentation=None, structures=None, allFrames=True, folds=None, wait=True, progress=None,
-                onFinished=None):
+                outputSegmentation=None, structures=None, allFrames=True, folds=None, fast=False, wait=True,
+                progress=None, onFinished=None):
         """Segment ``volumeNodes`` (one per model channel) with ``model``.
 
         Before the network runs, the input is checked against the model's training data (spacing, field of
@@ -735,6 +748,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
                 anyway: a subset is not faster to predict, only to load (and to build 3D surfaces for).
             folds: an nnU-Net results folder as the model: the folds to ensemble (``"0"``, ``"0,1,2"``; None or
                 "": every fold with a final checkpoint, as nnU-Net's predictor chooses).
+            fast: run the model's fast variant instead (:meth:`fastVariant`; the panel's *Fast*); a model
+                without one is refused in one line.
             allFrames: when the first volume is the proxy of a sequence (a cine loaded as a sequence, shown one
                 frame at a time), segment every frame: the result is a segmentation sequence in the same
                 browser, played with the images (``outputSegmentation`` does not apply; Segment again replaces
@@ -751,7 +766,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         request = dict(volumeNodes=volumeNodes, model=model, device=device, tta=tta, force=force,
                        confirmWarnings=confirmWarnings, show3D=bool(show3D), outputSegmentation=outputSegmentation,
                        structures=None if structures is None else list(structures), allFrames=bool(allFrames),
-                       folds=folds)
+                       folds=folds, fast=bool(fast))
         _requireLibrary()
         if self.segmentationTask is not None and self.segmentationTask.state == RUNNING:
             raise ReCoKDError(_("a segmentation is already running; wait for it or cancel it"))
@@ -766,6 +781,11 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         if not volumeNodes:
             raise ReCoKDError(_("select an input volume"))
         source = self._resolve(model)
+        if fast:
+            variant = self.fastVariant(source)
+            if variant is None:
+                raise ReCoKDError(_("model '{name}' has no fast variant; untick Fast").format(name=source.name))
+            source = variant
         info = self.modelInfo(source)
         if info is not None and len(volumeNodes) != info.numChannels:
             raise ReCoKDError(

@@ -75,6 +75,7 @@ class RegistryEntry:
     sha256: str
     description: str = ""
     size: int | None = None
+    fast: str = ""  # the name of its fast variant in the same registry ("" none)
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,12 @@ def validate_registry(data: Any, source: str = "registry") -> None:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ReCoKDError(f"{source} lists model {dupes[0]!r} more than once; keep one entry per name")
+    for m in data["models"]:
+        fast = m.get("fast")
+        if fast is not None and (fast == m["name"] or fast not in names):
+            what = "itself" if fast == m["name"] else f"{fast!r}, which it does not list"
+            raise ReCoKDError(f"{source}: the fast variant of {m['name']!r} is {what}; name another model of this "
+                              "registry as 'fast', or remove the field")
 
 
 def load_registry(path: str | Path) -> Registry:
@@ -117,7 +124,8 @@ def load_registry(path: str | Path) -> Registry:
     data = read_json(path, "model registry", hint="check the path and the file", kind=None)
     validate_registry(data, f"model registry {path}")
     entries = {
-        m["name"]: RegistryEntry(m["name"], m["url"], m["sha256"], m.get("description", ""), m.get("size"))
+        m["name"]: RegistryEntry(m["name"], m["url"], m["sha256"], m.get("description", ""), m.get("size"),
+                                 m.get("fast", ""))
         for m in data["models"]
     }
     return Registry(entries, base=path.parent)
@@ -362,15 +370,21 @@ def builtin_registry_path() -> Path | None:
 
 
 def resolve_model(model: str | Path, registry: str | Path | None = None, cache_dir: str | Path | None = None,
-                  progress: bool | Callable[[int], None] | None = None) -> Path:
+                  progress: bool | Callable[[int], None] | None = None, fast: bool = False) -> Path:
     """A local bundle path for ``model``: an existing path as is, else a registry name fetched into the
     cache, looked up in ``registry`` (or ``$RECOKD_REGISTRY``) and then in the built-in registry.
+
+    ``fast``: the model's fast variant instead (its registry entry's ``fast``, as TotalSegmentator's
+    ``--fast`` picks its coarser models); a file, or an entry without one, is refused in one line.
 
     ``progress``: ``True`` shows a download bar on stderr (:class:`DownloadProgress`), a callable gets
     :func:`fetch_model`'s byte counts; ``None`` / ``False`` shows nothing.
     """
     path = Path(model)
     if path.exists():
+        if fast:
+            raise ReCoKDError(f"--fast picks a registry model's fast variant, and {model} is a file; give the fast "
+                              "model's bundle itself, or a registry name")
         return path
     registries = [r for r in (registry or os.environ.get("RECOKD_REGISTRY"), builtin_registry_path()) if r]
     if not registries:
@@ -380,6 +394,10 @@ def resolve_model(model: str | Path, registry: str | Path | None = None, cache_d
         reg = load_registry(source)
         if str(model) in reg.names():
             entry = reg[str(model)]
+            if fast:
+                if not entry.fast:
+                    raise ReCoKDError(f"model {model!r} has no fast variant in {source}; run it without --fast")
+                entry = reg[entry.fast]
             if progress is True:
                 with DownloadProgress(entry) as bar:
                     return fetch_model(entry, cache_dir=cache_dir, base=reg.base, progress=bar)
