@@ -485,6 +485,11 @@ def test_cache_runs_once_and_per_plan(tiny_la, tmp_path, monkeypatch):
     part = fresh.image[:, 1:3]
     assert len(bytes(ForkingPickler.dumps(part))) > part.nbytes  # a slice travels by value
     np.testing.assert_array_equal(ForkingPickler.loads(ForkingPickler.dumps(part)), direct.image[:, 1:3])
+    from ReCoKDLib.data.loader import PatchBatches
+
+    batches = PatchBatches([fresh.image], [fresh.label], patch_size=(4, 4, 4))  # as the training loop builds it
+    centres = sum(c.nbytes for per_case in batches.centres for c in per_case.values())  # (capped per class)
+    assert len(bytes(ForkingPickler.dumps(batches))) < centres + 10_000 < centres + fresh.label.nbytes
 
     # a plan with other preprocessing goes to a new folder; the old cache is left alone
     other = plans.with_target_spacing((1.0, 1.0, 1.0))

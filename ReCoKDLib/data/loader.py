@@ -97,7 +97,7 @@ def _class_centres(label: np.ndarray, rng: np.random.Generator) -> dict[int, np.
 
 def _small_labels(labels) -> np.ndarray:
     """``labels`` without a copy when they are uint8 already, else as int16 (values beyond 255)."""
-    array = np.asarray(labels)
+    array = np.asanyarray(labels)  # (any: a MappedArray stays one, so spawned workers get its name, not a copy)
     return array if array.dtype == np.uint8 else array.astype(np.int16)
 
 
@@ -138,7 +138,7 @@ class PatchBatches(Dataset):
         if batch_size < 1:
             raise ReCoKDError(f"batch size must be >= 1, got {batch_size}")
         self.patch = tuple(int(p) for p in patch_size)
-        self.images = [_pad_to(np.asarray(i, np.float32), self.patch) for i in images]
+        self.images = [_pad_to(np.asanyarray(i, np.float32), self.patch) for i in images]  # (see _small_labels)
         # uint8 label maps (the cache's, memory-mapped) are used as they are: a copy would be private to each process
         self.labels = [_pad_to(_small_labels(lab), self.patch) for lab in labels]
         self.batch_size = int(batch_size)
