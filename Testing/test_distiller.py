@@ -213,6 +213,35 @@ def test_a_distillation_step_reads_the_device_once(monkeypatch, special):
     assert reads == ["tolist"], reads
     assert torch.isfinite(out.loss)
     out.loss.backward()
+    # checked on the host beforehand (as the training loop does): no read at all, the same loss
+    found = d.check_labels(labels.to(torch.uint8))
+    assert found == (special in ("teacher", "both"), special in ("ignore", "both"))
+    reads = _count_device_reads(monkeypatch)
+    again = d(images, labels, checked=found)
+    monkeypatch.undo()
+    assert reads == [] and float(again.loss.detach()) == pytest.approx(float(out.loss.detach()), rel=1e-6)
+
+
+@pytest.mark.parametrize("labels, error", [
+    ([0, 1, 2], None), ([0, 254, 255], None), ([254], None), ([255, 1], None), ([0, 3], "the value 3, outside 0..2"),
+    ([7, 254], "the value 7, outside 0..2"), ([253], "the value 253, outside 0..2")])
+def test_the_hosts_label_count_agrees_with_the_devices_check(labels, error):
+    """A loader's uint8 batch is checked by counting its values (bincount), anything else in one device read:
+    the same findings and the same one-line error either way."""
+    from ReCoKDLib.losses.checks import require_labels
+
+    batch = torch.tensor(labels * 10, dtype=torch.uint8)[: 8 * len(labels)].reshape(1, 1, len(labels), 2, 4)
+    results = []
+    for tensor in (batch, batch.long()):
+        try:
+            results.append(require_labels(tensor, 3, special=True))
+        except ReCoKDError as exc:
+            results.append(str(exc))
+    assert results[0] == results[1]
+    if error:
+        assert error in results[0]
+    else:
+        assert results[0] == (254 in labels, 255 in labels)
 
 
 def test_the_masked_loss_of_a_patch_with_nothing_kept_is_zero_not_nan():

@@ -413,8 +413,8 @@ def _train_until_it_diverges(dataset, tmp_path, monkeypatch, spoil):
 
     real = EpochTrainer.train_step
 
-    def step(self, images, labels):
-        out = real(self, images, labels)
+    def step(self, images, labels, checked=None):
+        out = real(self, images, labels, checked)
         if self.step == 3:  # the fourth iteration (step counts from 0), the last of epoch 2
             spoil(self)
         return out
@@ -435,8 +435,8 @@ def test_a_run_that_diverges_stops_in_one_line_and_keeps_its_last_good_checkpoin
         real_forward = SegTrainModule.forward
         calls = []
 
-        def forward(self, images, labels, progress):
-            loss, terms = real_forward(self, images, labels, progress)
+        def forward(self, images, labels, progress, checked=None):
+            loss, terms = real_forward(self, images, labels, progress, checked)
             calls.append(1)
             return (loss * math.nan, terms) if len(calls) == 4 else (loss, terms)
 
@@ -468,10 +468,10 @@ def test_running_out_of_memory_is_one_line_naming_a_smaller_setting_and_the_chec
 
     real_step, real_validate = EpochTrainer.train_step, EpochTrainer.validate
 
-    def step(self, images, labels):
+    def step(self, images, labels, checked=None):
         if where == "training" and self.step == 2:  # the first iteration of epoch 2
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_step(self, images, labels)
+        return real_step(self, images, labels, checked)
 
     def validate(self):
         if where == "validation" and self.step == 4:  # the end of epoch 2
@@ -601,8 +601,8 @@ def test_fp16_overflow_skips_the_step_and_the_run_goes_on(dataset, tmp_path, mon
         real_init(self, *args, **kwargs)
         self.skip_nonfinite = True  # as with --amp-dtype fp16 on CUDA
 
-    def forward(self, images, labels, progress):
-        loss, terms = real_forward(self, images, labels, progress)
+    def forward(self, images, labels, progress, checked=None):
+        loss, terms = real_forward(self, images, labels, progress, checked)
         calls.append(1)
         return (loss * math.nan, terms) if len(calls) in bad else (loss, terms)
 

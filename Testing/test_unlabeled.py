@@ -294,14 +294,28 @@ def test_teacher_target_options_reach_the_stream(setup, tmp_path, monkeypatch):
         return real(images, labels, *args, **kwargs)
 
     monkeypatch.setattr(runs, "PatchBatches", spy)
+    # the training loop checks each batch on the host and tells the step what it found (issue 33: the step then
+    # reads the device once, for its losses)
+    from ReCoKDLib.distill.distiller import Distiller
+
+    steps, real_forward = [], Distiller.forward
+
+    def forward(self, images, labels, progress=1.0, checked=None):
+        steps.append((checked, (bool((labels == TEACHER_LABEL).any()), bool((labels == IGNORE_LABEL).any()))))
+        return real_forward(self, images, labels, progress, checked=checked)
+
+    monkeypatch.setattr(Distiller, "forward", forward)
     base = ["distill", str(s["data"]), "--teacher", str(s["teacher"]), "--cache", str(s["cache"]), "--unlabeled",
             str(s["scans"]), "--width-factor", "2", *TINY]
     assert main([*base, "-o", str(tmp_path / "patch"), "--teacher-targets", "patch", "--method", "none"]) == 0
     assert all(np.all(lab == TEACHER_LABEL) for lab in seen["labels"][-3:])
+    assert steps and all(found == truth for found, truth in steps) and any(found[0] for found, _ in steps)
+    steps.clear()
     assert json.loads((tmp_path / "patch" / "run.json").read_text())["config"]["teacher_targets"] == "patch"
     assert main([*base, "-o", str(tmp_path / "soft"), "--teacher-targets", "soft", "--method", "none"]) == 2
     assert main([*base, "-o", str(tmp_path / "soft"), "--teacher-targets", "soft", "--method", "logit"]) == 0
     assert all(np.all(lab == IGNORE_LABEL) for lab in seen["labels"][-3:])
+    assert steps and all(found == truth for found, truth in steps) and any(found[1] for found, _ in steps)
     assert main([*base, "-o", str(tmp_path / "conf"), "--teacher-confidence", "0.9", "--method", "none"]) == 0
     folder = Path(json.loads((tmp_path / "conf" / "run.json").read_text())["teacher_labels"])
     case_id = sorted(p.stem for p in folder.glob("unlabeled-*.npz"))[0]  # (the folder may hold other runs' too)

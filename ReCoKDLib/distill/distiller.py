@@ -186,7 +186,8 @@ class Distiller(nn.Module):
         return linear_warmup(progress, self.lambda_max, self.warmup_fraction)
 
     # -- the step -----------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, progress: float = 1.0) -> DistillOutput:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, progress: float = 1.0,
+                checked: tuple[bool, bool] | None = None) -> DistillOutput:
         """One distillation step's loss.
 
         Args:
@@ -196,9 +197,12 @@ class Distiller(nn.Module):
                 target) or :data:`~ReCoKDLib.utils.labels.IGNORE_LABEL` (no segmentation target; the KD
                 terms' class-aware masks take the teacher's arg-max there).
             progress: share of training done, in [0, 1], for the λ warm-up.
+            checked: what :meth:`check_labels` found for these labels, when the caller checked them already
+                (the training loop checks each batch on the host before it moves it to the GPU); None checks
+                here, at the cost of one host-device synchronisation.
         """
         require_5d(images, "images")
-        from_teacher, left_out = require_labels(labels, self.num_classes, special=True)  # the step's one sync
+        from_teacher, left_out = checked if checked is not None else self.check_labels(labels)
         special = from_teacher or left_out
         try:
             student_out = self.student(images)
@@ -221,6 +225,10 @@ class Distiller(nn.Module):
         kd = [v for k, v in terms.items() if k != "seg"]
         loss = terms["seg"] + lam * sum(kd) if kd else terms["seg"]
         return DistillOutput(loss=loss, terms=terms, kd_weight=lam, student_output=student_out)
+
+    def check_labels(self, labels: torch.Tensor) -> tuple[bool, bool]:
+        """Refuse labels outside the classes (one line); return (any TEACHER_LABEL, any IGNORE_LABEL) voxel."""
+        return require_labels(labels, self.num_classes, special=True)
 
     def _seg(self, outputs, labels: torch.Tensor, left_out: bool) -> torch.Tensor:
         if isinstance(self.seg_loss, DeepSupervisedDiceCELoss):  # tell it what the label check found

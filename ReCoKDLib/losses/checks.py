@@ -47,13 +47,19 @@ def require_labels(labels: torch.Tensor, num_classes: int, what: str = "labels",
     if special:
         from ..utils.labels import IGNORE_LABEL, TEACHER_LABEL
 
-        values = labels.long()  # (uint8 labels could not hold the -1 below; no copy when already int64)
-        ordinary = values < TEACHER_LABEL
-        stats = torch.stack([
-            torch.where(ordinary, values, torch.full_like(values, num_classes)).min(),
-            torch.where(ordinary, values, torch.full_like(values, -1)).max(),
-            (values == TEACHER_LABEL).any().long(), (values == IGNORE_LABEL).any().long()])
-        lo, hi, teacher, ignore = (int(v) for v in stats.tolist())
+        if labels.dtype == torch.uint8 and labels.device.type == "cpu":  # a loader's batch: count the values
+            counts = torch.bincount(labels.reshape(-1), minlength=256)  # (~10x faster here than the path below)
+            present = torch.nonzero(counts[:TEACHER_LABEL]).reshape(-1)
+            lo, hi = (int(present[0]), int(present[-1])) if len(present) else (num_classes, -1)
+            teacher, ignore = int(counts[TEACHER_LABEL]), int(counts[IGNORE_LABEL])
+        else:
+            values = labels.long()  # (uint8 labels could not hold the -1 below; no copy when already int64)
+            ordinary = values < TEACHER_LABEL
+            stats = torch.stack([
+                torch.where(ordinary, values, torch.full_like(values, num_classes)).min(),
+                torch.where(ordinary, values, torch.full_like(values, -1)).max(),
+                (values == TEACHER_LABEL).any().long(), (values == IGNORE_LABEL).any().long()])
+            lo, hi, teacher, ignore = (int(v) for v in stats.tolist())
         if lo == num_classes and hi == -1:  # nothing but special voxels
             return bool(teacher), bool(ignore)
     else:

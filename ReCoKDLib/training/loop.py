@@ -255,7 +255,11 @@ class SegTrainModule(nn.Module):
         self.network = network
         self.seg_loss = seg_loss if seg_loss is not None else DeepSupervisedDiceCELoss()
 
-    def forward(self, images, labels, progress: float):
+    def check_batch(self, labels: torch.Tensor) -> None:
+        """Nothing to check per batch: a labelled dataset's maps hold its classes only (checked when read)."""
+        return None
+
+    def forward(self, images, labels, progress: float, checked=None):
         outputs = self.network(images)
         # a labelled dataset's maps hold classes only (checked when read): no need to ask the device
         loss = self.seg_loss(outputs, labels, ignore=False) if isinstance(self.seg_loss, DeepSupervisedDiceCELoss) \
@@ -288,8 +292,12 @@ class DistillTrainModule(nn.Module):
     def distiller(self) -> Distiller:
         return self._distiller
 
-    def forward(self, images, labels, progress: float):
-        out = self._distiller(images, labels, progress)
+    def check_batch(self, labels: torch.Tensor) -> tuple[bool, bool]:
+        """:meth:`Distiller.check_labels` of a batch, on the host before it moves to the device."""
+        return self._distiller.check_labels(labels)
+
+    def forward(self, images, labels, progress: float, checked=None):
+        out = self._distiller(images, labels, progress, checked=checked)
         return out.loss, dict(out.terms)
 
     def train(self, mode: bool = True):
@@ -497,14 +505,15 @@ class EpochTrainer:
         for b_ema, b in zip(self.ema_net.buffers(), self.network.buffers()):
             b_ema.copy_(b)
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, checked=None) -> dict[str, float]:
+        """One iteration; ``checked``: the module's ``check_batch`` of these labels (None: checked in the step)."""
         step = self.step
         lr = self.learning_rate(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-            loss, terms = self.forward_module(images, labels, step / self.config.total_steps)
+            loss, terms = self.forward_module(images, labels, step / self.config.total_steps, checked)
         # one host-device synchronisation per step: every term and the total in one copy
         values = torch.stack([loss.detach().float(), *(v.detach().float() for v in terms.values())]).tolist()
         overflow = not math.isfinite(values[0])
@@ -805,9 +814,11 @@ class EpochTrainer:
             epoch = self.step // ipe
             lr = self.learning_rate(self.step)
             try:
-                # labels travel as uint8 (int16 beyond 255) and become indices on the device: 8x less to copy
+                # labels are checked on the host (a GPU step then reads the device once, for its losses), travel
+                # as uint8 (int16 beyond 255) and become indices on the device: 8x less to copy
+                checked = self.module.check_batch(labels) if hasattr(self.module, "check_batch") else None
                 terms = self.train_step(images.to(self.device, non_blocking=True),
-                                        labels.to(self.device, non_blocking=True).long())
+                                        labels.to(self.device, non_blocking=True).long(), checked)
             except Exception as exc:
                 if is_out_of_memory(exc):
                     raise self.out_of_memory("training") from None
