@@ -16,6 +16,7 @@ rank draws its own batches; rank 0 alone validates and writes, the others wait a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -674,6 +675,16 @@ class EpochTrainer:
                         f"(epoch {max(self.step - 1, 0) // self.config.iters_per_epoch + 1}); the training diverged "
                         f"and was stopped, {self._kept()}; lower --lr")
 
+    @contextlib.contextmanager
+    def memory_guard(self, during: str):
+        """Turn running out of memory inside the block into :meth:`out_of_memory`'s one line."""
+        try:
+            yield
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise self.out_of_memory(during) from None
+            raise
+
     def out_of_memory(self, during: str) -> ReCoKDError:
         """The one-line error for running out of memory ``during`` training or validation: the patch and
         batch, a smaller setting more likely to fit, and the checkpoint that holds the work so far."""
@@ -757,12 +768,8 @@ class EpochTrainer:
             self.save_checkpoint("latest")
             self._epoch_end_pending = None
         if validate and (self.is_main or spread):
-            try:
+            with self.memory_guard("validating (whole cases, sliding window)"):
                 val = self.validate_cases(spread=True) if spread else self.validate()
-            except Exception as exc:
-                if is_out_of_memory(exc):
-                    raise self.out_of_memory("validating (whole cases, sliding window)") from None
-                raise
         if self.is_main:
             if validate:
                 row.update({f"dice_{n}": d for n, d in val["dice_per_class"].items()})
@@ -813,16 +820,12 @@ class EpochTrainer:
         for images, labels in loader:
             epoch = self.step // ipe
             lr = self.learning_rate(self.step)
-            try:
+            with self.memory_guard("training"):
                 # labels are checked on the host (a GPU step then reads the device once, for its losses), travel
                 # as uint8 (int16 beyond 255) and become indices on the device: 8x less to copy
                 checked = self.module.check_batch(labels) if hasattr(self.module, "check_batch") else None
                 terms = self.train_step(images.to(self.device, non_blocking=True),
                                         labels.to(self.device, non_blocking=True).long(), checked)
-            except Exception as exc:
-                if is_out_of_memory(exc):
-                    raise self.out_of_memory("training") from None
-                raise
             for k, v in terms.items():
                 self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v
             self.epoch_count += 1
