@@ -1,6 +1,7 @@
 """Metrics, a real (short) distillation on the phantom through the epoch loop, and the demo command."""
 
 import json
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -350,3 +351,17 @@ def test_compile_wraps_the_training_step_and_may_change_on_resume(tmp_path, monk
     assert not any("_orig_mod" in k for k in state["model"])
     assert main([*args, "--epochs", "2", "--resume"]) == 0 and compiled == ["SegTrainModule"]  # dropped
     assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["compile"] is False
+
+
+def test_benchmark_train_prints_the_breakdown_and_says_what_it_did_not_measure(capsys):
+    """``recokd benchmark-train``: teacher training / teacher forward / student / distillation rows and the KD
+    overhead ratio; peak memory skipped with ``--no-memory`` is said so, not printed as 0."""
+    from ReCoKDLib.cli import main
+
+    assert main(["benchmark-train", "--patch-size", "16", "16", "16", "--batch-size", "1", "--levels", "3",
+                 "--methods", "logit", "--iters", "1", "--warmup", "0", "--no-memory", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ") and "---" not in line}
+    assert {"teacher training", "teacher forward", "student (no KD)", "distill logit"} <= set(rows)
+    assert all("not measured" in rows[name] for name in ("teacher forward", "distill logit"))
+    assert re.search(r"\| distill logit \|.*\| \d+\.\d\d [✓✗] \|", rows["distill logit"])

@@ -210,7 +210,7 @@ def benchmark_training(
             else:
                 peaks[name] = _cpu_peak_memory(name, spec, width_factor, patch_size, batch_size, seed)
             say(f"peak memory {name}: {peaks[name] / 2**20:.1f} MiB")
-    results = [BenchResult(n, statistics.median(times[n]), peaks.get(n, 0)) for n in names]
+    results = [BenchResult(n, statistics.median(times[n]), peaks.get(n, -1)) for n in names]  # -1: not measured
     by_name = {r.name: r for r in results}
     base_s = by_name["student (no KD)"].seconds_per_iter + by_name["teacher forward"].seconds_per_iter
     ratios = {m: by_name[f"distill {m}"].seconds_per_iter / base_s for m in methods}
@@ -223,8 +223,8 @@ def format_table(bench: dict, target: float = 1.3) -> str:
     for r in bench["results"]:
         method = r.name.removeprefix("distill ") if r.name.startswith("distill ") else None
         ratio = f"{bench['ratios'][method]:.2f}" + (" ✓" if bench["ratios"][method] <= target else " ✗") if method else ""
-        rows.append(f"| {r.name} | {r.iters_per_second:.3f} | {r.seconds_per_iter * 1000:.1f} | "
-                    f"{r.peak_bytes / 2**20:.1f} | {ratio} |")
+        peak = f"{r.peak_bytes / 2**20:.1f}" if r.peak_bytes >= 0 else "not measured"
+        rows.append(f"| {r.name} | {r.iters_per_second:.3f} | {r.seconds_per_iter * 1000:.1f} | {peak} | {ratio} |")
     rows.append(f"\nbaseline (student step + teacher forward): {bench['baseline_seconds'] * 1000:.1f} ms; "
                 f"target ratio ≤ {target}")
     return "\n".join(rows)
