@@ -145,6 +145,25 @@ def test_fast_picks_the_registry_models_fast_variant(tmp_path, bundle_file, caps
             validate_registry({"version": 1, "models": entries})
 
 
+def test_a_fresh_process_reports_its_own_peak_ram_not_its_parents(tmp_path):
+    """Linux keeps ``ru_maxrss`` across fork and exec: a benchmark process holding 1.5 GB must not see its
+    measuring child report 1.5 GB (the shipped-model speed table once read 1036 MB for every model)."""
+    import sys
+
+    from ReCoKDLib.benchmarks.inference import peak_ram_mb
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the inherited high-water mark is Linux's")
+    bundle = export_run(make_run(tmp_path / "run"), tmp_path / "m.recokd")
+    write_image(phantom_volume((20, 20, 20)), tmp_path / "c_0000.nii.gz")
+    ballast = np.ones(1536 * 2**20, np.uint8)  # touched: resident in this process
+    try:
+        peak = peak_ram_mb(bundle, [tmp_path / "c_0000.nii.gz"], threads=1)["peak_mb"]
+    finally:
+        del ballast
+    assert 50 < peak < 1200, peak
+
+
 @pytest.mark.parametrize(
     "entry, where",
     [
