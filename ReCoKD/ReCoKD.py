@@ -616,18 +616,20 @@ class ReCoKDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.cancel()
             return
         p = self._parameterNode
+        variant = self.logic.fastVariant(p.model) if p.model and p.fast else None
+        running = variant.name if variant is not None else p.model  # with Fast, its fast variant runs
         try:  # the model's card before its first use: what it expects, how accurate it is, its terms
-            if p.model and not self.logic.modelCardSeen(p.model):
-                if not self._ask(_("Model card: {name}").format(name=_modelName(p.model)),
-                                 _cardHtml(self.logic.modelCardRows(p.model)) + "<p>" +
+            if running and not self.logic.modelCardSeen(running):
+                if not self._ask(_("Model card: {name}").format(name=_modelName(running)),
+                                 _cardHtml(self.logic.modelCardRows(running)) + "<p>" +
                                  _("Segment with this model? (The card stays one click away: <i>Model card…</i>)") +
                                  "</p>", _("Segment")):
                     return
-                self.logic.markModelCardSeen(p.model)
+                self.logic.markModelCardSeen(running)
         except ReCoKDError as exc:
             slicer.util.errorDisplay(str(exc))
             return
-        if not self._ensureDependencies(p.model):
+        if not self._ensureDependencies(running):
             return
         self._startSegmentation(lambda: self.logic.segmentWithParameters(p, wait=False, onFinished=self.onSegmentFinished))
 

@@ -238,6 +238,8 @@ def test_the_hosts_label_count_agrees_with_the_devices_check(labels, error):
         except ReCoKDError as exc:
             results.append(str(exc))
     assert results[0] == results[1]
+    with pytest.raises(ReCoKDError, match="the value 300, outside 0..2"):  # int16 labels may exceed the special values
+        require_labels(torch.tensor([0, 300, 254]).reshape(1, 1, 3, 1, 1).short(), 3, special=True)
     if error:
         assert error in results[0]
     else:

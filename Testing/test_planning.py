@@ -482,6 +482,7 @@ def test_cache_runs_once_and_per_plan(tiny_la, tmp_path, monkeypatch):
         assert isinstance(back, np.memmap)
         np.testing.assert_array_equal(back, expected)
         assert len(bytes(ForkingPickler.dumps(back))) < 1000  # and on to the next process alike
+    assert type(fresh.image.max()) is np.float32 and type(fresh.image + 1) is np.ndarray  # results: plain values
     part = fresh.image[:, 1:3]
     assert len(bytes(ForkingPickler.dumps(part))) > part.nbytes  # a slice travels by value
     np.testing.assert_array_equal(ForkingPickler.loads(ForkingPickler.dumps(part)), direct.image[:, 1:3])

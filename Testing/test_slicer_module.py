@@ -592,9 +592,29 @@ def test_fast_runs_the_models_fast_variant_and_a_model_without_one_refuses(env, 
         assert nodes[1].GetName() == "CT – tiny-fast"
         with pytest.raises(module.ReCoKDError, match=r"^model 'tiny-reg-fast' has no fast variant; untick Fast$"):
             logic.segment([env["volume"]], "tiny-reg-fast", device="cpu", fast=True)
+        # a model and its fast variant are one model to an output: either replaces the other's segments there
+        for fast in (True, False):
+            logic.segment([env["volume"]], "tiny-reg", device="cpu", fast=fast, outputSegmentation=nodes[0])
+            names = [_segment_names(nodes[0]), [_segment_tag(nodes[0], i) for i in range(2)]]
+            assert names == [["organ", "kidney"], ["tiny-fast" if fast else "tiny"] * 2], names
     finally:
         for node in nodes:
             env["scene"].RemoveNode(node)
+    # a registry whose 'fast' names the model itself, or a model the list lacks, says so in one line
+    for named in ("tiny-reg", "nowhere"):
+        entries[0]["fast"] = named
+        registry.write_text(json.dumps({"version": 1, "models": entries}))
+        assert logic.fastVariant("tiny-reg") is None
+        with pytest.raises(module.ReCoKDError, match="no fast variant|not in the model list"):
+            logic.segment([env["volume"]], "tiny-reg", device="cpu", fast=True)
+
+
+def _segment_tag(node, index: int) -> str:
+    import vtk
+
+    value = vtk.reference("")
+    node.GetSegmentation().GetNthSegment(index).GetTag("ReCoKD.model", value)
+    return str(value)
 
 
 def test_terminology_entry_string_round_trip():

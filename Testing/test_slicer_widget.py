@@ -560,13 +560,16 @@ def test_the_fast_box_names_the_models_fast_variant_and_segment_passes_it_on(gui
     assert ui.fastCheckBox.text == "Fast (tiny-reg-fast)" and ui.fastCheckBox.enabled
     ui.fastCheckBox.checked = True  # GUI -> node
     assert p.fast is True
-    calls = []
+    calls, asked = [], []
     logic.segment = lambda volumes, model, **kw: calls.append((model, kw))
-    logic.markModelCardSeen("tiny-reg")
-    widget._ensureDependencies = lambda model="": True
+    widget._ensureDependencies = lambda model="": asked.append(model) or True
+    slicer_standins.QMessageBox.answers = ["Segment"]
     ui.segmentButton.click()
     widget._timer.stop()
     assert [(m, kw["fast"]) for m, kw in calls] == [("tiny-reg", True)]
+    # what runs is the fast model: its card comes first, and its dependencies are the ones checked
+    assert slicer_standins.QMessageBox.shown[-1][0] == "Model card: tiny-reg-fast" and asked == ["tiny-reg-fast"]
+    assert logic.modelCardSeen("tiny-reg-fast") and not logic.modelCardSeen("tiny-reg")
     p.model = "tiny"  # a model without one: the box says so, and stays enabled while checked (to be unticked)
     assert ui.fastCheckBox.text == "Fast (this model has no fast variant)" and ui.fastCheckBox.enabled
     p.fast = False

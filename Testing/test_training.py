@@ -365,3 +365,23 @@ def test_benchmark_train_prints_the_breakdown_and_says_what_it_did_not_measure(c
     assert {"teacher training", "teacher forward", "student (no KD)", "distill logit"} <= set(rows)
     assert all("not measured" in rows[name] for name in ("teacher forward", "distill logit"))
     assert re.search(r"\| distill logit \|.*\| \d+\.\d\d [✓✗] \|", rows["distill logit"])
+
+
+def test_plain_training_is_told_whether_a_batch_has_left_out_voxels():
+    """SegTrainModule learns from the host's look at the batch whether any voxel is IGNORE_LABEL (the masked
+    loss then), instead of asking the device each step; labels with left-out voxels still train."""
+    from ReCoKDLib.training.loop import SegTrainModule
+    from ReCoKDLib.models import build_unet
+    from ReCoKDLib.utils.labels import IGNORE_LABEL
+
+    torch.manual_seed(0)
+    module = SegTrainModule(build_unet(isotropic_spec(1, 3, num_levels=3, filters=(4, 8, 16))))
+    labels = torch.randint(0, 3, (1, 1, 16, 16, 16), dtype=torch.uint8)
+    assert module.check_batch(labels) is False
+    labels[:, :, :8] = IGNORE_LABEL
+    assert module.check_batch(labels) is True
+    images = torch.randn(1, 1, 16, 16, 16)
+    loss, _ = module(images, labels.long(), 0.0, checked=module.check_batch(labels))
+    assert torch.isfinite(loss)
+    assert float(module(images, labels.long(), 0.0, checked=True)[0].detach()) == pytest.approx(
+        float(module(images, labels.long(), 0.0)[0].detach()), rel=1e-6)  # the same as the loss looking itself

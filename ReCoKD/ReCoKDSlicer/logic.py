@@ -144,13 +144,15 @@ def _tagValue(modelName: str) -> str:
     return re.sub(r"[|:]", "_", modelName)
 
 
-def _segmentsMadeBy(segmentation, modelName: str) -> list:
-    """IDs of the segments ``modelName`` made in ``segmentation`` (tagged when they were added)."""
+def _segmentsMadeBy(segmentation, modelName: str, sameModel=()) -> list:
+    """IDs of the segments ``modelName`` (or a model in ``sameModel``: its full or fast variant) made in
+    ``segmentation`` (tagged when they were added)."""
+    names = {_tagValue(n) for n in (modelName, *sameModel)}
     made = []
     for i in range(segmentation.GetNumberOfSegments()):
         segment = segmentation.GetNthSegment(i)
         value = vtk.reference("")
-        if segment.GetTag(MODEL_TAG, value) and str(value) == _tagValue(modelName):
+        if segment.GetTag(MODEL_TAG, value) and str(value) in names:
             made.append(segmentation.GetNthSegmentID(i))
     return made
 
@@ -178,6 +180,7 @@ class SegmentationTask:
         self.scene = logic.scene  # the scene the result belongs to
         self.info = info
         self.modelName = modelName
+        self.sameModel: list = []  # its full or fast variant's name: their segments in the output are replaced too
         self.tmpdir = tmpdir
         self.output = output
         self.onFinished = onFinished
@@ -561,9 +564,17 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         except ReCoKDError:
             return None
         name = source.entry.get("fast") if source.kind == "registry" else None
-        if not name:
+        if not name or name == source.name:  # (a registry naming the model itself has no fast variant)
             return None
         return next((s for s in self.availableModels() if s.kind == "registry" and s.name == name), None)
+
+    def _nameIfKnown(self, source) -> str:
+        """The name a model's results carry (its bundle's name) when its bundle is on this disk, else ""."""
+        try:
+            info = self.modelInfo(source)
+        except ReCoKDError:
+            return ""
+        return info.name if info is not None else ""
 
     def modelFolderSource(self, folder):
         """A model folder for the list (*Add model folder…*): an nnU-Net v2 results folder (a teacher, or a student
@@ -781,10 +792,16 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         if not volumeNodes:
             raise ReCoKDError(_("select an input volume"))
         source = self._resolve(model)
+        variant = self.fastVariant(source)
+        if fast and variant is None:
+            named = source.entry.get("fast") if source.kind == "registry" else None
+            if named and named != source.name:
+                raise ReCoKDError(_("model '{name}' names '{fast}' as its fast variant, which is not in the model list "
+                                    "(see the registry's warnings); untick Fast").format(name=source.name, fast=named))
+            raise ReCoKDError(_("model '{name}' has no fast variant; untick Fast").format(name=source.name))
+        # a model and its fast variant are one model to the output: either replaces the other's segments there
+        family = [self._nameIfKnown(s) for s in (source, variant) if s is not None]
         if fast:
-            variant = self.fastVariant(source)
-            if variant is None:
-                raise ReCoKDError(_("model '{name}' has no fast variant; untick Fast").format(name=source.name))
             source = variant
         info = self.modelInfo(source)
         if info is not None and len(volumeNodes) != info.numChannels:
@@ -845,6 +862,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         bundleInfo = info if info is not None and info.labels else None  # else read from the fetched bundle
         task = SegmentationTask(self, job, volumeNodes, bundleInfo, info.name if info else source.name, tmpdir, output,
                                 onFinished=onFinished, request=request, sequence=sequence)
+        task.sameModel = [n for n in family if n and n != task.modelName]
         try:
             job.start()
         except OSError as exc:
@@ -977,7 +995,8 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
         volume = task.volumeNodes[0]
         earlier = []
         for node in nodesByClass(scene, "vtkMRMLSequenceNode"):
-            if (browser.IsSynchronizedSequenceNodeID(node.GetID()) and node.GetAttribute(MODEL_TAG) == task.modelName
+            if (browser.IsSynchronizedSequenceNodeID(node.GetID())
+                    and node.GetAttribute(MODEL_TAG) in (task.modelName, *task.sameModel)
                     and node.GetAttribute(INPUT_ATTRIBUTE) == master.GetID()):
                 earlier.append(node)
         name = f"{master.GetName()} – {task.modelName}"
@@ -1050,7 +1069,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
                     node.SetAndObserveTransformNodeID(volume.GetParentTransformNode().GetID())
             if node.GetDisplayNode() is None:
                 node.CreateDefaultDisplayNodes()
-            previous = _segmentsMadeBy(segmentation, task.modelName)
+            previous = _segmentsMadeBy(segmentation, task.modelName, task.sameModel)
             self._addSegments(node, labels, ijkToRas, info, chosen, task.modelName, added)
             for segment_id in previous:  # only now: a failure above leaves the earlier result in place
                 segmentation.RemoveSegment(segment_id)

@@ -454,8 +454,15 @@ class MappedArray(np.memmap):
 
     Data-loading workers that are spawned (not forked) receive the dataset pickled: a plain memory map would
     arrive as a private copy of every case in every worker; this one is reopened there and shares the page
-    cache like a forked worker's. A slice (or anything derived) pickles by value, as usual.
+    cache like a forked worker's. A slice (or anything derived) pickles by value, as usual. The maps are
+    copy-on-write: a spawned worker sees the file, not an in-place change this process made to its copy
+    (training never changes a loaded case in place).
     """
+
+    def __array_wrap__(self, array, context=None, return_scalar=False):
+        # what is computed from a map is a plain array (or scalar), as np.memmap's own results are
+        array = np.asarray(array)
+        return array[()] if return_scalar else array
 
     def __reduce__(self):
         whole = getattr(self, "_whole", None)  # set on the map of a whole file only (a slice does not inherit it)

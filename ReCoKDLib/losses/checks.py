@@ -54,7 +54,7 @@ def require_labels(labels: torch.Tensor, num_classes: int, what: str = "labels",
             teacher, ignore = int(counts[TEACHER_LABEL]), int(counts[IGNORE_LABEL])
         else:
             values = labels.long()  # (uint8 labels could not hold the -1 below; no copy when already int64)
-            ordinary = values < TEACHER_LABEL
+            ordinary = (values != TEACHER_LABEL) & (values != IGNORE_LABEL)  # (int16 labels may exceed 255)
             stats = torch.stack([
                 torch.where(ordinary, values, torch.full_like(values, num_classes)).min(),
                 torch.where(ordinary, values, torch.full_like(values, -1)).max(),

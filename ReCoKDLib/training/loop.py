@@ -36,6 +36,7 @@ from ..distill.distiller import Distiller
 from ..errors import ReCoKDError
 from ..inference.sliding_window import predict_labels
 from ..losses.segmentation import DeepSupervisedDiceCELoss
+from ..utils.labels import IGNORE_LABEL
 from ..models.weights import save_weights
 from .checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
 from .logger import RunLogger
@@ -256,14 +257,14 @@ class SegTrainModule(nn.Module):
         self.network = network
         self.seg_loss = seg_loss if seg_loss is not None else DeepSupervisedDiceCELoss()
 
-    def check_batch(self, labels: torch.Tensor) -> None:
-        """Nothing to check per batch: a labelled dataset's maps hold its classes only (checked when read)."""
-        return None
+    def check_batch(self, labels: torch.Tensor) -> bool:
+        """Whether any voxel of the (host) batch is left out (IGNORE_LABEL); its classes were checked when read."""
+        return bool((labels == IGNORE_LABEL).any())
 
     def forward(self, images, labels, progress: float, checked=None):
         outputs = self.network(images)
-        # a labelled dataset's maps hold classes only (checked when read): no need to ask the device
-        loss = self.seg_loss(outputs, labels, ignore=False) if isinstance(self.seg_loss, DeepSupervisedDiceCELoss) \
+        # told by check_batch whether any voxel is left out: no need to ask the device (None: the loss looks)
+        loss = self.seg_loss(outputs, labels, ignore=checked) if isinstance(self.seg_loss, DeepSupervisedDiceCELoss) \
             else self.seg_loss(outputs, labels)
         return loss, {"seg": loss}
 
@@ -514,7 +515,9 @@ class EpochTrainer:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-            loss, terms = self.forward_module(images, labels, step / self.config.total_steps, checked)
+            # (checked passed only when known: a module of one's own may take (images, labels, progress) alone)
+            extra = {"checked": checked} if checked is not None else {}
+            loss, terms = self.forward_module(images, labels, step / self.config.total_steps, **extra)
         # one host-device synchronisation per step: every term and the total in one copy
         values = torch.stack([loss.detach().float(), *(v.detach().float() for v in terms.values())]).tolist()
         overflow = not math.isfinite(values[0])
