@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -122,6 +121,8 @@ def main() -> int:
     import numpy as np
     import torch
 
+    from ReCoKDLib.utils.runtime import cpu_description
+
     torch.set_num_threads(1)  # one data-loading worker's share of the machine, for both
     sides = {"nnU-Net v2": nnunet_loader(dataset, work, args.patch, args.batch)}
     ids = sides["nnU-Net v2"][2]  # the training cases of nnU-Net's fold 0, for both
@@ -139,7 +140,7 @@ def main() -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\n{dataset.name} ({len(ids)} training cases of nnU-Net's fold 0): patch {args.patch}^3, batch {args.batch}, "
           f"{args.rounds} timed batches each, alternated; "
-          f"1 thread; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average {load:.1f}\n")
+          f"1 thread; {cpu_description()}, load average {load:.1f}\n")
     # augmentations fire with a probability each, so batch times are skewed: throughput is the mean's inverse
     print("| loader | s/batch: mean | median [range] | batches/s per worker (1 / mean) |")
     print("|---|---|---|---|")

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,18 +23,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_SECONDS, BUDGET_MB = 180.0, 4096.0  # MONAIAuto3DSeg's CPU budget for a full-size scan
-
-
-def cpu_description() -> str:
-    """The CPU model and the instruction-set flags that matter for inference engines (Linux /proc/cpuinfo)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    wanted = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return f"{model}, {os.cpu_count()} logical CPUs, flags: {' '.join(wanted) or 'none of avx2/avx512/amx'}"
 
 
 def main() -> int:
@@ -52,6 +38,7 @@ def main() -> int:
     from ReCoKDLib.data.datasets import read_image
     from ReCoKDLib.inference.backends import _engine_available
     from ReCoKDLib.inference.predictor import Predictor
+    from ReCoKDLib.utils.runtime import cpu_description
 
     models = sorted((ROOT / "ReCoKDLib" / "resources" / "models").glob("*.recokd"))
     engines = ["torch"] + [b for b in ("onnxruntime", "openvino") if _engine_available(b)]

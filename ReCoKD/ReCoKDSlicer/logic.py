@@ -800,7 +800,7 @@ class ReCoKDLogic(ScriptedLoadableModuleLogic):
                                     "(see the registry's warnings); untick Fast").format(name=source.name, fast=named))
             raise ReCoKDError(_("model '{name}' has no fast variant; untick Fast").format(name=source.name))
         # a model and its fast variant are one model to the output: either replaces the other's segments there
-        family = [self._nameIfKnown(s) for s in (source, variant) if s is not None]
+        family = [self._nameIfKnown(s) for s in (source, variant)] if variant is not None else []  # (read only then)
         if fast:
             source = variant
         info = self.modelInfo(source)
